@@ -1,0 +1,79 @@
+"""The protocol the environment drives for one episode.
+
+An episode on a backend is, in order:
+    language_feature(sample)             question-only feature for Stage 1 (no vision)
+    begin(sample, tier, budget_token)    preprocess + vision encode + build the prefill sequence,
+                                         with the budget token appended at its end
+    run_to(insertion)                    decoder blocks 0..p-1; returns the latency token
+    finish(top_k, num_blocks)            remaining blocks (reusing the first p blocks' KV cache)
+                                         + greedy decode with the same config, no budget token
+Each member of a GRPO group is executed alone (batch size 1), so latency is measured per request.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from envs.knobs import KnobSpace
+
+SPLITS = ("train", "val", "test")
+# Phases whose measured time the backend reports; the env adds the Stage-2 controller's own time.
+BACKEND_PHASES = ("preprocess", "vision", "prefill", "decode")
+
+
+@dataclass
+class EpisodeResult:
+    """What finish() returns for one executed request."""
+
+    answer: str
+    accuracy: float  # in [0, 1], the dataset's own metric
+    timings_ms: dict[str, float]  # one entry per BACKEND_PHASES name
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """A VLM (or a stand-in) that executes one request under the controller's knobs."""
+
+    knob_space: KnobSpace
+    d_model: int  # width of the budget token and the latency token
+    language_dim: int  # width of the language feature
+    budget_range_ms: tuple[float, float]  # training budgets are drawn uniformly from this range
+
+    @abc.abstractmethod
+    def dataset(self, split: str) -> Sequence[Any]:
+        """The samples of a split (one of SPLITS)."""
+
+    @abc.abstractmethod
+    def language_feature(self, sample: Any) -> torch.Tensor:
+        """Feature of the question alone, shape (language_dim,)."""
+
+    @abc.abstractmethod
+    def begin(self, sample: Any, tier: str, budget_token: torch.Tensor) -> None:
+        """Start an episode: preprocess at `tier`, encode vision, append the budget token."""
+
+    @abc.abstractmethod
+    def run_to(self, insertion: int) -> torch.Tensor:
+        """Run blocks 0..insertion-1; return the last position's hidden state, shape (d_model,)."""
+
+    @abc.abstractmethod
+    def finish(self, top_k: int, num_blocks: int) -> EpisodeResult:
+        """Run the rest of the prefill and the greedy decode under (top_k, num_blocks)."""
+
+    def describe(self) -> dict:
+        """JSON-able facts about the backend, stored with results and checkpoints."""
+        return {
+            "backend": type(self).__name__,
+            "d_model": self.d_model,
+            "language_dim": self.language_dim,
+            "budget_range_ms": list(self.budget_range_ms),
+            "knob_space": self.knob_space.to_dict(),
+        }
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not known; expected one of {SPLITS}")
+    return split
