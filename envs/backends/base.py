@@ -1,13 +1,17 @@
 """The protocol the environment drives for one episode.
 
 An episode on a backend is, in order:
-    language_feature(sample)             question-only feature for Stage 1 (no vision)
-    begin(sample, tier, budget_token)    preprocess + vision encode + build the prefill sequence,
-                                         with the budget token appended at its end
-    run_to(insertion)                    decoder blocks 0..p-1; returns the latency token
-    finish(top_k, num_blocks)            remaining blocks (reusing the first p blocks' KV cache)
-                                         + greedy decode with the same config, no budget token
+    language_feature(sample)                   question-only feature for Stage 1 (no vision)
+    ep = start_episode(sample, tier, budget_token)
+                                               preprocess + vision encode + build the prefill
+                                               sequence, with the budget token appended at its end
+    run_to(ep, insertion)                      decoder blocks 0..p-1; returns the latency token
+    finish(ep, top_k, num_blocks)              remaining blocks (reusing the first p blocks' KV
+                                               cache) + greedy decode with the same config, no
+                                               budget token in decode; frees the episode's state
 Each member of a GRPO group is executed alone (batch size 1), so latency is measured per request.
+The episode state is an explicit object because the env interleaves members: it runs Stage 1 and
+run_to for all B x G members, the policy then picks Stage-2 actions for all, then each finishes.
 """
 from __future__ import annotations
 
@@ -51,15 +55,19 @@ class Backend(abc.ABC):
         """Feature of the question alone, shape (language_dim,)."""
 
     @abc.abstractmethod
-    def begin(self, sample: Any, tier: str, budget_token: torch.Tensor) -> None:
-        """Start an episode: preprocess at `tier`, encode vision, append the budget token."""
+    def start_episode(self, sample: Any, tier: str, budget_token: torch.Tensor) -> Any:
+        """Start an episode: preprocess at `tier`, encode vision, append the budget token.
+
+        Returns an opaque per-episode state (prefill sequence, KV cache, timings so far) that
+        run_to and finish receive; several episodes may be open at once.
+        """
 
     @abc.abstractmethod
-    def run_to(self, insertion: int) -> torch.Tensor:
+    def run_to(self, episode: Any, insertion: int) -> torch.Tensor:
         """Run blocks 0..insertion-1; return the last position's hidden state, shape (d_model,)."""
 
     @abc.abstractmethod
-    def finish(self, top_k: int, num_blocks: int) -> EpisodeResult:
+    def finish(self, episode: Any, top_k: int, num_blocks: int) -> EpisodeResult:
         """Run the rest of the prefill and the greedy decode under (top_k, num_blocks)."""
 
     def describe(self) -> dict:
