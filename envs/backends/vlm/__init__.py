@@ -1,0 +1,57 @@
+"""The embedded MoE VLM backend (MolmoE-style: CLIP ViT tower + pooling connector + OLMoE decoder).
+
+Public API
+----------
+VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_root=None,
+           num_samples=None, seed=0, device="cpu", importance_method=None, max_new_tokens=4,
+           budget_range_ms=None)
+    model_path       HF-style model dir (config.json, model.safetensors, tokenizer.json);
+                     default: the checkpoint shipped in envs/assets/ (DEFAULT_MODEL_PATH).
+    results_dir      dir with importance.json ({"method": str, "scores": {"0": float, ...}}, one
+                     score per block) and profile.json (its "budget_range_ms" = [lo, hi]);
+                     default: model_path.
+    budget_range_ms  [lo, hi] overriding profile.json's.
+    importance_method  if given, importance.json's "method" must equal it.
+    dataset_names    ("synthvqa",) -> envs.data.synthvqa.SynthVQA(split, n, seed); real dataset
+                     names -> envs.data.vqa.load_vqa_mixture(names, data_root, split, ...).
+    num_samples      int (every split) or {"train": n, "val": n, "test": n} (missing splits keep
+                     DEFAULT_NUM_SAMPLES).
+    max_new_tokens   greedy decoding stops at EOS or after this many tokens.
+  Attributes: knob_space (tiers from the model config; p 1..5, k top_k-4..top_k, N L-4..L),
+  d_model = language_dim, budget_range_ms, importance ({block: score}), model, tokenizer, cfg.
+  Methods (the envs.backends.base protocol): dataset(split), language_feature(sample),
+  start_episode(sample, tier, budget_token) -> VLMEpisode, run_to(ep, p) -> latency token
+  (d_model,), finish(ep, top_k, num_blocks) -> EpisodeResult with timings_ms keys
+  preprocess / vision / prefill / decode (ms) and extras (tier, insertion, top_k, num_blocks,
+  blocks, vision_tokens, prefill_tokens, generated_tokens, generated_ids). Returned tensors are float32 on the
+  backend's device.
+
+Model pieces (for the profiler, benchmarks and pretraining)
+-----------------------------------------------------------
+VLMConfig                 hyper-parameters (config.json); vision_tokens(tier) per tier.
+build_model(cfg, seed)    random-init BudgetVLM; load_model(dir, device) -> (BudgetVLM, WordTokenizer).
+BudgetVLM                 encode_images / embed / rope / blocks[i](h, cos, sin, top_k, cache) / logits.
+WordTokenizer             word-level tokenizer (SynthVQA's tokenize_words rule).
+make_crops, crop_slots    multi-crop preprocessing per tier.
+
+Design notes (execution honesty, cache, budget token) are in elastic.py and backend.py.
+"""
+from envs.backends.vlm.backend import DEFAULT_MODEL_PATH, VLMBackend, VLMEpisode, load_importance
+from envs.backends.vlm.config import VLMConfig
+from envs.backends.vlm.model import BudgetVLM, build_model, load_model
+from envs.backends.vlm.preprocess import crop_slots, make_crops
+from envs.backends.vlm.tokenizer import WordTokenizer
+
+__all__ = [
+    "DEFAULT_MODEL_PATH",
+    "BudgetVLM",
+    "VLMBackend",
+    "VLMConfig",
+    "VLMEpisode",
+    "WordTokenizer",
+    "build_model",
+    "crop_slots",
+    "load_importance",
+    "load_model",
+    "make_crops",
+]

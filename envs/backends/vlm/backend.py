@@ -1,0 +1,371 @@
+"""VLMBackend: the embedded MolmoE-style VLM executing episodes under the controller's knobs.
+
+Episode (batch size 1, see envs.backends.base):
+  start_episode(sample, tier, budget_token)
+      preprocess (multi-crop at `tier`) -> vision encoder -> prefill sequence
+      [vision tokens][prompt tokens][budget token]; the budget token is the controller's
+      d_model-wide input embedding, placed at the last prefill position.
+  run_to(ep, p)
+      blocks 0..p-1 over the whole prefill sequence (block 0 at knob_space.first_block_top_k,
+      blocks 1..p-1 at the model's default top-k), each keeping its KV cache; returns the hidden
+      state of the last (budget) position at block p-1's output, before the final norm.
+  finish(ep, top_k, num_blocks)
+      blocks = select_blocks(importance, p, num_blocks, L); blocks p.. of that list run over the
+      prefill at `top_k` (the first p are not recomputed, skipped blocks never run and have no
+      cache), then greedy decoding with the same blocks and the same per-block top-k.
+Decode and the budget token: the budget position stays in the prefill KV cache of every block
+that ran, so decoded tokens attend to it like to any prompt position; decoding appends only the
+generated tokens (positions continue after the budget position) and never a new budget token.
+The model was pretrained with random vectors at that position, so it answers whatever the
+controller puts there.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from envs.backends.base import BACKEND_PHASES, SPLITS, Backend, EpisodeResult, check_split
+from envs.backends.vlm.elastic import KVCache
+from envs.backends.vlm.model import BudgetVLM, load_model
+from envs.backends.vlm.preprocess import check_tier, crop_slots, image_to_tensor, make_crops
+from envs.data.sample import ImageLoadError, VQASample
+from envs.knobs import KnobSpace, select_blocks
+from envs.latency import LatencyMeter, PhaseTimer
+
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "assets" / "budgetvlm-molmoe-tiny"
+PROFILE_FILE = "profile.json"
+IMPORTANCE_FILE = "importance.json"
+SYNTHVQA = "synthvqa"
+DEFAULT_NUM_SAMPLES = {"train": 4096, "val": 512, "test": 1024}
+
+
+@dataclass
+class VLMEpisode:
+    """State of one open episode (several may be open at once)."""
+
+    sample: VQASample
+    tier: str
+    hidden: torch.Tensor  # (1, T, d_model): prefill sequence, then the output of the last run block
+    cos: torch.Tensor
+    sin: torch.Tensor
+    timer: PhaseTimer
+    vision_tokens: int
+    cache: KVCache = field(default_factory=dict)
+    insertion: int | None = None
+    finished: bool = False
+
+
+class VLMBackend(Backend):
+    """See the module docstring; keyword config documented in envs.backends.vlm."""
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        results_dir: str | Path | None = None,
+        dataset_names: Sequence[str] = (SYNTHVQA,),
+        data_root: str | Path | None = None,
+        num_samples: Mapping[str, int] | int | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+        importance_method: str | None = None,
+        max_new_tokens: int = 4,
+        budget_range_ms: Sequence[float] | None = None,
+    ):
+        self.model_path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATH
+        self.results_dir = Path(results_dir) if results_dir is not None else self.model_path
+        self.device = torch.device(device)
+        self.model, self.tokenizer = load_model(self.model_path, self.device)
+        cfg = self.model.cfg
+        self.cfg = cfg
+        self.d_model = cfg.d_model
+        self.language_dim = cfg.d_model
+        self.knob_space = KnobSpace(tiers=tuple(cfg.tier_grids), num_layers=cfg.num_layers,
+                                    **_knob_ranges(cfg.num_layers, cfg.top_k))
+        if not 1 <= int(max_new_tokens):
+            raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+        self.max_new_tokens = int(max_new_tokens)
+        self.importance_method, self.importance = load_importance(self.results_dir, cfg.num_layers, importance_method)
+        self.budget_range_ms = (
+            _check_budget_range(budget_range_ms, "budget_range_ms argument")
+            if budget_range_ms is not None
+            else load_budget_range(self.results_dir)
+        )
+        self.dataset_names = _check_dataset_names(dataset_names)
+        self.data_root = data_root
+        self.num_samples = _check_num_samples(num_samples)
+        self.seed = int(seed)
+        self._datasets: dict[str, Sequence[VQASample]] = {}
+        self._slots = {tier: crop_slots(tier, cfg, self.device) for tier in cfg.tier_grids}
+        self.meter = LatencyMeter(self.device, BACKEND_PHASES).attach(
+            [self.model.vision, *self.model.blocks, self.model.lm_head]
+        )
+
+    # ----------------------------------------------------------------- data
+    def dataset(self, split: str) -> Sequence[VQASample]:
+        check_split(split)
+        if split not in self._datasets:
+            n = self.num_samples[split]
+            if self.dataset_names == (SYNTHVQA,):
+                from envs.data.synthvqa import SynthVQA
+
+                self._datasets[split] = SynthVQA(split, n, seed=self.seed)
+            else:
+                from envs.data.vqa import load_vqa_mixture
+
+                if self.data_root is None:
+                    raise ValueError(f"dataset_names={list(self.dataset_names)} need data_root (got None)")
+                self._datasets[split] = load_vqa_mixture(
+                    self.dataset_names, self.data_root, split, num_samples=n, seed=self.seed
+                )
+        return self._datasets[split]
+
+    def prompt(self, sample: VQASample) -> str:
+        """SynthVQA questions go in as they are (the model's training format); real datasets get
+        their dataset's prompt template."""
+        if not isinstance(sample.question, str) or not sample.question.strip():
+            raise ValueError(f"{sample.dataset} question_id={sample.question_id!r}: question is empty")
+        if sample.dataset == SYNTHVQA:
+            return sample.question
+        from envs.data.vqa import format_prompt
+
+        return format_prompt(sample)
+
+    def prompt_ids(self, sample: VQASample) -> torch.Tensor:
+        ids = self.tokenizer.encode(self.prompt(sample))
+        if not ids:
+            raise ValueError(
+                f"{sample.dataset} question_id={sample.question_id!r}: question {sample.question!r} has no words"
+            )
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def language_feature(self, sample: VQASample) -> torch.Tensor:
+        """Mean of the frozen decoder token embeddings of the prompt's tokens, (d_model,) float32."""
+        return self.model.embed(self.prompt_ids(sample)).mean(dim=0).float()
+
+    # ------------------------------------------------------------- episode
+    @torch.inference_mode()
+    def start_episode(self, sample: VQASample, tier: str, budget_token: torch.Tensor) -> VLMEpisode:
+        check_tier(self.cfg, tier)
+        budget = torch.as_tensor(budget_token)
+        if budget.shape != (self.d_model,):
+            raise ValueError(f"budget_token has shape {tuple(budget.shape)}, expected ({self.d_model},)")
+        if not torch.isfinite(budget).all():
+            raise ValueError("budget_token contains NaN or infinite values")
+        ids = self.prompt_ids(sample)
+        timer = PhaseTimer()
+        with self.meter.section(timer, "preprocess", bracket=True):
+            image = load_image(sample)
+            crops = make_crops(image.to(self.device)[None], tier, self.cfg)
+        with self.meter.section(timer, "vision"):
+            vision = self.model.encode_images(crops, self._slots[tier])
+        model = self.model
+        sequence = torch.cat(
+            [vision[0], model.embed(ids), budget.to(self.device, vision.dtype)[None]], dim=0
+        )[None]
+        if sequence.shape[1] > self.cfg.max_positions:
+            raise ValueError(
+                f"prefill of {sequence.shape[1]} positions exceeds the model's max_positions={self.cfg.max_positions}"
+            )
+        positions = torch.arange(sequence.shape[1], device=self.device)[None]
+        cos, sin = model.rope(positions, sequence)
+        return VLMEpisode(sample, tier, sequence, cos, sin, timer, vision_tokens=vision.shape[1])
+
+    @torch.inference_mode()
+    def run_to(self, episode: VLMEpisode, insertion: int) -> torch.Tensor:
+        if episode.insertion is not None:
+            raise RuntimeError(f"run_to was already called for this episode (insertion={episode.insertion})")
+        if not 1 <= insertion <= self.cfg.num_layers:
+            raise ValueError(f"insertion={insertion}: expected 1..{self.cfg.num_layers}")
+        hidden = episode.hidden
+        with self.meter.section(episode.timer, "prefill"):
+            for block in range(insertion):
+                hidden = self.model.blocks[block](
+                    hidden, episode.cos, episode.sin, self._prefix_top_k(block), episode.cache
+                )
+        episode.hidden, episode.insertion = hidden, insertion
+        return hidden[0, -1].float().clone()
+
+    @torch.inference_mode()
+    def finish(self, episode: VLMEpisode, top_k: int, num_blocks: int) -> EpisodeResult:
+        p = episode.insertion
+        if p is None:
+            raise RuntimeError("finish called before run_to for this episode")
+        if episode.finished:
+            raise RuntimeError("finish was already called for this episode")
+        if not 1 <= top_k <= self.cfg.num_experts:
+            raise ValueError(f"top_k={top_k}: expected 1..{self.cfg.num_experts}")
+        blocks = select_blocks(self.importance, p, num_blocks, self.cfg.num_layers)
+        plan = [(b, self._prefix_top_k(b) if b < p else top_k) for b in blocks]
+        model, timer = self.model, episode.timer
+        hidden = episode.hidden
+        with self.meter.section(timer, "prefill"):
+            for block, k in plan[p:]:
+                hidden = model.blocks[block](hidden, episode.cos, episode.sin, k, episode.cache)
+            token = int(model.logits(hidden[:, -1:]).argmax(-1))
+        generated = [token]
+        prefill_tokens = position = hidden.shape[1]
+        with self.meter.section(timer, "decode"):
+            while token != self.tokenizer.eos_id and len(generated) < self.max_new_tokens:
+                hidden = model.embed(torch.tensor([[token]], device=self.device))
+                cos, sin = model.rope(torch.tensor([[position]], device=self.device), hidden)
+                for block, k in plan:
+                    hidden = model.blocks[block](hidden, cos, sin, k, episode.cache)
+                token = int(model.logits(hidden).argmax(-1))
+                generated.append(token)
+                position += 1
+        timings = self.meter.timings_ms(timer)
+        episode.cache.clear()  # the episode is over: free its KV cache
+        episode.finished = True
+        from envs.data.accuracy import extract_answer, score_answer
+
+        answer = extract_answer(self.tokenizer.decode(generated))
+        return EpisodeResult(
+            answer=answer,
+            accuracy=score_answer(answer, episode.sample),
+            timings_ms=timings,
+            extras={
+                "tier": episode.tier,
+                "insertion": p,
+                "top_k": top_k,
+                "num_blocks": num_blocks,
+                "blocks": blocks,
+                "vision_tokens": episode.vision_tokens,
+                "prefill_tokens": prefill_tokens,
+                "generated_tokens": len(generated),
+                "generated_ids": generated,
+            },
+        )
+
+    def _prefix_top_k(self, block: int) -> int:
+        return self.knob_space.first_block_top_k if block == 0 else self.cfg.top_k
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "model_path": str(self.model_path),
+            "results_dir": str(self.results_dir),
+            "importance_method": self.importance_method,
+            "dataset_names": list(self.dataset_names),
+            "max_new_tokens": self.max_new_tokens,
+            "device": str(self.device),
+            "vision_tokens": {t: self.cfg.vision_tokens(t) for t in self.cfg.tier_grids},
+        }
+
+
+# ------------------------------------------------------------------- helpers
+def _knob_ranges(num_layers: int, top_k: int) -> dict:
+    """The design's knob values scaled to the model: p in 1..5, k in top_k-4..top_k, N in L-4..L."""
+    return {
+        "insertion_positions": tuple(range(1, min(5, num_layers - 4) + 1)) if num_layers > 5 else (1,),
+        "top_k_values": tuple(range(max(1, top_k - 4), top_k + 1)),
+        "num_blocks_values": tuple(range(max(1, num_layers - 4), num_layers + 1)),
+        "first_block_top_k": top_k,
+    }
+
+
+def load_image(sample: VQASample) -> torch.Tensor:
+    """The sample's image as a (3, H, W) uint8 tensor; decoding failures become ImageLoadError."""
+    what = f"{sample.dataset} question_id={sample.question_id!r}"
+    try:
+        image = sample.image
+    except ImageLoadError:
+        raise
+    except Exception as err:  # PIL raises many types for unreadable files
+        raise ImageLoadError(f"{what}: image cannot be decoded: {type(err).__name__}: {err}") from err
+    return image_to_tensor(image, what)
+
+
+def load_importance(results_dir: Path, num_layers: int, method: str | None) -> tuple[str, dict[int, float]]:
+    """Block importance from results_dir/importance.json ({"method": str, "scores": {"0": float, ...}})."""
+    path = results_dir / IMPORTANCE_FILE
+    data = _read_json(path, "block importance")
+    found = data.get("method")
+    if not isinstance(found, str) or not found:
+        raise ValueError(f"{path}: field 'method' is {found!r}, expected a non-empty string")
+    if method is not None and found != method:
+        raise ValueError(f"{path}: method is {found!r} but importance_method={method!r} was requested")
+    scores = data.get("scores")
+    if not isinstance(scores, dict):
+        raise ValueError(f"{path}: field 'scores' is {type(scores).__name__}, expected an object {{'0': float, ...}}")
+    expected = {str(i) for i in range(num_layers)}
+    missing = sorted(expected - set(scores), key=int)
+    extra = sorted(set(scores) - expected)
+    if missing or extra:
+        raise ValueError(
+            f"{path}: 'scores' must have one entry per block '0'..'{num_layers - 1}'; "
+            f"missing {missing}, unexpected {extra}"
+        )
+    result = {}
+    for key, value in scores.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{path}: scores[{key!r}]={value!r}, expected a finite number")
+        result[int(key)] = float(value)
+    return found, result
+
+
+def load_budget_range(results_dir: Path) -> tuple[float, float]:
+    path = results_dir / PROFILE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"latency profile {path} does not exist (it supplies budget_range_ms); run runners/profile.py "
+            f"or pass budget_range_ms=[lo, hi]"
+        )
+    data = _read_json(path, "latency profile")
+    if "budget_range_ms" not in data:
+        raise ValueError(f"{path}: field 'budget_range_ms' is missing")
+    return _check_budget_range(data["budget_range_ms"], f"{path}: budget_range_ms")
+
+
+def _check_budget_range(value: Any, what: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}={value!r}: expected [lo, hi] in ms") from None
+    if not 0 < lo < hi < math.inf:
+        raise ValueError(f"{what}={value!r}: expected 0 < lo < hi < inf")
+    return lo, hi
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} file {path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _check_dataset_names(names: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(names, str):
+        raise ValueError(f"dataset_names={names!r}: expected a list of names, not one string")
+    names = tuple(names)
+    if not names:
+        raise ValueError("dataset_names is empty")
+    if SYNTHVQA in names and len(names) > 1:
+        raise ValueError(f"dataset_names={list(names)}: synthvqa cannot be mixed with real datasets")
+    return names
+
+
+def _check_num_samples(num_samples: Mapping[str, int] | int | None) -> dict[str, int]:
+    if num_samples is None:
+        return dict(DEFAULT_NUM_SAMPLES)
+    if isinstance(num_samples, int) and not isinstance(num_samples, bool):
+        num_samples = {split: num_samples for split in SPLITS}
+    if not isinstance(num_samples, Mapping):
+        raise ValueError(f"num_samples={num_samples!r}: expected an int or a mapping split -> int")
+    result = dict(DEFAULT_NUM_SAMPLES)
+    for split, n in num_samples.items():
+        check_split(split)
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValueError(f"num_samples[{split!r}]={n!r}: expected a positive int")
+        result[split] = n
+    return result

@@ -1,0 +1,182 @@
+"""Hyper-parameters of the embedded VLM and the transformers configs built from them.
+
+config.json of a model dir holds exactly `VLMConfig.to_dict()`: our own small set of fields,
+not the transformers configs' full dumps, so a dir written with one transformers version loads
+with another (the device runs 5.17, the package 5.24).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import CLIPVisionConfig, OlmoeConfig
+
+MODEL_TYPE = "budgetvlm-molmoe"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+# Molmo-style multi-crop tiers: a global view (the whole image resized to one crop) plus a
+# grid x grid tiling of the image resized to grid*crop_size. Grid 0 means the global view only.
+DEFAULT_TIER_GRIDS = {"low": 0, "medium": 2, "high": 3}
+# CLIP's normalisation constants (the tower is trained from scratch, but keeping CLIP's input
+# convention lets a real CLIP checkpoint drop in).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# Size presets (the vocabulary fields come from the tokenizer). "molmoe-tiny" is the shipped
+# model; "test" is a seconds-fast model of the same classes for unit tests and CPU smoke runs.
+PRESETS = {
+    "molmoe-tiny": {},
+    "test": dict(
+        crop_size=16, patch_size=4, vision_hidden_size=32, vision_intermediate_size=64, vision_layers=1,
+        vision_heads=2, d_model=32, num_layers=6, num_heads=2, num_experts=16, expert_intermediate_size=8,
+        max_positions=128,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    """Everything needed to rebuild the model's modules (weights come from model.safetensors)."""
+
+    vocab_size: int
+    pad_token_id: int
+    eos_token_id: int
+    # vision tower (CLIP ViT) on crop_size x crop_size crops with patch_size patches
+    crop_size: int = 64
+    patch_size: int = 8
+    vision_hidden_size: int = 128
+    vision_intermediate_size: int = 512
+    vision_layers: int = 4
+    vision_heads: int = 4
+    pool: int = 2  # connector's pool x pool average pooling of the patch grid
+    tier_grids: dict = field(default_factory=lambda: dict(DEFAULT_TIER_GRIDS))
+    # decoder (OLMoE)
+    d_model: int = 128
+    num_layers: int = 16
+    num_heads: int = 4
+    num_experts: int = 16
+    expert_intermediate_size: int = 96
+    top_k: int = 8
+    max_positions: int = 512
+    rope_theta: float = 10000.0
+    # OLMoE ships norm_topk_prob=False; we renormalise the kept experts' weights so that a
+    # smaller top-k keeps the MoE output's scale (graceful degradation under the top-k knob).
+    norm_topk_prob: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "tier_grids", {str(k): int(v) for k, v in dict(self.tier_grids).items()})
+        if self.crop_size % self.patch_size:
+            raise ValueError(f"crop_size={self.crop_size} must be a multiple of patch_size={self.patch_size}")
+        if self.patches_per_side % self.pool:
+            raise ValueError(f"patch grid {self.patches_per_side} is not divisible by pool={self.pool}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k}: expected 1..num_experts={self.num_experts}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if not self.tier_grids:
+            raise ValueError("tier_grids is empty; expected e.g. {'low': 0, 'medium': 2, 'high': 3}")
+        if self.max_vision_tokens + 1 >= self.max_positions:
+            raise ValueError(f"max_positions={self.max_positions} leaves no room after the vision tokens")
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.crop_size // self.patch_size
+
+    @property
+    def tokens_per_crop(self) -> int:
+        return (self.patches_per_side // self.pool) ** 2
+
+    def num_crops(self, tier: str) -> int:
+        return 1 + self.tier_grids[tier] ** 2
+
+    def vision_tokens(self, tier: str) -> int:
+        return self.num_crops(tier) * self.tokens_per_crop
+
+    @property
+    def max_vision_tokens(self) -> int:
+        return max(self.vision_tokens(t) for t in self.tier_grids)
+
+    @property
+    def num_crop_slots(self) -> int:
+        """Distinct crop positions over all tiers (global + each grid's cells); each has an embedding."""
+        return 1 + sum(g * g for g in sorted(set(self.tier_grids.values())) if g)
+
+    def crop_slot_offset(self, tier: str) -> int:
+        """Index of the first grid cell's slot embedding for `tier` (slot 0 is the global view)."""
+        grid = self.tier_grids[tier]
+        return 1 + sum(g * g for g in sorted(set(self.tier_grids.values())) if 0 < g < grid)
+
+    def vision_config(self) -> CLIPVisionConfig:
+        return CLIPVisionConfig(
+            hidden_size=self.vision_hidden_size,
+            intermediate_size=self.vision_intermediate_size,
+            num_hidden_layers=self.vision_layers,
+            num_attention_heads=self.vision_heads,
+            image_size=self.crop_size,
+            patch_size=self.patch_size,
+            num_channels=3,
+            attn_implementation="sdpa",
+        )
+
+    def decoder_config(self) -> OlmoeConfig:
+        return OlmoeConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.d_model,
+            intermediate_size=self.expert_intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            num_experts=self.num_experts,
+            num_experts_per_tok=self.top_k,
+            norm_topk_prob=self.norm_topk_prob,
+            max_position_embeddings=self.max_positions,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            bos_token_id=None,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
+
+    def to_dict(self) -> dict:
+        return {"model_type": MODEL_TYPE, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "VLMConfig":
+        data = dict(data)
+        model_type = data.pop("model_type", None)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"{source}: model_type={model_type!r}, expected {MODEL_TYPE!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
+        for name, value in data.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{source}: field {name}={value} is not finite")
+        try:
+            return cls(**data)
+        except TypeError as err:  # a required field is missing
+            raise ValueError(f"{source}: {err}") from None
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "VLMConfig":
+        path = Path(model_dir) / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"model config {path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"model config {path}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    def save(self, model_dir: str | Path) -> None:
+        Path(model_dir, CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,0 +1,124 @@
+"""Elastic execution of OLMoE decoder blocks: per-block top-k, any subset of blocks, own KV cache.
+
+Why our own block forward instead of `OlmoeDecoderLayer.forward`:
+  * top-k must vary per block and per call, while transformers' router reads a fixed
+    `config.num_experts_per_tok`;
+  * the work must be proportional to k. Stock transformers `grouped_mm` experts cost the same
+    for every k on CPU; here the (token, expert) assignments are sorted by expert and each expert
+    runs its gate_up/down matmuls on exactly the rows routed to it (`run_experts`: one
+    torch._grouped_mm call per matrix for CPU inference, a loop over the experts that got rows
+    under autograd or on CUDA), so FLOPs scale with tokens*k and a decode token touches exactly
+    k experts;
+  * the cache must hold only the blocks that actually ran (skipped blocks have no entry), which
+    `DynamicCache` (indexed by layer position) does not express, and its call signature differs
+    between transformers 5.17 (`past_key_values=`) and 5.24 (`cache=`).
+The weights and submodules are those of transformers' `OlmoeDecoderLayer` (q/k/v/o projections,
+q/k RMS norms, router `mlp.gate.weight`, packed experts `mlp.experts.gate_up_proj`/`down_proj`),
+so a stock OLMoE checkpoint runs unchanged; only the orchestration is ours. The same code runs
+the batched teacher-forced training forward (runners/pretrain_vlm.py) and the batch-1 episodes.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# layer index -> (keys, values), each (batch, heads, positions, head_dim)
+KVCache = Dict[int, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# torch._grouped_mm runs every expert's rows in one call with work proportional to the rows; its
+# CPU kernel has no backward (torch 2.13), and on CUDA it needs bf16, so it serves CPU inference.
+_HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def run_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """SwiGLU expert FFNs on `routed` rows sorted by expert; counts[e] rows go to expert e.
+
+    The single place expert work happens (tests wrap it to count the rows each expert computes).
+    """
+    gate_up, down = experts.gate_up_proj, experts.down_proj  # (E, 2I, d), (E, d, I)
+    if _HAS_GROUPED_MM and routed.device.type == "cpu" and not torch.is_grad_enabled():
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        gate, up = torch._grouped_mm(routed, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        return torch._grouped_mm(experts.act_fn(gate) * up, down.transpose(1, 2), offs=offsets)
+    outputs, start = [], 0
+    for expert, count in enumerate(counts.tolist()):
+        if count:
+            gate, up = F.linear(routed[start : start + count], gate_up[expert]).chunk(2, dim=-1)
+            outputs.append(F.linear(experts.act_fn(gate) * up, down[expert]))
+            start += count
+    return torch.cat(outputs)
+
+
+def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tensor:
+    """OLMoE sparse MoE on x (rows, d) with `top_k` experts per row; work proportional to top_k."""
+    logits = F.linear(x, mlp.gate.weight)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, chosen = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    flat = chosen.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    rows = order // top_k  # the row each (row, slot) assignment belongs to, grouped by expert
+    counts = torch.bincount(flat, minlength=mlp.gate.weight.shape[0])
+    y = run_experts(mlp.experts, x[rows], counts) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, rows, y)
+
+
+class ElasticBlock(nn.Module):
+    """Runs one `OlmoeDecoderLayer` with a chosen top-k, reading/writing its KV-cache entry.
+
+    The layer is held outside the module tree (no duplicate parameters in state_dict); this
+    module exists so the latency meter and tests can hook every block call.
+    """
+
+    def __init__(self, layer: nn.Module, index: int, norm_topk_prob: bool):
+        super().__init__()
+        self.__dict__["layer"] = layer
+        self.index = index
+        self.norm_topk_prob = norm_topk_prob
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        top_k: int,
+        cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        layer = self.layer
+        hidden = hidden + self._attention(layer.input_layernorm(hidden), cos, sin, cache)
+        batch, length, width = hidden.shape
+        moe_in = layer.post_attention_layernorm(hidden).reshape(-1, width)
+        return hidden + moe_forward(layer.mlp, moe_in, top_k, self.norm_topk_prob).reshape(batch, length, width)
+
+    def _attention(self, x, cos, sin, cache):
+        attn = self.layer.self_attn
+        batch, length, _ = x.shape
+        shape = (batch, length, -1, attn.head_dim)
+        q = attn.q_norm(attn.q_proj(x)).view(shape).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(x)).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        past = cache.get(self.index) if cache is not None else None
+        if past is not None:
+            if length != 1:
+                raise ValueError(f"block {self.index}: cached attention takes one new position, got {length}")
+            k = torch.cat((past[0], k), dim=2)
+            v = torch.cat((past[1], v), dim=2)
+        if cache is not None:
+            cache[self.index] = (k, v)
+        # Prefill: causal. Decode: the single new position sees every cached one. Training pads on
+        # the right, so causal attention never lets a real position see padding.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=past is None and length > 1, scale=attn.scaling)
+        return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))

@@ -1,0 +1,130 @@
+"""Model-level pieces of the embedded VLM: MoE kernels, preprocessing, tokenizer, shipped checkpoint."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from envs.backends.vlm import DEFAULT_MODEL_PATH, VLMConfig, WordTokenizer, build_model, crop_slots, make_crops
+from envs.backends.vlm.config import PRESETS
+from envs.backends.vlm.elastic import moe_forward
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls are overhead-bound; extra threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = WordTokenizer.build(["what", "color", "red"])
+    cfg = VLMConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, **PRESETS["test"])
+    return build_model(cfg, seed=0), tok
+
+
+def dense_moe(mlp, x, top_k):
+    """Reference: every row through its top_k experts one by one (renormalised weights)."""
+    probs = torch.softmax(x @ mlp.gate.weight.T, dim=-1)
+    weights, chosen = probs.topk(top_k)
+    weights = weights / weights.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    experts = mlp.experts
+    for r in range(x.shape[0]):
+        for w, e in zip(weights[r], chosen[r]):
+            gate, up = (experts.gate_up_proj[e] @ x[r]).chunk(2)
+            out[r] += w * (experts.down_proj[e] @ (experts.act_fn(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("rows", [1, 9])
+@pytest.mark.parametrize("top_k", [1, 4, 8])
+def test_moe_kernels_match_the_dense_reference(tiny, rows, top_k):
+    model, _ = tiny
+    mlp = model.blocks[1].layer.mlp
+    x = torch.randn(rows, model.cfg.d_model, generator=torch.Generator().manual_seed(rows))
+    reference = dense_moe(mlp, x, top_k)
+    with torch.no_grad():  # inference kernel (grouped matmul on CPU)
+        torch.testing.assert_close(moe_forward(mlp, x, top_k, True), reference)
+    trained = moe_forward(mlp, x, top_k, True)  # autograd kernel (loop over experts)
+    torch.testing.assert_close(trained, reference)
+    trained.sum().backward()
+    assert mlp.experts.gate_up_proj.grad is not None
+    model.zero_grad()
+
+
+def test_crops_per_tier_and_slots(tiny):
+    cfg = tiny[0].cfg
+    images = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+    shapes = {t: make_crops(images, t, cfg).shape for t in ("low", "medium", "high")}
+    assert shapes == {t: (2, n, 3, 16, 16) for t, n in {"low": 1, "medium": 5, "high": 10}.items()}
+    # 3x3 grid of a 48-px image = native-resolution 16-px cells, row-major.
+    high = make_crops(images, "high", cfg)
+    low_cell = make_crops(images[:, :, 16:32, 32:48], "low", cfg)
+    torch.testing.assert_close(high[:, 1 + 1 * 3 + 2], low_cell[:, 0])
+    assert crop_slots("low", cfg).tolist() == [0]
+    assert crop_slots("medium", cfg).tolist() == [0, 1, 2, 3, 4]
+    assert crop_slots("high", cfg).tolist() == [0, *range(5, 14)]
+    assert cfg.num_crop_slots == 14
+    assert [cfg.vision_tokens(t) for t in ("low", "medium", "high")] == [4, 20, 40]
+
+
+def test_default_config_matches_the_issue():
+    cfg = VLMConfig(vocab_size=100, pad_token_id=0, eos_token_id=2)
+    assert [cfg.vision_tokens(t) for t in ("low", "medium", "high")] == [16, 80, 160]
+    assert (cfg.num_layers, cfg.top_k) == (16, 8) and cfg.num_experts >= 16
+
+
+def test_tokenizer_follows_synthvqa_rule(tmp_path):
+    synthvqa = pytest.importorskip("envs.data.synthvqa")  # lands in a parallel commit
+    tokenize_words, vocabulary = synthvqa.tokenize_words, synthvqa.vocabulary
+
+    tok = WordTokenizer.build(vocabulary())
+    tok.save(tmp_path)
+    tok = WordTokenizer.load(tmp_path)
+    for text in ["Is the red square left of the blue star?", "which color appears more often?", " ,.what?. digit "]:
+        assert tok.decode(tok.encode(text)) == " ".join(tokenize_words(text))
+    assert tok.decode([tok.encode("red")[0], tok.eos_id, tok.pad_id]) == "red"
+
+
+def test_save_load_roundtrip(tiny, tmp_path):
+    from envs.backends.vlm import load_model
+
+    model, tok = tiny
+    model.save(tmp_path, tok, dtype=torch.float16)
+    loaded, tok2 = load_model(tmp_path)
+    assert tok2.vocab_size == tok.vocab_size
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a.half().float(), b, msg=name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "budgetvlm-molmoe" and config["num_layers"] == 6
+
+
+def test_unknown_config_field_is_named(tiny, tmp_path):
+    from envs.backends.vlm import load_model
+
+    model, tok = tiny
+    model.save(tmp_path, tok)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_expertz"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="num_expertz"):
+        load_model(tmp_path)
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_PATH / "model.safetensors").is_file(), reason="checkpoint not shipped yet")
+def test_shipped_checkpoint_answers_a_sample():
+    from envs.backends.vlm import VLMBackend
+    from envs.data.synthvqa import ANSWER_SET
+
+    backend = VLMBackend(num_samples=4)
+    assert backend.knob_space.num_layers == 16 and backend.d_model == backend.model.cfg.d_model
+    sample = backend.dataset("test")[0]
+    ep = backend.start_episode(sample, "high", torch.zeros(backend.d_model))
+    assert backend.run_to(ep, 3).shape == (backend.d_model,)
+    result = backend.finish(ep, 8, 16)
+    assert result.answer in ANSWER_SET
+    assert result.extras["vision_tokens"] == 160
