@@ -1,0 +1,12 @@
+"""The controller's networks: budget encoder, the two stage predictors, the hierarchical actor."""
+from policies.budget_encoder import LatencyBudgetEncoder, sinusoidal_code
+from policies.controller import HierarchicalController
+from policies.predictors import Knob1PredictorBudgetLanguage, Knob2Knob3Predictor
+
+__all__ = [
+    "HierarchicalController",
+    "Knob1PredictorBudgetLanguage",
+    "Knob2Knob3Predictor",
+    "LatencyBudgetEncoder",
+    "sinusoidal_code",
+]

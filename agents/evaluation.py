@@ -1,0 +1,87 @@
+"""Greedy evaluation of the controller on fixed held-out (sample, budget) pairs."""
+from __future__ import annotations
+
+import math
+
+import torch
+from tensordict import TensorDict
+
+from agents.rollout import collect_rollouts
+from envs.budget_env import ACTION_HEADS
+
+
+def heldout_budgets(env, num_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first num_samples samples of the env's split, each with a budget drawn once by seed."""
+    n = min(int(num_samples), len(env.samples))
+    if n <= 0:
+        raise ValueError(f"num_samples={num_samples}: expected >= 1")
+    lo, hi = env.budget_lo, env.budget_hi
+    budgets = torch.empty(n).uniform_(lo, hi, generator=torch.Generator().manual_seed(seed))
+    return torch.arange(n), budgets
+
+
+def run_episodes(env, actor, sample_index: torch.Tensor, budget_ms: torch.Tensor, greedy: bool = True) -> TensorDict:
+    """Run one episode per (sample, budget) in chunks of the env's batch; returns the terminal
+    steps (K,) with actions, reward and episode info."""
+    rows = env.batch_size[0]
+    k = sample_index.shape[0]
+    out = []
+    for start in range(0, k, rows):
+        idx = sample_index[start : start + rows]
+        bud = budget_ms[start : start + rows]
+        m = idx.shape[0]
+        pad = rows - m  # the last chunk repeats its first row to fill the env's fixed batch
+        reset = TensorDict(
+            sample_index=torch.cat([idx, idx[:1].repeat(pad)]).reshape(rows, 1),
+            budget_ms=torch.cat([bud, bud[:1].repeat(pad)]).reshape(rows, 1),
+            batch_size=[rows],
+        )
+        traj = collect_rollouts(env, actor, reset, greedy=greedy)
+        step1, step2 = traj[:m, 0], traj[:m, 1]
+        final = TensorDict(
+            sample_index=step1["sample_index"].reshape(m),
+            budget_ms=step1["budget_ms"].reshape(m),
+            reward=step2["next", "reward"].reshape(m),
+            episode=step2["next", "episode"].apply(lambda t: t.reshape(m), batch_size=[m]),
+            action=TensorDict(
+                {h: (step1 if h in ("tier", "insertion") else step2)["action", h].reshape(m) for h in ACTION_HEADS},
+                batch_size=[m],
+            ),
+            batch_size=[m],
+        )
+        out.append(final)
+    return torch.cat(out)
+
+
+def summarize(episodes: TensorDict) -> dict[str, float]:
+    """Mean reward, accuracy, latency, violation rate (the design's validation metrics)."""
+    info = episodes["episode"]
+    return {
+        "reward_mean": float(episodes["reward"].mean()),
+        "accuracy_mean": float(info["accuracy"].mean()),
+        "latency_mean_ms": float(info["latency_ms"].mean()),
+        "violation_rate": float(info["violation"].mean()),
+        "num_episodes": int(episodes.shape[0]),
+    }
+
+
+def dummy_reference_rewards(env, episodes: TensorDict) -> dict[str, float]:
+    """On the dummy backend: expected reward of the chosen configs, of the optimal policy and of
+    the uniform-random policy, on the same samples and budgets."""
+    backend = env.backend
+    chosen, optimal, random = [], [], []
+    for i in range(episodes.shape[0]):
+        sample = env.samples[int(episodes["sample_index"][i])]
+        table = backend.expected_rewards(sample, float(episodes["budget_ms"][i]), env.reward_weights)
+        a = episodes["action"][i]
+        chosen.append(float(table[int(a["tier"]), int(a["insertion"]), int(a["top_k"]), int(a["num_blocks"])]))
+        optimal.append(float(table.max()))
+        random.append(float(table.mean()))
+    mean = lambda xs: sum(xs) / len(xs)
+    opt, rnd, pol = mean(optimal), mean(random), mean(chosen)
+    return {
+        "expected_reward_mean": pol,
+        "optimal_reward_mean": opt,
+        "random_reward_mean": rnd,
+        "gap_closed": (pol - rnd) / (opt - rnd) if not math.isclose(opt, rnd) else float("nan"),
+    }

@@ -1,0 +1,149 @@
+"""Joint GRPO: one group-relative advantage per trajectory, shared by both controller stages.
+
+A trajectory is the two env steps of one episode, shape (N, 2) in the rollout. Its terminal reward
+R (from step 2) gives A = (R - mean_group(R)) / (std_group(R) + eps); the policy ratio is taken
+over the summed log-prob of the four heads (tier and insertion from step 1, top-k and num_blocks
+from step 2), clipped to [1 - epsilon_low, 1 + epsilon_high] as in PPO/GRPO.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.objectives import LossModule
+
+from envs.budget_env import ACTION_HEADS
+
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, scale_rewards: str = "group", eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative advantages and a per-row flag 'my group's rewards have zero std'.
+
+    scale_rewards: "group" divides by the group's std (the GRPO paper), "batch" by the batch's
+    std, "none" only centres (Dr. GRPO).
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r}: expected one of {SCALE_REWARDS}")
+    rewards = rewards.reshape(-1).float()
+    _, inverse = torch.unique(group_ids.reshape(-1), return_inverse=True)
+    num = int(inverse.max()) + 1
+    count = torch.zeros(num).index_add_(0, inverse, torch.ones_like(rewards))
+    mean = torch.zeros(num).index_add_(0, inverse, rewards) / count
+    centred = rewards - mean[inverse]
+    var = torch.zeros(num).index_add_(0, inverse, centred**2) / (count - 1).clamp(min=1)
+    std = var.sqrt()[inverse]
+    zero_std = std < 1e-6
+    if scale_rewards == "group":
+        return centred / (std + eps), zero_std
+    if scale_rewards == "batch":
+        return centred / (rewards.std() + eps), zero_std
+    return centred, zero_std
+
+
+class JointGRPOLoss(LossModule):
+    """Clipped GRPO objective over both stages, with entropy bonus and optional k3 KL.
+
+    Input: a rollout TensorDict of shape (N, 2) from agents.rollout.collect_rollouts, holding
+    ("advantage",) (set by `compute_advantages`) and the behaviour policy's ("log_prob", head).
+    Output keys: loss_objective, loss_entropy, loss_kl and diagnostics (clip_fraction, approx_kl,
+    entropy_<head>, kl_ref).
+    """
+
+    def __init__(
+        self,
+        actor,
+        epsilon_low: float = 0.2,
+        epsilon_high: float | None = None,
+        entropy_coef: float = 0.01,
+        beta: float = 0.0,
+        scale_rewards: str = "group",
+    ):
+        super().__init__()
+        if epsilon_low <= 0 or (epsilon_high is not None and epsilon_high <= 0):
+            raise ValueError(f"epsilon_low={epsilon_low}, epsilon_high={epsilon_high}: expected > 0")
+        if scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards={scale_rewards!r}: expected one of {SCALE_REWARDS}")
+        self.actor = actor
+        self.epsilon_low = float(epsilon_low)
+        self.epsilon_high = float(epsilon_low if epsilon_high is None else epsilon_high)
+        self.entropy_coef = float(entropy_coef)
+        self.beta = float(beta)
+        self.scale_rewards = scale_rewards
+        # The KL anchor is the policy as it was when the loss was built (as in TRL's GRPO).
+        self.reference = None
+        if self.beta > 0:
+            self.reference = copy.deepcopy(actor).requires_grad_(False)
+
+    def compute_advantages(self, rollout: TensorDictBase) -> TensorDictBase:
+        """Write the terminal reward's group advantage into both steps of every trajectory."""
+        reward = rollout["next", "reward"][:, -1].reshape(-1)
+        adv, zero_std = group_advantages(reward, rollout["group_id"][:, 0], self.scale_rewards)
+        steps = rollout.shape[1]
+        rollout.set("advantage", adv[:, None, None].expand(-1, steps, 1).clone())
+        rollout.set("reward_zero_std", zero_std[:, None, None].expand(-1, steps, 1).clone())
+        return rollout
+
+    @staticmethod
+    def _trajectory_log_prob(log_prob: dict, shape) -> torch.Tensor:
+        return sum(lp.reshape(shape) for lp in log_prob.values()).sum(-1)
+
+    def forward(self, rollout: TensorDictBase) -> TensorDict:
+        shape = rollout.shape  # (N, steps)
+        flat = rollout.reshape(-1)
+        log_prob, entropy = self.actor.evaluate(flat)
+        new_lp = self._trajectory_log_prob(log_prob, shape)
+        old_lp = sum(flat["log_prob", h].reshape(shape) for h in ACTION_HEADS).sum(-1)
+        adv = rollout["advantage"][:, 0].reshape(-1)
+
+        log_ratio = new_lp - old_lp
+        ratio = log_ratio.exp()
+        clipped = ratio.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
+        objective = torch.minimum(ratio * adv, clipped * adv)
+        # Per-trajectory entropy: each head acts once per trajectory.
+        head_entropy = {h: e.reshape(shape).sum(-1) for h, e in entropy.items()}
+        total_entropy = sum(head_entropy.values())
+
+        out = TensorDict(
+            loss_objective=-objective.mean(),
+            loss_entropy=-self.entropy_coef * total_entropy.mean(),
+            clip_fraction=((ratio - clipped).abs() > 1e-6).float().mean().detach(),
+            approx_kl=((ratio - 1) - log_ratio).mean().detach(),
+            entropy=total_entropy.mean().detach(),
+            batch_size=[],
+        )
+        for h, e in head_entropy.items():
+            out.set(f"entropy_{h}", e.mean().detach())
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_lp = self._trajectory_log_prob(self.reference.evaluate(flat)[0], shape)
+            # k3 estimator of KL(pi || pi_ref) on the sampled actions (Schulman 2020).
+            delta = ref_lp - new_lp
+            kl = delta.exp() - delta - 1
+            out.set("loss_kl", self.beta * kl.mean())
+            out.set("kl_ref", kl.mean().detach())
+        else:
+            out.set("loss_kl", torch.zeros((), device=new_lp.device))
+        return out
+
+
+def make_optimizer(actor, lr: float, stage1_lr_ratio: float = 1.0, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW with Stage 1 at lr * stage1_lr_ratio and Stage 2 + the budget encoder at lr.
+
+    stage1_lr_ratio = 0 freezes Stage 1: its parameters leave the optimizer and stop needing grad,
+    so they stay bit-identical.
+    """
+    if lr <= 0:
+        raise ValueError(f"lr={lr}: expected > 0")
+    if stage1_lr_ratio < 0:
+        raise ValueError(f"stage1_lr_ratio={stage1_lr_ratio}: expected >= 0")
+    groups = [{"params": actor.stage2_parameters(), "lr": lr, "name": "stage2_and_budget_encoder"}]
+    if stage1_lr_ratio > 0:
+        groups.append({"params": actor.stage1_parameters(), "lr": lr * stage1_lr_ratio, "name": "stage1"})
+    else:
+        for p in actor.stage1_parameters():
+            p.requires_grad_(False)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)

@@ -1,0 +1,291 @@
+"""The two-step TorchRL environment of the latency-budget controller.
+
+Episode (per batch row; rows are B samples x G group members, each executed alone):
+  reset  -> Stage-1 observation: language feature, budget (ms and normalised), stage = 0
+  step 1 -> action (tier, insertion, budget_token): preprocess + vision + blocks 0..p-1;
+            Stage-2 observation: latency token, insertion, stage = 1; reward 0
+  step 2 -> action (top_k, num_blocks, controller_ms): rest of prefill + decode;
+            terminal reward, done, and the episode's info under "episode"
+The Stage-2 controller's own time is measured by the policy and passed in as `controller_ms`,
+because it is part of the request's latency but runs outside the env.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.envs import EnvBase
+
+from envs.backends.base import Backend, check_split
+from envs.data.sample import ImageLoadError
+from envs.reward import RewardWeights, check_budget, compute_reward
+
+logger = logging.getLogger(__name__)
+
+ACTION_HEADS = ("tier", "insertion", "top_k", "num_blocks")
+STAGE1_HEADS = ("tier", "insertion")
+STAGE2_HEADS = ("top_k", "num_blocks")
+EPISODE_INFO_KEYS = (
+    "accuracy",
+    "latency_ms",
+    "preprocess_ms",
+    "vision_ms",
+    "prefill_ms",
+    "decode_ms",
+    "controller_ms",
+    "violation",
+)
+# How many other samples to try when a sample's image cannot be loaded.
+_MAX_IMAGE_RETRIES = 32
+
+
+class BudgetVLMEnv(EnvBase):
+    """Batched two-step env over a Backend; batch_size = [batch_size * group_size]."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        batch_size: int = 8,
+        group_size: int = 5,
+        split: str = "train",
+        reward_weights: RewardWeights | None = None,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size}: expected >= 1")
+        if int(group_size) < 1:
+            raise ValueError(f"group_size={group_size}: expected >= 1")
+        self.num_groups = int(batch_size)
+        self.group_size = int(group_size)
+        n = self.num_groups * self.group_size
+        super().__init__(batch_size=torch.Size([n]), device=device)
+        self.backend = backend
+        self.split = check_split(split)
+        self.samples = backend.dataset(split)
+        if len(self.samples) == 0:
+            raise ValueError(f"backend {type(backend).__name__} has no samples in split {split!r}")
+        self.reward_weights = reward_weights or RewardWeights()
+        self.knob_space = backend.knob_space
+        self.budget_lo, self.budget_hi = backend.budget_range_ms
+        self.skipped_samples = 0
+        self._episodes: list[Any] = [None] * n
+        self._sample_index = torch.zeros(n, dtype=torch.long)
+        self._budget = torch.zeros(n, dtype=torch.float32)
+        # Stage-1 choices of each row's open episode, needed again at Stage 2.
+        self._tier_index = torch.zeros(n, dtype=torch.long)
+        self._insertion_index = torch.zeros(n, dtype=torch.long)
+        self._group_id = torch.arange(n) // self.group_size
+        self._language = torch.zeros(n, backend.language_dim)
+        self._next_group_id = 0
+        self._rng = torch.Generator()
+        self._make_specs()
+        self._set_seed(seed)
+
+    # ----------------------------------------------------------------- specs
+    def _make_specs(self) -> None:
+        n = self.batch_size
+        ks = self.knob_space
+        d, dl = self.backend.d_model, self.backend.language_dim
+        self.observation_spec = Composite(
+            language_feature=Unbounded(shape=(*n, dl)),
+            budget_ms=Bounded(low=0.0, high=float("inf"), shape=(*n, 1)),
+            budget_norm=Unbounded(shape=(*n, 1)),
+            stage=Categorical(2, shape=(*n, 1)),
+            latency_token=Unbounded(shape=(*n, d)),
+            insertion=Categorical(len(ks.insertion_positions), shape=(*n, 1)),
+            group_id=Unbounded(shape=(*n, 1), dtype=torch.long),
+            sample_index=Unbounded(shape=(*n, 1), dtype=torch.long),
+            episode=Composite(
+                {k: Unbounded(shape=(*n, 1)) for k in EPISODE_INFO_KEYS}, shape=n
+            ),
+            shape=n,
+        )
+        heads = ks.head_sizes
+        self.action_spec = Composite(
+            action=Composite(
+                **{h: Categorical(heads[h], shape=(*n, 1)) for h in ACTION_HEADS},
+                budget_token=Unbounded(shape=(*n, d)),
+                controller_ms=Bounded(low=0.0, high=1e3, shape=(*n, 1)),
+                shape=n,
+            ),
+            shape=n,
+        )
+        self.reward_spec = Unbounded(shape=(*n, 1))
+
+    # ----------------------------------------------------------------- reset
+    def _set_seed(self, seed: int | None) -> None:
+        seed = 0 if seed is None else int(seed)
+        self._rng.manual_seed(seed)
+        if hasattr(self.backend, "rng") and isinstance(self.backend.rng, torch.Generator):
+            self.backend.rng.manual_seed(seed + 1)
+
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        n = self.batch_size[0]
+        mask = torch.ones(n, dtype=torch.bool)
+        if tensordict is not None and "_reset" in tensordict.keys():
+            mask = tensordict["_reset"].reshape(n).cpu()
+        rows = mask.nonzero().flatten()
+        given_index = tensordict.get("sample_index", None) if tensordict is not None else None
+        given_budget = tensordict.get("budget_ms", None) if tensordict is not None else None
+
+        if given_budget is not None:
+            budgets = given_budget.reshape(n).float().cpu()
+            check_budget(budgets[rows], "budget_ms")
+        else:
+            budgets = self._draw_group_values(
+                lambda g: torch.empty(g).uniform_(self.budget_lo, self.budget_hi, generator=self._rng)
+            )
+        if given_index is not None:
+            index = given_index.reshape(n).long().cpu()
+            bad = (index[rows] < 0) | (index[rows] >= len(self.samples))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"sample_index={int(index[rows][bad][0])} is out of range; expected 0 <= index < "
+                    f"{len(self.samples)} (split {self.split!r})"
+                )
+        else:
+            index = self._draw_group_values(
+                lambda g: torch.randint(len(self.samples), (g,), generator=self._rng)
+            )
+        if bool(mask.all()):  # a fresh batch of groups gets fresh group ids
+            self._group_id = torch.arange(n) // self.group_size + self._next_group_id
+            self._next_group_id += self.num_groups
+        for i in rows.tolist():
+            self._episodes[i] = None
+            self._sample_index[i] = index[i]
+            self._budget[i] = budgets[i]
+            self._insertion_index[i] = 0
+            self._language[i] = self._load_language(i)
+        return self._observation(stage=torch.zeros(n, 1, dtype=torch.long))
+
+    def _draw_group_values(self, draw) -> torch.Tensor:
+        """One value per group, repeated for its G members (same sample and budget)."""
+        return draw(self.num_groups).repeat_interleave(self.group_size)
+
+    def _load_language(self, row: int) -> torch.Tensor:
+        return self.backend.language_feature(self.samples[int(self._sample_index[row])]).float().cpu()
+
+    def _observation(self, stage, latency_token=None, insertion=None, info=None) -> TensorDict:
+        n = self.batch_size[0]
+        budget = self._budget.reshape(n, 1)
+        return TensorDict(
+            language_feature=self._language.clone(),
+            budget_ms=budget.clone(),
+            budget_norm=(budget - self.budget_lo) / (self.budget_hi - self.budget_lo),
+            stage=stage,
+            latency_token=latency_token if latency_token is not None else torch.zeros(n, self.backend.d_model),
+            insertion=insertion if insertion is not None else torch.zeros(n, 1, dtype=torch.long),
+            group_id=self._group_id.reshape(n, 1).clone(),
+            sample_index=self._sample_index.reshape(n, 1).clone(),
+            episode=TensorDict(
+                {k: (info[k] if info is not None else torch.zeros(n, 1)) for k in EPISODE_INFO_KEYS},
+                batch_size=[n],
+            ),
+            batch_size=[n],
+            device=self.device,
+        )
+
+    # ------------------------------------------------------------------ step
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        n = self.batch_size[0]
+        stage = tensordict["stage"].reshape(n).cpu()
+        action = tensordict["action"].cpu()
+        self._check_action(action)
+        ks = self.knob_space
+        latency_token = torch.zeros(n, self.backend.d_model)
+        reward = torch.zeros(n, 1)
+        done = torch.zeros(n, 1, dtype=torch.bool)
+        info = {k: torch.zeros(n, 1) for k in EPISODE_INFO_KEYS}
+        for i in range(n):
+            if int(stage[i]) == 0:
+                latency_token[i] = self._run_stage1(i, action[i])
+            else:
+                result_info, reward[i, 0] = self._run_stage2(i, action[i])
+                for k, v in result_info.items():
+                    info[k][i, 0] = v
+                done[i, 0] = True
+        out = self._observation(stage=torch.ones(n, 1, dtype=torch.long), latency_token=latency_token,
+                                insertion=self._insertion_index.reshape(n, 1).clone(), info=info)
+        out.set("reward", reward.to(self.device))
+        out.set("done", done.to(self.device))
+        out.set("terminated", done.to(self.device))
+        return out
+
+    def _check_action(self, action: TensorDictBase) -> None:
+        sizes = self.knob_space.head_sizes
+        for head in ACTION_HEADS:
+            value = action[head]
+            bad = (value < 0) | (value >= sizes[head])
+            if bool(bad.any()):
+                raise ValueError(
+                    f"action {head!r}={int(value[bad][0])} is outside its spec; expected an index in "
+                    f"[0, {sizes[head] - 1}]"
+                )
+        token = action["budget_token"]
+        if not bool(torch.isfinite(token).all()):
+            raise ValueError("action 'budget_token' holds NaN or inf; expected finite values")
+        ms = action["controller_ms"]
+        if not bool((torch.isfinite(ms) & (ms >= 0)).all()):
+            raise ValueError(f"action 'controller_ms'={ms[~(torch.isfinite(ms) & (ms >= 0))][0].item()}: expected a finite time >= 0")
+
+    def _run_stage1(self, row: int, action: TensorDictBase):
+        ks = self.knob_space
+        tier = ks.tiers[int(action["tier"])]
+        p_index = int(action["insertion"])
+        for _ in range(_MAX_IMAGE_RETRIES):
+            sample = self.samples[int(self._sample_index[row])]
+            try:
+                episode = self.backend.start_episode(sample, tier, action["budget_token"].float())
+                break
+            except ImageLoadError as err:
+                self._skip_sample(row, err)
+        else:
+            raise RuntimeError(f"{_MAX_IMAGE_RETRIES} samples in a row had unreadable images in split {self.split!r}")
+        self._episodes[row] = episode
+        self._tier_index[row] = ks.tiers.index(tier)
+        self._insertion_index[row] = p_index
+        token = self.backend.run_to(episode, ks.insertion_positions[p_index])
+        return token.detach().float().cpu()
+
+    def _skip_sample(self, row: int, err: Exception) -> None:
+        """Replace an unreadable sample by another one; counted and logged once."""
+        self.skipped_samples += 1
+        if self.skipped_samples == 1:
+            logger.warning("skipping samples whose image cannot be loaded (first: %s); see env.skipped_samples", err)
+        self._sample_index[row] = int(torch.randint(len(self.samples), (1,), generator=self._rng))
+        self._language[row] = self._load_language(row)
+
+    def _run_stage2(self, row: int, action: TensorDictBase):
+        ks = self.knob_space
+        episode = self._episodes[row]
+        if episode is None:
+            raise RuntimeError(f"row {row}: Stage-2 step without a Stage-1 step; call reset() first")
+        top_k = ks.top_k_values[int(action["top_k"])]
+        num_blocks = ks.num_blocks_values[int(action["num_blocks"])]
+        result = self.backend.finish(episode, top_k, num_blocks)
+        self._episodes[row] = None
+        controller_ms = float(action["controller_ms"])
+        t = result.timings_ms
+        latency = t["preprocess"] + t["vision"] + t["prefill"] + t["decode"] + controller_ms
+        budget = float(self._budget[row])
+        complexity = ks.complexity(int(self._tier_index[row]), top_k, num_blocks)
+        reward = compute_reward(
+            torch.tensor(result.accuracy), torch.tensor(latency), torch.tensor(budget),
+            torch.tensor(complexity), self.reward_weights,
+        )
+        info = {
+            "accuracy": result.accuracy,
+            "latency_ms": latency,
+            "preprocess_ms": t["preprocess"],
+            "vision_ms": t["vision"],
+            "prefill_ms": t["prefill"],
+            "decode_ms": t["decode"],
+            "controller_ms": controller_ms,
+            "violation": float(latency > budget),
+        }
+        return info, float(reward)

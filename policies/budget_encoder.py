@@ -1,0 +1,48 @@
+"""Budget -> d_model feature: fixed sinusoidal code, trainable MLP (the design's budget token)."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def sinusoidal_code(x: torch.Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1_000.0) -> torch.Tensor:
+    """Transformer-style code of x in [0, 1] (treated as position x*scale): (..., 1) -> (..., dim)."""
+    if dim % 2:
+        raise ValueError(f"sinusoidal dim={dim}: expected an even number")
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = x.float() * scale * freqs
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+class LatencyBudgetEncoder(nn.Module):
+    """budget (ms) -> normalise over budget_range_ms -> fixed 256-d sinusoid -> MLP -> d_model.
+
+    Its output is both Stage 1's budget feature and the budget token appended to the prefill.
+    """
+
+    def __init__(self, d_model: int, budget_range_ms: Sequence[float], sinusoidal_dim: int = 256):
+        super().__init__()
+        lo, hi = (float(v) for v in budget_range_ms)
+        if not (0 < lo < hi):
+            raise ValueError(f"budget_range_ms={list(budget_range_ms)}: expected 0 < lo < hi")
+        self.register_buffer("budget_range_ms", torch.tensor([lo, hi]))
+        self.sinusoidal_dim = int(sinusoidal_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.sinusoidal_dim, d_model),
+            nn.LayerNorm(d_model),
+            nn.GELU(),
+            nn.Linear(d_model, d_model),
+            nn.LayerNorm(d_model),
+        )
+
+    def normalise(self, budget_ms: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.budget_range_ms
+        return (budget_ms - lo) / (hi - lo)
+
+    def forward(self, budget_ms: torch.Tensor) -> torch.Tensor:
+        """(..., 1) budget in ms -> (..., d_model)."""
+        return self.mlp(sinusoidal_code(self.normalise(budget_ms), self.sinusoidal_dim))
