@@ -1,0 +1,326 @@
+"""Elastic pretraining of the embedded VLM on SynthVQA, then block importance and an accuracy grid.
+
+Every batch runs under knobs drawn at random, through the same elastic code as inference
+(BudgetVLM.encode_images / blocks[i](..., top_k, ...) / logits), so every configuration the
+controller can pick is one the model has seen:
+  * with probability --full-prob the full configuration (high tier, top-k 8 everywhere, all blocks:
+    it must stay the best); otherwise
+  * tier uniform over the tiers; insertion p uniform over 1..5; blocks >= p at top-k uniform in
+    4..8 (blocks < p at 8, as at inference); 0..4 blocks among p..L-1 dropped at random.
+The sequence is [vision tokens][question][budget token][answer][<eos>], teacher-forced: the loss
+is the cross-entropy of the answer and <eos> tokens, predicted from the budget position onwards.
+The budget position holds a random vector s * N(0, I), s ~ U(0, 1.5) per sample, because at
+inference the controller's (LayerNorm-scaled) budget encoder output sits there.
+
+After training: importance.json by the drop method (validation loss increase when a block alone is
+skipped, full config otherwise), then test accuracy per family on a grid of configurations
+(batched greedy decoding with the backend's block plan) -> eval.json. The model dir written to
+--out is a complete VLMBackend model_path.
+
+Recipe of the shipped checkpoint (GPU, ~9 min on one H100):
+    python runners/pretrain_vlm.py --out envs/assets/budgetvlm-molmoe-tiny --device cuda \
+        --time-limit-min 8 --steps 20000 --batch-size 128 --workers 12
+CPU smoke run (a tiny model, minutes):
+    python runners/pretrain_vlm.py --out /tmp/vlm-test --preset test --steps 50 --batch-size 16 \
+        --eval-samples 60 --val-samples 60 --workers 0
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from envs.backends.vlm import VLMConfig, WordTokenizer, build_model, crop_slots, load_model, make_crops
+from envs.backends.vlm.config import PRESETS
+from envs.backends.vlm.preprocess import image_to_tensor
+from envs.data import synthvqa
+from envs.data.accuracy import score_answer
+from envs.knobs import select_blocks
+
+TIERS = ("low", "medium", "high")
+IGNORE = -100
+BUDGET_SCALE_MAX = 1.5
+
+
+class EncodedSynthVQA(Dataset):
+    """SynthVQA samples as (image uint8 (3, H, W), question ids, answer ids + <eos>, family index)."""
+
+    def __init__(self, data: synthvqa.SynthVQA, tokenizer: WordTokenizer):
+        self.data, self.tokenizer = data, tokenizer
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        sample = self.data[index]
+        return (
+            image_to_tensor(sample.image),
+            self.tokenizer.encode(sample.question),
+            self.tokenizer.encode(sample.answers[0]) + [self.tokenizer.eos_id],
+            synthvqa.FAMILIES.index(sample.family),
+            index,
+        )
+
+
+def collate(items, pad_id: int):
+    """Text part per sample: question, budget slot, answer, <eos>, right-padded.
+
+    labels[t] is the token to predict at text position t (the budget slot predicts the first
+    answer token, each answer token the next one), IGNORE elsewhere.
+    """
+    images = torch.stack([it[0] for it in items])
+    width = max(len(q) + 1 + len(a) for _, q, a, _, _ in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    slot = torch.zeros(len(items), dtype=torch.long)
+    for row, (_, q, a, _, _) in enumerate(items):
+        n = len(q)
+        ids[row, :n] = torch.tensor(q)
+        ids[row, n + 1 : n + 1 + len(a)] = torch.tensor(a)
+        labels[row, n : n + len(a)] = torch.tensor(a)
+        slot[row] = n
+    families = torch.tensor([it[3] for it in items])
+    return images, ids, labels, slot, families
+
+
+def sample_plan(rng: random.Random, num_layers: int, top_k: int, full_prob: float):
+    """(tier, [(block, top_k), ...]) for one training batch (see module docstring)."""
+    if rng.random() < full_prob:
+        return "high", [(b, top_k) for b in range(num_layers)]
+    tier = rng.choice(TIERS)
+    p = rng.randint(1, min(5, num_layers))
+    k = rng.randint(max(1, top_k - 4), top_k)
+    dropped = set(rng.sample(range(p, num_layers), rng.randint(0, min(4, num_layers - p))))
+    return tier, [(b, top_k if b < p else k) for b in range(num_layers) if b not in dropped]
+
+
+def inference_plan(importance, p: int, k: int, n: int, num_layers: int, top_k: int):
+    """The backend's plan: select_blocks by importance, the first p blocks at the default top-k."""
+    return [(b, top_k if b < p else k) for b in select_blocks(importance, p, n, num_layers)]
+
+
+def forward_text(model, images, ids, slot, budget, tier, plan):
+    """Hidden states of the text part (batch, text_len, d_model) under `plan` (teacher forcing)."""
+    cfg = model.cfg
+    vision = model.encode_images(make_crops(images, tier, cfg), crop_slots(tier, cfg, images.device))
+    text = model.embed(ids)
+    is_slot = torch.arange(ids.shape[1], device=ids.device)[None] == slot[:, None]
+    text = torch.where(is_slot[..., None], budget[:, None, :].to(text.dtype), text)
+    hidden = torch.cat([vision, text], dim=1)
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
+    cos, sin = model.rope(positions, hidden)
+    for block, k in plan:
+        hidden = model.blocks[block](hidden, cos, sin, k, None)
+    return hidden[:, vision.shape[1] :]
+
+
+def random_budget(batch: int, d_model: int, device, generator=None):
+    scale = torch.rand(batch, 1, device=device, generator=generator) * BUDGET_SCALE_MAX
+    return scale * torch.randn(batch, d_model, device=device, generator=generator)
+
+
+def batch_loss(model, batch, tier, plan, device, generator=None):
+    images, ids, labels, slot, _ = (t.to(device, non_blocking=True) for t in batch)
+    budget = random_budget(ids.shape[0], model.cfg.d_model, device, generator)
+    logits = model.logits(forward_text(model, images, ids, slot, budget, tier, plan))
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, batch, tier, plan, device, max_new_tokens: int):
+    """Batched greedy decoding (full recompute per step; same plan for every step, like the backend).
+    Budget token: zeros."""
+    images, ids, _, slot, _ = (t.to(device) for t in batch)
+    prompt_len = slot + 1
+    width = int(prompt_len.max()) + max_new_tokens
+    seq = torch.full((ids.shape[0], width), tokenizer.pad_id, dtype=torch.long, device=device)
+    seq[:, : ids.shape[1]] = ids
+    seq = torch.where(torch.arange(width, device=device)[None] < prompt_len[:, None], seq, tokenizer.pad_id)
+    rows = torch.arange(ids.shape[0], device=device)
+    budget = torch.zeros(ids.shape[0], model.cfg.d_model, device=device)
+    generated = []
+    for step in range(max_new_tokens):
+        hidden = forward_text(model, images, seq[:, : int(prompt_len.max()) + step], slot, budget, tier, plan)
+        last = hidden[rows, slot + step]
+        token = model.logits(last).argmax(-1)
+        generated.append(token)
+        seq[rows, slot + 1 + step] = token
+    tokens = torch.stack(generated, 1).tolist()
+    answers = []
+    for row in tokens:
+        out = []
+        for t in row:
+            out.append(t)
+            if t == tokenizer.eos_id:
+                break
+        answers.append(tokenizer.decode(out))
+    return answers
+
+
+def evaluate(model, tokenizer, batches, samples, configs, importance, device, max_new_tokens=2):
+    """{config name: {"overall": acc, family: acc, ..., "config": knobs}} over `batches` of `samples`."""
+    cfg = model.cfg
+    results = {}
+    model.eval()
+    for name, (tier, p, k, n) in configs.items():
+        plan = inference_plan(importance, p, k, n, cfg.num_layers, cfg.top_k)
+        correct = {f: [0, 0] for f in synthvqa.FAMILIES}
+        for batch in batches:
+            answers = greedy_answers(model, tokenizer, batch, tier, plan, device, max_new_tokens)
+            for answer, index in zip(answers, batch[4].tolist()):
+                sample = samples[index]
+                correct[sample.family][0] += score_answer(answer, sample)
+                correct[sample.family][1] += 1
+        total = [sum(c[0] for c in correct.values()), sum(c[1] for c in correct.values())]
+        results[name] = {"overall": total[0] / total[1], **{f: c[0] / max(c[1], 1) for f, c in correct.items()}}
+        results[name]["config"] = {"tier": tier, "insertion": p, "top_k": k, "num_blocks": n}
+    return results
+
+
+@torch.no_grad()
+def drop_importance(model, batches, device, seed: int) -> dict[int, float]:
+    """Validation loss increase when block b alone is skipped (full config otherwise)."""
+    cfg = model.cfg
+    model.eval()
+
+    def loss_of(plan):
+        gen = torch.Generator(device=device).manual_seed(seed)  # same budget tokens for every plan
+        losses = [batch_loss(model, batch, "high", plan, device, gen).item() for batch in batches]
+        return sum(losses) / len(losses)
+
+    full = [(b, cfg.top_k) for b in range(cfg.num_layers)]
+    base = loss_of(full)
+    return {b: loss_of([x for x in full if x[0] != b]) - base for b in range(cfg.num_layers)}
+
+
+def knob_grid(cfg: VLMConfig) -> dict[str, tuple[str, int, int, int]]:
+    """Full config, each knob alone at each of its values (p = 1: top-k acts on blocks 1..L-1),
+    and the cheapest config."""
+    L, K = cfg.num_layers, cfg.top_k
+    grid = {"full": ("high", 1, K, L)}
+    for tier in TIERS[:-1]:
+        grid[f"tier={tier}"] = (tier, 1, K, L)
+    for k in range(max(1, K - 4), K):
+        grid[f"top_k={k}"] = ("high", 1, k, L)
+    for n in range(max(1, L - 4), L):
+        grid[f"blocks={n}"] = ("high", 1, K, n)
+    grid["cheapest"] = ("low", 1, max(1, K - 4), max(1, L - 4))
+    return grid
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="model dir to write (config, weights, tokenizer, importance)")
+    ap.add_argument("--preset", default="molmoe-tiny", choices=sorted(PRESETS))
+    ap.add_argument("--init", help="start from this model dir instead of random weights")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=20000)
+    ap.add_argument("--time-limit-min", type=float, default=None, help="stop training after this many minutes")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--full-prob", type=float, default=0.3)
+    ap.add_argument("--train-samples", type=int, default=5_000_000, help="size of the (lazy) train split")
+    ap.add_argument("--val-samples", type=int, default=1024)
+    ap.add_argument("--eval-samples", type=int, default=1200)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=100)
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.init:
+        model, tokenizer = load_model(args.init, device)
+    else:
+        tokenizer = WordTokenizer.build(synthvqa.vocabulary())
+        cfg = VLMConfig(
+            vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
+            **PRESETS[args.preset],
+        )
+        model = build_model(cfg, seed=args.seed).to(device)
+    cfg = model.cfg
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}", flush=True)
+
+    def loader(split, n, shuffle, batch_size):
+        data = synthvqa.SynthVQA(split, n, seed=args.seed)
+        return data, DataLoader(
+            EncodedSynthVQA(data, tokenizer), batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+            num_workers=args.workers, collate_fn=functools.partial(collate, pad_id=tokenizer.pad_id),
+            pin_memory=device.type == "cuda", persistent_workers=args.workers > 0 and shuffle,
+        )
+
+    _, train_loader = loader("train", args.train_samples, True, args.batch_size)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    start, step, running = time.time(), 0, []
+
+    def progress(step):
+        """Fraction of training done: by steps, or by time when a time limit is set and binds first."""
+        done = step / args.steps
+        if args.time_limit_min:
+            done = max(done, (time.time() - start) / 60 / args.time_limit_min)
+        return min(done, 1.0)
+
+    # Linear warmup, then cosine decay to 10% over `progress`.
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress(s))))
+    )
+    rng = random.Random(args.seed)
+    model.train()
+    while step < args.steps:
+        for batch in train_loader:
+            tier, plan = sample_plan(rng, cfg.num_layers, cfg.top_k, args.full_prob)
+            loss = batch_loss(model, batch, tier, plan, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            running.append(loss.item())
+            step += 1
+            if step % args.log_every == 0:
+                print(f"step {step} loss {sum(running) / len(running):.4f} lr {schedule.get_last_lr()[0]:.2e} "
+                      f"{(time.time() - start) / 60:.1f} min", flush=True)
+                running = []
+            if progress(step) >= 1.0:
+                break
+        if progress(step) >= 1.0:
+            break
+    print(f"trained {step} steps in {(time.time() - start) / 60:.1f} min", flush=True)
+
+    out = Path(args.out)
+    model.save(out, tokenizer)
+    model.eval()
+    # Rendered once, reused by every plan below.
+    _, val_loader = loader("val", args.val_samples, False, 256)
+    test_data, test_loader = loader("test", args.eval_samples, False, 256)
+    val_batches, test_batches = list(val_loader), list(test_loader)
+    test_samples = [test_data[i] for i in range(len(test_data))]
+    importance = drop_importance(model, val_batches, device, args.seed)
+    (out / "importance.json").write_text(json.dumps(
+        {"method": "drop_loss", "scores": {str(b): s for b, s in importance.items()},
+         "note": "validation loss increase when the block alone is skipped (pretrain_vlm.py)"}, indent=2) + "\n")
+    print("importance:", {b: round(s, 4) for b, s in importance.items()}, flush=True)
+    results = evaluate(model, tokenizer, test_batches, test_samples, knob_grid(cfg), importance, device)
+    summary = {"steps": step, "train_minutes": (time.time() - start) / 60, "args": vars(args), "accuracy": results}
+    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name, r in results.items():
+        print(f"{name:12s} " + " ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "config"), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
