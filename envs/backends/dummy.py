@@ -227,7 +227,7 @@ class DummyBackend(Backend):
         if num_blocks not in ks.num_blocks_values:
             raise ValueError(f"num_blocks={num_blocks} is not allowed; expected one of {ks.num_blocks_values}")
         knobs = (self._tier_fraction(episode.tier_index), episode.insertion, top_k, num_blocks)
-        accuracy, parts = self._model(episode.sample, *(torch.tensor(float(v)) for v in knobs))
+        accuracy, parts = self._model(episode.sample, *(torch.tensor(float(v), dtype=torch.float64) for v in knobs))
         factor = float(torch.exp(self.latency_noise * torch.randn((), generator=self.rng)))
         expected_accuracy = float(accuracy)
         correct = float(torch.rand((), generator=self.rng) < expected_accuracy)

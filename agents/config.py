@@ -1,0 +1,136 @@
+"""Run configuration: YAML in sections, each section a dataclass with one line of doc per field."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+
+@dataclass
+class EnvConfig:
+    backend: str = "dummy"  # "dummy" (closed-form stand-in) or "vlm" (the embedded MoE VLM)
+    backend_options: dict = field(default_factory=dict)  # extra keyword arguments of the backend
+    reward: dict = field(default_factory=dict)  # reward weights (accuracy, latency, violation, complexity, efficiency)
+
+
+@dataclass
+class DataConfig:
+    dataset_names: list = field(default_factory=list)  # datasets to train on ([] = the backend's own)
+    data_root: Optional[str] = None  # root of the official VQA files (real datasets only)
+    model_path: Optional[str] = None  # VLM model dir (None = the shipped model)
+    results_dir: Optional[str] = None  # dir with profile.json + importance.json (None = beside the model)
+
+
+@dataclass
+class PolicyConfig:
+    hidden_dim: int = 256  # width of both predictors' MLPs
+    sinusoidal_dim: int = 256  # size of the fixed sinusoidal budget code
+
+
+@dataclass
+class LossConfig:
+    epsilon_low: float = 0.2  # lower clip range of the ratio (1 - epsilon_low)
+    epsilon_high: float = 0.2  # upper clip range of the ratio (1 + epsilon_high)
+    beta: float = 0.0  # weight of the k3 KL to the initial policy (0 = no reference model)
+    entropy_coef: float = 0.005  # weight of the entropy bonus summed over the four heads
+    scale_rewards: str = "group"  # advantage scaling: "group" std, "batch" std or "none"
+    num_iterations: int = 4  # optimisation epochs over each collected batch
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # learning rate of Stage 2 and the budget encoder
+    stage1_lr_ratio: float = 1.0  # Stage-1 lr = lr * ratio (0 freezes Stage 1)
+    max_grad_norm: float = 1.0  # gradient-norm clipping
+    weight_decay: float = 0.0  # AdamW weight decay
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8  # samples per batch (each run group_size times)
+    group_size: int = 5  # GRPO group size G (rollouts per sample and budget)
+    num_epochs: int = 100  # passes of steps_per_epoch batches
+    steps_per_epoch: Optional[int] = None  # batches per epoch (None = train split size / batch_size)
+    seed: int = 42  # seed of the policy, the env and the budget draws
+    device: str = "cpu"  # device of the controller (and of the VLM backend)
+    num_threads: Optional[int] = None  # torch CPU threads (None = torch's default)
+    load_stage1_checkpoint: Optional[str] = None  # checkpoint whose Stage-1 weights initialise Stage 1
+    use_multi_gpu: bool = False  # data-parallel rollouts over several GPUs (not available yet)
+
+
+@dataclass
+class EvalConfig:
+    val_samples: int = 128  # held-out validation samples (each with one seeded budget)
+    test_samples: int = 256  # held-out test samples of the final evaluation
+    batch_size: int = 64  # env rows per evaluation chunk
+    val_every_epochs: int = 1  # validate (and checkpoint best) every this many epochs
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 5  # write train metrics every this many steps
+    histograms: bool = True  # TensorBoard histograms of each head's actions
+
+
+@dataclass
+class Config:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build_section(cls, values: Mapping[str, Any], where: str):
+    if not isinstance(values, Mapping):
+        raise ValueError(f"config section {where!r} must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise KeyError(f"unknown config key(s) {sorted(f'{where}.{k}' for k in unknown)}; expected one of "
+                       f"{sorted(f'{where}.{k}' for k in known)}")
+    return cls(**values)
+
+
+def config_from_dict(raw: Mapping[str, Any] | None) -> Config:
+    """Build a Config; unknown sections or keys raise a KeyError naming them."""
+    raw = dict(raw or {})
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise KeyError(f"unknown config section(s) {sorted(unknown)}; expected a subset of {sorted(sections)}")
+    defaults = Config()
+    return Config(
+        **{
+            name: _build_section(type(getattr(defaults, name)), raw.get(name) or {}, name)
+            for name in sections
+        }
+    )
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a YAML config (None = defaults) and apply dotted overrides ("optim.lr": 1e-3)."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    return config_from_dict(raw)

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.envs.utils import check_env_specs
+
+from envs import make_env
+from agents.rollout import collect_rollouts
+from policies import HierarchicalController
+
+
+def _actor(env):
+    b = env.backend
+    return HierarchicalController(b.knob_space, b.language_dim, b.d_model, b.budget_range_ms, hidden_dim=32)
+
+
+def test_check_env_specs():
+    check_env_specs(make_env("dummy", batch_size=2, group_size=3, seed=1))
+
+
+def test_groups_share_sample_and_budget():
+    env = make_env("dummy", batch_size=3, group_size=4, seed=0)
+    td = env.reset()
+    for key in ("sample_index", "budget_ms", "group_id"):
+        v = td[key].reshape(3, 4)
+        assert (v == v[:, :1]).all(), key
+    assert td["group_id"].reshape(3, 4)[:, 0].unique().numel() == 3
+    lo, hi = env.backend.budget_range_ms
+    assert ((td["budget_ms"] >= lo) & (td["budget_ms"] <= hi)).all()
+    assert torch.allclose(td["budget_norm"], (td["budget_ms"] - lo) / (hi - lo))
+    assert (td["stage"] == 0).all()
+
+
+def test_two_steps_then_done_with_episode_info():
+    env = make_env("dummy", batch_size=2, group_size=2, seed=0)
+    traj = collect_rollouts(env, _actor(env))
+    assert traj.shape == (4, 2)
+    assert not traj["next", "done"][:, 0].any() and traj["next", "done"][:, 1].all()
+    assert (traj["next", "stage"] == 1).all()
+    assert (traj["next", "reward"][:, 0] == 0).all()
+    info = traj["next", "episode"][:, 1]
+    parts = sum(info[k] for k in ("preprocess_ms", "vision_ms", "prefill_ms", "decode_ms", "controller_ms"))
+    assert torch.allclose(info["latency_ms"], parts, rtol=1e-5)
+    assert ((info["violation"] == 1) == (info["latency_ms"] > traj["budget_ms"][:, 0])).all()
+    assert (info["controller_ms"] > 0).all()
+    # Stage 2 sees the latency token of Stage 1's insertion choice.
+    assert (traj["next", "insertion"][:, 0] == traj["action", "insertion"][:, 0]).all()
+    assert (traj["next", "latency_token"][:, 0].abs().sum(-1) > 0).all()
+
+
+def test_fixed_samples_and_budgets_through_reset():
+    env = make_env("dummy", batch_size=2, group_size=1, seed=0)
+    td = env.reset(TensorDict(sample_index=torch.tensor([[5], [7]]), budget_ms=torch.tensor([[60.0], [90.0]]),
+                              batch_size=[2]))
+    assert td["sample_index"].flatten().tolist() == [5, 7]
+    assert td["budget_ms"].flatten().tolist() == [60.0, 90.0]
+
+
+@pytest.mark.parametrize("budget", [0.0, -5.0, math.nan, math.inf])
+def test_bad_budget_is_rejected(budget):
+    env = make_env("dummy", batch_size=1, group_size=1)
+    with pytest.raises(ValueError, match="budget_ms"):
+        env.reset(TensorDict(budget_ms=torch.tensor([[budget]]), batch_size=[1]))
+
+
+def test_action_outside_spec_is_rejected():
+    env = make_env("dummy", batch_size=1, group_size=1)
+    td = env.reset()
+    td = _actor(env)(td)
+    td["action", "tier"] = torch.tensor([[3]])
+    with pytest.raises(ValueError, match=r"action 'tier'=3 is outside its spec; expected an index in \[0, 2\]"):
+        env.step(td)
+
+
+def test_unknown_backend_and_option():
+    with pytest.raises(ValueError, match="backend='nope' is not known"):
+        make_env("nope")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['colour'\]"):
+        make_env("dummy", colour="red")
+
+
+def test_same_seed_same_episodes():
+    def run(env_seed):
+        torch.manual_seed(0)  # same policy weights and action draws
+        env = make_env("dummy", batch_size=2, group_size=2, seed=env_seed)
+        return collect_rollouts(env, _actor(env))
+
+    a, b, c = run(3), run(3), run(4)
+    # Everything but the measured controller time is seeded.
+    for key in ("vision_ms", "prefill_ms", "decode_ms", "accuracy"):
+        assert torch.equal(a["next", "episode", key], b["next", "episode", key]), key
+    assert not torch.equal(a["budget_ms"], c["budget_ms"])

@@ -1,0 +1,126 @@
+import copy
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from agents.grpo import JointGRPOLoss, group_advantages, make_optimizer
+from agents.rollout import collect_rollouts
+from envs import ACTION_HEADS, make_env
+from policies import HierarchicalController
+
+
+def _setup(batch=3, group=4, seed=0):
+    torch.manual_seed(seed)
+    env = make_env("dummy", batch_size=batch, group_size=group, seed=seed)
+    b = env.backend
+    actor = HierarchicalController(b.knob_space, b.language_dim, b.d_model, b.budget_range_ms, hidden_dim=32)
+    return env, actor
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    groups = torch.tensor([7, 7, 7, 9, 9, 9])
+    adv, zero = group_advantages(rewards, groups, "group", eps=0.0)
+    # group 7: mean 2, unbiased std 1 -> (-1, 0, 1); group 9: std 0 -> 0/0 avoided by eps below
+    assert torch.allclose(adv[:3], torch.tensor([-1.0, 0.0, 1.0]))
+    adv, zero = group_advantages(rewards, groups, "group", eps=1e-4)
+    assert torch.equal(adv[3:], torch.zeros(3)) and zero.tolist() == [False] * 3 + [True] * 3
+    adv, _ = group_advantages(rewards, groups, "none")
+    assert torch.allclose(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    adv, _ = group_advantages(rewards, groups, "batch", eps=0.0)
+    assert torch.allclose(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / rewards.std())
+    with pytest.raises(ValueError, match="scale_rewards='mean'"):
+        group_advantages(rewards, groups, "mean")
+
+
+def test_advantage_is_shared_by_both_steps():
+    env, actor = _setup()
+    rollout = collect_rollouts(env, actor)
+    JointGRPOLoss(actor).compute_advantages(rollout)
+    assert torch.equal(rollout["advantage"][:, 0], rollout["advantage"][:, 1])
+    reward = rollout["next", "reward"][:, 1].reshape(-1)
+    expected, _ = group_advantages(reward, rollout["group_id"][:, 0])
+    assert torch.allclose(rollout["advantage"][:, 0].reshape(-1), expected)
+
+
+def test_clipped_objective_by_hand():
+    env, actor = _setup(batch=2, group=2)
+    rollout = collect_rollouts(env, actor)
+    loss = JointGRPOLoss(actor, epsilon_low=0.1, epsilon_high=0.3, entropy_coef=0.0)
+    loss.compute_advantages(rollout)
+    # Pretend the behaviour policy had other log-probs so ratios leave the clip range.
+    shift = torch.tensor([0.5, -0.5, 0.05, 0.4])
+    rollout["log_prob", "tier"][:, 0] -= shift[:, None]
+    out = loss(rollout)
+    new_lp, _ = actor.evaluate(rollout.reshape(-1))
+    traj = sum(v.reshape(4, 2) for v in new_lp.values()).sum(-1)
+    old = sum(rollout["log_prob", h].reshape(4, 2) for h in ACTION_HEADS).sum(-1)
+    ratio = (traj - old).exp()
+    adv = rollout["advantage"][:, 0].reshape(-1)
+    hand = -torch.minimum(ratio * adv, ratio.clamp(0.9, 1.3) * adv).mean()
+    assert torch.allclose(out["loss_objective"], hand, atol=1e-6)
+    assert torch.allclose(ratio, shift.exp(), atol=1e-5)
+    assert float(out["clip_fraction"]) == pytest.approx(0.75)  # e^.5, e^-.5, e^.4 are outside [0.9, 1.3]
+
+
+def test_kl_to_reference_is_zero_at_start_and_positive_after_update():
+    env, actor = _setup()
+    rollout = collect_rollouts(env, actor)
+    loss = JointGRPOLoss(actor, beta=0.5)
+    loss.compute_advantages(rollout)
+    assert float(loss(rollout)["kl_ref"]) == pytest.approx(0.0, abs=1e-6)
+    opt = make_optimizer(actor, 1e-2)
+    for _ in range(3):
+        out = loss(rollout)
+        opt.zero_grad()
+        (out["loss_objective"] + out["loss_kl"]).backward()
+        opt.step()
+    assert float(loss(rollout)["kl_ref"]) > 0
+
+
+def test_all_heads_and_budget_encoder_get_gradient():
+    env, actor = _setup()
+    rollout = collect_rollouts(env, actor)
+    loss = JointGRPOLoss(actor, entropy_coef=0.0)
+    loss.compute_advantages(rollout)
+    out = loss(rollout)
+    out["loss_objective"].backward()
+    heads = {
+        "tier": actor.stage1.tier_head,
+        "insertion": actor.stage1.insertion_head,
+        "top_k": actor.stage2.top_k_head,
+        "num_blocks": actor.stage2.num_blocks_head,
+    }
+    for name, head in heads.items():
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0, name
+    for name, p in actor.budget_encoder.mlp.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"budget_encoder.mlp.{name}"
+
+
+def test_stage1_lr_ratio_zero_freezes_stage1_bit_identically():
+    env, actor = _setup()
+    before = copy.deepcopy(actor.stage1.state_dict())
+    enc_before = copy.deepcopy(actor.budget_encoder.state_dict())
+    opt = make_optimizer(actor, 1e-2, stage1_lr_ratio=0.0)
+    loss = JointGRPOLoss(actor)
+    for _ in range(3):
+        rollout = collect_rollouts(env, actor)
+        loss.compute_advantages(rollout)
+        out = loss(rollout)
+        opt.zero_grad()
+        (out["loss_objective"] + out["loss_entropy"]).backward()
+        opt.step()
+    for k, v in actor.stage1.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert any(not torch.equal(v, enc_before[k]) for k, v in actor.budget_encoder.state_dict().items())
+
+
+def test_param_groups_learning_rates():
+    _, actor = _setup()
+    opt = make_optimizer(actor, 1e-3, stage1_lr_ratio=0.1)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"stage2_and_budget_encoder": 1e-3, "stage1": pytest.approx(1e-4)}
+    with pytest.raises(ValueError, match="stage1_lr_ratio=-1"):
+        make_optimizer(actor, 1e-3, stage1_lr_ratio=-1)
