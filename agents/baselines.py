@@ -1,0 +1,326 @@
+"""Baselines the controller is compared with, and their selection rules.
+
+Policies (names as `runners/evaluate.py --policies` takes them):
+  controller                      the trained two-stage controller, greedy actions (run through the env)
+  static:<tier>,<top_k>,<N>       one fixed configuration for every request; insertion = the smallest p
+  lookup-mean                     per budget: the most accurate profiled configuration whose profiled
+                                  mean latency <= LOOKUP_MEAN_FACTOR x budget (the original baseline)
+  lookup-p95                      per budget: the same with profiled p95 latency <= budget
+  oracle                          per sample: the most accurate configuration whose measured latency on
+                                  that very sample fits the budget (ties: the faster); none fits: the fastest
+  random                          uniform over every action of every head (run through the env)
+
+Static configurations are tier x top-k x num_blocks at the smallest insertion position, as in
+profile.json (runners/profile.py profiles them at p = 1 with a zero budget token).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from tensordict import TensorDictBase
+
+from envs.budget_env import ACTION_HEADS
+from envs.knobs import KnobSpace
+
+LOOKUP_MEAN_FACTOR = 1.05  # the original project's slack on the profiled mean latency
+PROFILE_FILE = "profile.json"
+PROFILE_CONFIG_FIELDS = ("tier", "top_k", "num_blocks", "accuracy_mean", "latency_mean_ms", "latency_p95_ms")
+ENV_POLICIES = ("controller", "random")
+TABLE_POLICIES = ("lookup-mean", "lookup-p95", "oracle")
+FIXED_POLICY_NAMES = ENV_POLICIES + TABLE_POLICIES
+DEFAULT_POLICIES = ("controller", "lookup-mean", "lookup-p95", "oracle", "random")
+
+
+# --------------------------------------------------------------------------- configurations
+@dataclass(frozen=True)
+class StaticChoice:
+    """One configuration of all four knobs (values, not indices)."""
+
+    tier: str
+    top_k: int
+    num_blocks: int
+    insertion: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.tier},{self.top_k},{self.num_blocks}"
+
+    def indices(self, knob_space: KnobSpace) -> dict[str, int]:
+        """Action indices per head (as the env takes them)."""
+        return {
+            "tier": knob_space.tiers.index(self.tier),
+            "insertion": knob_space.insertion_positions.index(self.insertion),
+            "top_k": knob_space.top_k_values.index(self.top_k),
+            "num_blocks": knob_space.num_blocks_values.index(self.num_blocks),
+        }
+
+    def complexity(self, knob_space: KnobSpace) -> float:
+        return knob_space.complexity(knob_space.tiers.index(self.tier), self.top_k, self.num_blocks)
+
+
+def all_static_configs(knob_space: KnobSpace) -> list[StaticChoice]:
+    """Every tier x top-k x num_blocks at the smallest insertion position."""
+    p = min(knob_space.insertion_positions)
+    return [
+        StaticChoice(t, k, n, p)
+        for t in knob_space.tiers
+        for k in knob_space.top_k_values
+        for n in knob_space.num_blocks_values
+    ]
+
+
+def make_static(tier: Any, top_k: Any, num_blocks: Any, knob_space: KnobSpace, where: str) -> StaticChoice:
+    """A StaticChoice after checking every value against the knob space (errors name `where`)."""
+    if tier not in knob_space.tiers:
+        raise ValueError(f"{where}: tier {tier!r} is not in the knob space; expected one of {list(knob_space.tiers)}")
+    for field, value, allowed in (("top_k", top_k, knob_space.top_k_values),
+                                  ("num_blocks", num_blocks, knob_space.num_blocks_values)):
+        if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+            raise ValueError(f"{where}: {field} {value!r} is not in the knob space; expected one of {list(allowed)}")
+    return StaticChoice(tier, top_k, num_blocks, min(knob_space.insertion_positions))
+
+
+def parse_static_spec(spec: str, knob_space: KnobSpace) -> StaticChoice:
+    """'static:<tier>,<top_k>,<num_blocks>' -> StaticChoice (insertion = the smallest p)."""
+    form = "expected 'static:<tier>,<top_k>,<num_blocks>', e.g. 'static:" + \
+        f"{knob_space.tiers[-1]},{knob_space.top_k_values[-1]},{knob_space.num_blocks_values[-1]}'"
+    if not spec.startswith("static:"):
+        raise ValueError(f"policy {spec!r}: {form}")
+    parts = [p.strip() for p in spec[len("static:"):].split(",")]
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"policy {spec!r}: got {len(parts)} comma-separated value(s); {form}")
+    tier, k, n = parts
+    values = []
+    for field, text in (("top_k", k), ("num_blocks", n)):
+        try:
+            values.append(int(text))
+        except ValueError:
+            raise ValueError(f"policy {spec!r}: {field} {text!r} is not an integer; {form}") from None
+    return make_static(tier, values[0], values[1], knob_space, f"policy {spec!r}")
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str  # as given on the command line, e.g. "static:low,4,12"
+    kind: str  # "controller", "random", "static", "lookup-mean", "lookup-p95", "oracle"
+    config: StaticChoice | None = None  # static only
+
+    @property
+    def needs_table(self) -> bool:
+        return self.kind not in ENV_POLICIES
+
+    @property
+    def needs_profile(self) -> bool:
+        return self.kind.startswith("lookup-")
+
+
+def parse_policies(names: Sequence[str], knob_space: KnobSpace) -> list[PolicySpec]:
+    """Check and parse policy names; duplicates are dropped, order kept."""
+    if not names:
+        raise ValueError(f"no policies given; expected some of {list(FIXED_POLICY_NAMES)} or 'static:<tier>,<top_k>,<num_blocks>'")
+    specs, seen = [], set()
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        if name.startswith("static"):
+            specs.append(PolicySpec(name, "static", parse_static_spec(name, knob_space)))
+        elif name in FIXED_POLICY_NAMES:
+            specs.append(PolicySpec(name, name))
+        else:
+            raise ValueError(
+                f"unknown policy {name!r}; expected one of {list(FIXED_POLICY_NAMES)} or "
+                f"'static:<tier>,<top_k>,<num_blocks>'"
+            )
+    return specs
+
+
+# --------------------------------------------------------------------------- profile
+@dataclass(frozen=True)
+class ProfileEntry:
+    config: StaticChoice
+    accuracy_mean: float
+    latency_mean_ms: float
+    latency_p95_ms: float
+
+
+def check_profile(data: Any, knob_space: KnobSpace, where: str) -> list[ProfileEntry]:
+    """Entries of a profile.json object; errors name the file, the config and the field."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a JSON object with 'configs', got {type(data).__name__}")
+    configs = data.get("configs")
+    if not isinstance(configs, list) or not configs:
+        raise ValueError(f"{where}: field 'configs' is missing or empty; expected a list of profiled configurations")
+    entries = []
+    for i, c in enumerate(configs):
+        if not isinstance(c, Mapping):
+            raise ValueError(f"{where}: configs[{i}] is {type(c).__name__}, expected an object")
+        missing = [f for f in PROFILE_CONFIG_FIELDS if f not in c]
+        if missing:
+            raise ValueError(f"{where}: configs[{i}] lacks field(s) {missing}; each config needs {list(PROFILE_CONFIG_FIELDS)}")
+        config = make_static(c["tier"], c["top_k"], c["num_blocks"], knob_space, f"{where}: configs[{i}]")
+        values = {}
+        for f in ("accuracy_mean", "latency_mean_ms", "latency_p95_ms"):
+            v = c[f]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{where}: configs[{i}].{f}={v!r}, expected a finite number >= 0")
+            values[f] = float(v)
+        entries.append(ProfileEntry(config, **values))
+    names = [e.config for e in entries]
+    if len(set(names)) != len(names):
+        dup = next(c for c in names if names.count(c) > 1)
+        raise ValueError(f"{where}: configuration {dup.name} is profiled more than once")
+    return entries
+
+
+def load_profile(results_dir: str | Path, knob_space: KnobSpace) -> tuple[list[ProfileEntry], dict]:
+    """profile.json of a results dir -> (entries, the file's other fields)."""
+    path = Path(results_dir) / PROFILE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"results_dir {str(results_dir)!r} has no {PROFILE_FILE} ({path}), which the lookup policies need; "
+            f"run runners/profile.py, pass --results_dir DIR with a profile.json, or drop lookup-mean/lookup-p95"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    entries = check_profile(data, knob_space, str(path))
+    return entries, {k: v for k, v in data.items() if k != "configs"}
+
+
+def dummy_closed_form_profile(backend, split: str = "val") -> list[ProfileEntry]:
+    """Profile of every static configuration from the dummy backend's own closed-form model over
+    the samples of `split`: expected accuracy, and the exact mean and p95 of the latency, whose
+    distribution is a mixture over samples of log-normals (noise-free latency x exp(sigma * z))."""
+    if not hasattr(backend, "_grid"):
+        raise ValueError(f"{type(backend).__name__} has no closed-form model; use a profile.json or profile_source=val")
+    ks = backend.knob_space
+    samples = backend.dataset(split)
+    p_index = ks.insertion_positions.index(min(ks.insertion_positions))
+    accs, lats = [], []
+    for s in samples:
+        acc, parts = backend._grid(s)  # (tiers, p, k, N)
+        accs.append(acc[:, p_index])
+        lats.append(sum(parts.values())[:, p_index])
+    acc = torch.stack(accs)  # (S, tiers, k, N)
+    lat = torch.stack(lats)
+    sigma = float(backend.latency_noise)
+    mean_lat = lat.mean(0) * math.exp(sigma ** 2 / 2)
+    p95 = _lognormal_mixture_quantile(lat, sigma, 0.95)
+    entries = []
+    for t, tier in enumerate(ks.tiers):
+        for ki, k in enumerate(ks.top_k_values):
+            for ni, n in enumerate(ks.num_blocks_values):
+                entries.append(ProfileEntry(
+                    StaticChoice(tier, k, n, min(ks.insertion_positions)),
+                    float(acc[:, t, ki, ni].mean()), float(mean_lat[t, ki, ni]), float(p95[t, ki, ni]),
+                ))
+    return entries
+
+
+def _lognormal_mixture_quantile(medians: torch.Tensor, sigma: float, q: float, iters: int = 60) -> torch.Tensor:
+    """q-quantile of the equal-weight mixture over dim 0 of log-normals with these medians (bisection)."""
+    if sigma == 0:
+        return torch.quantile(medians, q, dim=0)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    lo, hi = medians.min(0).values * math.exp(-6 * sigma), medians.max(0).values * math.exp(6 * sigma)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        cdf = normal.cdf((mid.log() - medians.log()) / sigma).mean(0)
+        lo, hi = torch.where(cdf < q, mid, lo), torch.where(cdf < q, hi, mid)
+    return (lo + hi) / 2
+
+
+def profile_from_table(configs: Sequence[StaticChoice], accuracy: torch.Tensor, latency: torch.Tensor) -> list[ProfileEntry]:
+    """Profile from a measured (sample x config) table (mean accuracy, mean and p95 latency)."""
+    lat = latency.double()
+    return [
+        ProfileEntry(c, float(accuracy[:, j].double().mean()), float(lat[:, j].mean()),
+                     float(torch.quantile(lat[:, j], 0.95)))
+        for j, c in enumerate(configs)
+    ]
+
+
+def profile_to_json(entries: Sequence[ProfileEntry]) -> list[dict]:
+    return [
+        {"tier": e.config.tier, "top_k": e.config.top_k, "num_blocks": e.config.num_blocks,
+         "accuracy_mean": e.accuracy_mean, "latency_mean_ms": e.latency_mean_ms, "latency_p95_ms": e.latency_p95_ms}
+        for e in entries
+    ]
+
+
+# --------------------------------------------------------------------------- selection rules
+def lookup_select(entries: Sequence[ProfileEntry], budget_ms: float, rule: str) -> tuple[StaticChoice, bool]:
+    """The lookup-table baseline for one budget -> (config, fits).
+
+    rule "mean": profiled mean latency <= LOOKUP_MEAN_FACTOR x budget; rule "p95": profiled p95
+    latency <= budget. Among fitting configs the most accurate; ties: the lower latency (of the
+    rule's statistic), then the first in profile order. None fits: the config with the lowest
+    latency statistic (fits = False).
+    """
+    if rule == "mean":
+        stat, limit = (lambda e: e.latency_mean_ms), LOOKUP_MEAN_FACTOR * budget_ms
+    elif rule == "p95":
+        stat, limit = (lambda e: e.latency_p95_ms), budget_ms
+    else:
+        raise ValueError(f"lookup rule {rule!r} is not known; expected 'mean' or 'p95'")
+    if not entries:
+        raise ValueError("lookup_select: the profile has no configurations")
+    fitting = [(i, e) for i, e in enumerate(entries) if stat(e) <= limit]
+    if fitting:
+        _, best = min(fitting, key=lambda ie: (-ie[1].accuracy_mean, stat(ie[1]), ie[0]))
+        return best.config, True
+    _, fastest = min(enumerate(entries), key=lambda ie: (stat(ie[1]), ie[0]))
+    return fastest.config, False
+
+
+def oracle_select(accuracy: torch.Tensor, latency: torch.Tensor, budget_ms: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample (rows of (S, C) tables) the most accurate config whose latency <= budget (ties: the
+    faster, then the lower column); none fits: the fastest. Returns (column (S,), fits (S,) bool)."""
+    if accuracy.shape != latency.shape or accuracy.dim() != 2:
+        raise ValueError(f"oracle_select: accuracy {tuple(accuracy.shape)} and latency {tuple(latency.shape)} "
+                         f"must be the same (samples, configs) shape")
+    acc, lat = accuracy.double(), latency.double()
+    fits = lat <= budget_ms
+    # Lexicographic: max accuracy among fitting, then min latency. Columns sorted by latency
+    # first, so the stable argmax of accuracy picks the fastest among equally accurate ones.
+    order = torch.argsort(lat, dim=1, stable=True)
+    acc_sorted = torch.gather(torch.where(fits, acc, torch.full_like(acc, -math.inf)), 1, order)
+    best_sorted = _first_argmax(acc_sorted)
+    choice = torch.gather(order, 1, best_sorted[:, None]).squeeze(1)
+    any_fit = fits.any(1)
+    fastest = order[:, 0]
+    return torch.where(any_fit, choice, fastest), any_fit
+
+
+def _first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum of each row."""
+    is_max = x == x.max(1, keepdim=True).values
+    return is_max.float().argmax(1)  # argmax of a 0/1 row returns the first 1
+
+
+# --------------------------------------------------------------------------- random actor
+class RandomPolicy:
+    """Uniform over every action of every head; zero budget token, no controller time.
+
+    A callable on TensorDicts, usable as the `policy` of env.rollout (and of run_episodes)."""
+
+    def __init__(self, knob_space: KnobSpace, d_model: int, seed: int = 0):
+        self.sizes = knob_space.head_sizes
+        self.d_model = int(d_model)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, td: TensorDictBase) -> TensorDictBase:
+        n = td.batch_size[0]
+        for h in ACTION_HEADS:
+            a = torch.randint(self.sizes[h], (n, 1), generator=self.generator)
+            td.set(("action", h), a.to(td.device))
+        td.set(("action", "budget_token"), torch.zeros(n, self.d_model, device=td.device))
+        td.set(("action", "controller_ms"), torch.zeros(n, 1, device=td.device))
+        return td

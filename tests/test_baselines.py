@@ -1,0 +1,215 @@
+"""Selection rules of the baselines (agents/baselines.py) and the sweep library (agents/budget_sweep.py)."""
+import json
+import math
+
+import pytest
+import torch
+
+from agents.baselines import (
+    LOOKUP_MEAN_FACTOR,
+    PolicySpec,
+    ProfileEntry,
+    RandomPolicy,
+    StaticChoice,
+    all_static_configs,
+    check_profile,
+    dummy_closed_form_profile,
+    load_profile,
+    lookup_select,
+    oracle_select,
+    parse_policies,
+    parse_static_spec,
+    profile_from_table,
+)
+from agents.budget_sweep import (
+    ConfigTable,
+    accuracy_vs_budget_figure,
+    check_budgets,
+    configs_needed,
+    controller_budget_sweep,
+    default_budgets,
+    measure_config_table,
+    table_policy_rows,
+)
+from agents.checkpoint import build_actor
+from envs import BudgetVLMEnv, KnobSpace, RewardWeights, compute_reward
+from envs.backends.dummy import DummyBackend
+
+KS = KnobSpace()
+
+
+def entry(tier, k, n, acc, mean, p95):
+    return ProfileEntry(StaticChoice(tier, k, n, 1), acc, mean, p95)
+
+
+# ------------------------------------------------------------------ lookup tables
+def test_lookup_mean_uses_the_105_factor_and_p95_uses_the_budget():
+    profile = [
+        entry("high", 8, 16, 0.9, 104.0, 120.0),  # mean fits only thanks to the 1.05 slack at 100 ms
+        entry("medium", 6, 14, 0.7, 90.0, 99.0),
+        entry("low", 4, 12, 0.5, 50.0, 60.0),
+    ]
+    assert LOOKUP_MEAN_FACTOR == 1.05
+    assert lookup_select(profile, 100.0, "mean") == (profile[0].config, True)
+    assert lookup_select(profile, 99.0, "mean") == (profile[1].config, True)  # 104 > 1.05 * 99 = 103.95
+    assert lookup_select(profile, 100.0, "p95") == (profile[1].config, True)
+    assert lookup_select(profile, 98.9, "p95") == (profile[2].config, True)
+    assert lookup_select(profile, 120.0, "p95") == (profile[0].config, True)
+
+
+def test_lookup_ties_pick_the_faster_and_nothing_fits_falls_back_to_the_fastest():
+    profile = [
+        entry("high", 8, 16, 0.8, 95.0, 99.0),
+        entry("medium", 8, 16, 0.8, 80.0, 98.0),  # same accuracy: faster mean, and faster p95
+        entry("low", 4, 12, 0.5, 70.0, 97.5),
+    ]
+    assert lookup_select(profile, 100.0, "mean")[0] == profile[1].config
+    assert lookup_select(profile, 100.0, "p95")[0] == profile[1].config
+    assert lookup_select(profile, 10.0, "mean") == (profile[2].config, False)
+    assert lookup_select(profile, 10.0, "p95") == (profile[2].config, False)
+    with pytest.raises(ValueError, match="lookup rule 'p50'"):
+        lookup_select(profile, 10.0, "p50")
+
+
+# ------------------------------------------------------------------ oracle
+def test_oracle_picks_most_accurate_fitting_ties_faster_none_fits_fastest():
+    acc = torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.2, 0.9, 0.5, 0.9], [1.0, 1.0, 1.0, 1.0]])
+    lat = torch.tensor([[50.0, 40.0, 10.0, 200.0], [10.0, 120.0, 60.0, 90.0], [300.0, 150.0, 400.0, 200.0]])
+    col, fits = oracle_select(acc, lat, 100.0)
+    # row 0: configs 0 and 1 fit with accuracy 1 -> the faster (1); config 3 is too slow
+    # row 1: the 0.9 that fits (3, 90 ms), not the 0.9 at 120 ms; row 2: none fits -> fastest (1)
+    assert col.tolist() == [1, 3, 1]
+    assert fits.tolist() == [True, True, False]
+
+
+def test_oracle_never_exceeds_a_budget_that_some_config_meets():
+    g = torch.Generator().manual_seed(0)
+    acc = (torch.rand(200, 30, generator=g) < 0.5).double()
+    lat = torch.rand(200, 30, generator=g) * 200
+    for budget in (5.0, 20.0, 80.0, 150.0):
+        col, fits = oracle_select(acc, lat, budget)
+        rows = torch.arange(200)
+        chosen_lat, chosen_acc = lat[rows, col], acc[rows, col]
+        fit = lat <= budget
+        assert torch.equal(fits, fit.any(1))
+        assert bool((chosen_lat[fits] <= budget).all())
+        best = torch.where(fit, acc, torch.full_like(acc, -1)).max(1).values
+        assert torch.equal(chosen_acc[fits], best[fits])
+        # among the equally accurate fitting configs, the fastest
+        tied = fit & (acc == best[:, None])
+        fastest = torch.where(tied, lat, torch.full_like(lat, math.inf)).min(1).values
+        assert torch.equal(chosen_lat[fits], fastest[fits])
+        assert torch.equal(chosen_lat[~fits], lat[~fits].min(1).values)
+
+
+# ------------------------------------------------------------------ parsing
+def test_policy_names_and_static_specs():
+    specs = parse_policies(["controller", "static:medium,6,14", "oracle", "controller"], KS)
+    assert [s.kind for s in specs] == ["controller", "static", "oracle"]
+    assert specs[1].config == StaticChoice("medium", 6, 14, 1)
+    for spec, message in [
+        ("static:low,4", "got 2 comma-separated"),
+        ("static:ultra,4,12", "tier 'ultra' is not in the knob space"),
+        ("static:low,x,12", "top_k 'x' is not an integer"),
+        ("static:low,3,12", "top_k 3 is not in the knob space"),
+        ("static:low,4,17", "num_blocks 17 is not in the knob space"),
+        ("staticlow,4,12", "expected 'static:<tier>,<top_k>,<num_blocks>'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_policies([spec], KS)
+    with pytest.raises(ValueError, match="unknown policy 'greedy'"):
+        parse_policies(["greedy"], KS)
+
+
+def test_profile_file_checks(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no profile.json"):
+        load_profile(tmp_path, KS)
+    (tmp_path / "profile.json").write_text(json.dumps({"configs": [{"tier": "low", "top_k": 4, "num_blocks": 12,
+                                                                   "accuracy_mean": 0.5, "latency_mean_ms": 10}]}))
+    with pytest.raises(ValueError, match=r"configs\[0\] lacks field\(s\) \['latency_p95_ms'\]"):
+        load_profile(tmp_path, KS)
+    good = {"tier": "low", "top_k": 4, "num_blocks": 12, "accuracy_mean": 0.5, "latency_mean_ms": 10.0,
+            "latency_p95_ms": 12.0}
+    with pytest.raises(ValueError, match="tier 'xl' is not in the knob space"):
+        check_profile({"configs": [{**good, "tier": "xl"}]}, KS, "p.json")
+    with pytest.raises(ValueError, match="profiled more than once"):
+        check_profile({"configs": [good, good]}, KS, "p.json")
+    (tmp_path / "profile.json").write_text(json.dumps({"configs": [good], "budget_range_ms": [5, 50]}))
+    entries, other = load_profile(tmp_path, KS)
+    assert entries[0].config == StaticChoice("low", 4, 12, 1) and other["budget_range_ms"] == [5, 50]
+
+
+def test_budget_checks():
+    assert default_budgets((50.0, 180.0), 3) == [50.0, 115.0, 180.0]
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="expected a finite latency budget > 0 ms"):
+            check_budgets([100.0, bad])
+
+
+# ------------------------------------------------------------------ profiles and table rows
+def test_dummy_closed_form_profile_matches_sampling():
+    backend = DummyBackend(num_samples={"train": 8, "val": 16, "test": 8})
+    profile = dummy_closed_form_profile(backend, "val")
+    assert len(profile) == len(all_static_configs(backend.knob_space)) == 75
+    # Monte Carlo check of the exact p95 / mean for one config
+    e = profile[40]
+    c = e.config
+    table = measure_config_table(backend, backend.dataset("val"), list(range(16)) * 40, [c], warmup=0)
+    lat = table.latency[:, 0]
+    assert abs(float(torch.quantile(lat, 0.95)) / e.latency_p95_ms - 1) < 0.03
+    assert abs(float(lat.mean()) / e.latency_mean_ms - 1) < 0.02
+    assert e.latency_p95_ms > e.latency_mean_ms
+
+
+def test_table_rows_use_the_measured_values_and_the_reward():
+    configs = [StaticChoice("low", 4, 12, 1), StaticChoice("high", 8, 16, 1)]
+    acc = torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    lat = torch.tensor([[30.0, 90.0], [40.0, 150.0], [20.0, 80.0]], dtype=torch.float64)
+    table = ConfigTable(torch.arange(3), configs, acc, lat)
+    weights = RewardWeights()
+    rows = table_policy_rows(PolicySpec("static:high,8,16", "static", configs[1]), table, [100.0], KS, weights,
+                             ["a", "b", "a"])
+    r = rows[0]
+    assert r["accuracy_mean"] == pytest.approx(2 / 3) and r["latency_mean_ms"] == pytest.approx(320 / 3)
+    assert r["violation_rate"] == pytest.approx(1 / 3)
+    expected = compute_reward(acc[:, 1], lat[:, 1], torch.tensor(100.0, dtype=torch.float64),
+                              torch.tensor(configs[1].complexity(KS), dtype=torch.float64), weights).mean()
+    assert r["reward_mean"] == pytest.approx(float(expected))
+    assert r["accuracy_by_family"] == {"a": 0.5, "b": 1.0}
+    assert r["choices"]["tier"] == {"low": 0.0, "medium": 0.0, "high": 1.0}
+    oracle = table_policy_rows(PolicySpec("oracle", "oracle"), table, [100.0], KS, weights)[0]
+    # sample 0: high fits (acc 1); sample 1: low (high is too slow); sample 2: both 0 -> the faster low
+    assert oracle["accuracy_mean"] == pytest.approx(2 / 3) and oracle["violation_rate"] == 0.0
+    assert oracle["choices"]["tier"]["high"] == pytest.approx(1 / 3)
+    # lookup on a profile built from the same table
+    profile = profile_from_table(configs, acc, lat)
+    lookup = table_policy_rows(PolicySpec("lookup-mean", "lookup-mean"), table, [60.0, 120.0], KS, weights,
+                               profile=profile)
+    assert [r["config"] for r in lookup] == ["low,4,12", "high,8,16"]
+    needed = configs_needed([PolicySpec("lookup-mean", "lookup-mean")], configs, profile, [60.0, 120.0])
+    assert needed == configs
+
+
+def test_random_policy_and_controller_sweep_hook():
+    backend = DummyBackend(num_samples={"train": 8, "val": 8, "test": 8})
+    env = BudgetVLMEnv(backend, batch_size=8, group_size=1, split="val")
+    from agents.evaluation import run_episodes
+
+    eps = run_episodes(env, RandomPolicy(backend.knob_space, backend.d_model, seed=1), torch.arange(8).repeat(4),
+                       torch.full((32,), 100.0), greedy=False)
+    assert len(set(eps["action", "num_blocks"].tolist())) > 1
+    meta = {"knob_space": backend.knob_space.to_dict(), "language_dim": backend.language_dim,
+            "d_model": backend.d_model, "budget_range_ms": list(backend.budget_range_ms), "hidden_dim": 16,
+            "sinusoidal_dim": 16}
+    actor = build_actor(meta)
+    actor.train()
+    rows = controller_budget_sweep(env, actor, torch.arange(8), [60.0, 120.0, 170.0])
+    assert actor.training
+    assert [r["budget_ms"] for r in rows] == [60.0, 120.0, 170.0]
+    assert all(r["policy"] == "controller" and r["num_episodes"] == 8 for r in rows)
+    for r in rows:
+        for head, dist in r["choices"].items():
+            assert sum(dist.values()) == pytest.approx(1.0)
+    from matplotlib.figure import Figure
+
+    assert isinstance(accuracy_vs_budget_figure(rows), Figure)

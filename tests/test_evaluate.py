@@ -1,0 +1,139 @@
+"""runners/evaluate.py on the dummy backend, with a checkpoint from a tiny runners/train.py run."""
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "runners" / "train.py"
+EVALUATE = REPO / "runners" / "evaluate.py"
+ROW_KEYS = ("policy", "budget_ms", "accuracy_mean", "latency_mean_ms", "latency_p50_ms", "latency_p95_ms",
+            "violation_rate", "reward_mean", "num_episodes", "choices", "accuracy_by_family")
+META_KEYS = ("machine", "checkpoint", "split", "num_samples", "budgets", "profile_source", "policies")
+
+
+def _tiny_config(path: Path) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    cfg["env"]["backend_options"]["num_samples"] = {"train": 64, "val": 32, "test": 32}
+    cfg["policy"].update({"hidden_dim": 32, "sinusoidal_dim": 32})
+    cfg["train"].update({"num_epochs": 1, "steps_per_epoch": 2, "batch_size": 8, "group_size": 4})
+    cfg["eval"].update({"val_samples": 8, "test_samples": 8, "batch_size": 32})
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evaluate")
+    out = tmp / "run"
+    proc = subprocess.run([sys.executable, str(TRAIN), "--config", str(_tiny_config(tmp / "tiny.yaml")),
+                           "--output_dir", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluate_main():
+    spec = importlib.util.spec_from_file_location("budgetvlm_runner_evaluate", EVALUATE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_end_to_end_subprocess_writes_json_csv_and_plots(run_dir, tmp_path, evaluate_main):
+    out = tmp_path / "eval"
+    policies = ["controller", "static:low,4,12", "static:high,8,16", "lookup-mean", "lookup-p95", "oracle", "random"]
+    proc = subprocess.run(
+        [sys.executable, str(EVALUATE), "--checkpoint", str(run_dir), "--output_dir", str(out), "--num_samples", "12",
+         "--num_budgets", "3", "--policies", *policies],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,  # another cwd: the runner finds the repo itself
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "eval.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    for key in META_KEYS:
+        assert key in meta, key
+    assert meta["checkpoint"].endswith("best.pt") and meta["split"] == "test" and meta["num_samples"] == 12
+    assert meta["budgets"] == [50.0, 115.0, 180.0]  # 3 evenly over the dummy's training range
+    assert meta["profile_source"]["source"] == "closed_form"
+    assert len(rows) == len(policies) * 3
+    assert {(r["policy"], r["budget_ms"]) for r in rows} == {(p, b) for p in policies for b in meta["budgets"]}
+    for r in rows:
+        for key in ROW_KEYS:
+            assert key in r, (r["policy"], key)
+        assert r["num_episodes"] == 12
+        assert set(r["accuracy_by_family"]) <= {"coarse", "detail", "reasoning"}
+        assert 0 <= r["violation_rate"] <= 1 and r["latency_p95_ms"] >= r["latency_p50_ms"]
+    by = {(r["policy"], r["budget_ms"]): r for r in rows}
+    for b in meta["budgets"]:
+        # the oracle meets every budget some measured config meets, and is at least as accurate as
+        # every static config that meets the budget on all samples
+        assert by["oracle", b]["violation_rate"] == by["oracle", b]["fallback_rate"]
+        for p in ("static:low,4,12", "static:high,8,16"):
+            if by[p, b]["violation_rate"] == 0:
+                assert by["oracle", b]["accuracy_mean"] >= by[p, b]["accuracy_mean"]
+        assert by["static:high,8,16", b]["choices"]["tier"]["high"] == 1.0
+        assert "optimal_expected_reward_mean" in by["controller", b]
+    with open(out / "eval.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == len(rows) and "choice_top_k_8" in table[0] and "accuracy_family_detail" in table[0]
+    for name in ("accuracy_vs_budget", "latency_vs_budget", "violation_vs_budget", "controller_knobs_vs_budget"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+    # a second run does not overwrite the first
+    before = (out / "eval.json").read_text()
+    assert "already holds eval.json" in _error(evaluate_main, "--checkpoint", run_dir, "--output_dir", out)
+    assert (out / "eval.json").read_text() == before
+
+
+def test_lookup_from_a_results_dir_profile(run_dir, tmp_path, evaluate_main):
+    # Hand-made profile: at 100 ms, lookup-mean may use medium,6,14 (mean 104 <= 105), lookup-p95 not.
+    configs = [
+        {"tier": "medium", "top_k": 6, "num_blocks": 14, "accuracy_mean": 0.8, "latency_mean_ms": 104.0,
+         "latency_p95_ms": 130.0},
+        {"tier": "low", "top_k": 5, "num_blocks": 13, "accuracy_mean": 0.6, "latency_mean_ms": 60.0,
+         "latency_p95_ms": 90.0},
+    ]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "profile.json").write_text(json.dumps({"configs": configs, "budget_range_ms": [50, 180]}))
+    result = evaluate_main(["--checkpoint", str(run_dir / "checkpoints" / "latest.pt"), "--output_dir",
+                            str(tmp_path / "e"), "--results_dir", str(results), "--num_samples", "4",
+                            "--budgets", "100", "--policies", "lookup-mean", "lookup-p95"])
+    rows = {r["policy"]: r for r in result["rows"]}
+    assert rows["lookup-mean"]["config"] == "medium,6,14" and rows["lookup-p95"]["config"] == "low,5,13"
+    assert result["meta"]["profile_source"]["source"] == "results_dir"
+    assert result["meta"]["num_configs_measured"] == 2  # only what the lookups need, no oracle
+
+
+def _error(evaluate_main, *argv) -> str:
+    with pytest.raises(SystemExit) as err:
+        evaluate_main(list(map(str, argv)))
+    return str(err.value)
+
+
+def test_bad_input_fails_clearly(run_dir, tmp_path, evaluate_main):
+    base = ["--checkpoint", run_dir, "--output_dir", tmp_path / "bad", "--num_samples", "2"]
+    assert "budget=0.0 is invalid" in _error(evaluate_main, *base, "--budgets", "100", "0")
+    assert "budget=inf is invalid" in _error(evaluate_main, *base, "--budgets", "inf")
+    assert "budget=-5.0 is invalid" in _error(evaluate_main, *base, "--budgets", "-5")
+    assert "unknown policy 'greedy'" in _error(evaluate_main, *base, "--policies", "controller", "greedy")
+    assert "got 2 comma-separated" in _error(evaluate_main, *base, "--policies", "static:low,4")
+    assert "tier 'huge' is not in the knob space" in _error(evaluate_main, *base, "--policies", "static:huge,4,12")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    msg = _error(evaluate_main, *base, "--results_dir", empty, "--policies", "lookup-p95")
+    assert "has no profile.json" in msg and str(empty) in msg
+    assert "does not exist" in _error(evaluate_main, "--checkpoint", tmp_path / "nope.pt", "--output_dir", tmp_path / "x")
+    # a checkpoint for another knob space / another model width
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"env": {"backend_options": {"knob_space": {"top_k_values": [4, 5, 6]}}}}))
+    msg = _error(evaluate_main, *base, "--config", other)
+    assert "does not match the policy: knob_space=" in msg
+    other.write_text(yaml.safe_dump({"env": {"backend_options": {"d_model": 32}}}))
+    assert "d_model=64, expected 32" in _error(evaluate_main, *base, "--config", other)
+    assert not (tmp_path / "bad" / "eval.json").exists()
