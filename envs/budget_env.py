@@ -11,9 +11,7 @@ because it is part of the request's latency but runs outside the env.
 """
 from __future__ import annotations
 
-import logging
-import math
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -22,9 +20,8 @@ from torchrl.envs import EnvBase
 
 from envs.backends.base import Backend, check_split
 from envs.data.sample import ImageLoadError
+from envs.data.vqa import record_skipped
 from envs.reward import RewardWeights, check_budget, compute_reward
-
-logger = logging.getLogger(__name__)
 
 ACTION_HEADS = ("tier", "insertion", "top_k", "num_blocks")
 STAGE1_HEADS = ("tier", "insertion")
@@ -253,10 +250,10 @@ class BudgetVLMEnv(EnvBase):
         return token.detach().float().cpu()
 
     def _skip_sample(self, row: int, err: Exception) -> None:
-        """Replace an unreadable sample by another one; counted and logged once."""
+        """Replace an unreadable sample by another one; counted (env.skipped_samples and the
+        dataset-wide counter of envs.data) and logged once, never scored as a silent zero."""
         self.skipped_samples += 1
-        if self.skipped_samples == 1:
-            logger.warning("skipping samples whose image cannot be loaded (first: %s); see env.skipped_samples", err)
+        record_skipped(self.samples[int(self._sample_index[row])], err)
         self._sample_index[row] = int(torch.randint(len(self.samples), (1,), generator=self._rng))
         self._language[row] = self._load_language(row)
 

@@ -91,3 +91,25 @@ def test_same_seed_same_episodes():
     for key in ("vision_ms", "prefill_ms", "decode_ms", "accuracy"):
         assert torch.equal(a["next", "episode", key], b["next", "episode", key]), key
     assert not torch.equal(a["budget_ms"], c["budget_ms"])
+
+
+def test_unreadable_image_is_skipped_and_counted(monkeypatch):
+    from envs.data import ImageLoadError, skipped_count
+
+    env = make_env("dummy", batch_size=1, group_size=2, seed=0)
+    real_start = env.backend.start_episode
+    bad = {"index": None}
+
+    def flaky_start(sample, tier, token):
+        if bad["index"] is None:
+            bad["index"] = sample.index
+        if sample.index == bad["index"]:
+            raise ImageLoadError(f"image of sample {sample.index} cannot be decoded")
+        return real_start(sample, tier, token)
+
+    monkeypatch.setattr(env.backend, "start_episode", flaky_start)
+    before = skipped_count()
+    traj = collect_rollouts(env, _actor(env))
+    assert env.skipped_samples == 2 and skipped_count() == before + 2
+    assert (traj["next", "done"][:, 1]).all()
+    assert (traj["next", "sample_index"][:, 0] != bad["index"]).all()

@@ -43,6 +43,11 @@ class DummySample:
     reasoning: float
     answer_tokens: int
     language_noise: tuple[float, ...]  # what the question's wording does not reveal (fixed per sample)
+    dataset: str = "dummy"
+
+    @property
+    def question_id(self) -> str:
+        return f"{self.split}-{self.index}"
 
 
 @dataclass
