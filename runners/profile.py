@@ -1,0 +1,312 @@
+"""Profile every static configuration of the embedded VLM; write profile.json and importance.json.
+
+    python runners/profile.py --model_path envs/assets/budgetvlm-molmoe-tiny --output_dir DIR \
+        --num_samples 500 --latency_samples 20 --split test
+
+Steps (library code in envs/profiling.py):
+ 1. Block importance on --importance_split (default val, so the test split stays unseen), in the
+    full configuration, by both methods: drop_accuracy (the design's: accuracy drop when block i
+    alone is removed) and block_influence (ShortGPT: 1 - cos(block input, output)). The one named
+    by --importance_method is written as importance.json (what VLMBackend reads from its
+    results_dir), the other as importance_<method>.json. --importance_file FILE instead uses an
+    existing importance.json (e.g. the pretraining run's) for the profile; both methods are still
+    computed and written as importance_<method>.json unless --skip_importance.
+ 2. Accuracy of every configuration tier x top-k x num_blocks (p = 1, block 0 at k = 8, blocks
+    kept by importance via envs.knobs.select_blocks, a zero budget token) on --num_samples samples
+    of --split, with the batched evaluator (the same elastic code path as a batch-1 episode).
+ 3. Latency of every configuration at batch size 1 through VLMBackend episodes (the backend's hook
+    meter) on the first --latency_samples of those samples, after --warmup rounds.
+ 4. budget_range_ms from the latency Pareto frontier (envs.profiling.BUDGET_RANGE_RULE).
+Existing profile.json / importance.json in --output_dir are not overwritten without --overwrite.
+"""
+from __future__ import annotations
+
+import sys
+
+if __name__ == "profile":
+    # Any script run as `python runners/<script>.py` has runners/ first on sys.path, so
+    # `import profile` (cProfile does it, and torch._dynamo imports cProfile) finds this file
+    # instead of the standard library's module. Hand the importer the real one: the import
+    # system returns whatever sys.modules["profile"] holds once this module body finishes,
+    # and everything below only defines functions (the package is imported inside main()).
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _spec = _machinery.PathFinder.find_spec(
+        "profile", [p for p in sys.path if _os.path.abspath(p or _os.curdir) != _here]
+    )
+    if _spec is None:
+        raise ImportError("the standard library module 'profile' cannot be found")
+    _module = _util.module_from_spec(_spec)
+    sys.modules["profile"] = _module
+    _spec.loader.exec_module(_module)
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+IMPORTANCE_JSON = "importance.json"
+PROFILE_JSON = "profile.json"
+
+
+def _lib():
+    """torch, VLMBackend and envs.profiling, imported on first use (see the note at the top)."""
+    import torch
+    from envs import profiling
+    from envs.backends.vlm import VLMBackend
+
+    return torch, VLMBackend, profiling
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    _, _, P = _lib()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model_path", required=True, help="model dir (config.json, model.safetensors, tokenizer.json)")
+    ap.add_argument("--output_dir", required=True, help="where profile.json and importance*.json go")
+    ap.add_argument("--num_samples", type=int, default=500, help="samples for accuracy (batched)")
+    ap.add_argument("--latency_samples", type=int, default=20, help="samples timed at batch size 1 per config")
+    ap.add_argument("--split", default="test", help=f"one of {P.SPLITS}")
+    ap.add_argument("--importance_split", default="val", help=f"split for block importance, one of {P.SPLITS}")
+    ap.add_argument("--importance_samples", type=int, default=None, help="default: --num_samples")
+    ap.add_argument("--importance_method", default="drop_accuracy", help=f"written as importance.json: {P.IMPORTANCE_METHODS}")
+    ap.add_argument("--importance_file", default=None, help="use this importance.json for the profile instead")
+    ap.add_argument("--skip_importance", action="store_true", help="with --importance_file: compute no importance")
+    ap.add_argument("--tiers", nargs="+", default=None, help="subset of tiers (default all)")
+    ap.add_argument("--top_k", nargs="+", type=int, default=None, help="subset of top-k values (default all)")
+    ap.add_argument("--num_blocks", nargs="+", type=int, default=None, help="subset of num_blocks values (default all)")
+    ap.add_argument("--dataset_names", nargs="+", default=["synthvqa"])
+    ap.add_argument("--data_root", default=None)
+    ap.add_argument("--max_new_tokens", type=int, default=4, help="greedy decode limit (VLMBackend's default)")
+    ap.add_argument("--batch_size", type=int, default=64, help="batch of the accuracy evaluator")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds over all configs before timing")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared CPU, extra OpenMP threads contend and make "
+                         "batch-1 latency erratic)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--overwrite", action="store_true")
+    return ap.parse_args(argv)
+
+
+def validate(args: argparse.Namespace) -> None:
+    _, _, P = _lib()
+    args.model_path = P.check_model_dir(args.model_path, "--model_path")
+    P.check_positive_int("--num_samples", args.num_samples)
+    P.check_positive_int("--latency_samples", args.latency_samples)
+    if args.latency_samples > args.num_samples:
+        raise ValueError(
+            f"--latency_samples={args.latency_samples} is invalid; expected <= --num_samples={args.num_samples} "
+            f"(latency is timed on a subset of the accuracy samples)"
+        )
+    if args.importance_samples is None:
+        args.importance_samples = args.num_samples
+    P.check_positive_int("--importance_samples", args.importance_samples)
+    P.check_positive_int("--max_new_tokens", args.max_new_tokens)
+    P.check_positive_int("--batch_size", args.batch_size)
+    P.check_positive_int("--threads", args.threads)
+    if isinstance(args.warmup, bool) or not isinstance(args.warmup, int) or args.warmup < 0:
+        raise ValueError(f"--warmup={args.warmup!r} is invalid; expected an int >= 0")
+    if args.seed < 0:
+        raise ValueError(f"--seed={args.seed} is invalid; expected an int >= 0")
+    P.check_split_name(args.split, "--split")
+    P.check_split_name(args.importance_split, "--importance_split")
+    if args.importance_method not in P.IMPORTANCE_METHODS:
+        raise ValueError(f"--importance_method={args.importance_method!r} is not known; expected one of {P.IMPORTANCE_METHODS}")
+    if args.skip_importance and args.importance_file is None:
+        raise ValueError("--skip_importance needs --importance_file (the profile needs some block importance)")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output_dir={str(out)!r} exists and is not a directory")
+    args.output_dir = out
+    if args.importance_file is not None:
+        path = Path(args.importance_file)
+        if path.is_dir():
+            path = path / IMPORTANCE_JSON
+        if not path.is_file():
+            raise FileNotFoundError(f"--importance_file={str(path)!r} does not exist")
+        args.importance_file = path
+    if not args.overwrite:
+        reused = args.importance_file is not None and args.importance_file.resolve() == (out / IMPORTANCE_JSON).resolve()
+        existing = [n for n in (PROFILE_JSON, IMPORTANCE_JSON) if (out / n).exists() and not (n == IMPORTANCE_JSON and reused)]
+        if existing:
+            raise FileExistsError(
+                f"--output_dir={str(out)!r} already has {existing}; pass --overwrite to replace them "
+                f"(or --importance_file {out / IMPORTANCE_JSON} to profile with the existing importance)"
+            )
+
+
+def log(msg: str) -> None:
+    print(f"[profile {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> dict:
+    torch, VLMBackend, P = _lib()
+    args = parse_args(argv)
+    validate(args)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+    load_start = P.load_average()
+    out: Path = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {args.split: args.num_samples}
+    sizes[args.importance_split] = max(sizes.get(args.importance_split, 0), args.importance_samples)
+    backend_kwargs = dict(
+        dataset_names=tuple(args.dataset_names), data_root=args.data_root, num_samples=sizes, seed=args.seed,
+        device=args.device, max_new_tokens=args.max_new_tokens,
+    )
+    timing = {}
+    with P.evaluation_backend(args.model_path, **backend_kwargs) as eb:
+        ks, cfg = eb.knob_space, eb.cfg
+        configs = P.static_configs(ks, args.tiers, args.top_k, args.num_blocks)
+        samples, skipped = P.load_samples(eb, args.split, args.num_samples)
+        if len(samples) < args.num_samples:
+            raise ValueError(
+                f"--num_samples={args.num_samples}: split {args.split!r} has only {len(samples)} loadable samples"
+            )
+        log(f"{len(configs)} configs, {len(samples)} {args.split} samples ({skipped} skipped), "
+            f"torch threads {torch.get_num_threads()}, load {load_start}")
+        evaluator = P.BatchedEvaluator(eb, samples, args.batch_size, args.max_new_tokens)
+
+        # 1. importance
+        t0 = time.perf_counter()
+        records = {}
+        if not args.skip_importance:
+            if args.importance_split == args.split and args.importance_samples <= args.num_samples:
+                imp_eval = P.BatchedEvaluator(eb, samples[: args.importance_samples], args.batch_size, args.max_new_tokens)
+            else:
+                imp_samples, _ = P.load_samples(eb, args.importance_split, args.importance_samples)
+                imp_eval = P.BatchedEvaluator(eb, imp_samples, args.batch_size, args.max_new_tokens)
+            records = P.compute_importance(imp_eval, ks, cfg.top_k)
+            for rec in records.values():
+                rec["split"] = args.importance_split
+            del imp_eval
+        if args.importance_file is not None:
+            method, scores = P.read_importance(args.importance_file, ks.num_layers)
+            source = str(args.importance_file)
+            if args.importance_file.resolve() != (out / IMPORTANCE_JSON).resolve():
+                shutil.copyfile(args.importance_file, out / IMPORTANCE_JSON)
+            for name, rec in records.items():
+                P.write_json(out / f"importance_{name}.json", rec)
+        else:
+            method = args.importance_method
+            scores = {int(b): s for b, s in records[method]["scores"].items()}
+            source = "computed"
+            P.write_json(out / IMPORTANCE_JSON, records[method])
+            for name, rec in records.items():
+                if name != method:
+                    P.write_json(out / f"importance_{name}.json", rec)
+        timing["importance_s"] = time.perf_counter() - t0
+        log(f"importance ({method}, {source}) in {timing['importance_s']:.0f}s: "
+            + " ".join(f"{b}:{s:.3g}" for b, s in sorted(scores.items())))
+
+        # 2. accuracy (batched)
+        t0 = time.perf_counter()
+        evaluator.release_images(sorted({c.tier for c in configs}))
+        rows = []
+        for i, c in enumerate(configs):
+            plan = P.block_plan(scores, c.insertion, c.top_k, c.num_blocks, ks, cfg.top_k)
+            accs = evaluator.accuracies(c.tier, plan)
+            mean, by_family = P.summarize_accuracy(samples, accs)
+            rows.append({
+                "tier": c.tier, "top_k": c.top_k, "num_blocks": c.num_blocks, "insertion": c.insertion,
+                "blocks": [b for b, _ in plan], "accuracy_mean": mean, "accuracy_by_family": by_family,
+            })
+            if (i + 1) % max(1, len(configs) // 15) == 0:
+                log(f"accuracy {i + 1}/{len(configs)} configs, {time.perf_counter() - t0:.0f}s ({c.name}: {mean:.3f})")
+        timing["accuracy_s"] = time.perf_counter() - t0
+        del evaluator
+
+    # 3. latency at batch size 1, through the backend reading the importance.json just written
+    t0 = time.perf_counter()
+    backend = VLMBackend(model_path=args.model_path, results_dir=out, budget_range_ms=(1.0, 2.0), **backend_kwargs)
+    if backend.importance != scores:
+        raise RuntimeError(f"{out / IMPORTANCE_JSON} does not hold the importance the profile used")
+    for row in rows:
+        blocks = P.block_plan(backend.importance, P.PROFILE_INSERTION, row["top_k"], row["num_blocks"], ks, cfg.top_k)
+        assert [b for b, _ in blocks] == row["blocks"]
+    lat_samples = samples[: args.latency_samples]
+    timings = P.measure_latency(backend, lat_samples, configs, warmup=args.warmup, seed=args.seed, progress=log)
+    timing["latency_s"] = time.perf_counter() - t0
+    for row, c in zip(rows, configs):
+        runs = timings[c]
+        row.update(P.latency_stats([P.total_ms(t) for t in runs]))
+        for phase in ("preprocess", "vision", "prefill", "decode"):
+            row[f"{phase}_ms"] = sum(t[phase] for t in runs) / len(runs)
+        row["num_samples"] = len(samples)
+        row["latency_samples"] = len(runs)
+
+    # 4. budget range
+    try:
+        (lo, hi), rule, front = P.budget_range(rows)
+        range_error = None
+    except ValueError as err:  # e.g. one config timed on one sample: still write what was measured
+        front = P.pareto_frontier(rows)
+        lo = hi = None
+        rule, range_error = f"none: {err}", str(err)
+    for i, row in enumerate(rows):
+        row["on_pareto_frontier"] = i in front
+    timing["total_s"] = time.perf_counter() - t_start
+    profile = {
+        "configs": rows,
+        "budget_range_ms": None if range_error else [lo, hi],
+        "budget_range_rule": P.BUDGET_RANGE_RULE,
+        "budget_range_rule_applied": rule,
+        "pareto_frontier": [{"tier": rows[i]["tier"], "top_k": rows[i]["top_k"], "num_blocks": rows[i]["num_blocks"]}
+                            for i in sorted(front, key=lambda i: rows[i]["latency_mean_ms"])],
+        "num_samples": len(samples),
+        "latency_samples": args.latency_samples,
+        "machine": P.machine_info(),
+        "meta": {
+            "model_path": str(args.model_path),
+            "split": args.split,
+            "seed": args.seed,
+            "dataset_names": list(args.dataset_names),
+            "skipped_samples": skipped,
+            "insertion": P.PROFILE_INSERTION,
+            "first_block_top_k": ks.first_block_top_k,
+            "budget_token": P.ZERO_BUDGET_NOTE,
+            "max_new_tokens": args.max_new_tokens,
+            "accuracy_method": "batched greedy decoding through the same elastic block calls as a batch-1 "
+                               "episode (envs.profiling.BatchedEvaluator), on num_samples samples; fractions in [0, 1]",
+            "accuracy_by_family": "SynthVQA question family (dataset name for real datasets)",
+            "latency_method": "batch-1 VLMBackend episodes timed by the backend's hook meter, total = preprocess + "
+                              "vision + prefill + decode (ms), configs interleaved per sample in shuffled order, "
+                              f"after {args.warmup} untimed warm-up round(s) over all configs",
+            "phase_ms": "vision_ms / prefill_ms / decode_ms / preprocess_ms are per-phase means",
+            "importance": {"method": method, "source": source,
+                           "split": None if source != "computed" else args.importance_split,
+                           "files": sorted(p.name for p in out.glob("importance*.json"))},
+            "knob_space": ks.to_dict(),
+            "grid": {"tiers": sorted({c.tier for c in configs}, key=ks.tiers.index),
+                     "top_k": sorted({c.top_k for c in configs}), "num_blocks": sorted({c.num_blocks for c in configs})},
+            "device": args.device,
+            "load_average_start": load_start,
+            "load_average_end": P.load_average(),
+            "timing_s": timing,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        },
+    }
+    P.write_json(out / PROFILE_JSON, profile)
+    if range_error:
+        raise ValueError(f"{out / PROFILE_JSON} was written without budget_range_ms: {range_error} "
+                         f"(profile more configs or more --latency_samples)")
+    log(f"wrote {out / PROFILE_JSON}: budget_range_ms [{lo:.1f}, {hi:.1f}] ({rule}), "
+        f"{len(front)} frontier configs, total {timing['total_s']:.0f}s")
+    return profile
+
+
+def cli(argv=None) -> int:
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,99 @@
+"""runners/bench.py on a tiny random-weight model: output schema only (no timing is asserted)."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from envs.backends.vlm import VLMConfig, WordTokenizer, build_model
+from envs.backends.vlm.config import PRESETS
+from envs.data import synthvqa
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = 6
+
+
+def load_runner(name):
+    spec = importlib.util.spec_from_file_location(f"budgetvlm_runner_{name}", ROOT / "runners" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_runner("bench")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # bench sets --threads itself
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_vlm")
+    tok = WordTokenizer.build(synthvqa.vocabulary())
+    cfg = VLMConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, **PRESETS["test"])
+    build_model(cfg, seed=0).save(path, tok, dtype=torch.float32)
+    (path / "importance.json").write_text(
+        json.dumps({"method": "test", "scores": {str(i): float(i % 3) for i in range(LAYERS)}})
+    )
+    return path
+
+
+FAST = ["--pairs", "3", "--knob_samples", "2", "--repeats", "1", "--warmup", "1"]
+
+
+def test_bench_output_schema(model_dir, tmp_path):
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    result = bench.main(["--model_path", str(model_dir), *FAST, "--output", str(out), "--markdown", str(md)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["model"].startswith("given checkpoint")
+    assert {"cpu_model", "cpu_cores", "torch_version"} <= set(result["machine"])
+    assert set(result["meter_overhead"]) == {"full", "cheapest"}
+    for o in result["meter_overhead"].values():
+        assert o["pairs"] == 3
+        for key in ("median_on_ms", "median_off_ms", "ratio_on_off", "overhead_pct", "median_metered_ms"):
+            assert math.isfinite(o[key])
+        assert o["median_on_ms"] > 0 and o["median_off_ms"] > 0 and o["hooked_calls_per_episode"] > 0
+    knobs = result["knob_latency"]
+    names = list(knobs["configs"])
+    assert names[0].startswith("full (high, k=8, N=6)") and names[-1].startswith("cheapest (low, k=4, N=2)")
+    assert {"tier medium", "tier low", "top-k 4", "blocks 2"} <= set(names)
+    for c in knobs["configs"].values():
+        assert c["n"] == 2 and c["median_ms"] > 0 and c["iqr_ms"] >= 0 and c["std_ms"] >= 0
+    assert knobs["slowest_over_fastest"] >= 1.0
+    text = md.read_text()
+    assert "Meter overhead" in text and "Slowest / fastest median" in text and result["machine"]["cpu_model"] in text
+
+
+def test_bench_random_model_says_so(tmp_path):
+    result = bench.main(["--random_model", "--preset", "test", *FAST, "--output", str(tmp_path / "b.json")])
+    assert result["model"].startswith("random weights, preset test")
+
+
+def test_meter_hooks_are_restored(model_dir, tmp_path):
+    from envs.backends.vlm import VLMBackend
+    from envs.profiling import StaticConfig, load_samples, meter_overhead, run_episode
+
+    backend = VLMBackend(model_path=model_dir, budget_range_ms=(1.0, 2.0), num_samples={"test": 2})
+    samples, _ = load_samples(backend, "test", 2)
+    meter_overhead(backend, samples, StaticConfig("low", 8, 6), pairs=2, warmup=0)
+    result = run_episode(backend, samples[0], StaticConfig("low", 8, 6), torch.zeros(backend.d_model))
+    assert result.timings_ms["prefill"] > 0 and result.timings_ms["vision"] > 0  # hooks attached again
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--pairs", "0"], r"--pairs=0 is invalid; expected a positive int"),
+        (["--split", "dev"], r"--split='dev' is not a known split"),
+        (["--model_path", "/nonexistent/model"], r"--model_path='/nonexistent/model': model directory does not exist"),
+    ],
+)
+def test_bench_bad_inputs(tmp_path, extra, match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        bench.main([*extra, "--output", str(tmp_path / "b.json")])
