@@ -126,7 +126,10 @@ def measure_config_table(
             acc, lat = [0.0] * len(configs), [0.0] * len(configs)
             for j in order:
                 acc[j], lat[j] = run(sample, configs[j])
-        except ImageLoadError:
+        except ImageLoadError as err:
+            from envs.data.vqa import record_skipped  # the dataset-wide skip counter, as the env uses
+
+            record_skipped(sample, err)
             skipped.append(i)
             continue
         kept.append(i)

@@ -213,3 +213,18 @@ def test_random_policy_and_controller_sweep_hook():
     from matplotlib.figure import Figure
 
     assert isinstance(accuracy_vs_budget_figure(rows), Figure)
+
+
+def test_table_skips_unreadable_samples():
+    from envs.data.sample import ImageLoadError
+
+    class Flaky(DummyBackend):
+        def start_episode(self, sample, tier, budget_token):
+            if sample.index == 1:
+                raise ImageLoadError("broken image")
+            return super().start_episode(sample, tier, budget_token)
+
+    backend = Flaky(num_samples={"train": 4, "val": 4, "test": 4})
+    table = measure_config_table(backend, backend.dataset("test"), [0, 1, 2], all_static_configs(backend.knob_space)[:3])
+    assert table.sample_index.tolist() == [0, 2] and table.skipped == [1]
+    assert table.accuracy.shape == table.latency.shape == (2, 3)
