@@ -67,6 +67,8 @@ class EvalConfig:
     test_samples: int = 256  # held-out test samples of the final evaluation
     batch_size: int = 64  # env rows per evaluation chunk
     val_every_epochs: int = 1  # validate (and checkpoint best) every this many epochs
+    sweep_budgets: int = 4  # budgets of the accuracy-vs-budget plot at each validation (0 = no plot)
+    sweep_samples: int = 32  # validation samples run at every budget of that plot
 
 
 @dataclass

@@ -37,6 +37,7 @@ from agents.checkpoint import (
     set_rng_state,
     check_compatible,
 )
+from agents.budget_sweep import accuracy_vs_budget_figure, controller_budget_sweep, default_budgets
 from agents.config import Config, load_config
 from agents.evaluation import dummy_reference_rewards, heldout_budgets, run_episodes, summarize
 from agents.grpo import JointGRPOLoss, make_optimizer
@@ -217,9 +218,17 @@ def main(argv=None) -> dict:
                         step=step, epoch=epoch, best_val_reward=best_val, rng=rng_state(),
                         env_rng=train_env._rng.get_state(), policy_meta=meta, config=cfg.to_dict())
 
+    def validate() -> dict:
+        metrics, _ = evaluate(val_env, actor, val_index, val_budgets)
+        log({f"val/{k}": v for k, v in metrics.items()}, step)
+        if ec.sweep_budgets:
+            budgets = default_budgets(backend.budget_range_ms, ec.sweep_budgets)
+            rows = controller_budget_sweep(val_env, actor, val_index[: ec.sweep_samples], budgets)
+            writer.add_figure("val/accuracy_vs_budget", accuracy_vs_budget_figure(rows), step)
+        return metrics
+
     if start_epoch == 0:
-        val_metrics, _ = evaluate(val_env, actor, val_index, val_budgets)
-        log({f"val/{k}": v for k, v in val_metrics.items()}, step)
+        validate()
 
     progress = tqdm(total=(tc.num_epochs - start_epoch) * steps_per_epoch, desc="train", dynamic_ncols=True,
                     disable=None)
@@ -259,8 +268,7 @@ def main(argv=None) -> dict:
                         writer.add_histogram(f"actions/{h}", rollout["action", h][:, 0 if h in ("tier", "insertion") else 1].flatten(), step)
 
         if (epoch + 1) % ec.val_every_epochs == 0 or epoch + 1 == tc.num_epochs:
-            val_metrics, _ = evaluate(val_env, actor, val_index, val_budgets)
-            log({f"val/{k}": v for k, v in val_metrics.items()}, step)
+            val_metrics = validate()
             if val_metrics["reward_mean"] > best_val:
                 best_val = val_metrics["reward_mean"]
                 checkpoint("best.pt", epoch)

@@ -39,7 +39,13 @@ def test_smoke_config_learns_and_writes_everything(tmp_path):
     assert final["gap_closed"] >= 0.8, final
     assert (out / "config.yaml").exists()
     assert (out / "checkpoints" / "best.pt").exists() and (out / "checkpoints" / "latest.pt").exists()
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "tensorboard").glob("events.out.tfevents.*"))))
+    events.Reload()
+    assert "val/accuracy_vs_budget" in events.Tags()["images"]
+    assert {f"actions/{h}" for h in ("tier", "insertion", "top_k", "num_blocks")} <= set(events.Tags()["histograms"])
+    assert {"train/reward", "val/violation_rate", "loss/loss_objective"} <= set(events.Tags()["scalars"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     keys = set().union(*rows)
     for key in ("train/reward", "train/violation_rate", "val/reward_mean", "val/violation_rate",
