@@ -74,15 +74,22 @@ def all_static_configs(knob_space: KnobSpace) -> list[StaticChoice]:
     ]
 
 
-def make_static(tier: Any, top_k: Any, num_blocks: Any, knob_space: KnobSpace, where: str) -> StaticChoice:
-    """A StaticChoice after checking every value against the knob space (errors name `where`)."""
+def make_static(tier: Any, top_k: Any, num_blocks: Any, knob_space: KnobSpace, where: str,
+                insertion: Any = None) -> StaticChoice:
+    """A StaticChoice after checking every value against the knob space (errors name `where`);
+    insertion None = the smallest p."""
+    if insertion is None:
+        insertion = min(knob_space.insertion_positions)
+    if isinstance(insertion, bool) or not isinstance(insertion, int) or insertion not in knob_space.insertion_positions:
+        raise ValueError(f"{where}: insertion {insertion!r} is not in the knob space; expected one of "
+                         f"{list(knob_space.insertion_positions)}")
     if tier not in knob_space.tiers:
         raise ValueError(f"{where}: tier {tier!r} is not in the knob space; expected one of {list(knob_space.tiers)}")
     for field, value, allowed in (("top_k", top_k, knob_space.top_k_values),
                                   ("num_blocks", num_blocks, knob_space.num_blocks_values)):
         if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
             raise ValueError(f"{where}: {field} {value!r} is not in the knob space; expected one of {list(allowed)}")
-    return StaticChoice(tier, top_k, num_blocks, min(knob_space.insertion_positions))
+    return StaticChoice(tier, top_k, num_blocks, insertion)
 
 
 def parse_static_spec(spec: str, knob_space: KnobSpace) -> StaticChoice:
@@ -163,7 +170,9 @@ def check_profile(data: Any, knob_space: KnobSpace, where: str) -> list[ProfileE
         missing = [f for f in PROFILE_CONFIG_FIELDS if f not in c]
         if missing:
             raise ValueError(f"{where}: configs[{i}] lacks field(s) {missing}; each config needs {list(PROFILE_CONFIG_FIELDS)}")
-        config = make_static(c["tier"], c["top_k"], c["num_blocks"], knob_space, f"{where}: configs[{i}]")
+        # profile.json's configs carry the insertion they were profiled at (runners/profile.py: p = 1)
+        config = make_static(c["tier"], c["top_k"], c["num_blocks"], knob_space, f"{where}: configs[{i}]",
+                             c.get("insertion"))
         values = {}
         for f in ("accuracy_mean", "latency_mean_ms", "latency_p95_ms"):
             v = c[f]
@@ -249,7 +258,7 @@ def profile_from_table(configs: Sequence[StaticChoice], accuracy: torch.Tensor, 
 
 def profile_to_json(entries: Sequence[ProfileEntry]) -> list[dict]:
     return [
-        {"tier": e.config.tier, "top_k": e.config.top_k, "num_blocks": e.config.num_blocks,
+        {"tier": e.config.tier, "top_k": e.config.top_k, "num_blocks": e.config.num_blocks, "insertion": e.config.insertion,
          "accuracy_mean": e.accuracy_mean, "latency_mean_ms": e.latency_mean_ms, "latency_p95_ms": e.latency_p95_ms}
         for e in entries
     ]

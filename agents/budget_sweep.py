@@ -150,13 +150,15 @@ def configs_needed(specs: Sequence[PolicySpec], all_configs: Sequence[StaticChoi
                    profile: Sequence[ProfileEntry] | None, budgets: Sequence[float]) -> list[StaticChoice]:
     """The configurations the table-based policies need (all of them for the oracle)."""
     kinds = {s.kind for s in specs}
-    if "oracle" in kinds:
-        return list(all_configs)
+    if "oracle" in kinds:  # every config, plus any profiled at another insertion that a lookup picks
+        extra = {lookup_select(profile, b, rule)[0] for rule in ("mean", "p95") if f"lookup-{rule}" in kinds
+                 for b in budgets} - set(all_configs)
+        return list(all_configs) + sorted(extra, key=lambda c: c.name)
     needed = {s.config for s in specs if s.kind == "static"}
     for rule in ("mean", "p95"):
         if f"lookup-{rule}" in kinds:
             needed.update(lookup_select(profile, b, rule)[0] for b in budgets)
-    return [c for c in all_configs if c in needed]
+    return [c for c in all_configs if c in needed] + sorted(needed - set(all_configs), key=lambda c: c.name)
 
 
 # --------------------------------------------------------------------------- one row
@@ -222,8 +224,10 @@ def table_policy_rows(
             config, fits = lookup_select(profile, budget, spec.kind.split("-")[1])
             col = torch.full((s,), table.column(config), dtype=torch.long)
             extra.update(config=config.name, fallback_rate=0.0 if fits else 1.0)
-        elif spec.kind == "oracle":
-            col, fits = oracle_select(table.accuracy, table.latency, budget)
+        elif spec.kind == "oracle":  # over the static configs (smallest p), as measured on each sample
+            cols = torch.tensor([j for j, c in enumerate(table.configs) if c.insertion == min(knob_space.insertion_positions)])
+            sub, fits = oracle_select(table.accuracy[:, cols], table.latency[:, cols], budget)
+            col = cols[sub]
             extra["fallback_rate"] = float((~fits).double().mean())
         else:
             raise ValueError(f"policy {spec.name!r} does not run from the config table")

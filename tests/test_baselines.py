@@ -228,3 +228,12 @@ def test_table_skips_unreadable_samples():
     table = measure_config_table(backend, backend.dataset("test"), [0, 1, 2], all_static_configs(backend.knob_space)[:3])
     assert table.sample_index.tolist() == [0, 2] and table.skipped == [1]
     assert table.accuracy.shape == table.latency.shape == (2, 3)
+
+
+def test_profile_insertion_is_kept_and_checked():
+    good = {"tier": "low", "top_k": 4, "num_blocks": 12, "accuracy_mean": 0.5, "latency_mean_ms": 10.0,
+            "latency_p95_ms": 12.0}
+    assert check_profile({"configs": [{**good, "insertion": 3}]}, KS, "p.json")[0].config.insertion == 3
+    assert check_profile({"configs": [good]}, KS, "p.json")[0].config.insertion == 1
+    with pytest.raises(ValueError, match="insertion 9 is not in the knob space"):
+        check_profile({"configs": [{**good, "insertion": 9}]}, KS, "p.json")
