@@ -207,14 +207,14 @@ def dummy_closed_form_profile(backend, split: str = "val") -> list[ProfileEntry]
     """Profile of every static configuration from the dummy backend's own closed-form model over
     the samples of `split`: expected accuracy, and the exact mean and p95 of the latency, whose
     distribution is a mixture over samples of log-normals (noise-free latency x exp(sigma * z))."""
-    if not hasattr(backend, "_grid"):
+    if not hasattr(backend, "config_grid"):
         raise ValueError(f"{type(backend).__name__} has no closed-form model; use a profile.json or profile_source=val")
     ks = backend.knob_space
     samples = backend.dataset(split)
     p_index = ks.insertion_positions.index(min(ks.insertion_positions))
     accs, lats = [], []
     for s in samples:
-        acc, parts = backend._grid(s)  # (tiers, p, k, N)
+        acc, parts = backend.config_grid(s)  # (tiers, p, k, N)
         accs.append(acc[:, p_index])
         lats.append(sum(parts.values())[:, p_index])
     acc = torch.stack(accs)  # (S, tiers, k, N)

@@ -182,7 +182,7 @@ def resolve_profile(args, backend, knob_space, log) -> tuple[list, dict]:
     if source == "auto":
         if args.results_dir or hasattr(backend, "results_dir"):
             source = "results_dir"
-        elif hasattr(backend, "_grid"):
+        elif hasattr(backend, "config_grid"):
             source = "closed_form"
         else:
             raise ValueError(f"no profile source for backend {type(backend).__name__}; pass --results_dir or "
@@ -196,7 +196,7 @@ def resolve_profile(args, backend, knob_space, log) -> tuple[list, dict]:
                 **{k: other[k] for k in ("num_samples", "machine", "budget_range_ms") if k in other}}
         return entries, info
     if source == "closed_form":
-        if not hasattr(backend, "_grid"):
+        if not hasattr(backend, "config_grid"):
             raise ValueError(f"--profile_source closed_form needs the dummy backend, not {type(backend).__name__}")
         entries = dummy_closed_form_profile(backend, "val")
         return entries, {"source": "closed_form", "split": "val", "num_samples": len(backend.dataset("val")),

@@ -46,7 +46,7 @@ def test_episode_matches_expected_reward_model():
     token = b.run_to(ep, 2)
     assert token.shape == (b.d_model,)
     res = b.finish(ep, 8, 16)
-    acc, parts = b._grid(s)
+    acc, parts = b.config_grid(s)
     idx = (2, ks.insertion_positions.index(2), ks.top_k_values.index(8), ks.num_blocks_values.index(16))
     assert res.extras["expected_accuracy"] == float(acc[idx])
     assert abs(sum(res.timings_ms.values()) - float(sum(p[idx] for p in parts.values()))) < 1e-4
@@ -54,7 +54,7 @@ def test_episode_matches_expected_reward_model():
 
 def test_latency_falls_with_every_knob_step_down():
     b = DummyBackend(num_samples={"val": 1}, latency_noise=0.0)
-    _, parts = b._grid(b.dataset("val")[0])
+    _, parts = b.config_grid(b.dataset("val")[0])
     lat = sum(parts.values())  # (tier, p, k, N)
     assert (lat[1:] > lat[:-1]).all()
     assert (lat[:, :, 1:] > lat[:, :, :-1]).all()

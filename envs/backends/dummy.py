@@ -160,7 +160,8 @@ class DummyBackend(Backend):
         }
         return accuracy, latency
 
-    def _grid(self, sample: DummySample):
+    def config_grid(self, sample: DummySample):
+        """Expected accuracy and noise-free latency parts over the (tier, p, k, N) grid."""
         ks = self.knob_space
         axes = [
             torch.tensor([self._tier_fraction(i) for i in range(len(ks.tiers))], dtype=torch.float64),
@@ -189,7 +190,7 @@ class DummyBackend(Backend):
         Expectation over the latency noise (Gauss-Hermite) and the accuracy draw; the Stage-2
         controller's own time (well under 1 ms) is not part of it.
         """
-        accuracy, parts = self._grid(sample)
+        accuracy, parts = self.config_grid(sample)
         latency = sum(parts.values())
         factors = torch.exp(self.latency_noise * torch.tensor(_GH_NODES, dtype=torch.float64))
         rewards = compute_reward(
