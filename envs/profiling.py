@@ -289,12 +289,26 @@ class BatchedEvaluator:
         influence: if a dict is given, per-block sums of 1 - cos(input, output) over prefill tokens
         are accumulated into it as {block: [sum, count]}.
         """
+        return self.generate_many(tier, {"plan": plan}, budget, influence)["plan"]
+
+    @torch.inference_mode()
+    def generate_many(self, tier: str, plans: Mapping[Any, Sequence[tuple[int, int]]],
+                      budget: torch.Tensor | None = None, influence: dict | None = None) -> dict[Any, list[list[int]]]:
+        """generate() for several plans of one tier, sharing the prefill of common plan prefixes.
+
+        The plans form a trie of (block, top_k) steps; each prefill block call is made once per
+        trie node and its output and KV-cache entry are reused by every plan below that node
+        (each branch works on its own shallow copy of the cache dict; block calls never modify
+        cached tensors in place). Every plan still sees exactly the block calls of its own
+        batch-1 episode. influence (as in generate) needs a single plan.
+        """
+        if influence is not None and len(plans) != 1:
+            raise ValueError("influence statistics need exactly one plan")
         model, d = self.model, self.cfg.d_model
-        if budget is None:
-            budget = torch.zeros(d)
-        budget = budget.to(self.device)
+        budget = (torch.zeros(d) if budget is None else budget).to(self.device)
         vision = self.vision_tokens(tier)
-        generated: list[list[int] | None] = [None] * len(self.samples)
+        plans = {name: [(int(b), int(k)) for b, k in plan] for name, plan in plans.items()}
+        generated: dict[Any, list] = {name: [None] * len(self.samples) for name in plans}
         for idx in self.batches:
             seq = torch.stack([
                 torch.cat([vision[i], model.embed(self.prompt_ids[i]), budget.to(vision[i].dtype)[None]], dim=0)
@@ -306,46 +320,68 @@ class BatchedEvaluator:
                 )
             positions = torch.arange(seq.shape[1], device=self.device)[None]
             cos, sin = model.rope(positions, seq)
-            cache: dict = {}
-            hidden = seq
+
+            def descend(depth: int, hidden: torch.Tensor, cache: dict, names: list) -> None:
+                children: dict[tuple[int, int], list] = {}
+                for name in names:
+                    plan = plans[name]
+                    if len(plan) == depth:
+                        ids = self._decode(hidden, dict(cache), plan)
+                        for row, i in enumerate(idx):
+                            generated[name][i] = ids[row]
+                    else:
+                        children.setdefault(plan[depth], []).append(name)
+                for (block, k), below in children.items():
+                    branch = dict(cache)
+                    out = model.blocks[block](hidden, cos, sin, k, branch)
+                    if influence is not None:
+                        cosine = F.cosine_similarity(hidden.float(), out.float(), dim=-1)
+                        entry = influence.setdefault(block, [0.0, 0])
+                        entry[0] += float((1.0 - cosine).sum())
+                        entry[1] += cosine.numel()
+                    descend(depth + 1, out, branch, below)
+
+            descend(0, seq, {}, list(plans))
+        return generated
+
+    def _decode(self, hidden: torch.Tensor, cache: dict, plan: Sequence[tuple[int, int]]) -> list[list[int]]:
+        """Greedy tokens after the prefill `hidden` (B, T, d), as VLMBackend.finish decodes."""
+        model = self.model
+        token = model.logits(hidden[:, -1:]).argmax(-1)  # (B, 1)
+        steps = [token]
+        position = hidden.shape[1]
+        done = token[:, 0] == self.eos
+        while len(steps) < self.max_new_tokens and not bool(done.all()):
+            hidden = model.embed(token)
+            cos, sin = model.rope(torch.tensor([[position]], device=self.device), hidden)
             for block, k in plan:
-                out = model.blocks[block](hidden, cos, sin, k, cache)
-                if influence is not None:
-                    cosine = F.cosine_similarity(hidden.float(), out.float(), dim=-1)
-                    entry = influence.setdefault(block, [0.0, 0])
-                    entry[0] += float((1.0 - cosine).sum())
-                    entry[1] += cosine.numel()
-                hidden = out
-            token = model.logits(hidden[:, -1:]).argmax(-1)  # (B, 1)
-            steps = [token]
-            position = hidden.shape[1]
-            done = token[:, 0] == self.eos
-            while len(steps) < self.max_new_tokens and not bool(done.all()):
-                hidden = model.embed(token)
-                cos, sin = model.rope(torch.tensor([[position]], device=self.device), hidden)
-                for block, k in plan:
-                    hidden = model.blocks[block](hidden, cos, sin, k, cache)
-                token = model.logits(hidden).argmax(-1)
-                steps.append(token)
-                done |= token[:, 0] == self.eos
-                position += 1
-            ids = torch.cat(steps, dim=1).tolist()
-            for row, i in enumerate(idx):
-                out_ids = []
-                for t in ids[row]:
-                    out_ids.append(t)
-                    if t == self.eos:
-                        break
-                generated[i] = out_ids
-        return generated  # type: ignore[return-value]
+                hidden = model.blocks[block](hidden, cos, sin, k, cache)
+            token = model.logits(hidden).argmax(-1)
+            steps.append(token)
+            done |= token[:, 0] == self.eos
+            position += 1
+        out = []
+        for row in torch.cat(steps, dim=1).tolist():
+            ids = []
+            for t in row:
+                ids.append(t)
+                if t == self.eos:
+                    break
+            out.append(ids)
+        return out
+
+    def score(self, generated: Sequence[Sequence[int]]) -> list[float]:
+        """Per-sample accuracy of generated ids (the dataset's metric, as VLMBackend.finish scores it)."""
+        tok = self.backend.tokenizer
+        return [score_answer(extract_answer(tok.decode(ids)), s) for ids, s in zip(generated, self.samples)]
 
     def accuracies(self, tier: str, plan: Sequence[tuple[int, int]], influence: dict | None = None) -> list[float]:
-        """Per-sample accuracy (the dataset's metric, as VLMBackend.finish scores it)."""
-        tok = self.backend.tokenizer
-        return [
-            score_answer(extract_answer(tok.decode(ids)), s)
-            for ids, s in zip(self.generate(tier, plan, influence=influence), self.samples)
-        ]
+        """Per-sample accuracy under one plan."""
+        return self.score(self.generate(tier, plan, influence=influence))
+
+    def accuracies_many(self, tier: str, plans: Mapping[Any, Sequence[tuple[int, int]]]) -> dict[Any, list[float]]:
+        """Per-sample accuracy under each of several plans of one tier (shared prefixes run once)."""
+        return {name: self.score(ids) for name, ids in self.generate_many(tier, plans).items()}
 
 
 def summarize_accuracy(samples: Sequence[VQASample], accs: Sequence[float]) -> tuple[float, dict[str, float]]:
@@ -364,10 +400,10 @@ def compute_importance(evaluator: BatchedEvaluator, knob_space: KnobSpace, model
     influence: dict = {}
     base = evaluator.accuracies(tier, plan, influence=influence)
     base_acc = sum(base) / len(base)
-    without = {}
-    for b in range(knob_space.num_layers):
-        accs = evaluator.accuracies(tier, [x for x in plan if x[0] != b])
-        without[b] = sum(accs) / len(accs)
+    dropped = evaluator.accuracies_many(
+        tier, {b: [x for x in plan if x[0] != b] for b in range(knob_space.num_layers)}
+    )
+    without = {b: sum(a) / len(a) for b, a in dropped.items()}
     drop = {str(b): base_acc - without[b] for b in range(knob_space.num_layers)}
     bi = {str(b): influence[b][0] / influence[b][1] for b in range(knob_space.num_layers)}
     common = {"num_samples": len(evaluator.samples), "tier": tier,

@@ -173,6 +173,24 @@ def test_batched_accuracy_path_equals_batch1_episodes(model_dir, tmp_path):
             h.remove()
 
 
+def test_shared_prefix_evaluation_equals_one_plan_at_a_time(model_dir):
+    """generate_many reuses common plan prefixes; every plan must get what generate() gives it alone."""
+    with evaluation_backend(model_dir, num_samples={"test": 8}, max_new_tokens=3) as eb:
+        samples, _ = load_samples(eb, "test", 8)
+        evaluator = BatchedEvaluator(eb, samples, batch_size=4)
+        full = [(b, 8) for b in range(LAYERS)]
+        plans = {
+            "full": full,
+            "drop3": [x for x in full if x[0] != 3],
+            "drop0": full[1:],
+            "k4": [(0, 8)] + [(b, 4) for b in range(1, LAYERS)],
+            "k4_short": [(0, 8)] + [(b, 4) for b in range(1, 4)],
+        }
+        many = evaluator.generate_many("medium", plans)
+        for name, plan in plans.items():
+            assert many[name] == evaluator.generate("medium", plan), name
+
+
 def test_compute_importance_scores_block_zero_and_is_finite(model_dir):
     with evaluation_backend(model_dir, num_samples={"val": 4}) as eb:
         samples, _ = load_samples(eb, "val", 4)
