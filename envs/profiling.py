@@ -135,6 +135,17 @@ def machine_info() -> dict:
     return info
 
 
+def weights_sha256(model_path: str | Path) -> str:
+    """sha256 of the model dir's model.safetensors (which weights a profile or benchmark measured)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(Path(model_path) / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]

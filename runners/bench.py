@@ -44,6 +44,7 @@ from envs.profiling import (
     load_samples,
     machine_info,
     meter_overhead,
+    weights_sha256,
     write_json,
 )
 
@@ -124,6 +125,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     load_start = load_average()
     with bench_model(args) as (model_path, results_dir, model_desc):
+        sha = weights_sha256(model_path)
         n = max(args.knob_samples, 8)
         backend = VLMBackend(model_path=model_path, results_dir=results_dir, budget_range_ms=(1.0, 2.0),
                              num_samples={args.split: n}, seed=args.seed, max_new_tokens=args.max_new_tokens)
@@ -145,6 +147,7 @@ def main(argv=None) -> dict:
         print(f"[bench] knobs: slowest/fastest = {knobs['slowest_over_fastest']:.2f}x", file=sys.stderr)
     result = {
         "model": model_desc,
+        "weights_sha256": sha,
         "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": "python runners/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),

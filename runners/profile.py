@@ -268,6 +268,7 @@ def main(argv=None) -> dict:
         "machine": P.machine_info(),
         "meta": {
             "model_path": str(args.model_path),
+            "weights_sha256": P.weights_sha256(args.model_path),
             "split": args.split,
             "seed": args.seed,
             "dataset_names": list(args.dataset_names),
