@@ -152,6 +152,7 @@ def main(argv=None) -> dict:
     load_start = P.load_average()
     out: Path = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    sha_start = P.weights_sha256(args.model_path)  # the weights must not change during the run
     sizes = {args.split: args.num_samples}
     sizes[args.importance_split] = max(sizes.get(args.importance_split, 0), args.importance_samples)
     backend_kwargs = dict(
@@ -234,6 +235,11 @@ def main(argv=None) -> dict:
     for row in rows:
         blocks = P.block_plan(backend.importance, P.PROFILE_INSERTION, row["top_k"], row["num_blocks"], ks, cfg.top_k)
         assert [b for b, _ in blocks] == row["blocks"]
+    if P.weights_sha256(args.model_path) != sha_start:
+        raise RuntimeError(
+            f"{args.model_path}/model.safetensors changed during profiling (sha256 {sha_start[:12]}... at the start); "
+            f"accuracy and latency would describe different weights - rerun once the checkpoint is final"
+        )
     lat_samples = samples[: args.latency_samples]
     timings = P.measure_latency(backend, lat_samples, configs, warmup=args.warmup, seed=args.seed, progress=log)
     timing["latency_s"] = time.perf_counter() - t0
@@ -268,7 +274,7 @@ def main(argv=None) -> dict:
         "machine": P.machine_info(),
         "meta": {
             "model_path": str(args.model_path),
-            "weights_sha256": P.weights_sha256(args.model_path),
+            "weights_sha256": sha_start,
             "split": args.split,
             "seed": args.seed,
             "dataset_names": list(args.dataset_names),
