@@ -22,3 +22,11 @@ __all__ += [
     "DEFAULT_PROMPT_TEMPLATES", "VQADataset", "format_prompt", "load_vqa_dataset", "load_vqa_mixture",
     "log_skip_summary", "mix_datasets", "record_skipped", "reset_skipped", "skipped_by_dataset", "skipped_count",
 ]
+from envs.data.synthvqa import (
+    ANSWER_SET, FAMILIES, IMAGE_SIZE, SynthVQA, answer_vocabulary, render_scene, tokenize_words, vocabulary,
+)
+
+__all__ += [
+    "ANSWER_SET", "FAMILIES", "IMAGE_SIZE", "SynthVQA", "answer_vocabulary", "render_scene", "tokenize_words",
+    "vocabulary",
+]
