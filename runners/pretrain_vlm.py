@@ -17,11 +17,21 @@ skipped, full config otherwise), then test accuracy per family on a grid of conf
 (batched greedy decoding with the backend's block plan) -> eval.json. The model dir written to
 --out is a complete VLMBackend model_path.
 
-Recipe of the shipped checkpoint (GPU, ~9 min on one H100):
-    python runners/pretrain_vlm.py --out envs/assets/budgetvlm-molmoe-tiny --device cuda \
-        --time-limit-min 8 --steps 20000 --batch-size 128 --workers 12
-CPU smoke run (a tiny model, minutes):
-    python runners/pretrain_vlm.py --out /tmp/vlm-test --preset test --steps 50 --batch-size 16 \
+Recipe of the shipped checkpoint envs/assets/budgetvlm-molmoe-tiny (one H200, four chained runs
+of one device call each, ~29 min of training, 9.8k steps of 256 = 2.5M samples; each run restarts
+the optimizer and the cosine schedule; runs 1-2 predate the bf16/dense GPU kernel, same math):
+    A=envs/assets/budgetvlm-molmoe-tiny
+    R="python -m runners.pretrain_vlm --device cuda --workers 15 --steps 100000"  # time limit binds
+    $R --out $A --time-limit-min 7.3 --batch-size 256 --lr 2e-3 --warmup 300             # 1145 steps
+    $R --init $A --out $A --time-limit-min 8 --batch-size 256 --lr 1.5e-3 --warmup 200   # 2219 steps
+    $R --init $A --out $A --time-limit-min 8 --batch-size 256 --lr 2e-3 --warmup 200     # 3985 steps
+    $R --init $A --out $A --time-limit-min 5.5 --batch-size 256 --lr 1.5e-3 --warmup 200 \
+       --full-prob 0.5 --family-weights coarse=1,detail=2,reasoning=1.5                  # 2451 steps
+The result is under-trained: see eval.json; the
+detail family is still at chance, so more GPU time (one long run) is the next step.
+Run it as a module (`python -m runners.pretrain_vlm`), not as a path, so runners/ is not first on
+sys.path. CPU smoke run (a tiny model, minutes):
+    python -m runners.pretrain_vlm --out /tmp/vlm-test --preset test --steps 50 --batch-size 16 \
         --eval-samples 60 --val-samples 60 --workers 0
 """
 from __future__ import annotations
@@ -51,7 +61,7 @@ BUDGET_SCALE_MAX = 1.5
 
 
 class EncodedSynthVQA(Dataset):
-    """SynthVQA samples as (image uint8 (3, H, W), question ids, answer ids + <eos>, family index)."""
+    """SynthVQA samples as (image uint8 (3, H, W), question ids, answer ids + <eos>, family, index)."""
 
     def __init__(self, data: synthvqa.SynthVQA, tokenizer: WordTokenizer):
         self.data, self.tokenizer = data, tokenizer
@@ -88,7 +98,8 @@ def collate(items, pad_id: int):
         labels[row, n : n + len(a)] = torch.tensor(a)
         slot[row] = n
     families = torch.tensor([it[3] for it in items])
-    return images, ids, labels, slot, families
+    indices = torch.tensor([it[4] for it in items])
+    return images, ids, labels, slot, families, indices
 
 
 def sample_plan(rng: random.Random, num_layers: int, top_k: int, full_prob: float):
@@ -128,9 +139,11 @@ def random_budget(batch: int, d_model: int, device, generator=None):
 
 
 def batch_loss(model, batch, tier, plan, device, generator=None):
-    images, ids, labels, slot, _ = (t.to(device, non_blocking=True) for t in batch)
+    images, ids, labels, slot = (t.to(device, non_blocking=True) for t in batch[:4])
     budget = random_budget(ids.shape[0], model.cfg.d_model, device, generator)
-    logits = model.logits(forward_text(model, images, ids, slot, budget, tier, plan))
+    # bf16 matmuls on GPU (norms and softmax stay fp32 under autocast); CPU runs fp32.
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model.logits(forward_text(model, images, ids, slot, budget, tier, plan))
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
 
 
@@ -138,7 +151,7 @@ def batch_loss(model, batch, tier, plan, device, generator=None):
 def greedy_answers(model, tokenizer, batch, tier, plan, device, max_new_tokens: int):
     """Batched greedy decoding (full recompute per step; same plan for every step, like the backend).
     Budget token: zeros."""
-    images, ids, _, slot, _ = (t.to(device) for t in batch)
+    images, ids, _, slot = (t.to(device) for t in batch[:4])
     prompt_len = slot + 1
     width = int(prompt_len.max()) + max_new_tokens
     seq = torch.full((ids.shape[0], width), tokenizer.pad_id, dtype=torch.long, device=device)
@@ -175,7 +188,7 @@ def evaluate(model, tokenizer, batches, samples, configs, importance, device, ma
         correct = {f: [0, 0] for f in synthvqa.FAMILIES}
         for batch in batches:
             answers = greedy_answers(model, tokenizer, batch, tier, plan, device, max_new_tokens)
-            for answer, index in zip(answers, batch[4].tolist()):
+            for answer, index in zip(answers, batch[5].tolist()):
                 sample = samples[index]
                 correct[sample.family][0] += score_answer(answer, sample)
                 correct[sample.family][1] += 1
@@ -229,6 +242,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--full-prob", type=float, default=0.3)
+    ap.add_argument("--family-weights", default="", help="train family mix, e.g. coarse=1,detail=2,reasoning=1.5")
     ap.add_argument("--train-samples", type=int, default=5_000_000, help="size of the (lazy) train split")
     ap.add_argument("--val-samples", type=int, default=1024)
     ap.add_argument("--eval-samples", type=int, default=1200)
@@ -254,18 +268,24 @@ def main(argv=None):
     cfg = model.cfg
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}", flush=True)
 
+    train_weights = {k: float(v) for k, v in (kv.split("=") for kv in args.family_weights.split(",") if kv)} or None
+
     def loader(split, n, shuffle, batch_size):
-        data = synthvqa.SynthVQA(split, n, seed=args.seed)
+        # Only the train split gets the family mix; val/test keep equal thirds.
+        data = synthvqa.SynthVQA(split, n, seed=args.seed, family_weights=train_weights if shuffle else None)
         return data, DataLoader(
             EncodedSynthVQA(data, tokenizer), batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
             num_workers=args.workers, collate_fn=functools.partial(collate, pad_id=tokenizer.pad_id),
             pin_memory=device.type == "cuda", persistent_workers=args.workers > 0 and shuffle,
+            # fork: workers start in seconds (spawn re-imports torch, transformers, torchrl in each)
+            multiprocessing_context="fork" if args.workers > 0 else None,
+            prefetch_factor=4 if args.workers > 0 else None,
         )
 
     _, train_loader = loader("train", args.train_samples, True, args.batch_size)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
-    start, step, running = time.time(), 0, []
+    start, step, running, data_wait = time.time(), 0, [], 0.0
 
     def progress(step):
         """Fraction of training done: by steps, or by time when a time limit is set and binds first."""
@@ -281,7 +301,9 @@ def main(argv=None):
     rng = random.Random(args.seed)
     model.train()
     while step < args.steps:
+        fetched = time.time()
         for batch in train_loader:
+            data_wait += time.time() - fetched
             tier, plan = sample_plan(rng, cfg.num_layers, cfg.top_k, args.full_prob)
             loss = batch_loss(model, batch, tier, plan, device)
             optimizer.zero_grad(set_to_none=True)
@@ -293,10 +315,11 @@ def main(argv=None):
             step += 1
             if step % args.log_every == 0:
                 print(f"step {step} loss {sum(running) / len(running):.4f} lr {schedule.get_last_lr()[0]:.2e} "
-                      f"{(time.time() - start) / 60:.1f} min", flush=True)
+                      f"{(time.time() - start) / 60:.1f} min (waited {data_wait:.0f} s for data)", flush=True)
                 running = []
             if progress(step) >= 1.0:
                 break
+            fetched = time.time()
         if progress(step) >= 1.0:
             break
     print(f"trained {step} steps in {(time.time() - start) / 60:.1f} min", flush=True)

@@ -27,15 +27,6 @@ def make_model_dir(path, seed=0):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batch-1 episodes of a tiny model are overhead-bound; extra threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("tiny_vlm"))

@@ -7,8 +7,8 @@ Why our own block forward instead of `OlmoeDecoderLayer.forward`:
     for every k on CPU; here the (token, expert) assignments are sorted by expert and each expert
     runs its gate_up/down matmuls on exactly the rows routed to it (`run_experts`: one
     torch._grouped_mm call per matrix for CPU inference, a loop over the experts that got rows
-    under autograd or on CUDA), so FLOPs scale with tokens*k and a decode token touches exactly
-    k experts;
+    otherwise), so FLOPs scale with tokens*k and a decode token touches exactly k experts. GPU
+    training alone uses `dense_experts` (same math, zero weights off the top-k, few launches);
   * the cache must hold only the blocks that actually ran (skipped blocks have no entry), which
     `DynamicCache` (indexed by layer position) does not express, and its call signature differs
     between transformers 5.17 (`past_key_values=`) and 5.24 (`cache=`).
@@ -58,13 +58,28 @@ def run_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor) 
     return torch.cat(outputs)
 
 
+def dense_experts(experts: nn.Module, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """Every expert on every row, combined with `gates` (rows, E) that are zero off each row's top-k.
+
+    Same output and gradients as the sparse path (an unselected expert gets weight 0), with a
+    handful of large matmuls instead of per-expert launches and host syncs: the GPU training
+    kernel. Its work does not depend on k, so latency is never measured through it.
+    """
+    gate, up = torch.einsum("nd,efd->enf", x, experts.gate_up_proj).chunk(2, dim=-1)
+    out = torch.einsum("eni,edi->end", experts.act_fn(gate) * up, experts.down_proj)
+    return torch.einsum("end,ne->nd", out, gates.to(out.dtype))
+
+
 def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tensor:
-    """OLMoE sparse MoE on x (rows, d) with `top_k` experts per row; work proportional to top_k."""
+    """OLMoE sparse MoE on x (rows, d) with `top_k` experts per row; work proportional to top_k
+    except in GPU training (see dense_experts)."""
     logits = F.linear(x, mlp.gate.weight)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, chosen = torch.topk(probs, top_k, dim=-1)
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    if x.is_cuda and torch.is_grad_enabled():
+        return dense_experts(mlp.experts, x, torch.zeros_like(probs).scatter(1, chosen, weights)).to(x.dtype)
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
     rows = order // top_k  # the row each (row, slot) assignment belongs to, grouped by expert
