@@ -13,16 +13,16 @@ from envs.knobs import KnobSpace
 from policies.controller import HierarchicalController
 
 
-def policy_meta(actor: HierarchicalController, hidden_dim: int, sinusoidal_dim: int, backend: dict) -> dict:
-    """Everything needed to rebuild the actor and to check it fits an env."""
+def actor_meta(backend, hidden_dim: int, sinusoidal_dim: int) -> dict:
+    """Everything needed to build an actor for a backend, and to check a checkpoint fits it."""
     return {
-        "knob_space": actor.knob_space.to_dict(),
-        "language_dim": actor.stage1.language_norm.normalized_shape[0],
-        "d_model": actor.d_model,
-        "budget_range_ms": actor.budget_encoder.budget_range_ms.tolist(),
+        "knob_space": backend.knob_space.to_dict(),
+        "language_dim": backend.language_dim,
+        "d_model": backend.d_model,
+        "budget_range_ms": list(backend.budget_range_ms),
         "hidden_dim": hidden_dim,
         "sinusoidal_dim": sinusoidal_dim,
-        "backend": backend,
+        "backend": backend.describe(),
     }
 
 

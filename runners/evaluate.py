@@ -70,7 +70,7 @@ from agents.budget_sweep import (
     table_policy_rows,
     write_outputs,
 )
-from agents.checkpoint import build_actor, check_compatible, load_checkpoint
+from agents.checkpoint import actor_meta, build_actor, check_compatible, load_checkpoint
 from agents.config import config_from_dict
 from envs.reward import RewardWeights
 
@@ -148,21 +148,10 @@ def resolve_config(args, ckpt: dict):
     return config_from_dict(_merge(raw, {k: v for k, v in flags.items() if v}))
 
 
-def expected_meta(cfg, backend) -> dict:
-    return {
-        "knob_space": backend.knob_space.to_dict(),
-        "language_dim": backend.language_dim,
-        "d_model": backend.d_model,
-        "budget_range_ms": list(backend.budget_range_ms),
-        "hidden_dim": cfg.policy.hidden_dim,
-        "sinusoidal_dim": cfg.policy.sinusoidal_dim,
-    }
-
-
 def check_checkpoint_fits(ckpt: dict, cfg, backend) -> list[str]:
     """check_compatible plus the backend/model it was trained on; returns warnings."""
     meta = ckpt["policy_meta"]
-    check_compatible(meta, expected_meta(cfg, backend), ckpt["path"])
+    check_compatible(meta, actor_meta(backend, cfg.policy.hidden_dim, cfg.policy.sinusoidal_dim), ckpt["path"])
     trained = meta.get("backend") or {}
     now = backend.describe()
     if trained.get("backend") and trained["backend"] != now["backend"]:

@@ -28,10 +28,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from agents.checkpoint import (
+    actor_meta,
     build_actor,
     load_checkpoint,
     load_stage1_weights,
-    policy_meta,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -122,15 +122,7 @@ def make_env(cfg: Config, backend, split: str, batch_size: int, group_size: int)
 
 
 def make_actor(cfg: Config, backend):
-    meta = {
-        "knob_space": backend.knob_space.to_dict(),
-        "language_dim": backend.language_dim,
-        "d_model": backend.d_model,
-        "budget_range_ms": list(backend.budget_range_ms),
-        "hidden_dim": cfg.policy.hidden_dim,
-        "sinusoidal_dim": cfg.policy.sinusoidal_dim,
-        "backend": backend.describe(),
-    }
+    meta = actor_meta(backend, cfg.policy.hidden_dim, cfg.policy.sinusoidal_dim)
     return build_actor(meta).to(cfg.train.device), meta
 
 
