@@ -14,8 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from envs.backends.base import BACKEND_PHASES
 from envs.budget_env import ACTION_HEADS
 from envs.data.sample import ImageLoadError
 from envs.knobs import KnobSpace
+from envs.machine import machine_info
 from envs.reward import RewardWeights, check_budget, compute_reward
 
 ROW_FIELDS = (
@@ -294,26 +293,6 @@ def random_policy_rows(env, sample_index: torch.Tensor, budgets: Sequence[float]
 
 
 # --------------------------------------------------------------------------- outputs
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu_model": cpu, "cpu_cores": os.cpu_count(), "torch_version": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
-    try:
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name()
-    return info
-
-
 def flat_row(row: Mapping) -> dict:
     """A row for CSV: nested per-family accuracy and knob choices become columns."""
     flat = {k: v for k, v in row.items() if not isinstance(v, Mapping)}

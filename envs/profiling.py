@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import tempfile
@@ -53,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from envs.backends.base import BACKEND_PHASES, SPLITS
+from envs.machine import machine_info
 from envs.backends.vlm import VLMBackend, crop_slots, load_importance, make_crops
 from envs.backends.vlm.backend import IMPORTANCE_FILE, load_image
 from envs.backends.vlm.config import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
@@ -111,30 +111,7 @@ def check_subset(field: str, values: Sequence | None, allowed: Sequence) -> tupl
     return tuple(v for v in allowed if v in values)
 
 
-# ------------------------------------------------------------------------------- machine
-def machine_info() -> dict:
-    """CPU model (from /proc/cpuinfo), core count, torch version and threads, current load."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu_model": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name()
-    return info
-
-
+# ------------------------------------------------------------------------------- weights and load
 def weights_sha256(model_path: str | Path) -> str:
     """sha256 of the model dir's model.safetensors (which weights a profile or benchmark measured)."""
     import hashlib
