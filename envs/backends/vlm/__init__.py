@@ -4,7 +4,7 @@ Public API
 ----------
 VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_root=None,
            num_samples=None, seed=0, device="cpu", importance_method=None, max_new_tokens=4,
-           budget_range_ms=None)
+           budget_range_ms=None, dataset_weights=None)
     model_path       HF-style model dir (config.json, model.safetensors, tokenizer.json);
                      default: the checkpoint shipped in envs/assets/ (DEFAULT_MODEL_PATH).
     results_dir      dir with importance.json ({"method": str, "scores": {"0": float, ...}}, one
@@ -17,6 +17,7 @@ VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_
     num_samples      int (every split) or {"train": n, "val": n, "test": n} (missing splits keep
                      DEFAULT_NUM_SAMPLES).
     max_new_tokens   greedy decoding stops at EOS or after this many tokens.
+    dataset_weights  sampling weights of the real datasets when several are mixed.
   Attributes: knob_space (tiers from the model config; p 1..5, k top_k-4..top_k, N L-4..L),
   d_model = language_dim, budget_range_ms, importance ({block: score}), model, tokenizer, cfg.
   Methods (the envs.backends.base protocol): dataset(split), language_feature(sample),

@@ -75,6 +75,7 @@ class VLMBackend(Backend):
         importance_method: str | None = None,
         max_new_tokens: int = 4,
         budget_range_ms: Sequence[float] | None = None,
+        dataset_weights: Mapping[str, float] | None = None,
     ):
         self.model_path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATH
         self.results_dir = Path(results_dir) if results_dir is not None else self.model_path
@@ -99,6 +100,7 @@ class VLMBackend(Backend):
         self.data_root = data_root
         self.num_samples = _check_num_samples(num_samples)
         self.seed = int(seed)
+        self.dataset_weights = dict(dataset_weights) if dataset_weights is not None else None
         self._datasets: dict[str, Sequence[VQASample]] = {}
         self._slots = {tier: crop_slots(tier, cfg, self.device) for tier in cfg.tier_grids}
         self.meter = LatencyMeter(self.device, BACKEND_PHASES).attach(
@@ -120,7 +122,8 @@ class VLMBackend(Backend):
                 if self.data_root is None:
                     raise ValueError(f"dataset_names={list(self.dataset_names)} need data_root (got None)")
                 self._datasets[split] = load_vqa_mixture(
-                    self.dataset_names, self.data_root, split, num_samples=n, seed=self.seed
+                    self.dataset_names, self.data_root, split, weights=self.dataset_weights, num_samples=n,
+                    seed=self.seed,
                 )
         return self._datasets[split]
 
