@@ -37,6 +37,7 @@ from agents.checkpoint import (
     set_rng_state,
     check_compatible,
 )
+from agents.baselines import RandomPolicy
 from agents.budget_sweep import accuracy_vs_budget_figure, controller_budget_sweep, default_budgets
 from agents.config import Config, load_config
 from agents.evaluation import dummy_reference_rewards, heldout_budgets, run_episodes, summarize
@@ -274,9 +275,13 @@ def main(argv=None) -> dict:
     test_env = make_env(cfg, backend, "test", ec.batch_size, 1)
     test_index, test_budgets = heldout_budgets(test_env, ec.test_samples, seed=cfg.train.seed + 2)
     final, _ = evaluate(test_env, actor, test_index, test_budgets)
+    # The uniform-random policy on the same samples and budgets: the floor learning must clear.
+    random_policy = RandomPolicy(backend.knob_space, backend.d_model, seed=cfg.train.seed)
+    final["uniform_random"] = summarize(run_episodes(test_env, random_policy, test_index, test_budgets, greedy=False))
     final.update({"checkpoint": str(best_path), "step": step, "split": "test"})
     (output_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
     log({f"test/{k}": v for k, v in final.items() if isinstance(v, (int, float))}, step)
+    log({f"test/random_{k}": v for k, v in final["uniform_random"].items()}, step)
     writer.close()
     metrics_file.close()
     print(json.dumps(final, indent=2))

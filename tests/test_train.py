@@ -37,6 +37,8 @@ def test_smoke_config_learns_and_writes_everything(tmp_path):
         assert key in final
     # GRPO on held-out samples closes >= 80% of the random -> optimal expected-reward gap.
     assert final["gap_closed"] >= 0.8, final
+    assert final["violation_rate"] < final["uniform_random"]["violation_rate"]
+    assert final["reward_mean"] > final["uniform_random"]["reward_mean"]
     assert (out / "config.yaml").exists()
     assert (out / "checkpoints" / "best.pt").exists() and (out / "checkpoints" / "latest.pt").exists()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
