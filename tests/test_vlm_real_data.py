@@ -44,3 +44,11 @@ def test_vlm_backend_on_official_okvqa_files(tmp_path):
     expected = vqa_accuracy(extract_answer(result.answer), samples[0].answers)
     assert result.accuracy == expected
     assert vqa_accuracy("Red.", samples[0].answers) == 1.0  # the metric the backend uses normalises
+
+
+def test_prompt_templates_come_from_config(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model")
+    _write_okvqa(tmp_path / "data", n=1)
+    backend = VLMBackend(model_path=model_dir, dataset_names=("okvqa",), data_root=tmp_path / "data",
+                         num_samples={"val": 1}, prompt_templates={"okvqa": "Q: {question} A:"})
+    assert backend.prompt(backend.dataset("val")[0]) == "Q: what color is the big shape? A:"

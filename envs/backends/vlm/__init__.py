@@ -4,7 +4,7 @@ Public API
 ----------
 VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_root=None,
            num_samples=None, seed=0, device="cpu", importance_method=None, max_new_tokens=4,
-           budget_range_ms=None, dataset_weights=None)
+           budget_range_ms=None, dataset_weights=None, prompt_templates=None)
     model_path       HF-style model dir (config.json, model.safetensors, tokenizer.json);
                      default: the checkpoint shipped in envs/assets/ (DEFAULT_MODEL_PATH).
     results_dir      dir with importance.json ({"method": str, "scores": {"0": float, ...}}, one
@@ -18,6 +18,8 @@ VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_
                      DEFAULT_NUM_SAMPLES).
     max_new_tokens   greedy decoding stops at EOS or after this many tokens.
     dataset_weights  sampling weights of the real datasets when several are mixed.
+    prompt_templates {dataset: template with "{question}"} overriding
+                     envs.data.vqa.DEFAULT_PROMPT_TEMPLATES for real datasets.
   Attributes: knob_space (tiers from the model config; p 1..5, k top_k-4..top_k, N L-4..L),
   d_model = language_dim, budget_range_ms, importance ({block: score}), model, tokenizer, cfg.
   Methods (the envs.backends.base protocol): dataset(split), language_feature(sample),

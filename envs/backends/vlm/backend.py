@@ -76,6 +76,7 @@ class VLMBackend(Backend):
         max_new_tokens: int = 4,
         budget_range_ms: Sequence[float] | None = None,
         dataset_weights: Mapping[str, float] | None = None,
+        prompt_templates: Mapping[str, str] | None = None,
     ):
         self.model_path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATH
         self.results_dir = Path(results_dir) if results_dir is not None else self.model_path
@@ -101,6 +102,7 @@ class VLMBackend(Backend):
         self.num_samples = _check_num_samples(num_samples)
         self.seed = int(seed)
         self.dataset_weights = dict(dataset_weights) if dataset_weights is not None else None
+        self.prompt_templates = dict(prompt_templates) if prompt_templates is not None else None
         self._datasets: dict[str, Sequence[VQASample]] = {}
         self._slots = {tier: crop_slots(tier, cfg, self.device) for tier in cfg.tier_grids}
         self.meter = LatencyMeter(self.device, BACKEND_PHASES).attach(
@@ -136,7 +138,7 @@ class VLMBackend(Backend):
             return sample.question
         from envs.data.vqa import format_prompt
 
-        return format_prompt(sample)
+        return format_prompt(sample, self.prompt_templates)
 
     def prompt_ids(self, sample: VQASample) -> torch.Tensor:
         ids = self.tokenizer.encode(self.prompt(sample))
