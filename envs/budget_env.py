@@ -79,7 +79,7 @@ class BudgetVLMEnv(EnvBase):
         self._group_id = torch.arange(n) // self.group_size
         self._language = torch.zeros(n, backend.language_dim)
         self._next_group_id = 0
-        self._rng = torch.Generator()
+        self.rng = torch.Generator()  # budget and sample draws; checkpointed by the runner
         self._make_specs()
         self._set_seed(seed)
 
@@ -117,7 +117,7 @@ class BudgetVLMEnv(EnvBase):
     # ----------------------------------------------------------------- reset
     def _set_seed(self, seed: int | None) -> None:
         seed = 0 if seed is None else int(seed)
-        self._rng.manual_seed(seed)
+        self.rng.manual_seed(seed)
         if hasattr(self.backend, "rng") and isinstance(self.backend.rng, torch.Generator):
             self.backend.rng.manual_seed(seed + 1)
 
@@ -135,7 +135,7 @@ class BudgetVLMEnv(EnvBase):
             check_budget(budgets[rows], "budget_ms")
         else:
             budgets = self._draw_group_values(
-                lambda g: torch.empty(g).uniform_(self.budget_lo, self.budget_hi, generator=self._rng)
+                lambda g: torch.empty(g).uniform_(self.budget_lo, self.budget_hi, generator=self.rng)
             )
         if given_index is not None:
             index = given_index.reshape(n).long().cpu()
@@ -147,7 +147,7 @@ class BudgetVLMEnv(EnvBase):
                 )
         else:
             index = self._draw_group_values(
-                lambda g: torch.randint(len(self.samples), (g,), generator=self._rng)
+                lambda g: torch.randint(len(self.samples), (g,), generator=self.rng)
             )
         if bool(mask.all()):  # a fresh batch of groups gets fresh group ids
             self._group_id = torch.arange(n) // self.group_size + self._next_group_id
@@ -254,7 +254,7 @@ class BudgetVLMEnv(EnvBase):
         dataset-wide counter of envs.data) and logged once, never scored as a silent zero."""
         self.skipped_samples += 1
         record_skipped(self.samples[int(self._sample_index[row])], err)
-        self._sample_index[row] = int(torch.randint(len(self.samples), (1,), generator=self._rng))
+        self._sample_index[row] = int(torch.randint(len(self.samples), (1,), generator=self.rng))
         self._language[row] = self._load_language(row)
 
     def _run_stage2(self, row: int, action: TensorDictBase):

@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         start_epoch, step, best_val = resume_ckpt["epoch"] + 1, resume_ckpt["step"], resume_ckpt["best_val_reward"]
         set_rng_state(resume_ckpt["rng"])
-        train_env._rng.set_state(resume_ckpt["env_rng"])
+        train_env.rng.set_state(resume_ckpt["env_rng"])
     if not (output_dir / "config.yaml").exists():
         (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     writer = make_logger(output_dir)
@@ -209,7 +209,7 @@ def main(argv=None) -> dict:
     def checkpoint(name: str, epoch: int) -> None:
         save_checkpoint(output_dir / "checkpoints" / name, policy=actor.state_dict(), optimizer=optimizer.state_dict(),
                         step=step, epoch=epoch, best_val_reward=best_val, rng=rng_state(),
-                        env_rng=train_env._rng.get_state(), policy_meta=meta, config=cfg.to_dict())
+                        env_rng=train_env.rng.get_state(), policy_meta=meta, config=cfg.to_dict())
 
     def validate() -> dict:
         metrics, _ = evaluate(val_env, actor, val_index, val_budgets)
