@@ -1,8 +1,6 @@
 """runners/bench.py on a tiny random-weight model: output schema only (no timing is asserted)."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,15 +9,9 @@ from envs.backends.vlm import VLMConfig, WordTokenizer, build_model
 from envs.backends.vlm.config import PRESETS
 from envs.data import synthvqa
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, load_runner
+
 LAYERS = 6
-
-
-def load_runner(name):
-    spec = importlib.util.spec_from_file_location(f"budgetvlm_runner_{name}", ROOT / "runners" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 bench = load_runner("bench")

@@ -1,12 +1,12 @@
 """runners/evaluate.py on the dummy backend, with a checkpoint from a tiny runners/train.py run."""
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_runner
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,10 +39,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluate_main():
-    spec = importlib.util.spec_from_file_location("budgetvlm_runner_evaluate", EVALUATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_runner("evaluate").main
 
 
 def test_end_to_end_subprocess_writes_json_csv_and_plots(run_dir, tmp_path, evaluate_main):

@@ -1,13 +1,11 @@
 """runners/profile.py and envs.profiling on a tiny random-weight model: schemas, the batched accuracy
 path against batch-1 episodes, importance files, the Pareto/budget-range rule, bad inputs.
 No timing is asserted."""
-import importlib.util
 import json
 import math
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,15 +26,9 @@ from envs.profiling import (
     static_configs,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, load_runner
+
 LAYERS = 6
-
-
-def load_runner(name):
-    spec = importlib.util.spec_from_file_location(f"budgetvlm_runner_{name}", ROOT / "runners" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 profile_runner = load_runner("profile")

@@ -1,19 +1,13 @@
 """runners/pretrain_vlm.py end to end on the tiny preset: trains, writes a model dir VLMBackend loads."""
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import torch
 
 from envs.backends.vlm import VLMBackend
+from helpers import load_runner
 
-# runners/ is a folder of scripts, not a package: load the script by path.
-_spec = importlib.util.spec_from_file_location(
-    "budgetvlm_pretrain_vlm", Path(__file__).resolve().parents[1] / "runners" / "pretrain_vlm.py"
-)
-pretrain = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pretrain)
+pretrain = load_runner("pretrain_vlm")
 
 
 def test_sample_plan_respects_the_knob_rules():
