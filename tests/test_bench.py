@@ -9,7 +9,7 @@ from envs.backends.vlm import VLMConfig, WordTokenizer, build_model
 from envs.backends.vlm.config import PRESETS
 from envs.data import synthvqa
 
-from helpers import ROOT, load_runner
+from helpers import load_runner
 
 LAYERS = 6
 
