@@ -1,6 +1,7 @@
 """The VLM backend reads real VQA datasets from their official files and scores with VQA accuracy."""
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -52,3 +53,9 @@ def test_prompt_templates_come_from_config(tmp_path):
     backend = VLMBackend(model_path=model_dir, dataset_names=("okvqa",), data_root=tmp_path / "data",
                          num_samples={"val": 1}, prompt_templates={"okvqa": "Q: {question} A:"})
     assert backend.prompt(backend.dataset("val")[0]) == "Q: what color is the big shape? A:"
+
+
+def test_unknown_dataset_name_is_named(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"unknown dataset\(s\) \['foo'\]"):
+        VLMBackend(model_path=model_dir, dataset_names=("okvqa", "foo"), data_root=tmp_path)

@@ -355,6 +355,12 @@ def _check_dataset_names(names: Sequence[str]) -> tuple[str, ...]:
     names = tuple(names)
     if not names:
         raise ValueError("dataset_names is empty")
+    from envs.data.vqa import DATASET_NAMES
+
+    unknown = [n for n in names if n not in (SYNTHVQA, *DATASET_NAMES)]
+    if unknown:
+        raise ValueError(f"dataset_names={list(names)}: unknown dataset(s) {unknown}; expected {SYNTHVQA!r} or a "
+                         f"subset of {list(DATASET_NAMES)}")
     if SYNTHVQA in names and len(names) > 1:
         raise ValueError(f"dataset_names={list(names)}: synthvqa cannot be mixed with real datasets")
     return names
