@@ -32,7 +32,10 @@ def test_vlm_backend_on_official_okvqa_files(tmp_path):
     backend = VLMBackend(model_path=model_dir, dataset_names=("okvqa",), data_root=tmp_path / "data",
                          num_samples={"val": 3}, dataset_weights={"okvqa": 1.0}, max_new_tokens=2)
     samples = backend.dataset("val")
-    assert len(samples) == 3 and all(s.dataset == "okvqa" for s in samples)
+    assert len(samples) == 2 and all(s.dataset == "okvqa" for s in samples)
+    # val and test are disjoint halves of the official val split (which has 4 questions here)
+    test_ids = {s.question_id for s in backend.dataset("test")}
+    assert len(test_ids) == 2 and not test_ids & {s.question_id for s in samples}
     # one episode through the env, then one directly: scored by the official VQA accuracy
     env = make_env(backend, batch_size=1, group_size=2, split="val")
     td = env.rand_action(env.reset())
@@ -49,7 +52,7 @@ def test_vlm_backend_on_official_okvqa_files(tmp_path):
 
 def test_prompt_templates_come_from_config(tmp_path):
     model_dir = make_model_dir(tmp_path / "model")
-    _write_okvqa(tmp_path / "data", n=1)
+    _write_okvqa(tmp_path / "data", n=2)
     backend = VLMBackend(model_path=model_dir, dataset_names=("okvqa",), data_root=tmp_path / "data",
                          num_samples={"val": 1}, prompt_templates={"okvqa": "Q: {question} A:"})
     assert backend.prompt(backend.dataset("val")[0]) == "Q: what color is the big shape? A:"

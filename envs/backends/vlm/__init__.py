@@ -13,7 +13,8 @@ VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_
     budget_range_ms  [lo, hi] overriding profile.json's.
     importance_method  if given, importance.json's "method" must equal it.
     dataset_names    ("synthvqa",) -> envs.data.synthvqa.SynthVQA(split, n, seed); real dataset
-                     names -> envs.data.vqa.load_vqa_mixture(names, data_root, split, ...).
+                     names -> envs.data.vqa.load_vqa_mixture(names, data_root, split, ...): train is
+                     the official train split, val and test the two halves of the official val split.
     num_samples      int (every split) or {"train": n, "val": n, "test": n} (missing splits keep
                      DEFAULT_NUM_SAMPLES).
     max_new_tokens   greedy decoding stops at EOS or after this many tokens.

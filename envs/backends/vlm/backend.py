@@ -123,10 +123,17 @@ class VLMBackend(Backend):
 
                 if self.data_root is None:
                     raise ValueError(f"dataset_names={list(self.dataset_names)} need data_root (got None)")
-                self._datasets[split] = load_vqa_mixture(
-                    self.dataset_names, self.data_root, split, weights=self.dataset_weights, num_samples=n,
-                    seed=self.seed,
-                )
+                if split == "train":
+                    samples = load_vqa_mixture(self.dataset_names, self.data_root, "train",
+                                               weights=self.dataset_weights, num_samples=n, seed=self.seed)
+                else:
+                    # The official test splits have no answers: our val and test are the two halves of
+                    # the official val split (shuffled once by seed), so they never share a question.
+                    official = load_vqa_mixture(self.dataset_names, self.data_root, "val",
+                                                weights=self.dataset_weights, seed=self.seed)
+                    half = len(official) // 2
+                    samples = (official[:half] if split == "val" else official[half:])[:n]
+                self._datasets[split] = samples
         return self._datasets[split]
 
     def prompt(self, sample: VQASample) -> str:
