@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-from tensordict import TensorDict
 
 from agents.baselines import (
     PolicySpec,
@@ -36,7 +35,6 @@ from envs.backends.base import BACKEND_PHASES
 from envs.budget_env import ACTION_HEADS
 from envs.data.sample import ImageLoadError
 from envs.knobs import KnobSpace
-from envs.machine import machine_info
 from envs.reward import RewardWeights, check_budget, compute_reward
 
 ROW_FIELDS = (

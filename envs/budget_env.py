@@ -193,7 +193,6 @@ class BudgetVLMEnv(EnvBase):
         stage = tensordict["stage"].reshape(n).cpu()
         action = tensordict["action"].cpu()
         self._check_action(action)
-        ks = self.knob_space
         latency_token = torch.zeros(n, self.backend.d_model)
         reward = torch.zeros(n, 1)
         done = torch.zeros(n, 1, dtype=torch.bool)

@@ -5,7 +5,7 @@ design's for a 16-block MoE decoder. Actions travel through the env as indices i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import math

@@ -52,7 +52,6 @@ import torch
 import torch.nn.functional as F
 
 from envs.backends.base import BACKEND_PHASES, SPLITS
-from envs.machine import machine_info
 from envs.backends.vlm import VLMBackend, crop_slots, load_importance, make_crops
 from envs.backends.vlm.backend import IMPORTANCE_FILE, load_image
 from envs.backends.vlm.config import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE

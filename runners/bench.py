@@ -32,6 +32,7 @@ import torch
 
 from envs.backends.vlm import DEFAULT_MODEL_PATH, VLMBackend, VLMConfig, WordTokenizer, build_model
 from envs.backends.vlm.config import PRESETS
+from envs.machine import machine_info
 from envs.profiling import (
     MODEL_FILES,
     StaticConfig,
@@ -42,7 +43,6 @@ from envs.profiling import (
     knob_latency,
     load_average,
     load_samples,
-    machine_info,
     meter_overhead,
     weights_sha256,
     write_json,

@@ -42,7 +42,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # for `runners.train` when run from another directory
 
 import argparse
-import json
 import time
 
 import torch
@@ -64,12 +63,12 @@ from agents.budget_sweep import (
     default_budgets,
     env_policy_rows,
     families_of,
-    machine_info,
     measure_config_table,
     random_policy_rows,
     table_policy_rows,
     write_outputs,
 )
+from envs.machine import machine_info
 from agents.checkpoint import actor_meta, build_actor, check_compatible, load_checkpoint
 from agents.config import config_from_dict
 from envs.reward import RewardWeights

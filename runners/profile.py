@@ -144,6 +144,7 @@ def log(msg: str) -> None:
 
 def main(argv=None) -> dict:
     torch, VLMBackend, P = _lib()
+    from envs.machine import machine_info
     args = parse_args(argv)
     validate(args)
     torch.set_num_threads(args.threads)
@@ -271,7 +272,7 @@ def main(argv=None) -> dict:
                             for i in sorted(front, key=lambda i: rows[i]["latency_mean_ms"])],
         "num_samples": len(samples),
         "latency_samples": args.latency_samples,
-        "machine": P.machine_info(),
+        "machine": machine_info(),
         "meta": {
             "model_path": str(args.model_path),
             "weights_sha256": sha_start,

@@ -18,7 +18,6 @@ from agents.baselines import (
     lookup_select,
     oracle_select,
     parse_policies,
-    parse_static_spec,
     profile_from_table,
 )
 from agents.budget_sweep import (

@@ -2,7 +2,6 @@
 import torch
 
 from envs.backends.dummy import DummyBackend
-from envs import RewardWeights
 
 
 def _tables(b, n=300, seed=0):

@@ -1,9 +1,7 @@
 import copy
-import math
 
 import pytest
 import torch
-from tensordict import TensorDict
 
 from agents.grpo import JointGRPOLoss, group_advantages, make_optimizer
 from agents.rollout import collect_rollouts

@@ -1,5 +1,4 @@
 import torch
-from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from envs import make_env

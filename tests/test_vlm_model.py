@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 from envs.backends.vlm import DEFAULT_MODEL_PATH, VLMConfig, WordTokenizer, build_model, crop_slots, make_crops
 from envs.backends.vlm.config import PRESETS

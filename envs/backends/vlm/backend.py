@@ -31,7 +31,7 @@ import torch
 
 from envs.backends.base import BACKEND_PHASES, SPLITS, Backend, EpisodeResult, check_split
 from envs.backends.vlm.elastic import KVCache
-from envs.backends.vlm.model import BudgetVLM, load_model
+from envs.backends.vlm.model import load_model
 from envs.backends.vlm.preprocess import check_tier, crop_slots, image_to_tensor, make_crops
 from envs.data.sample import ImageLoadError, VQASample
 from envs.knobs import KnobSpace, select_blocks
