@@ -21,7 +21,6 @@ controller puts there.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from envs.backends.base import BACKEND_PHASES, SPLITS, Backend, EpisodeResult, check_split
+from envs.backends.vlm.config import read_json_object
 from envs.backends.vlm.elastic import KVCache
 from envs.backends.vlm.model import load_model
 from envs.backends.vlm.preprocess import check_tier, crop_slots, image_to_tensor, make_crops
@@ -296,7 +296,7 @@ def load_image(sample: VQASample) -> torch.Tensor:
 def load_importance(results_dir: Path, num_layers: int, method: str | None) -> tuple[str, dict[int, float]]:
     """Block importance from results_dir/importance.json ({"method": str, "scores": {"0": float, ...}})."""
     path = results_dir / IMPORTANCE_FILE
-    data = _read_json(path, "block importance")
+    data = read_json_object(path, "block importance")
     found = data.get("method")
     if not isinstance(found, str) or not found:
         raise ValueError(f"{path}: field 'method' is {found!r}, expected a non-empty string")
@@ -328,7 +328,7 @@ def load_budget_range(results_dir: Path) -> tuple[float, float]:
             f"latency profile {path} does not exist (it supplies budget_range_ms); run runners/profile.py "
             f"or pass budget_range_ms=[lo, hi]"
         )
-    data = _read_json(path, "latency profile")
+    data = read_json_object(path, "latency profile")
     if "budget_range_ms" not in data:
         raise ValueError(f"{path}: field 'budget_range_ms' is missing")
     return _check_budget_range(data["budget_range_ms"], f"{path}: budget_range_ms")
@@ -342,18 +342,6 @@ def _check_budget_range(value: Any, what: str) -> tuple[float, float]:
     if not 0 < lo < hi < math.inf:
         raise ValueError(f"{what}={value!r}: expected 0 < lo < hi < inf")
     return lo, hi
-
-
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} file {path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} file {path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _check_dataset_names(names: Sequence[str]) -> tuple[str, ...]:

@@ -168,15 +168,20 @@ class VLMConfig:
     @classmethod
     def load(cls, model_dir: str | Path) -> "VLMConfig":
         path = Path(model_dir) / CONFIG_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"model config {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"model config {path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"model config {path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_object(path, "model config"), source=str(path))
 
     def save(self, model_dir: str | Path) -> None:
         Path(model_dir, CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from `path`; errors name the file and what it should hold."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} file {path}: expected a JSON object, got {type(data).__name__}")
+    return data
