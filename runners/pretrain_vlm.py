@@ -9,8 +9,8 @@ controller can pick is one the model has seen:
     4..8 (blocks < p at 8, as at inference); 0..4 blocks among p..L-1 dropped at random.
 The sequence is [vision tokens][question][budget token][answer][<eos>], teacher-forced: the loss
 is the cross-entropy of the answer and <eos> tokens, predicted from the budget position onwards.
-The budget position holds a random vector s * N(0, I), s ~ U(0, 1.5) per sample, because at
-inference the controller's (LayerNorm-scaled) budget encoder output sits there.
+The budget position holds the model's `embed_budget` of a random vector s * N(0, I), s ~ U(0, 1.5)
+per sample, because at inference the controller's (LayerNorm-scaled) budget encoder output sits there.
 
 After training: importance.json by the drop method (validation loss increase when a block alone is
 skipped, full config otherwise), then test accuracy per family on a grid of configurations
@@ -40,12 +40,15 @@ import argparse
 import functools
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils.data import DataLoader, Dataset
 
 from envs.backends.vlm import VLMConfig, WordTokenizer, build_model, crop_slots, load_model, make_crops
@@ -124,7 +127,7 @@ def forward_text(model, images, ids, slot, budget, tier, plan):
     vision = model.encode_images(make_crops(images, tier, cfg), crop_slots(tier, cfg, images.device))
     text = model.embed(ids)
     is_slot = torch.arange(ids.shape[1], device=ids.device)[None] == slot[:, None]
-    text = torch.where(is_slot[..., None], budget[:, None, :].to(text.dtype), text)
+    text = torch.where(is_slot[..., None], model.embed_budget(budget)[:, None, :].to(text.dtype), text)
     hidden = torch.cat([vision, text], dim=1)
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
     cos, sin = model.rope(positions, hidden)
@@ -229,6 +232,32 @@ def knob_grid(cfg: VLMConfig) -> dict[str, tuple[str, int, int, int]]:
     return grid
 
 
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): NCCL with one GPU per process
+    (gloo on CPU, for smoke runs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(device)
+    if torch.device(device).type == "cpu":
+        dist.init_process_group("gloo")
+        return dist.get_rank(), world, torch.device("cpu")
+    dist.init_process_group("nccl")
+    local = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local)
+    return dist.get_rank(), world, torch.device("cuda", local)
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """All-reduce the mean gradient in one flat buffer. Every rank draws the same knob plan
+    (same plan RNG seed), so the same parameters have gradients on every rank."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(synced)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="model dir to write (config, weights, tokenizer, importance)")
@@ -251,8 +280,8 @@ def main(argv=None):
     ap.add_argument("--log-every", type=int, default=100)
     args = ap.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    rank, world, device = init_distributed(args.device)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -266,7 +295,9 @@ def main(argv=None):
         )
         model = build_model(cfg, seed=args.seed).to(device)
     cfg = model.cfg
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}", flush=True)
+    if rank == 0:
+        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}; "
+              f"{world} process(es) x batch {args.batch_size}", flush=True)
 
     train_weights = {k: float(v) for k, v in (kv.split("=") for kv in args.family_weights.split(",") if kv)} or None
 
@@ -280,23 +311,30 @@ def main(argv=None):
             # fork: workers start in seconds (spawn re-imports torch, transformers, torchrl in each)
             multiprocessing_context="fork" if args.workers > 0 else None,
             prefetch_factor=4 if args.workers > 0 else None,
+            generator=torch.Generator().manual_seed(args.seed * 1000 + rank),  # each rank its own order
         )
 
     _, train_loader = loader("train", args.train_samples, True, args.batch_size)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     start, step, running, data_wait = time.time(), 0, [], 0.0
 
     def progress(step):
-        """Fraction of training done: by steps, or by time when a time limit is set and binds first."""
+        """Fraction of training done: by steps, or by time when a time limit is set and binds first.
+        Rank 0's clock decides for every rank, so all stop at the same step with the same lr."""
         done = step / args.steps
         if args.time_limit_min:
             done = max(done, (time.time() - start) / 60 / args.time_limit_min)
-        return min(done, 1.0)
+        done = torch.tensor(min(done, 1.0), device=device)
+        if world > 1:
+            dist.broadcast(done, 0)
+        return float(done)
 
-    # Linear warmup, then cosine decay to 10% over `progress`.
+    done = 0.0
+    # Linear warmup, then cosine decay to 10% over the progress fraction.
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress(s))))
+        optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * done)))
     )
     rng = random.Random(args.seed)
     model.train()
@@ -308,20 +346,27 @@ def main(argv=None):
             loss = batch_loss(model, batch, tier, plan, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if world > 1:
+                average_gradients(params, world)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            step += 1
+            done = progress(step)
             schedule.step()
             running.append(loss.item())
-            step += 1
-            if step % args.log_every == 0:
+            if step % args.log_every == 0 and rank == 0:
                 print(f"step {step} loss {sum(running) / len(running):.4f} lr {schedule.get_last_lr()[0]:.2e} "
                       f"{(time.time() - start) / 60:.1f} min (waited {data_wait:.0f} s for data)", flush=True)
                 running = []
-            if progress(step) >= 1.0:
+            if done >= 1.0:
                 break
             fetched = time.time()
-        if progress(step) >= 1.0:
+        if done >= 1.0:
             break
+    if world > 1:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
     print(f"trained {step} steps in {(time.time() - start) / 60:.1f} min", flush=True)
 
     out = Path(args.out)

@@ -152,11 +152,11 @@ def test_budget_token_is_in_prefill_only(backend, monkeypatch):
     finally:
         handle.remove()
     prefill, _ = inputs[0]
-    torch.testing.assert_close(prefill[0, -1], bt)  # the budget token is the last prefill position
+    torch.testing.assert_close(prefill[0, -1], backend.model.embed_budget(bt))  # the budget token is the last prefill position
     assert result.extras["generated_tokens"] == 1 + (len(inputs) - 1)
     for step, (hidden, cached) in enumerate(inputs[1:]):
         assert hidden.shape[1] == 1 and cached == prefill.shape[1] + step  # no new budget position
-        assert not torch.allclose(hidden[0, -1], bt)
+        assert not torch.allclose(hidden[0, -1], backend.model.embed_budget(bt))
 
 
 def test_budget_token_reaches_the_answer_through_the_cache(backend):

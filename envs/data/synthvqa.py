@@ -5,7 +5,7 @@ different knob:
 
 * ``coarse``    - colour or shape of one large object (60-120 px). Legible in the low tier's single
                   64-px global view (1/3 resolution); the cheapest configuration answers it.
-* ``detail``    - read a tiny glyph (9-12 px tall, 1-px strokes, segment-display style with faint
+* ``detail``    - read a tiny glyph (10-13 px tall, 1-px strokes, segment-display style with faint
                   "ghost" unlit segments) marked by a box or written on a labelled shape, among
                   distractor glyphs. At 1/3 resolution every glyph blurs into the same 3-4 px blob,
                   so the low tier is near chance; the medium tier (2/3 resolution) and the high
@@ -85,7 +85,7 @@ TEMPLATES: dict[str, tuple[str, str]] = {
 FAMILY_TEMPLATES = {f: tuple(n for n, (fam, _) in TEMPLATES.items() if fam == f) for f in FAMILIES}
 
 # Glyph geometry, drawn per glyph: 1-px strokes; width = aspect * height; italic slant in px.
-GLYPH_HEIGHT_RANGE = (9, 12)
+GLYPH_HEIGHT_RANGE = (10, 13)
 GLYPH_ASPECT_RANGE = (0.5, 0.75)
 LETTER_ASPECT_RANGE = (0.7, 0.9)  # the 14-segment layout needs room for its diagonals
 GLYPH_SLANT_RANGE = (-2, 2)
@@ -365,7 +365,7 @@ def _gen_box_glyph(rng: random.Random, template: str, background: Color) -> Gene
     cell = IMAGE_SIZE // grid
     ink = _color(rng, rng.choice(("black", "white")))  # one ink per scene: colour tells nothing
     glyphs = []
-    for c in rng.sample(range(grid * grid), rng.randint(6, 12)):
+    for c in rng.sample(range(grid * grid), rng.randint(2, 5)):
         cx = (c % grid) * cell + cell // 2 + rng.randint(-1, 1)
         cy = (c // grid) * cell + cell // 2 + rng.randint(-1, 1)
         glyphs.append(_random_glyph(rng, rng.choice(charset), cx, cy, ink, background))
@@ -393,8 +393,8 @@ def _gen_label_digit(rng: random.Random, template: str, background: Color) -> Ge
 
 
 def _gen_count(rng: random.Random, template: str, background: Color) -> Generated:
-    count = rng.randint(1, 9)
-    n_distractors = rng.randint(0, 6)
+    count = rng.randint(1, 6)
+    n_distractors = rng.randint(0, 5)
     if template == "count_shape":
         kind = rng.choice(SHAPES)
         specs = [(rng.choice(COLOR_NAMES), kind, _reasoning_size(rng)) for _ in range(count)]

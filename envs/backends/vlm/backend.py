@@ -178,7 +178,7 @@ class VLMBackend(Backend):
             vision = self.model.encode_images(crops, self._slots[tier])
         model = self.model
         sequence = torch.cat(
-            [vision[0], model.embed(ids), budget.to(self.device, vision.dtype)[None]], dim=0
+            [vision[0], model.embed(ids), model.embed_budget(budget.to(self.device, vision.dtype))[None]], dim=0
         )[None]
         if sequence.shape[1] > self.cfg.max_positions:
             raise ValueError(

@@ -31,11 +31,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Size presets (the vocabulary fields come from the tokenizer). "molmoe-tiny" is the shipped
 # model; "test" is a seconds-fast model of the same classes for unit tests and CPU smoke runs.
 PRESETS = {
-    "molmoe-tiny": {},
+    "molmoe-tiny": dict(budget_token_scale=0.05),
     "test": dict(
         crop_size=16, patch_size=4, vision_hidden_size=32, vision_intermediate_size=64, vision_layers=1,
         vision_heads=2, d_model=32, num_layers=6, num_heads=2, num_experts=16, expert_intermediate_size=8,
-        max_positions=128,
+        max_positions=128, budget_token_scale=0.05,
     ),
 }
 
@@ -68,6 +68,11 @@ class VLMConfig:
     # OLMoE ships norm_topk_prob=False; we renormalise the kept experts' weights so that a
     # smaller top-k keeps the MoE output's scale (graceful degradation under the top-k knob).
     norm_topk_prob: bool = True
+    # The budget token (the controller's LayerNorm-scaled encoder output, per-element std ~1) is
+    # multiplied by this before it enters the sequence, so that it sits at the token embeddings'
+    # scale: unscaled it is ~20x their norm and swamps the residual stream of the position that
+    # predicts the first answer token (the shipped model trained that way learned only slowly).
+    budget_token_scale: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "tier_grids", {str(k): int(v) for k, v in dict(self.tier_grids).items()})

@@ -4,6 +4,7 @@
 exposes the elastic pieces that both inference and pretraining use:
     encode_images(crops, slots)      vision tower + connector -> vision tokens
     embed(ids)                       frozen-vocabulary token embeddings
+    embed_budget(budget)             the budget token's sequence entry
     rope(positions)                  rotary cos/sin shared by all blocks
     blocks[i](h, cos, sin, k, cache) decoder block i at top-k k (envs.backends.vlm.elastic)
     logits(h)                        final norm + LM head
@@ -72,6 +73,10 @@ class BudgetVLM(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.model.embed_tokens(ids)
+
+    def embed_budget(self, budget: torch.Tensor) -> torch.Tensor:
+        """The sequence entry of budget token(s) (..., d_model): scaled to the embeddings' scale."""
+        return budget * self.cfg.budget_token_scale
 
     def rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for positions (batch, length), in `like`'s dtype."""
