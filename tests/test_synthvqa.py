@@ -145,8 +145,9 @@ def test_detail_glyphs_are_small_and_answer_the_question():
         assert len(ys), rec.question
         assert ys.max() - ys.min() + 1 <= 15 and xs.max() - xs.min() + 1 <= 17
     box_glyphs = [r for r in recs if r.template != "label_digit"]
-    # Same-kind distractor glyphs, so the box is needed to know which one is asked about.
-    assert all(sum(isinstance(it, sv.Glyph) for it in r.scene.items) >= 2 for r in box_glyphs)
+    # One glyph per scene, boxed, among small plain shapes.
+    assert all(sum(isinstance(it, sv.Glyph) for it in r.scene.items) == 1 for r in box_glyphs)
+    assert all(sum(isinstance(it, sv.Shape) for it in r.scene.items) >= 1 for r in box_glyphs)
 
 
 def test_detail_glyphs_blur_together_at_the_low_tier():

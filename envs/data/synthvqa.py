@@ -6,8 +6,8 @@ different knob:
 * ``coarse``    - colour or shape of one large object (60-120 px). Legible in the low tier's single
                   64-px global view (1/3 resolution); the cheapest configuration answers it.
 * ``detail``    - read a tiny glyph (10-13 px tall, 1-px strokes, segment-display style with faint
-                  "ghost" unlit segments) marked by a box or written on a labelled shape, among
-                  distractor glyphs. At 1/3 resolution every glyph blurs into the same 3-4 px blob,
+                  "ghost" unlit segments) marked by a box among small plain shapes, or written on
+                  the named one of several shapes. At 1/3 resolution every glyph blurs into the same 3-4 px blob,
                   so the low tier is near chance; the medium tier (2/3 resolution) and the high
                   tier (native-resolution 64-px crops) read it.
 * ``reasoning`` - counting, spatial relations and comparisons over objects of 16-36 px, visible in
@@ -360,24 +360,28 @@ def _random_glyph(rng: random.Random, char: str, cx: int, cy: int, ink: Color, u
 
 
 def _gen_box_glyph(rng: random.Random, template: str, background: Color) -> Generated:
+    """One boxed glyph among small plain shapes (clutter that is not text)."""
     charset = DIGITS if template == "box_digit" else LETTERS
-    grid = 8  # 24-px cells: a glyph (<= 15 x 14 with slant and ghosts) plus its box fits in one
+    grid = 8  # 24-px cells: a glyph (<= 16 x 15 with slant and ghosts) plus its box fits in one
     cell = IMAGE_SIZE // grid
-    ink = _color(rng, rng.choice(("black", "white")))  # one ink per scene: colour tells nothing
-    glyphs = []
-    for c in rng.sample(range(grid * grid), rng.randint(2, 5)):
-        cx = (c % grid) * cell + cell // 2 + rng.randint(-1, 1)
-        cy = (c // grid) * cell + cell // 2 + rng.randint(-1, 1)
-        glyphs.append(_random_glyph(rng, rng.choice(charset), cx, cy, ink, background))
-    target = glyphs[0]  # cells were sampled at random, so the first glyph is a random one
+    ink = _color(rng, rng.choice(("black", "white")))  # ink colour tells nothing about the glyph
+    cells = rng.sample(range(grid * grid), 1 + rng.randint(1, 4))
+    c = cells[0]
+    cx = c % grid * cell + cell // 2 + rng.randint(-1, 1)
+    cy = c // grid * cell + cell // 2 + rng.randint(-1, 1)
+    target = _random_glyph(rng, rng.choice(charset), cx, cy, ink, background)
     x0, y0, x1, y1 = target.bbox()
     m = 2  # box margin: the box marks the glyph without touching it
     colour = rng.choice(("red", "green", "blue", "yellow", "orange", "purple"))
-    box = Box(x0 - m, y0 - m, x1 + m, y1 + m, _color(rng, colour))
-    return [*glyphs, box], TEMPLATES[template][1], target.char
+    items: list[Item] = [target, Box(x0 - m, y0 - m, x1 + m, y1 + m, _color(rng, colour))]
+    for c in cells[1:]:
+        items.append(Shape(rng.choice(SHAPES), _color(rng, rng.choice(COLOR_NAMES)),
+                           c % grid * cell + cell // 2, c // grid * cell + cell // 2, rng.randint(6, 12)))
+    return items, TEMPLATES[template][1], target.char
 
 
 def _gen_label_digit(rng: random.Random, template: str, background: Color) -> Generated:
+    """A digit written on the named shape; the other shapes are blank."""
     n = rng.randint(3, 5)
     target = (rng.choice(COLOR_NAMES), rng.choice(SHAPES))
     combos = [target] + [_other_combo(rng, {target}) for _ in range(n - 1)]
@@ -387,7 +391,9 @@ def _gen_label_digit(rng: random.Random, template: str, background: Color) -> Ge
         shape = Shape(kind, _color(rng, color), cx, cy, size)
         # Triangles' interior is widest low down: centre the digit on their centroid.
         gy = cy + (size // 6 if kind == "triangle" else 0)
-        items += [shape, _random_glyph(rng, rng.choice(DIGITS), cx, gy, _ink_on(rng, shape.color), shape.color)]
+        items.append(shape)
+        if len(items) == 1:
+            items.append(_random_glyph(rng, rng.choice(DIGITS), cx, gy, _ink_on(rng, shape.color), shape.color))
     question = TEMPLATES[template][1].format(color=target[0], shape=target[1])
     return items, question, items[1].char
 
