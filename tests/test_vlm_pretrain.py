@@ -24,13 +24,34 @@ def test_sample_plan_respects_the_knob_rules():
 
 
 def test_collate_labels_predict_answer_from_the_budget_slot():
-    items = [(torch.zeros(3, 4, 4, dtype=torch.uint8), [5, 6, 7], [9, 2], 0, 0),
-             (torch.zeros(3, 4, 4, dtype=torch.uint8), [5], [8, 2], 1, 1)]
-    _, ids, labels, slot, families, indices = pretrain.collate(items, pad_id=0)
+    items = [(torch.zeros(3, 4, 4, dtype=torch.uint8), [5, 6, 7], [9, 2], 0, 0, (-1, 0, 0)),
+             (torch.zeros(3, 4, 4, dtype=torch.uint8), [5], [8, 2], 1, 1, (3, 10, 20))]
+    _, ids, labels, slot, families, indices, glyphs = pretrain.collate(items, pad_id=0)
     assert slot.tolist() == [3, 1]
     assert ids[0].tolist() == [5, 6, 7, 0, 9, 2] and labels[0].tolist() == [-100, -100, -100, 9, 2, -100]
     assert ids[1].tolist()[:4] == [5, 0, 8, 2] and labels[1].tolist()[:3] == [-100, 8, 2]
     assert families.tolist() == [0, 1] and indices.tolist() == [0, 1]
+    assert glyphs.tolist() == [[-1, 0, 0], [3, 10, 20]]
+
+
+def test_glyph_token_is_the_grid_token_under_the_glyph():
+    """The auxiliary glyph target sits on the vision token whose pixels hold the glyph's centre."""
+    from envs.backends.vlm import VLMConfig, make_crops
+
+    cfg = VLMConfig(vocab_size=8, pad_token_id=0, eos_token_id=1)  # 64-px crops, 16-px tokens
+    images = torch.zeros(2, 3, 192, 192, dtype=torch.uint8)
+    glyphs = torch.tensor([[0, 100, 30], [1, 5, 190]])
+    for tier in ("medium", "high"):
+        crops = make_crops(images.clone().index_put_((torch.tensor([0, 1]), torch.tensor([0, 0]),
+                                                      glyphs[:, 2], glyphs[:, 1]), torch.tensor(255, dtype=torch.uint8)),
+                           tier, cfg)
+        index = pretrain.glyph_token_index(glyphs, tier, cfg, 192)
+        changed = (crops - make_crops(images, tier, cfg)).abs()[:, :, 0]  # (batch, crops, S, S)
+        for row in range(2):
+            crop, token = divmod(int(index[row]), cfg.tokens_per_crop)
+            assert crop > 0 and changed[row, crop].sum() > 0  # a grid crop, and it sees the glyph
+            ty, tx = divmod(token, 4)
+            assert changed[row, crop, ty * 16 : ty * 16 + 16, tx * 16 : tx * 16 + 16].sum() > 0
 
 
 def test_pretrain_runs_on_cpu_and_writes_a_loadable_model(tmp_path):
