@@ -17,18 +17,31 @@ skipped, full config otherwise), then test accuracy per family on a grid of conf
 (batched greedy decoding with the backend's block plan) -> eval.json. The model dir written to
 --out is a complete VLMBackend model_path.
 
-Recipe of the shipped checkpoint envs/assets/budgetvlm-molmoe-tiny (one H200, four chained runs
-of one device call each, ~29 min of training, 9.8k steps of 256 = 2.5M samples; each run restarts
-the optimizer and the cosine schedule; runs 1-2 predate the bf16/dense GPU kernel, same math):
+In addition, when --glyph-weight > 0, an auxiliary loss (`glyph_loss`) teaches the vision tower to
+read glyphs: a pretraining-only linear head classifies the glyph from the grid-crop vision token
+under it (medium and high tiers only). Without it the detail family stayed at chance.
+
+Multi-GPU: run under torchrun; every process takes --batch-size samples per step (gradients are
+averaged), so 4 GPUs at --batch-size 256 train on 1024 samples per step.
+
+Recipe of the shipped checkpoint envs/assets/budgetvlm-molmoe-tiny (three chained runs, one device
+call each; each run restarts AdamW and the cosine schedule; 6.5M samples, ~65 GPU-minutes):
     A=envs/assets/budgetvlm-molmoe-tiny
-    R="python -m runners.pretrain_vlm --device cuda --workers 15 --steps 100000"  # time limit binds
-    $R --out $A --time-limit-min 7.3 --batch-size 256 --lr 2e-3 --warmup 300             # 1145 steps
-    $R --init $A --out $A --time-limit-min 8 --batch-size 256 --lr 1.5e-3 --warmup 200   # 2219 steps
-    $R --init $A --out $A --time-limit-min 8 --batch-size 256 --lr 2e-3 --warmup 200     # 3985 steps
-    $R --init $A --out $A --time-limit-min 5.5 --batch-size 256 --lr 1.5e-3 --warmup 200 \
-       --full-prob 0.5 --family-weights coarse=1,detail=2,reasoning=1.5                  # 2451 steps
-The result is under-trained: see eval.json; the
-detail family is still at chance, so more GPU time (one long run) is the next step.
+    R="-m runners.pretrain_vlm --device cuda --workers 15 --steps 100000"  # the time limit binds
+    # 1. from scratch, one H200, 3221 steps of 256. Ran at commit a86a948, whose box scenes held
+    #    2-5 glyphs (now 1) and before the glyph loss existed.
+    python $R --out $A --time-limit-min 7.2 --batch-size 256 --lr 1e-3 --full-prob 0.3 \
+        --family-weights coarse=1,detail=2,reasoning=2
+    # 2. 4 x H200, 3041 steps of 4 x 256 (commit 5d67abc: current data, no glyph loss yet)
+    torchrun --standalone --nproc_per_node 4 $R --init $A --out $A --time-limit-min 7.5 \
+        --batch-size 256 --lr 1e-3 --warmup 100 --full-prob 0.5 --family-weights coarse=1,detail=2.5,reasoning=2 \
+        --glyph-weight 0
+    # 3. 4 x H100, 2524 steps of 4 x 256, glyph loss on
+    torchrun --standalone --nproc_per_node 4 $R --init $A --out $A --time-limit-min 7.0 \
+        --batch-size 256 --lr 1e-3 --warmup 100 --full-prob 0.5 --family-weights coarse=1,detail=2.5,reasoning=2 \
+        --glyph-weight 1
+pretrain.log beside the checkpoint holds the three runs' logs, eval.json the last run's grid. The
+recipe has not been re-run end to end (no device time left), so its reproducibility is unmeasured.
 Run it as a module (`python -m runners.pretrain_vlm`), not as a path, so runners/ is not first on
 sys.path. CPU smoke run (a tiny model, minutes):
     python -m runners.pretrain_vlm --out /tmp/vlm-test --preset test --steps 50 --batch-size 16 \
