@@ -118,9 +118,13 @@ def test_importance_file_option_and_no_silent_overwrite(model_dir, profiled, tmp
     custom = tmp_path / "mine.json"
     custom.write_text(json.dumps({"method": "custom", "scores": {str(i): float(-i) for i in range(LAYERS)}}))
     out = tmp_path / "out"
-    data = profile_runner.main([*args, "--output_dir", str(out), "--importance_file", str(custom), "--skip_importance",
-                                "--num_blocks", "4"])
-    assert data["meta"]["importance"]["method"] == "custom"
+    # One configuration has no budget range (1.1 x its p95 is above its p95): the profile is written,
+    # then the runner says the range is missing.
+    with pytest.raises(ValueError, match="without budget_range_ms"):
+        profile_runner.main([*args, "--output_dir", str(out), "--importance_file", str(custom), "--skip_importance",
+                             "--num_blocks", "4"])
+    data = json.loads((out / "profile.json").read_text())
+    assert data["budget_range_ms"] is None and data["meta"]["importance"]["method"] == "custom"
     assert json.loads((out / "importance.json").read_text())["method"] == "custom"
     assert data["configs"][0]["blocks"] == [0, 1, 2, 3]  # scores favour early blocks
 
