@@ -8,8 +8,14 @@ import torch
 from torch import nn
 
 
-def sinusoidal_code(x: torch.Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1_000.0) -> torch.Tensor:
-    """Transformer-style code of x in [0, 1] (treated as position x*scale): (..., 1) -> (..., dim)."""
+def sinusoidal_code(x: torch.Tensor, dim: int, max_period: float = 100.0, scale: float = 25.0) -> torch.Tensor:
+    """Transformer-style code of x in [0, 1] (treated as position x*scale): (..., 1) -> (..., dim).
+
+    The defaults make every component vary smoothly over the budget range, from ~4 cycles (the
+    fastest) to ~1/25 of a cycle (the slowest). Transformer position scales (x*1000, period up to
+    10^4) made most components alias across budgets a few ms apart, and the controller could not
+    learn budget-dependent choices before its tier head collapsed to one value.
+    """
     if dim % 2:
         raise ValueError(f"sinusoidal dim={dim}: expected an even number")
     half = dim // 2
