@@ -270,15 +270,18 @@ def main(argv=None) -> dict:
 
     # Final evaluation of the best-by-validation policy on held-out test samples.
     best_path = output_dir / "checkpoints" / "best.pt"
+    best_step = step
     if best_path.exists():
-        actor.load_state_dict(load_checkpoint(best_path)["policy"])
+        best = load_checkpoint(best_path)
+        actor.load_state_dict(best["policy"])
+        best_step = best["step"]
     test_env = make_env(cfg, backend, "test", ec.batch_size, 1)
     test_index, test_budgets = heldout_budgets(test_env, ec.test_samples, seed=cfg.train.seed + 2)
     final, _ = evaluate(test_env, actor, test_index, test_budgets)
     # The uniform-random policy on the same samples and budgets: the floor learning must clear.
     random_policy = RandomPolicy(backend.knob_space, backend.d_model, seed=cfg.train.seed)
     final["uniform_random"] = summarize(run_episodes(test_env, random_policy, test_index, test_budgets, greedy=False))
-    final.update({"checkpoint": str(best_path), "step": step, "split": "test"})
+    final.update({"checkpoint": str(best_path), "checkpoint_step": best_step, "step": step, "split": "test"})
     (output_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
     log({f"test/{k}": v for k, v in final.items() if isinstance(v, (int, float))}, step)
     log({f"test/random_{k}": v for k, v in final["uniform_random"].items()}, step)
