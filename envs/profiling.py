@@ -506,7 +506,7 @@ def pareto_frontier(configs: Sequence[Mapping], acc_key: str = "accuracy_mean",
 LOW_BUDGET_HEADROOM = 1.1
 
 BUDGET_RANGE_RULE = (
-    "[1.1 x min over the latency Pareto frontier (accuracy up, mean latency down) of latency_p95_ms, "
+    f"[{LOW_BUDGET_HEADROOM} x min over the latency Pareto frontier (accuracy up, mean latency down) of latency_p95_ms, "
     "max over the frontier of latency_p95_ms]: from the lowest budget that the fastest useful "
     "configuration meets 95% of the time (with headroom for the controller's own time) to the most "
     "accurate one's tail, so a policy can keep violations under 5% at every budget of the range and the "
@@ -517,13 +517,14 @@ BUDGET_RANGE_RULE = (
 
 def budget_range(configs: Sequence[Mapping]) -> tuple[list[float], str, list[int]]:
     """([lo, hi], which rule applied, frontier indices); see BUDGET_RANGE_RULE."""
+    def span(p95s: list[float]) -> tuple[float, float]:
+        return LOW_BUDGET_HEADROOM * min(p95s), max(p95s)
+
     front = pareto_frontier(configs)
-    lo = LOW_BUDGET_HEADROOM * min(configs[i]["latency_p95_ms"] for i in front)
-    hi = max(configs[i]["latency_p95_ms"] for i in front)
+    lo, hi = span([configs[i]["latency_p95_ms"] for i in front])
     rule = "pareto_frontier"
     if not 0 < lo < hi:
-        lo = LOW_BUDGET_HEADROOM * min(c["latency_p95_ms"] for c in configs)
-        hi = max(c["latency_p95_ms"] for c in configs)
+        lo, hi = span([c["latency_p95_ms"] for c in configs])
         rule = "all_configs (frontier span empty)"
     if not 0 < lo < hi < math.inf:
         raise ValueError(f"budget range [{lo}, {hi}] from the profile is empty; need 0 < lo < hi")

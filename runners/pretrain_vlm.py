@@ -174,7 +174,7 @@ def glyph_token_index(glyphs: torch.Tensor, tier: str, cfg: VLMConfig, image_siz
     """
     grid, size = cfg.tier_grids[tier], cfg.crop_size
     token_px = cfg.patch_size * cfg.pool
-    side = size // token_px
+    side = cfg.patches_per_side // cfg.pool
     scale = grid * size / image_size
     x = (glyphs[:, 1].float() * scale).long().clamp(0, grid * size - 1)
     y = (glyphs[:, 2].float() * scale).long().clamp(0, grid * size - 1)
@@ -393,10 +393,12 @@ def main(argv=None):
         done = step / args.steps
         if args.time_limit_min:
             done = max(done, (time.time() - start) / 60 / args.time_limit_min)
-        done = torch.tensor(min(done, 1.0), device=device)
-        if world > 1:
-            dist.broadcast(done, 0)
-        return float(done)
+        done = min(done, 1.0)
+        if world == 1:
+            return done
+        shared = torch.tensor(done, device=device)
+        dist.broadcast(shared, 0)
+        return float(shared)
 
     done = 0.0
     # Linear warmup, then cosine decay to 10% over the progress fraction.

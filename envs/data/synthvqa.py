@@ -7,8 +7,8 @@ different knob:
                   64-px global view (1/3 resolution); the cheapest configuration answers it.
 * ``detail``    - read a tiny glyph (10-13 px tall, 1-px strokes, segment-display style with faint
                   "ghost" unlit segments) marked by a box among small plain shapes, or written on
-                  the named one of several shapes. At 1/3 resolution every glyph blurs into the same 3-4 px blob,
-                  so the low tier is near chance; the medium tier (2/3 resolution) and the high
+                  the named one of several shapes. At 1/3 resolution every glyph blurs into the
+                  same 3-4 px blob, so the low tier is near chance; the medium tier (2/3 resolution) and the high
                   tier (native-resolution 64-px crops) read it.
 * ``reasoning`` - counting, spatial relations and comparisons over objects of 16-36 px, visible in
                   the low tier: the difficulty is computation (top-k, depth), not resolution.
@@ -387,12 +387,12 @@ def _gen_label_digit(rng: random.Random, template: str, background: Color) -> Ge
     combos = [target] + [_other_combo(rng, {target}) for _ in range(n - 1)]
     sizes = [rng.randint(36, 46) for _ in combos]
     items: list[Item] = []
-    for (color, kind), size, (cx, cy) in zip(combos, sizes, _grid_positions(rng, n, 4, sizes)):
+    for i, ((color, kind), size, (cx, cy)) in enumerate(zip(combos, sizes, _grid_positions(rng, n, 4, sizes))):
         shape = Shape(kind, _color(rng, color), cx, cy, size)
-        # Triangles' interior is widest low down: centre the digit on their centroid.
-        gy = cy + (size // 6 if kind == "triangle" else 0)
         items.append(shape)
-        if len(items) == 1:
+        if i == 0:  # the named shape
+            # Triangles' interior is widest low down: centre the digit on their centroid.
+            gy = cy + (size // 6 if kind == "triangle" else 0)
             items.append(_random_glyph(rng, rng.choice(DIGITS), cx, gy, _ink_on(rng, shape.color), shape.color))
     question = TEMPLATES[template][1].format(color=target[0], shape=target[1])
     return items, question, items[1].char

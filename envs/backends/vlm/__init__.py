@@ -29,8 +29,10 @@ VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_
   preprocess / vision / prefill / decode (ms) and extras (tier, insertion, top_k, num_blocks,
   blocks, vision_tokens, prefill_tokens, generated_tokens, generated_ids). Returned tensors are
   float32 on the backend's device.
-  budget_token: any finite (d_model,) tensor; pretraining put s * N(0, I), s ~ U(0, 1.5), at
-  that position (the scale of a LayerNorm output, like policies' budget encoder emits).
+  budget_token: any finite (d_model,) tensor; it enters the sequence as
+  model.embed_budget(budget_token) (x config budget_token_scale). Pretraining put s * N(0, I),
+  s ~ U(0, 1.5), there before that scaling (the scale of a LayerNorm output, like policies' budget
+  encoder emits).
   Latency: on a shared 2-core CPU use torch.set_num_threads(1): batch-1 episodes of this model
   are overhead-bound, and a second thread competing with other processes inflates and scatters
   the timings.
