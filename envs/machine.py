@@ -8,6 +8,14 @@ from pathlib import Path
 import torch
 
 
+def load_average() -> list[float] | None:
+    """1/5/15-minute load average, rounded; None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info() -> dict:
     """CPU model (from /proc/cpuinfo), core count, torch version and threads, current load."""
     cpu = platform.processor() or platform.machine()
@@ -26,10 +34,9 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-    try:
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
+    load = load_average()
+    if load is not None:
+        info["load_average"] = load
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
     return info

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import statistics
 import tempfile
@@ -120,13 +119,6 @@ def weights_sha256(model_path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ------------------------------------------------------------------------------- configs

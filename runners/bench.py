@@ -32,7 +32,7 @@ import torch
 
 from envs.backends.vlm import DEFAULT_MODEL_PATH, VLMBackend, VLMConfig, WordTokenizer, build_model
 from envs.backends.vlm.config import PRESETS
-from envs.machine import machine_info
+from envs.machine import load_average, machine_info
 from envs.profiling import (
     MODEL_FILES,
     StaticConfig,
@@ -41,7 +41,6 @@ from envs.profiling import (
     check_split_name,
     hook_cost_us,
     knob_latency,
-    load_average,
     load_samples,
     meter_overhead,
     weights_sha256,

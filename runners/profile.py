@@ -144,13 +144,13 @@ def log(msg: str) -> None:
 
 def main(argv=None) -> dict:
     torch, VLMBackend, P = _lib()
-    from envs.machine import machine_info
+    from envs.machine import load_average, machine_info
     args = parse_args(argv)
     validate(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
-    load_start = P.load_average()
+    load_start = load_average()
     out: Path = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     sha_start = P.weights_sha256(args.model_path)  # the weights must not change during the run
@@ -299,7 +299,7 @@ def main(argv=None) -> dict:
                      "top_k": sorted({c.top_k for c in configs}), "num_blocks": sorted({c.num_blocks for c in configs})},
             "device": args.device,
             "load_average_start": load_start,
-            "load_average_end": P.load_average(),
+            "load_average_end": load_average(),
             "timing_s": timing,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         },
