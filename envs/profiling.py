@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from envs.backends.base import BACKEND_PHASES, SPLITS
-from envs.backends.vlm import VLMBackend, crop_slots, load_importance, make_crops
+from envs.backends.vlm import VLMBackend, load_importance, make_crops
 from envs.backends.vlm.backend import IMPORTANCE_FILE, load_image
 from envs.backends.vlm.config import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from envs.data.accuracy import extract_answer, score_answer
@@ -243,12 +243,11 @@ class BatchedEvaluator:
             by_size: dict[tuple, list[int]] = {}
             for i, image in enumerate(self._images):
                 by_size.setdefault(tuple(image.shape), []).append(i)
-            slots = crop_slots(tier, self.cfg, self.device)
             for idx in by_size.values():
                 for j in range(0, len(idx), self.batch_size):
                     chunk = idx[j : j + self.batch_size]
                     images = torch.stack([self._images[i] for i in chunk]).to(self.device)
-                    vision = self.model.encode_images(make_crops(images, tier, self.cfg), slots)
+                    vision = self.model.encode_images(*make_crops(images, tier, self.cfg))
                     for row, i in enumerate(chunk):
                         out[i] = vision[row]
             self._vision[tier] = out

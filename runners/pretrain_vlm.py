@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils.data import DataLoader, Dataset
 
-from envs.backends.vlm import VLMConfig, WordTokenizer, build_model, crop_slots, load_model, make_crops
+from envs.backends.vlm import VLMConfig, WordTokenizer, build_model, load_model, make_crops
 from envs.backends.vlm.config import PRESETS
 from envs.backends.vlm.preprocess import image_to_tensor
 from envs.data import synthvqa
@@ -149,7 +149,7 @@ def forward_text(model, images, ids, slot, budget, tier, plan):
     """Hidden states of the text part (batch, text_len, d_model) under `plan` (teacher forcing),
     and the vision tokens."""
     cfg = model.cfg
-    vision = model.encode_images(make_crops(images, tier, cfg), crop_slots(tier, cfg, images.device))
+    vision = model.encode_images(*make_crops(images, tier, cfg))
     text = model.embed(ids)
     is_slot = torch.arange(ids.shape[1], device=ids.device)[None] == slot[:, None]
     text = torch.where(is_slot[..., None], model.embed_budget(budget)[:, None, :].to(text.dtype), text)

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from envs.backends.vlm import DEFAULT_MODEL_PATH, VLMConfig, WordTokenizer, build_model, crop_slots, make_crops
+from envs.backends.vlm import DEFAULT_MODEL_PATH, VLMConfig, WordTokenizer, build_model, make_crops
 from envs.backends.vlm.config import PRESETS
 from envs.backends.vlm.elastic import dense_experts, moe_forward
 
@@ -59,15 +59,16 @@ def test_moe_kernels_match_the_dense_reference(tiny, rows, top_k):
 def test_crops_per_tier_and_slots(tiny):
     cfg = tiny[0].cfg
     images = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
-    shapes = {t: make_crops(images, t, cfg).shape for t in ("low", "medium", "high")}
+    out = {t: make_crops(images, t, cfg) for t in ("low", "medium", "high")}
+    shapes = {t: crops.shape for t, (crops, _) in out.items()}
     assert shapes == {t: (2, n, 3, 16, 16) for t, n in {"low": 1, "medium": 5, "high": 10}.items()}
     # 3x3 grid of a 48-px image = native-resolution 16-px cells, row-major.
-    high = make_crops(images, "high", cfg)
-    low_cell = make_crops(images[:, :, 16:32, 32:48], "low", cfg)
+    high = out["high"][0]
+    low_cell = make_crops(images[:, :, 16:32, 32:48], "low", cfg)[0]
     torch.testing.assert_close(high[:, 1 + 1 * 3 + 2], low_cell[:, 0])
-    assert crop_slots("low", cfg).tolist() == [0]
-    assert crop_slots("medium", cfg).tolist() == [0, 1, 2, 3, 4]
-    assert crop_slots("high", cfg).tolist() == [0, *range(5, 14)]
+    assert out["low"][1].tolist() == [0]
+    assert out["medium"][1].tolist() == [0, 1, 2, 3, 4]
+    assert out["high"][1].tolist() == [0, *range(5, 14)]
     assert cfg.num_crop_slots == 14
     assert [cfg.vision_tokens(t) for t in ("low", "medium", "high")] == [4, 20, 40]
 

@@ -44,9 +44,9 @@ def test_glyph_token_is_the_grid_token_under_the_glyph():
     for tier in ("medium", "high"):
         crops = make_crops(images.clone().index_put_((torch.tensor([0, 1]), torch.tensor([0, 0]),
                                                       glyphs[:, 2], glyphs[:, 1]), torch.tensor(255, dtype=torch.uint8)),
-                           tier, cfg)
+                           tier, cfg)[0]
         index = pretrain.glyph_token_index(glyphs, tier, cfg, 192)
-        changed = (crops - make_crops(images, tier, cfg)).abs()[:, :, 0]  # (batch, crops, S, S)
+        changed = (crops - make_crops(images, tier, cfg)[0]).abs()[:, :, 0]  # (batch, crops, S, S)
         for row in range(2):
             crop, token = divmod(int(index[row]), cfg.tokens_per_crop)
             assert crop > 0 and changed[row, crop].sum() > 0  # a grid crop, and it sees the glyph

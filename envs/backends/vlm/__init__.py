@@ -43,14 +43,14 @@ VLMConfig                 hyper-parameters (config.json); vision_tokens(tier) pe
 build_model(cfg, seed)    random-init BudgetVLM; load_model(dir, device) -> (BudgetVLM, WordTokenizer).
 BudgetVLM                 encode_images / embed / rope / blocks[i](h, cos, sin, top_k, cache) / logits.
 WordTokenizer             word-level tokenizer (SynthVQA's tokenize_words rule).
-make_crops, crop_slots    multi-crop preprocessing per tier.
+make_crops                multi-crop preprocessing per tier: (crops, crop slots).
 
 Design notes (execution honesty, cache, budget token) are in elastic.py and backend.py.
 """
 from envs.backends.vlm.backend import DEFAULT_MODEL_PATH, VLMBackend, VLMEpisode, load_importance
 from envs.backends.vlm.config import VLMConfig
 from envs.backends.vlm.model import BudgetVLM, build_model, load_model
-from envs.backends.vlm.preprocess import crop_slots, make_crops
+from envs.backends.vlm.preprocess import make_crops
 from envs.backends.vlm.tokenizer import WordTokenizer
 
 __all__ = [
@@ -61,7 +61,6 @@ __all__ = [
     "VLMEpisode",
     "WordTokenizer",
     "build_model",
-    "crop_slots",
     "load_importance",
     "load_model",
     "make_crops",

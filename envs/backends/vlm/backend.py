@@ -32,7 +32,7 @@ from envs.backends.base import BACKEND_PHASES, SPLITS, Backend, EpisodeResult, c
 from envs.backends.vlm.config import read_json_object
 from envs.backends.vlm.elastic import KVCache
 from envs.backends.vlm.model import load_model
-from envs.backends.vlm.preprocess import check_tier, crop_slots, image_to_tensor, make_crops
+from envs.backends.vlm.preprocess import check_tier, image_to_tensor, make_crops
 from envs.data.sample import ImageLoadError, VQASample
 from envs.knobs import KnobSpace, select_blocks
 from envs.latency import LatencyMeter, PhaseTimer
@@ -104,7 +104,6 @@ class VLMBackend(Backend):
         self.dataset_weights = dict(dataset_weights) if dataset_weights is not None else None
         self.prompt_templates = dict(prompt_templates) if prompt_templates is not None else None
         self._datasets: dict[str, Sequence[VQASample]] = {}
-        self._slots = {tier: crop_slots(tier, cfg, self.device) for tier in cfg.tier_grids}
         self.meter = LatencyMeter(self.device, BACKEND_PHASES).attach(
             [self.model.vision, *self.model.blocks, self.model.lm_head]
         )
@@ -173,9 +172,9 @@ class VLMBackend(Backend):
         timer = PhaseTimer()
         with self.meter.section(timer, "preprocess", bracket=True):
             image = load_image(sample)
-            crops = make_crops(image.to(self.device)[None], tier, self.cfg)
+            crops, slots = make_crops(image.to(self.device)[None], tier, self.cfg)
         with self.meter.section(timer, "vision"):
-            vision = self.model.encode_images(crops, self._slots[tier])
+            vision = self.model.encode_images(crops, slots)
         model = self.model
         sequence = torch.cat(
             [vision[0], model.embed(ids), model.embed_budget(budget.to(self.device, vision.dtype))[None]], dim=0

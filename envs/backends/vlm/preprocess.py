@@ -32,8 +32,10 @@ def check_tier(cfg: VLMConfig, tier: str) -> str:
     return tier
 
 
-def make_crops(images: torch.Tensor, tier: str, cfg: VLMConfig) -> torch.Tensor:
-    """uint8 or [0,1] float images (batch, 3, H, W) -> normalised crops (batch, crops, 3, S, S)."""
+def make_crops(images: torch.Tensor, tier: str, cfg: VLMConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 or [0,1] float images (batch, 3, H, W), all of one size -> (normalised crops
+    (batch, crops, 3, S, S), slot index of each crop (crops,)). The number of crops depends on the
+    tier and may depend on the image size: never assume it per tier."""
     check_tier(cfg, tier)
     if images.dtype == torch.uint8:
         images = images.float().div_(255.0)
@@ -48,10 +50,10 @@ def make_crops(images: torch.Tensor, tier: str, cfg: VLMConfig) -> torch.Tensor:
     crops = torch.cat(views, dim=1)
     mean = torch.tensor(CLIP_MEAN, device=crops.device, dtype=crops.dtype).view(1, 1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=crops.device, dtype=crops.dtype).view(1, 1, 3, 1, 1)
-    return (crops - mean) / std
+    return (crops - mean) / std, _crop_slots(tier, cfg, crops.device)
 
 
-def crop_slots(tier: str, cfg: VLMConfig, device: str | torch.device = "cpu") -> torch.Tensor:
+def _crop_slots(tier: str, cfg: VLMConfig, device: str | torch.device = "cpu") -> torch.Tensor:
     """Slot index of each crop of `tier` (0 = global view, then this grid's cells)."""
     check_tier(cfg, tier)
     cells = cfg.tier_grids[tier] ** 2
