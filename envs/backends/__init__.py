@@ -16,10 +16,14 @@ def _backend_class(name: str):
         from envs.backends.vlm import VLMBackend
 
         return VLMBackend
+    if name == "molmoe":
+        from envs.backends.molmoe import MolmoEBackend
+
+        return MolmoEBackend
     raise ValueError(f"backend={name!r} is not known; expected one of {BACKEND_NAMES}")
 
 
-BACKEND_NAMES = ("dummy", "vlm")
+BACKEND_NAMES = ("dummy", "vlm", "molmoe")
 
 
 def backend_parameters(name: str) -> set[str]:
