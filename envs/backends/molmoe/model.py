@@ -253,4 +253,4 @@ def load(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch
     with torch.device("meta"):
         model = MolmoE(cfg)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device).eval(), tokenizer
+    return model.requires_grad_(False).to(device).eval(), tokenizer  # inference only: weights stay frozen
