@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a training output_dir (its best checkpoint)")
     p.add_argument("--output_dir", required=True, help="where eval.json, eval.csv and the plots go")
     p.add_argument("--config", help="YAML whose keys override the checkpoint's stored config")
-    p.add_argument("--backend", choices=("dummy", "vlm"), help="env backend (default: the checkpoint's)")
+    p.add_argument("--backend", choices=("dummy", "vlm", "molmoe"), help="env backend (default: the checkpoint's)")
     p.add_argument("--model_path", help="VLM model dir (default: the checkpoint's, else the shipped model)")
     p.add_argument("--results_dir", help="dir with profile.json (and importance.json for the VLM)")
     p.add_argument("--split", default="test", help="train, val or test (default test)")

@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--use_multi_gpu", action="store_true", help="data-parallel rollouts (not available yet)")
     p.add_argument("--load_stage1_checkpoint", help="initialise Stage 1 from this checkpoint")
-    p.add_argument("--backend", choices=("dummy", "vlm"), help="env backend")
+    p.add_argument("--backend", choices=("dummy", "vlm", "molmoe"), help="env backend")
     return p.parse_args(argv)
 
 

@@ -6,7 +6,7 @@ from envs.backends import make_backend
 from envs.backends.molmoe import MolmoEBackend
 from envs.backends.vlm import elastic
 from envs.data.sample import VQASample
-from tests.molmoe_fixture import FIXTURE, cases, image, requires_fixture, write_results
+from molmoe_fixture import FIXTURE, cases, image, requires_fixture, write_results
 
 pytestmark = requires_fixture
 FIXTURE_TIERS = {"low": 1, "medium": 4, "high": 12}  # the fixture's max_crops values

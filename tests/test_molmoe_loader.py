@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from envs.backends.molmoe import load, model as molmoe_model
-from tests.molmoe_fixture import FIXTURE, copy_checkpoint, requires_fixture
+from molmoe_fixture import FIXTURE, copy_checkpoint, requires_fixture
 
 pytestmark = requires_fixture
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from envs.backends.molmoe import chat_prompt, load, preprocess
-from tests.molmoe_fixture import FIXTURE, cases, image_tensor, requires_fixture, tensors
+from molmoe_fixture import FIXTURE, cases, image_tensor, requires_fixture, tensors
 
 pytestmark = requires_fixture
 ATOL = 1e-4

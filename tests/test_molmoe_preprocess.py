@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from envs.backends.molmoe import MolmoEConfig, MolmoETokenizer, chat_prompt, preprocess, select_tiling
-from tests.molmoe_fixture import FIXTURE, cases, image_tensor, requires_fixture, tensors
+from molmoe_fixture import FIXTURE, cases, image_tensor, requires_fixture, tensors
 
 pytestmark = requires_fixture
 

@@ -46,6 +46,14 @@ REQUIRED_VALUES = {
     "unconditioned": False,
     "head_dim": None,
 }
+# MolmoE-1B's published sizes where the reference fixture's tiny config differs (the fixture
+# README's table); every other field of the fixture's config.json is the published one.
+MOLMOE_1B_SIZES = {
+    "d_model": 2048, "n_layers": 16, "n_heads": 16, "moe_num_experts": 64, "moe_top_k": 8, "mlp_ratio": 1,
+    "vit_layers": [-2, -9],
+    "vision_backbone": {"image_emb_dim": 1024, "image_num_heads": 16, "image_num_key_value_heads": 16,
+                        "image_head_dim": 64, "image_mlp_dim": 4096, "image_num_layers": 23},
+}
 VISION_REQUIRED_VALUES = {"image_model_type": "openai", "image_mlp_activations": "quick_gelu"}
 
 

@@ -1,0 +1,53 @@
+"""The runners on the MolmoE backend (the fixture's tiny checkpoint, CPU): profile, train, evaluate."""
+import json
+
+import pytest
+import yaml
+
+from helpers import ROOT, load_runner
+from molmoe_fixture import FIXTURE, requires_fixture
+
+pytestmark = requires_fixture
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("molmoe_profile")
+    load_runner("profile_molmoe").main([
+        "--model_path", str(FIXTURE), "--output_dir", str(out), "--tiers", "low", "--num_samples", "2",
+        "--importance_samples", "1", "--warmup", "0", "--max_new_tokens", "1", "--image_size", "640", "480",
+    ])
+    return out
+
+
+def test_profile_writes_importance_and_a_profile_the_env_reads(results_dir):
+    importance = json.loads((results_dir / "importance.json").read_text())
+    assert importance["method"] == "block_influence"
+    assert sorted(importance["scores"]) == ["0", "1", "2", "3"]
+    assert all(0 < s < 2 for s in importance["scores"].values())
+    profile = json.loads((results_dir / "profile.json").read_text())
+    configs = profile["configs"]
+    assert {(c["tier"], c["top_k"], c["num_blocks"]) for c in configs} == {
+        ("low", k, n) for k in (1, 2) for n in (1, 2, 3, 4)}
+    # a 640x480 image at the low tier's budget of 2 grid crops: grid 1x2 + the global crop
+    assert all(c["crops_mean"] == 3 and c["num_samples"] == 2 for c in configs)
+    lo, hi = profile["budget_range_ms"]
+    assert 0 < lo < hi
+
+
+def test_train_then_evaluate(results_dir, tmp_path):
+    run = tmp_path / "run"
+    load_runner("train").main([
+        "--config", str(ROOT / "configs" / "molmoe_smoke.yaml"), "--backend", "molmoe", "--model_path", str(FIXTURE),
+        "--results_dir", str(results_dir), "--output_dir", str(run),
+    ])
+    final = json.loads((run / "final_eval.json").read_text())
+    assert final["num_episodes"] == 2 and final["latency_mean_ms"] > 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["env"]["backend"] == "molmoe"
+    out = load_runner("evaluate").main([
+        "--checkpoint", str(run), "--output_dir", str(tmp_path / "eval"), "--num_samples", "2", "--num_budgets", "2",
+        "--policies", "controller", "static:low,2,4", "lookup-p95", "--warmup", "0",
+    ])
+    assert out["meta"]["backend"]["backend"] == "MolmoEBackend"
+    rows = {(r["policy"], r["budget_ms"]) for r in out["rows"]}
+    assert len(rows) == 6
