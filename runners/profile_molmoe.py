@@ -37,7 +37,7 @@ import torch
 
 from agents.baselines import all_static_configs
 from envs.backends.molmoe import MolmoEBackend, MolmoEConfig, write_random_checkpoint
-from envs.backends.molmoe.config import CONFIG_FILE, MOLMOE_1B_SIZES, PREPROCESSOR_FILE, TOKENIZER_FILE
+from envs.backends.molmoe.config import CONFIG_FILE, PREPROCESSOR_FILE, TOKENIZER_FILE, molmoe_1b_config
 from envs.backends.molmoe.measure import block_influence, measure_configs
 from envs.backends.molmoe.weights import INDEX_FILE, WEIGHTS_FILE
 from envs.machine import machine_info
@@ -68,9 +68,7 @@ def parse_args(argv=None):
 
 
 def build_random_checkpoint(model_path: Path, template: Path, device: str) -> None:
-    data = json.loads((template / CONFIG_FILE).read_text())
-    data.update({k: v for k, v in MOLMOE_1B_SIZES.items() if k != "vision_backbone"})
-    data["vision_backbone"] = {**data["vision_backbone"], **MOLMOE_1B_SIZES["vision_backbone"]}
+    data = molmoe_1b_config(json.loads((template / CONFIG_FILE).read_text()))
     model_path.mkdir(parents=True)
     (model_path / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
     for name in TEMPLATE_FILES:

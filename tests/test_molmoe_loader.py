@@ -1,5 +1,6 @@
 """Loading a published-layout checkpoint: shards, and every bad input named before any compute."""
 import json
+import math
 
 import pytest
 import torch
@@ -104,3 +105,32 @@ def test_unreadable_weights_are_named(tmp_path):
     (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=r"weights file .*model\.safetensors cannot be read"):
         load(ckpt)
+
+
+def test_random_checkpoint_in_the_published_layout_loads(tmp_path):
+    """The GPU benchmarks' random checkpoints: sharded with an index, every published key, loadable."""
+    from envs.backends.molmoe import MolmoEConfig, published_shapes, write_random_checkpoint
+
+    ckpt = copy_checkpoint(tmp_path / "random", skip=("model.safetensors",))
+    cfg = MolmoEConfig.load(ckpt)
+    write_random_checkpoint(cfg, ckpt, seed=1, shard_bytes=2 << 20)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == set(published_shapes(cfg)) and len(set(index.values())) > 1
+    model, _ = load(ckpt)
+    assert torch.equal(model.ln_f.weight, torch.ones(32))
+    assert model.layers[0].mlp.experts.gate_up_proj.std() > 0
+
+
+def test_molmoe_1b_sizes_give_the_published_shapes(tmp_path):
+    """MolmoE-1B's sizes on the fixture's config: the real model's geometry (nothing allocated)."""
+    from envs.backends.molmoe import MolmoEConfig, published_shapes
+    from envs.backends.molmoe.config import molmoe_1b_config
+
+    ckpt = copy_checkpoint(tmp_path / "full", skip=("model.safetensors",))
+    (ckpt / "config.json").write_text(json.dumps(molmoe_1b_config(json.loads((FIXTURE / "config.json").read_text()))))
+    shapes = published_shapes(MolmoEConfig.load(ckpt))
+    assert shapes["model.transformer.blocks.15.mlp.experts.63.gate_proj.weight"] == (1024, 2048)
+    assert shapes["model.vision_backbone.image_pooling_2d.wq.weight"] == (1024, 2048)
+    assert shapes["model.vision_backbone.image_vit.transformer.resblocks.22.feed_forward.w1.weight"] == (4096, 1024)
+    total = sum(math.prod(s) for s in shapes.values())
+    assert 7.0e9 < total < 7.5e9  # OLMoE-1B-7B (6.9B) + the ViT-L/14 tower + connector

@@ -54,6 +54,15 @@ MOLMOE_1B_SIZES = {
     "vision_backbone": {"image_emb_dim": 1024, "image_num_heads": 16, "image_num_key_value_heads": 16,
                         "image_head_dim": 64, "image_mlp_dim": 4096, "image_num_layers": 23},
 }
+
+
+def molmoe_1b_config(template: dict) -> dict:
+    """A config.json dict (e.g. the fixture's) with MolmoE-1B's published sizes."""
+    data = {**template, **{k: v for k, v in MOLMOE_1B_SIZES.items() if k != "vision_backbone"}}
+    data["vision_backbone"] = {**template["vision_backbone"], **MOLMOE_1B_SIZES["vision_backbone"]}
+    return data
+
+
 VISION_REQUIRED_VALUES = {"image_model_type": "openai", "image_mlp_activations": "quick_gelu"}
 
 

@@ -163,7 +163,10 @@ class MolmoE(nn.Module):
         self.__dict__["blocks"] = [ElasticBlock(layer, i, norm_topk_prob=False) for i, layer in enumerate(self.layers)]
 
     def to(self, *args, **kwargs):
-        self.__dict__["rotary"] = self.rotary.to(*args, **kwargs)
+        # RoPE's inv_freq follows the device only: in bf16 its angles would lose precision.
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            self.__dict__["rotary"] = self.rotary.to(device)
         return super().to(*args, **kwargs)
 
     # ------------------------------------------------------------------ pieces
