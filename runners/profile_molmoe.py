@@ -14,8 +14,9 @@ Writes to OUT (then `runners/train.py --backend molmoe --model_path DIR --result
 published sizes (config.MOLMOE_1B_SIZES) and random weights in the published layout (sharded),
 taking the tokenizer and processor files from TEMPLATE (e.g. the reference fixture): the latency
 of the real model's shapes where its weights are not available (accuracy is then meaningless).
---image_size W H: resize every image first. SynthVQA renders 192-px scenes, which Molmo's tiling
-rule never splits (one crop at every tier); photo-sized images make the tiers differ as on COCO.
+--image_size W H: the backend's image_size (resize every image first). SynthVQA renders 192-px
+scenes, which Molmo's tiling rule never splits; photo-sized images make the tiers differ as on COCO.
+Train with the same image_size (configs/molmoe.yaml) so the budgets match the episodes.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
 import argparse
-import dataclasses
 import json
 import shutil
 import tempfile
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     ap.add_argument("--data_root", default=None)
     ap.add_argument("--num_samples", type=int, default=16, help="val samples per configuration")
     ap.add_argument("--importance_samples", type=int, default=16, help="val samples for block influence")
-    ap.add_argument("--image_size", type=int, nargs=2, metavar=("W", "H"), help="resize every image first")
+    ap.add_argument("--image_size", type=int, nargs=2, metavar=("W", "H"), help="backend image_size: resize images first")
     ap.add_argument("--max_new_tokens", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds over all configs first")
     ap.add_argument("--tiers", nargs="+", help="profile only these tiers (default: all)")
@@ -77,13 +77,6 @@ def build_random_checkpoint(model_path: Path, template: Path, device: str) -> No
     write_random_checkpoint(MolmoEConfig.load(model_path), model_path, device=device)
 
 
-def resized(samples, size):
-    def loader(sample):
-        return lambda: sample.image.resize(tuple(size))
-
-    return [dataclasses.replace(s, image_loader=loader(s)) for s in samples]
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
@@ -96,7 +89,7 @@ def main(argv=None) -> dict:
         build_random_checkpoint(model_path, Path(args.random_from), args.device)
     options = dict(model_path=model_path, dataset_names=args.dataset_names, data_root=args.data_root,
                    num_samples={"val": max(args.num_samples, args.importance_samples)}, seed=args.seed,
-                   device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
+                   device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens, image_size=args.image_size)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="molmoe-profile-") as tmp:
         layers = MolmoEConfig.load(model_path).n_layers
@@ -107,8 +100,6 @@ def main(argv=None) -> dict:
         backend = MolmoEBackend(results_dir=tmp, budget_range_ms=(1.0, 2.0), **options)
         load_s = time.perf_counter() - t0
         samples = list(backend.dataset("val"))
-        if args.image_size:
-            samples = resized(samples, args.image_size)
         top_tier = backend.knob_space.tiers[-1]
         scores = block_influence(backend, samples[: args.importance_samples], top_tier)
     importance = {"method": "block_influence", "scores": {str(b): s for b, s in scores.items()}}

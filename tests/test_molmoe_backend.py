@@ -179,3 +179,20 @@ def test_knob_space_and_describe(backend):
     assert ks.top_k_values == (1, 2) and ks.num_blocks_values == (1, 2, 3, 4)
     info = backend.describe()
     assert info["tier_max_crops"] == FIXTURE_TIERS and info["backend"] == "MolmoEBackend"
+
+
+def test_image_size_resizes_before_tiling(results_dir):
+    """SynthVQA's 192-px scenes get one grid crop at every tier; at 640x480 the tiers differ."""
+    small = MolmoEBackend(model_path=FIXTURE, results_dir=results_dir, num_samples=1, max_new_tokens=1)
+    photo = MolmoEBackend(model_path=FIXTURE, results_dir=results_dir, num_samples=1, max_new_tokens=1,
+                          image_size=(640, 480))
+    s = small.dataset("val")[0]
+    crops = {}
+    for name, b in (("small", small), ("photo", photo)):
+        for tier in ("low", "high"):
+            ep = b.start_episode(s, tier, budget())
+            b.run_to(ep, 1)
+            crops[name, tier] = b.finish(ep, 2, 4).extras["crops"]
+    assert crops == {("small", "low"): 2, ("small", "high"): 2, ("photo", "low"): 3, ("photo", "high"): 7}
+    with pytest.raises(ValueError, match=r"image_size=\[640\]: expected \[width, height\]"):
+        MolmoEBackend(model_path=FIXTURE, results_dir=results_dir, image_size=[640])

@@ -18,7 +18,9 @@ that prediction, so with every block at the checkpoint's top-k the first token i
 Decoded tokens (positions after the budget position) attend to it like to any prompt position,
 and decoding never appends another one. The budget token enters as budget * budget_token_scale
 (default: the RMS of the token embedding table, so a LayerNorm-scaled controller output lands at
-the embeddings' scale).
+the embeddings' scale). image_size [W, H], if given, resizes every image first (inside the
+preprocess phase): SynthVQA's 192-px scenes are never split by Molmo's tiling rule, so without
+it every tier encodes the same 2 crops there; at photo sizes the tiers differ as on COCO.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from envs.backends.base import BACKEND_PHASES, Backend, EpisodeResult
 from envs.backends.molmoe.model import load
@@ -89,6 +92,7 @@ class MolmoEBackend(Backend):
         prompt_templates: Mapping[str, str] | None = None,
         tier_max_crops: Mapping[str, int] | None = None,
         budget_token_scale: float | None = None,
+        image_size: Sequence[int] | None = None,
     ):
         if model_path is None:
             raise ValueError("model_path is required for backend 'molmoe' (a MolmoE checkpoint directory)")
@@ -98,6 +102,7 @@ class MolmoEBackend(Backend):
         self.results_dir = Path(results_dir) if results_dir is not None else self.model_path
         self.device = torch.device(device)
         self.dtype = dtype
+        self.image_size = _check_image_size(image_size)
         self.tier_max_crops = _check_tiers(tier_max_crops if tier_max_crops is not None else DEFAULT_TIER_MAX_CROPS)
         if not 1 <= int(max_new_tokens):
             raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
@@ -164,6 +169,8 @@ class MolmoEBackend(Backend):
         model, timer = self.model, PhaseTimer()
         with self.meter.section(timer, "preprocess", bracket=True):
             image = load_image(sample)
+            if self.image_size is not None:
+                image = resize_image(image, self.image_size)
             inputs = preprocess(image, ids, self.tokenizer.bos_id, self.tier_max_crops[tier], self.cfg,
                                 self.tokenizer.image_ids)
         dtype = model.wte.weight.dtype
@@ -261,7 +268,27 @@ class MolmoEBackend(Backend):
             "dtype": self.dtype,
             "tier_max_crops": dict(self.tier_max_crops),
             "budget_token_scale": self.budget_token_scale,
+            "image_size": None if self.image_size is None else list(self.image_size),
         }
+
+
+def _check_image_size(size: Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    try:
+        width, height = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"image_size={size!r}: expected [width, height] in pixels") from None
+    if width < 1 or height < 1:
+        raise ValueError(f"image_size={size!r}: expected positive [width, height]")
+    return width, height
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, height, width), bilinear."""
+    width, height = size
+    out = F.interpolate(image[None].float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return out[0].round().clamp(0, 255).to(torch.uint8)
 
 
 def _check_tiers(tiers: Mapping[str, int]) -> dict[str, int]:
