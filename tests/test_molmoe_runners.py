@@ -14,7 +14,7 @@ pytestmark = requires_fixture
 def results_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("molmoe_profile")
     load_runner("profile_molmoe").main([
-        "--model_path", str(FIXTURE), "--output_dir", str(out), "--tiers", "low", "--num_samples", "2",
+        "--model_path", str(FIXTURE), "--output_dir", str(out), "--tiers", "low", "--num_samples", "1",
         "--importance_samples", "1", "--warmup", "0", "--max_new_tokens", "1", "--image_size", "640", "480",
     ])
     return out
@@ -30,7 +30,7 @@ def test_profile_writes_importance_and_a_profile_the_env_reads(results_dir):
     assert {(c["tier"], c["top_k"], c["num_blocks"]) for c in configs} == {
         ("low", k, n) for k in (1, 2) for n in (1, 2, 3, 4)}
     # a 640x480 image at the low tier's budget of 2 grid crops: grid 1x2 + the global crop
-    assert all(c["crops_mean"] == 3 and c["num_samples"] == 2 for c in configs)
+    assert all(c["crops_mean"] == 3 and c["num_samples"] == 1 for c in configs)
     lo, hi = profile["budget_range_ms"]
     assert 0 < lo < hi
 
@@ -51,3 +51,29 @@ def test_train_then_evaluate(results_dir, tmp_path):
     assert out["meta"]["backend"]["backend"] == "MolmoEBackend"
     rows = {(r["policy"], r["budget_ms"]) for r in out["rows"]}
     assert len(rows) == 6
+
+
+def test_bench_measurements_accept_the_backend(results_dir):
+    """envs.profiling's meter-overhead and knob-latency benchmarks (runners/bench.py) on MolmoEBackend."""
+    from envs.backends.molmoe import MolmoEBackend
+    from envs.profiling import StaticConfig, knob_latency, meter_overhead
+
+    backend = MolmoEBackend(model_path=FIXTURE, results_dir=results_dir, num_samples=1, max_new_tokens=2)
+    samples = list(backend.dataset("val"))
+    overhead = meter_overhead(backend, samples, StaticConfig("low", 2, 4), pairs=1, warmup=0)
+    # hooked calls: the vision backbone once, then every run block and the LM head per generated token
+    assert overhead["hooked_calls_per_episode"] == 1 + 2 * (4 + 1)
+    latency = knob_latency(backend, samples, {"cheap": StaticConfig("low", 1, 1), "full": StaticConfig("high", 2, 4)},
+                           warmup=0)
+    assert set(latency["configs"]) == {"cheap", "full"} and latency["slowest_over_fastest"] >= 1
+
+
+def test_random_from_builds_a_loadable_checkpoint(tmp_path, monkeypatch):
+    """--random_from's builder (at the fixture's sizes here; MolmoE-1B's are 14 GB): template files, weights."""
+    from envs.backends.molmoe import load
+
+    runner = load_runner("profile_molmoe")
+    monkeypatch.setattr(runner, "molmoe_1b_config", lambda template: {**template, "n_layers": 2})
+    runner.build_random_checkpoint(tmp_path / "random", FIXTURE, "cpu")
+    model, tokenizer = load(tmp_path / "random")
+    assert model.cfg.n_layers == 2 and tokenizer.eos_id == 50279
