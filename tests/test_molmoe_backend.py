@@ -196,3 +196,26 @@ def test_image_size_resizes_before_tiling(results_dir):
     assert crops == {("small", "low"): 2, ("small", "high"): 2, ("photo", "low"): 3, ("photo", "high"): 7}
     with pytest.raises(ValueError, match=r"image_size=\[640\]: expected \[width, height\]"):
         MolmoEBackend(model_path=FIXTURE, results_dir=results_dir, image_size=[640])
+
+
+def test_official_okvqa_files_in_molmoe_prompt_format(tmp_path, results_dir):
+    from envs import make_env
+    from envs.data import extract_answer, vqa_accuracy
+    from test_vlm_real_data import _write_okvqa
+
+    _write_okvqa(tmp_path / "data")
+    backend = MolmoEBackend(model_path=FIXTURE, results_dir=results_dir, dataset_names=("okvqa",),
+                            data_root=tmp_path / "data", num_samples={"val": 2}, max_new_tokens=2)
+    s = backend.dataset("val")[0]
+    assert s.dataset == "okvqa"
+    assert backend.prompt(s) == (" User: what color is the big shape?\nAnswer the question using a single word or "
+                                 "phrase. Assistant:")
+    env = make_env(backend, batch_size=1, group_size=2, split="val")
+    td = env.rand_action(env.reset())
+    td = env.rand_action(env.step(td)["next"])
+    acc = env.step(td)["next", "episode", "accuracy"]
+    assert acc.shape == (2, 1) and ((acc >= 0) & (acc <= 1)).all()
+    ep = backend.start_episode(s, "low", torch.zeros(32))
+    backend.run_to(ep, 1)
+    result = backend.finish(ep, 2, 4)
+    assert result.accuracy == vqa_accuracy(extract_answer(result.answer), s.answers)
