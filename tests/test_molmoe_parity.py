@@ -3,6 +3,8 @@
 The fixture README's list of port mistakes moves c00's logits by >= 0.014 (e.g. a block's q_norm
 ignored), far above the tolerance, so each of them fails here.
 """
+import functools
+
 import pytest
 import torch
 
@@ -64,3 +66,22 @@ def test_image_features_are_added_not_substituted(model_and_tokenizer):
     untouched = torch.ones(len(plain), dtype=torch.bool)
     untouched[index[valid]] = False
     assert torch.equal(mixed[untouched], plain[untouched])
+
+
+@pytest.mark.parametrize("name", ["c00", "c06", "c12"])
+def test_bfloat16_stays_close_to_the_float32_reference(name):
+    """The GPU dtype: bfloat16 weights and activations (float32 attention, norms and RoPE) keep the
+    logits within bf16 rounding of the reference (a precision bug, e.g. crops zeroed because bf16
+    pixels round to -1, moves them by O(1))."""
+    model, tokenizer = _bf16_model()
+    case = next(c for c in cases() if c["id"] == name)
+    ids, last_logits = model.generate(inputs_of(case, model, tokenizer), max_new_tokens=1)
+    ref = tensors()[f"{name}.last_logits"]
+    assert (last_logits - ref).abs().max() < 0.1
+    assert (last_logits - ref).norm() / ref.norm() < 0.02
+    assert ids[0] == case["greedy_ids"][0]  # margins of these cases' first token: > 0.03
+
+
+@functools.lru_cache(maxsize=1)
+def _bf16_model():
+    return load(FIXTURE, dtype=torch.bfloat16)

@@ -175,7 +175,7 @@ class MolmoEBackend(Backend):
                                 self.tokenizer.image_ids)
         dtype = model.wte.weight.dtype
         with self.meter.section(timer, "vision"):
-            features = model.encode_images(inputs.images.to(self.device, dtype), inputs.image_masks.to(self.device))
+            features = model.encode_images(inputs.images.to(self.device), inputs.image_masks.to(self.device))
         sequence = torch.cat(
             [model.embed_inputs(inputs, features), self.embed_budget(budget.to(self.device, dtype))[None]]
         )[None]

@@ -115,14 +115,16 @@ class VisionBackbone(nn.Module):
 
     def vit_features(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every ViT block's output and the concatenated selected layers without CLS."""
-        hidden = self.image_vit(images)
+        # A crop that is all -1 is batch padding in the reference: its features are zeroed. Tested
+        # on the float32 pixels: in bfloat16 some real pixels round to exactly -1.
+        real = (images != -1).flatten(1).all(dim=1)
+        hidden = self.image_vit(images.to(self.image_vit.patch_embedding.weight.dtype))
         features = torch.cat([hidden[layer] for layer in self.cfg.vit_layers], dim=-1)[:, 1:]
-        # A crop that is all -1 is batch padding in the reference: its features are zeroed.
-        real = (images != -1).flatten(1).all(dim=1).to(features.dtype)
+        real = real.to(features.dtype)
         return hidden, features * real[:, None, None]
 
     def forward(self, images: torch.Tensor, image_masks: torch.Tensor) -> torch.Tensor:
-        """images (K, N, pixels), image_masks (K, N) -> (K, tokens per crop, d_model)."""
+        """images (K, N, pixels) float32, image_masks (K, N) -> (K, tokens per crop, d_model) in the weights' dtype."""
         _, features = self.vit_features(images)
         all_pad = (image_masks == 0).to(features.dtype)[..., None]
         partial = ((image_masks < 1) & (image_masks != 0)).to(features.dtype)[..., None]
@@ -225,7 +227,7 @@ class MolmoE(nn.Module):
         """Greedy ids (stopping after eos_id if given) and the last prefill position's logits."""
         plan = self.default_plan() if plan is None else list(plan)
         device = self.wte.weight.device
-        features = self.encode_images(inputs.images.to(device, self.wte.weight.dtype), inputs.image_masks.to(device))
+        features = self.encode_images(inputs.images.to(device), inputs.image_masks.to(device))
         sequence = self.embed_inputs(inputs, features)[None]
         cache: KVCache = {}
         last_logits = self.logits(self.prefill(sequence, plan, cache)[:, -1])[0]
