@@ -11,6 +11,7 @@ joined).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -153,31 +154,36 @@ def read_weights(files: dict[str, Path], dtype: torch.dtype) -> dict[str, torch.
 
 
 def to_port_state(cfg: MolmoEConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Published names -> the port's module names (envs.backends.molmoe.model.MolmoE)."""
+    """Published names -> the port's module names (envs.backends.molmoe.model.MolmoE).
+
+    Consumes `state` (each published tensor is dropped once converted), so the host holds the
+    weights about once, plus one block's packed experts, instead of twice.
+    """
     d = cfg.d_model
-    out = {
-        "wte.weight": torch.cat([state[f"{LLM}wte.embedding"], state.get(f"{LLM}wte.new_embedding", state[f"{LLM}wte.embedding"][:0])]),
-        "ln_f.weight": state[f"{LLM}ln_f.weight"],
-        "lm_head.weight": state["lm_head.weight"],
-    }
+    take = state.pop
+    embedding = take(f"{LLM}wte.embedding")
+    extra = take(f"{LLM}wte.new_embedding", embedding[:0])
+    out = {"wte.weight": torch.cat([embedding, extra]), "ln_f.weight": take(f"{LLM}ln_f.weight"),
+           "lm_head.weight": take("lm_head.weight")}
+    del embedding, extra
     for n in range(cfg.n_layers):
         b, o = f"{LLM}blocks.{n}.", f"layers.{n}."
-        q, k, v = state[f"{b}attn.att_proj.weight"].split([d, d, d])
+        q, k, v = take(f"{b}attn.att_proj.weight").split([d, d, d])
         out.update({
             f"{o}self_attn.q_proj.weight": q, f"{o}self_attn.k_proj.weight": k, f"{o}self_attn.v_proj.weight": v,
-            f"{o}self_attn.o_proj.weight": state[f"{b}attn.attn_out.weight"],
-            f"{o}self_attn.q_norm.weight": state[f"{b}attn.q_norm.weight"],
-            f"{o}self_attn.k_norm.weight": state[f"{b}attn.k_norm.weight"],
-            f"{o}input_layernorm.weight": state[f"{b}attn.attn_norm.weight"],
-            f"{o}post_attention_layernorm.weight": state[f"{b}mlp.ff_norm.weight"],
-            f"{o}mlp.gate.weight": state[f"{b}mlp.gate.weight"],
+            f"{o}self_attn.o_proj.weight": take(f"{b}attn.attn_out.weight"),
+            f"{o}self_attn.q_norm.weight": take(f"{b}attn.q_norm.weight"),
+            f"{o}self_attn.k_norm.weight": take(f"{b}attn.k_norm.weight"),
+            f"{o}input_layernorm.weight": take(f"{b}attn.attn_norm.weight"),
+            f"{o}post_attention_layernorm.weight": take(f"{b}mlp.ff_norm.weight"),
+            f"{o}mlp.gate.weight": take(f"{b}mlp.gate.weight"),
         })
         experts = range(cfg.moe_num_experts)
         e = f"{b}mlp.experts."
         out[f"{o}mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([state[f"{e}{i}.gate_proj.weight"], state[f"{e}{i}.up_proj.weight"]]) for i in experts])
-        out[f"{o}mlp.experts.down_proj"] = torch.stack([state[f"{e}{i}.down_proj.weight"] for i in experts])
-    out.update({f"vision.{k[len(VISION):]}": t for k, t in state.items() if k.startswith(VISION)})
+            [torch.cat([take(f"{e}{i}.gate_proj.weight"), take(f"{e}{i}.up_proj.weight")]) for i in experts])
+        out[f"{o}mlp.experts.down_proj"] = torch.stack([take(f"{e}{i}.down_proj.weight") for i in experts])
+    out.update({f"vision.{k[len(VISION):]}": state.pop(k) for k in [k for k in state if k.startswith(VISION)]})
     return out
 
 
@@ -186,33 +192,35 @@ def write_random_checkpoint(cfg: MolmoEConfig, out_dir: str | Path, seed: int = 
     """Random weights in the published layout (sharded with an index when over `shard_bytes`).
 
     Norm weights 1, biases 0, the rest N(0, 0.02): the size and layout of the real checkpoint,
-    for latency measurements where the real weights are not available.
+    for latency measurements where the real weights are not available. One shard is in memory
+    at a time.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for key, shape in published_shapes(cfg).items():
-        if key.endswith(("norm.weight", "ln.weight", "ln_f.weight")):
-            tensor = torch.ones(shape, dtype=dtype)
-        elif key.endswith(".bias"):
-            tensor = torch.zeros(shape, dtype=dtype)
-        else:
-            tensor = (torch.randn(shape, generator=generator, device=device) * 0.02).to("cpu", dtype)
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = math.prod(shape) * itemsize
         if size and size + nbytes > shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = tensor
+        shards[-1].append((key, shape))
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-        return out_dir
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
-        weight_map.update({key: name for key in shard})
-    (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1) + "\n")
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def tensor(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key.endswith(("norm.weight", "ln.weight", "ln_f.weight")):
+            return torch.ones(shape, dtype=dtype)
+        if key.endswith(".bias"):
+            return torch.zeros(shape, dtype=dtype)
+        return (torch.randn(shape, generator=generator, device=device) * 0.02).to("cpu", dtype)
+
+    names = [WEIGHTS_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file({key: tensor(key, shape) for key, shape in shard}, str(out_dir / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key, _ in shard}
+        (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1) + "\n")
     return out_dir
