@@ -77,7 +77,7 @@ class MolmoEBackend(Backend):
 
     def __init__(
         self,
-        model_path: str | Path,
+        model_path: str | Path | None = None,
         results_dir: str | Path | None = None,
         dataset_names: Sequence[str] = (SYNTHVQA,),
         data_root: str | Path | None = None,
