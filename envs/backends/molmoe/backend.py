@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from envs.backends.base import BACKEND_PHASES, Backend, EpisodeResult
+from envs.backends.molmoe.config import MolmoEConfig
 from envs.backends.molmoe.model import load
 from envs.backends.molmoe.preprocess import MolmoEInputs, preprocess
 from envs.backends.molmoe.tokenizer import chat_prompt
@@ -109,17 +110,19 @@ class MolmoEBackend(Backend):
         self.max_new_tokens = int(max_new_tokens)
         self.dataset_names = _check_dataset_names(dataset_names)
         self.num_samples = _check_num_samples(num_samples)
-        self.model, self.tokenizer = load(self.model_path, self.device, DTYPES[dtype])
-        cfg = self.cfg = self.model.cfg
-        self.d_model = self.language_dim = cfg.d_model
-        self.knob_space = KnobSpace(tiers=tuple(self.tier_max_crops), num_layers=cfg.n_layers,
-                                    **_knob_ranges(cfg.n_layers, cfg.moe_top_k))
-        self.importance_method, self.importance = load_importance(self.results_dir, cfg.n_layers, importance_method)
+        # The results files are checked before the (possibly 14 GB) weights are read.
+        layers = MolmoEConfig.load(self.model_path).n_layers
+        self.importance_method, self.importance = load_importance(self.results_dir, layers, importance_method)
         self.budget_range_ms = (
             _check_budget_range(budget_range_ms, "budget_range_ms argument")
             if budget_range_ms is not None
             else load_budget_range(self.results_dir)
         )
+        self.model, self.tokenizer = load(self.model_path, self.device, DTYPES[dtype])
+        cfg = self.cfg = self.model.cfg
+        self.d_model = self.language_dim = cfg.d_model
+        self.knob_space = KnobSpace(tiers=tuple(self.tier_max_crops), num_layers=cfg.n_layers,
+                                    **_knob_ranges(cfg.n_layers, cfg.moe_top_k))
         if budget_token_scale is None:
             budget_token_scale = float(self.model.wte.weight.float().pow(2).mean().sqrt())
         if not 0 < float(budget_token_scale) < float("inf"):
