@@ -118,11 +118,13 @@ class HierarchicalController(TensorDictModuleBase):
         return td
 
     def stage1_parameters(self):
-        return list(self.stage1.parameters())
+        """Stage 1 and the budget encoder: the encoder is Stage 1's input, so freezing Stage 1 freezes
+        it too. Its output is also the budget token of the prefill, which gets gradient only through
+        Stage 1's log-probs (the env is not differentiable), so no separate path is lost."""
+        return list(self.stage1.parameters()) + list(self.budget_encoder.parameters())
 
     def stage2_parameters(self):
-        """Stage 2 and the budget encoder: both train at the base learning rate."""
-        return list(self.stage2.parameters()) + list(self.budget_encoder.parameters())
+        return list(self.stage2.parameters())
 
 
 def _sync(device: torch.device) -> None:

@@ -1,0 +1,61 @@
+"""Atomic file writes: a reader (or a run killed mid-write) sees the old file or the new one, never
+half of one."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+
+class OutputWriteError(OSError):
+    """An output could not be written (read-only or full disk, ...); the previous file is intact."""
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Yield a file handle on a temporary file beside `path`; on success it is flushed to disk and
+    renamed over `path` (os.replace is atomic on POSIX); on any error it is removed."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise OutputWriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, OutputWriteError):
+            raise OutputWriteError(err.errno, f"cannot write {path}: {err.strerror or err}; "
+                                              f"the previous file (if any) is intact") from err
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_writer(path, "w") as fh:
+        fh.write(text)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def check_writable(directory: str | Path) -> None:
+    """Create `directory` and write (then remove) a small probe file in it, so a read-only or full
+    disk is reported before any work is done rather than at the first output."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_text(directory / ".write_probe", "x" * 4096)
+        os.unlink(directory / ".write_probe")
+    except OSError as err:
+        raise OutputWriteError(err.errno, f"output directory {directory} is not writable: "
+                                          f"{err.strerror or err}") from err
