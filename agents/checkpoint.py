@@ -51,6 +51,13 @@ def check_compatible(meta: dict, expected: dict, path: str | Path) -> None:
             )
 
 
+def seed_everything(seed: int) -> None:
+    """Seed the global torch, numpy and python generators (all three go into checkpoints)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict:
     """The global torch, numpy and python RNG states and those of the named generators, as tensors
     and plain values (loadable with weights_only=True)."""

@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 class OutputWriteError(OSError):
     """An output could not be written (read-only or full disk, ...); the previous file is intact."""
 
@@ -22,6 +31,7 @@ def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     except OSError as err:
         raise OutputWriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
     try:
