@@ -345,7 +345,7 @@ def train(args: argparse.Namespace) -> dict:
                 total = losses["loss_objective"] + losses["loss_entropy"] + losses["loss_kl"]
                 optimizer.zero_grad()
                 if not bool(torch.isfinite(total)):
-                    non_finite = f"loss {float(total)}"
+                    non_finite = f"loss {float(total.detach())}"
                     break
                 total.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.optim.max_grad_norm)
