@@ -20,22 +20,35 @@ _UMASK = _read_umask()
 
 
 class OutputWriteError(OSError):
-    """An output could not be written (read-only or full disk, ...); the previous file is intact."""
+    """An output could not be written (read-only or full disk, ...); the previous file is intact.
+    `reason` is the system's word for why (e.g. "No space left on device")."""
+
+    def __init__(self, errno_: int | None, message: str, reason: str):
+        super().__init__(errno_, message)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _reason(err: OSError) -> str:
+    return getattr(err, "reason", None) or err.strerror or str(err)
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Yield a file handle on a temporary file beside `path`; on success it is flushed to disk and
-    renamed over `path` (os.replace is atomic on POSIX); on any error it is removed."""
+def atomic_writer(path: str | Path, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
+    """Yield a file handle (open_kwargs go to open, e.g. newline="") on a temporary file beside
+    `path`; on success it is flushed to disk and renamed over `path` (os.replace is atomic on
+    POSIX); on any error it is removed."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     except OSError as err:
-        raise OutputWriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+        raise OutputWriteError(err.errno, f"cannot write {path}: {_reason(err)}", _reason(err)) from err
     try:
-        with os.fdopen(fd, mode) as fh:
+        with os.fdopen(fd, mode, **open_kwargs) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
@@ -44,8 +57,8 @@ def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(err, OSError) and not isinstance(err, OutputWriteError):
-            raise OutputWriteError(err.errno, f"cannot write {path}: {err.strerror or err}; "
-                                              f"the previous file (if any) is intact") from err
+            raise OutputWriteError(err.errno, f"cannot write {path}: {_reason(err)}; the previous file (if any) "
+                                              f"is intact", _reason(err)) from err
         raise
 
 
@@ -67,5 +80,5 @@ def check_writable(directory: str | Path) -> None:
         write_text(directory / ".write_probe", "x" * 4096)
         os.unlink(directory / ".write_probe")
     except OSError as err:
-        raise OutputWriteError(err.errno, f"output directory {directory} is not writable: "
-                                          f"{err.strerror or err}") from err
+        raise OutputWriteError(err.errno, f"output directory {directory} is not writable: {_reason(err)}",
+                               _reason(err)) from err

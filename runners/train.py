@@ -23,7 +23,6 @@ import math
 import time
 
 import torch
-import yaml
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
