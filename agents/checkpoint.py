@@ -31,7 +31,9 @@ def actor_meta(backend, hidden_dim: int, sinusoidal_dim: int) -> dict:
     }
 
 
-def build_actor(meta: dict) -> HierarchicalController:
+def build_actor(meta: dict, fixed_controller_ms: float | None = None) -> HierarchicalController:
+    """fixed_controller_ms: how the actor reports its own time (None: measured); not part of meta,
+    since a checkpoint's weights do not depend on it."""
     return HierarchicalController(
         KnobSpace.from_dict(meta["knob_space"]),
         meta["language_dim"],
@@ -39,6 +41,7 @@ def build_actor(meta: dict) -> HierarchicalController:
         meta["budget_range_ms"],
         hidden_dim=meta["hidden_dim"],
         sinusoidal_dim=meta["sinusoidal_dim"],
+        fixed_controller_ms=fixed_controller_ms,
     )
 
 

@@ -14,7 +14,6 @@ class EnvConfig:
     backend: str = "dummy"  # "dummy" (closed-form stand-in) or "vlm" (the embedded MoE VLM)
     backend_options: dict = field(default_factory=dict)  # extra keyword arguments of the backend
     reward: dict = field(default_factory=dict)  # reward weights (accuracy, latency, violation, complexity, efficiency)
-    fixed_controller_ms: Optional[float] = None  # replaces the measured Stage-2 controller time (bit-reproducible runs)
 
 
 @dataclass
@@ -29,6 +28,7 @@ class DataConfig:
 class PolicyConfig:
     hidden_dim: int = 256  # width of both predictors' MLPs
     sinusoidal_dim: int = 256  # size of the fixed sinusoidal budget code
+    fixed_controller_ms: Optional[float] = None  # replaces the measured controller time (bit-reproducible runs)
 
 
 @dataclass

@@ -10,12 +10,11 @@ from envs.budget_env import ACTION_HEADS, EPISODE_INFO_KEYS, STAGE1_HEADS, STAGE
 from envs.knobs import KnobSpace, select_blocks
 from envs.reward import RewardWeights, compute_reward
 
-_ENV_OPTIONS = ("batch_size", "group_size", "split", "seed", "device", "fixed_controller_ms")
+_ENV_OPTIONS = ("batch_size", "group_size", "split", "seed", "device")
 
 
 def make_env(backend: str | Backend = "dummy", reward: Mapping | RewardWeights | None = None, **overrides) -> BudgetVLMEnv:
-    """Build the two-step env; env options (batch_size, group_size, split, seed, device,
-    fixed_controller_ms) and the
+    """Build the two-step env; env options (batch_size, group_size, split, seed, device) and the
     reward weights are taken from `overrides`, every other keyword goes to the backend."""
     env_kwargs = {k: overrides.pop(k) for k in _ENV_OPTIONS if k in overrides}
     if isinstance(backend, str):

@@ -16,7 +16,6 @@ forwards the last observation (a collector, `step_and_maybe_reset`) still draws 
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -68,7 +67,6 @@ class BudgetVLMEnv(EnvBase):
         reward_weights: RewardWeights | None = None,
         seed: int = 0,
         device: str | torch.device = "cpu",
-        fixed_controller_ms: float | None = None,
     ):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size}: expected >= 1")
@@ -84,10 +82,6 @@ class BudgetVLMEnv(EnvBase):
         if len(self.samples) == 0:
             raise ValueError(f"backend {type(backend).__name__} has no samples in split {split!r}")
         self.reward_weights = reward_weights or RewardWeights()
-        # Replaces the policy's measured Stage-2 time, for runs that must be bit-reproducible.
-        if fixed_controller_ms is not None and not (math.isfinite(fixed_controller_ms) and fixed_controller_ms >= 0):
-            raise ValueError(f"fixed_controller_ms={fixed_controller_ms}: expected a finite time >= 0 or None")
-        self.fixed_controller_ms = fixed_controller_ms
         self.knob_space = backend.knob_space
         self.budget_lo, self.budget_hi = backend.budget_range_ms
         self.skipped_samples = 0
@@ -306,7 +300,7 @@ class BudgetVLMEnv(EnvBase):
         num_blocks = ks.num_blocks_values[int(action["num_blocks"])]
         result = self.backend.finish(episode, top_k, num_blocks)
         self._episodes[row] = None
-        controller_ms = float(action["controller_ms"]) if self.fixed_controller_ms is None else self.fixed_controller_ms
+        controller_ms = float(action["controller_ms"])
         t = result.timings_ms
         latency = t["preprocess"] + t["vision"] + t["prefill"] + t["decode"] + controller_ms
         budget = float(self._budget[row])

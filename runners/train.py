@@ -162,12 +162,12 @@ def make_backend_from_config(cfg: Config):
 def make_env(cfg: Config, backend, split: str, batch_size: int, group_size: int) -> BudgetVLMEnv:
     return BudgetVLMEnv(backend, batch_size=batch_size, group_size=group_size, split=split,
                         reward_weights=RewardWeights.from_dict(cfg.env.reward), seed=cfg.train.seed,
-                        device=cfg.train.device, fixed_controller_ms=cfg.env.fixed_controller_ms)
+                        device=cfg.train.device)
 
 
 def make_actor(cfg: Config, backend):
     meta = actor_meta(backend, cfg.policy.hidden_dim, cfg.policy.sinusoidal_dim)
-    return build_actor(meta).to(cfg.train.device), meta
+    return build_actor(meta, cfg.policy.fixed_controller_ms).to(cfg.train.device), meta
 
 
 def make_loss(cfg: Config, actor) -> JointGRPOLoss:

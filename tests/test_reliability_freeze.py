@@ -18,15 +18,16 @@ def _inputs(env):
 
 
 def _stage1_outputs(actor, language, budget):
+    """Stage 1's logits and the budget token (the encoder's output, also Stage 1's input)."""
     with torch.no_grad():
-        logits, budget_token = actor.stage1_logits(language, budget)
-    return {**logits, "budget_token": budget_token}
+        budget_token = actor.budget_encoder(budget)
+        return {**actor.stage1(language, budget_token), "budget_token": budget_token}
 
 
 def _stage2_logits(actor, env):
     with torch.no_grad():
         token = torch.randn(16, env.backend.d_model, generator=torch.Generator().manual_seed(0))
-        return actor.stage2_logits(token, torch.zeros(16, 1, dtype=torch.long))
+        return actor.stage2(token, torch.zeros(16, dtype=torch.long))
 
 
 def test_ratio_zero_keeps_stage1_logits_and_budget_token_bit_identical():

@@ -16,10 +16,10 @@ TRAIN = REPO / "runners" / "train.py"
 # Seconds of work on 2 CPU cores; the measured controller time is replaced by a fixed value so
 # that two runs of one seed are bit-identical.
 TINY = {
-    "env": {"backend": "dummy", "fixed_controller_ms": 0.05,
+    "env": {"backend": "dummy",
             "backend_options": {"num_samples": {"train": 64, "val": 16, "test": 16}, "d_model": 16,
                                 "language_dim": 8}},
-    "policy": {"hidden_dim": 16, "sinusoidal_dim": 16},
+    "policy": {"hidden_dim": 16, "sinusoidal_dim": 16, "fixed_controller_ms": 0.05},
     "loss": {"num_iterations": 2},
     "optim": {"lr": 1e-3},
     "train": {"batch_size": 4, "group_size": 4, "num_epochs": 3, "steps_per_epoch": 3, "seed": 3, "num_threads": 1},
