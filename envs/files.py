@@ -35,6 +35,11 @@ def _reason(err: OSError) -> str:
     return getattr(err, "reason", None) or err.strerror or str(err)
 
 
+def write_error(path: str | Path, err: OSError, note: str = "") -> OutputWriteError:
+    """The OutputWriteError for an OSError met while writing `path`."""
+    return OutputWriteError(err.errno, f"cannot write {path}: {_reason(err)}{note}", _reason(err))
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
     """Yield a file handle (open_kwargs go to open, e.g. newline="") on a temporary file beside
@@ -46,7 +51,7 @@ def atomic_writer(path: str | Path, mode: str = "wb", **open_kwargs) -> Iterator
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     except OSError as err:
-        raise OutputWriteError(err.errno, f"cannot write {path}: {_reason(err)}", _reason(err)) from err
+        raise write_error(path, err) from err
     try:
         with os.fdopen(fd, mode, **open_kwargs) as fh:
             yield fh
@@ -57,8 +62,7 @@ def atomic_writer(path: str | Path, mode: str = "wb", **open_kwargs) -> Iterator
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(err, OSError) and not isinstance(err, OutputWriteError):
-            raise OutputWriteError(err.errno, f"cannot write {path}: {_reason(err)}; the previous file (if any) "
-                                              f"is intact", _reason(err)) from err
+            raise write_error(path, err, "; the previous file (if any) is intact") from err
         raise
 
 

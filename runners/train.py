@@ -53,7 +53,7 @@ from agents.evaluation import dummy_reference_rewards, heldout_budgets, run_epis
 from agents.grpo import JointGRPOLoss, make_optimizer, set_learning_rate
 from agents.rollout import collect_rollouts
 from envs import ACTION_HEADS, BudgetVLMEnv, RewardWeights, make_backend
-from envs.files import OutputWriteError, check_writable, write_json, write_text
+from envs.files import OutputWriteError, check_writable, write_error, write_json, write_text
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -307,8 +307,11 @@ def train(args: argparse.Namespace) -> dict:
     def log(tag_values: dict, step: int) -> None:
         for tag, value in tag_values.items():
             writer.add_scalar(tag, value, step)
-        metrics_file.write(json.dumps({"step": step, "time": time.time(), **tag_values}) + "\n")
-        metrics_file.flush()
+        try:
+            metrics_file.write(json.dumps({"step": step, "time": time.time(), **tag_values}) + "\n")
+            metrics_file.flush()
+        except OSError as err:  # a full disk: the checkpoints written so far are intact
+            raise write_error(metrics_file.name, err) from err
 
     def checkpoint(name: str) -> None:
         save_checkpoint(output_dir / "checkpoints" / name, policy=actor.state_dict(), optimizer=optimizer.state_dict(),
