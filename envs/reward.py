@@ -66,5 +66,5 @@ def check_budget(budget_ms: float | torch.Tensor, field: str = "budget_ms") -> N
     bad = ~torch.isfinite(t) | (t <= 0) | (t > MAX_BUDGET_MS)
     if bool(bad.any()):
         value = t[bad].flatten()[0].item()
-        raise ValueError(f"{field}={value:.6g} is invalid; expected a finite latency budget > 0 ms and "
+        raise ValueError(f"{field}={value} is invalid; expected a finite latency budget > 0 ms and "
                          f"<= {MAX_BUDGET_MS:g} ms")
