@@ -2,8 +2,9 @@
 import json
 
 import pytest
+import torch
 import yaml
-from train_runs import REPO, run_train
+from train_runs import REPO, run_train, tiny_config, train_main
 
 
 def _tiny_config(tmp_path, **train):
@@ -48,21 +49,18 @@ def test_smoke_config_learns_and_writes_everything(tmp_path):
 
 def test_resume_continues_from_checkpoint_step(tmp_path):
     out = tmp_path / "run"
-    cfg = _tiny_config(tmp_path)
-    run_train("--config", cfg, "--output_dir", out, "--num_epochs", 1)
-    import torch
-
-    step = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["step"]
-    assert step == 2
+    cfg = tiny_config(tmp_path, train={"num_epochs": 1})
+    train_main("--config", cfg, "--output_dir", out)
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["step"] == 3
     # a fresh run over it is refused and loses nothing
     before = (out / "metrics.jsonl").read_text()
-    proc = run_train("--config", cfg, "--output_dir", out, check=False)
-    assert proc.returncode != 0 and "pass --resume" in proc.stderr
+    with pytest.raises(SystemExit, match="pass --resume"):
+        train_main("--config", cfg, "--output_dir", out)
     assert (out / "metrics.jsonl").read_text() == before
-    run_train("--output_dir", out, "--num_epochs", 2, "--resume")
-    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["step"] == 4
+    train_main("--output_dir", out, "--num_epochs", 2, "--resume")
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["step"] == 6
     final = json.loads((out / "final_eval.json").read_text())
-    assert final["step"] == 4 and 0 <= final["checkpoint_step"] <= 4
+    assert final["step"] == 6 and 0 <= final["checkpoint_step"] <= 6
 
 
 @pytest.mark.parametrize(
