@@ -62,14 +62,15 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict:
-    """The global torch, numpy and python RNG states and those of the named generators, as tensors
-    and plain values (loadable with weights_only=True)."""
+    """The global torch (CPU and CUDA), numpy and python RNG states and those of the named
+    generators, as tensors and plain values (loadable with weights_only=True)."""
     np_state = np.random.get_state(legacy=False)
     return {
         "torch": torch.get_rng_state(),
         "numpy": {**np_state, "state": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
                                         "pos": int(np_state["state"]["pos"])}},
         "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
     }
 
@@ -80,6 +81,8 @@ def set_rng_state(state: dict, generators: Mapping[str, torch.Generator] | None 
     np.random.set_state({**np_state, "state": {"key": np_state["state"]["key"].numpy().astype(np.uint32),
                                                "pos": np_state["state"]["pos"]}})
     random.setstate(_as_tuples(state["python"]))
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
     for name, g in (generators or {}).items():
         if name not in state["generators"]:
             raise ValueError(f"checkpoint has no state for generator {name!r}; it holds {sorted(state['generators'])}")

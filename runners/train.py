@@ -276,7 +276,7 @@ def train(args: argparse.Namespace) -> dict:
     # Generators outside the envs that a resumed run must continue (the dummy backend's noise).
     generators = {"backend": backend.rng} if isinstance(getattr(backend, "rng", None), torch.Generator) else {}
     actor, meta = make_actor(cfg, backend)
-    if tc.load_stage1_checkpoint:
+    if tc.load_stage1_checkpoint and resume_ckpt is None:  # a resumed run has its own weights
         load_stage1_weights(actor, tc.load_stage1_checkpoint, meta)
     loss_module = make_loss(cfg, actor)
     optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)

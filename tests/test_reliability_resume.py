@@ -114,3 +114,13 @@ def test_resume_of_nothing_fails_clearly(tmp_path):
         train_main("--output_dir", tmp_path / "empty", "--resume")
     with pytest.raises(SystemExit, match="--resume needs --output_dir"):
         train_main("--resume")
+
+
+def test_resume_does_not_reload_the_stage1_initialisation(tmp_path):
+    source, run = tmp_path / "source", tmp_path / "run"
+    cfg = tiny_config(tmp_path, train={"num_epochs": 1})
+    train_main("--config", cfg, "--output_dir", source)
+    train_main("--config", cfg, "--output_dir", run, "--load_stage1_checkpoint", source / "checkpoints" / "latest.pt")
+    # The resumed run's weights come from its own checkpoint; the file it started from may be gone.
+    (source / "checkpoints" / "latest.pt").unlink()
+    assert train_main("--output_dir", run, "--resume", "--num_epochs", "2")["step"] == 6
