@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from agents.checkpoint import load_checkpoint, load_stage1_weights, save_checkpoint
+from agents.checkpoint import build_actor, load_checkpoint, load_stage1_weights, save_checkpoint
 from envs import make_env, reset_to
 from envs.backends.vlm import VLMBackend
 from envs.backends.vlm.backend import load_image
@@ -163,13 +163,7 @@ def test_checkpoint_of_another_knob_space_or_model_is_refused(trained, tmp_path,
     other = tmp_path / "other.pt"
     save_checkpoint(other, **{**{k: v for k, v in ckpt.items() if k != "path"}, "policy_meta": meta})
     with pytest.raises(ValueError, match=rf"checkpoint {other} does not match the policy: {message}"):
-        load_stage1_weights(_actor_for(ckpt), other, ckpt["policy_meta"])
-
-
-def _actor_for(ckpt):
-    from agents.checkpoint import build_actor
-
-    return build_actor(ckpt["policy_meta"])
+        load_stage1_weights(build_actor(ckpt["policy_meta"]), other, ckpt["policy_meta"])
 
 
 def test_bad_resume_checkpoint_loses_nothing(trained, tmp_path):
@@ -178,7 +172,6 @@ def test_bad_resume_checkpoint_loses_nothing(trained, tmp_path):
     cut.write_bytes((trained / "checkpoints" / "latest.pt").read_bytes()[:1000])
     with pytest.raises(ValueError, match=rf"checkpoint {cut} cannot be read"):
         train_main("--output_dir", trained, "--resume", cut)
-    (tmp_path / "list.pt").write_bytes(b"")
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="holds a list, not a BudgetVLM controller checkpoint"):
         train_main("--output_dir", trained, "--resume", tmp_path / "list.pt")
