@@ -12,7 +12,6 @@ Training hook (cheap, controller only):
 from __future__ import annotations
 
 import csv
-import json
 import math
 import random
 import time
@@ -34,6 +33,7 @@ from agents.evaluation import dummy_reference_rewards, run_episodes
 from envs.backends.base import BACKEND_PHASES
 from envs.budget_env import ACTION_HEADS
 from envs.data.sample import ImageLoadError
+from envs.files import atomic_writer, write_json
 from envs.knobs import KnobSpace
 from envs.reward import RewardWeights, check_budget, compute_reward
 
@@ -307,7 +307,7 @@ def write_csv(rows: Sequence[Mapping], path: Path) -> None:
     columns = [c for c in ROW_FIELDS if any(c in f for f in flats)]
     for f in flats:
         columns += [c for c in f if c not in columns]
-    with open(path, "w", newline="") as fh:
+    with atomic_writer(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, restval="")
         writer.writeheader()
         for f in flats:
@@ -319,7 +319,7 @@ def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "eval.json", "csv": out / "eval.csv"}
-    paths["json"].write_text(json.dumps({"rows": list(rows), "meta": dict(meta)}, indent=2))
+    write_json(paths["json"], {"rows": list(rows), "meta": dict(meta)})
     write_csv(rows, paths["csv"])
     for key, fig in (
         ("accuracy", accuracy_vs_budget_figure(rows)),

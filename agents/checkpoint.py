@@ -1,14 +1,19 @@
-"""Controller checkpoints: policy, optimizer, step, RNG states and what the policy was built for."""
+"""Controller checkpoints: policy, optimizer, step, RNG states and what the policy was built for.
+
+A checkpoint holds tensors and plain Python values only (RNG states included), so it loads with
+`torch.load(weights_only=True)`: a file from someone else cannot run code when it is loaded.
+"""
 from __future__ import annotations
 
-import os
+import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from envs.files import atomic_writer
 from envs.knobs import KnobSpace
 from policies.controller import HierarchicalController
 
@@ -26,7 +31,9 @@ def actor_meta(backend, hidden_dim: int, sinusoidal_dim: int) -> dict:
     }
 
 
-def build_actor(meta: dict) -> HierarchicalController:
+def build_actor(meta: dict, fixed_controller_ms: float | None = None) -> HierarchicalController:
+    """fixed_controller_ms: how the actor reports its own time (None: measured); not part of meta,
+    since a checkpoint's weights do not depend on it."""
     return HierarchicalController(
         KnobSpace.from_dict(meta["knob_space"]),
         meta["language_dim"],
@@ -34,6 +41,7 @@ def build_actor(meta: dict) -> HierarchicalController:
         meta["budget_range_ms"],
         hidden_dim=meta["hidden_dim"],
         sinusoidal_dim=meta["sinusoidal_dim"],
+        fixed_controller_ms=fixed_controller_ms,
     )
 
 
@@ -46,23 +54,60 @@ def check_compatible(meta: dict, expected: dict, path: str | Path) -> None:
             )
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def seed_everything(seed: int) -> None:
+    """Seed the global torch, numpy and python generators (all three go into checkpoints)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
-def set_rng_state(state: dict) -> None:
+def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict:
+    """The global torch (CPU and CUDA), numpy and python RNG states and those of the named
+    generators, as tensors and plain values (loadable with weights_only=True)."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {**np_state, "state": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                                        "pos": int(np_state["state"]["pos"])}},
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+
+
+def set_rng_state(state: dict, generators: Mapping[str, torch.Generator] | None = None) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state({**np_state, "state": {"key": np_state["state"]["key"].numpy().astype(np.uint32),
+                                               "pos": np_state["state"]["pos"]}})
+    random.setstate(_as_tuples(state["python"]))
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, g in (generators or {}).items():
+        if name not in state["generators"]:
+            raise ValueError(f"checkpoint has no state for generator {name!r}; it holds {sorted(state['generators'])}")
+        g.set_state(state["generators"][name])
+
+
+def _as_tuples(value):
+    """random.setstate wants the tuples that getstate gave (a round trip may turn them into lists)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def check_finite_weights(state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    for name, tensor in state_dict.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{what}: weight {name!r} holds NaN or inf; a checkpoint with non-finite weights "
+                             f"is never written")
 
 
 def save_checkpoint(path: str | Path, **payload: Any) -> None:
-    """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint."""
+    """Write atomically (temp file + fsync + rename): a kill or a full disk during the write leaves
+    the previous file intact. Refuses non-finite policy weights."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    check_finite_weights(payload.get("policy", {}), f"checkpoint {path}")
+    with atomic_writer(path) as fh:
+        torch.save(payload, fh)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -78,9 +123,17 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refuses anything that is not a tensor or plain value
+        # torch's message advises weights_only=False; keep only the line naming what was refused.
+        lines = [line for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        reason = lines[0].strip() if lines else type(err).__name__
+        raise ValueError(f"checkpoint {path} is refused: it holds Python objects other than tensors and plain "
+                         f"values, which could run code when loaded ({reason})") from err
     except Exception as err:  # a truncated or foreign file
         raise ValueError(f"checkpoint {path} cannot be read: {err}") from err
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a BudgetVLM controller checkpoint")
     for key in ("policy", "policy_meta", "step"):
         if key not in ckpt:
             raise ValueError(f"checkpoint {path} lacks {key!r}; it is not a BudgetVLM controller checkpoint")

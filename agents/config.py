@@ -28,6 +28,7 @@ class DataConfig:
 class PolicyConfig:
     hidden_dim: int = 256  # width of both predictors' MLPs
     sinusoidal_dim: int = 256  # size of the fixed sinusoidal budget code
+    fixed_controller_ms: Optional[float] = None  # replaces the measured controller time (bit-reproducible runs)
 
 
 @dataclass
@@ -119,20 +120,69 @@ def config_from_dict(raw: Mapping[str, Any] | None) -> Config:
     )
 
 
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read a YAML config (None = defaults) and apply dotted overrides ("optim.lr": 1e-3)."""
+    """Read a YAML config (None = defaults) and apply dotted overrides ("optim.lr": 1e-3). A run's
+    config.yaml is accepted too (its resume history is dropped: a new run starts its own)."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"config file {path} must hold a mapping of sections")
-    for dotted, value in (overrides or {}).items():
+        raw = _read_yaml(Path(path))
+        raw.pop(RESUME_HISTORY, None)
+    return apply_overrides(config_from_dict(raw), overrides or {})
+
+
+# ---------------------------------------------------------------- a run's own config.yaml
+RESUME_HISTORY = "resume_changes"  # config.yaml's record of the fields a resume changed
+# Fields a resumed run may change: they act from the step they are applied on and keep the run's
+# meaning. Anything else (seed, data, model, policy shape, loss, batch) would make it another run.
+RESUMABLE_FIELDS = (
+    "train.num_epochs",
+    "train.num_threads",
+    "optim.lr",
+    "optim.max_grad_norm",
+    "logging.log_every",
+    "logging.histograms",
+)
+
+
+def read_run_config(path: str | Path) -> tuple[Config, list[dict]]:
+    """A run's config.yaml: the config it runs with and its list of resume changes."""
+    raw = _read_yaml(Path(path))
+    history = raw.pop(RESUME_HISTORY, None) or []
+    if not isinstance(history, list):
+        raise ValueError(f"{path}: {RESUME_HISTORY} must be a list, got {type(history).__name__}")
+    return config_from_dict(raw), history
+
+
+def run_config_text(cfg: Config, history: list[dict]) -> str:
+    data = cfg.to_dict()
+    if history:
+        data[RESUME_HISTORY] = history
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def changed_fields(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """Dotted field -> (old value, new value) for every field that differs."""
+    a, b = old.to_dict(), new.to_dict()
+    return {f"{section}.{key}": (a[section][key], b[section][key])
+            for section in a for key in a[section] if a[section][key] != b[section][key]}
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """A copy of cfg with dotted overrides applied (same checks as load_config)."""
+    raw = cfg.to_dict()
+    for dotted, value in overrides.items():
         section, key = dotted.split(".", 1)
-        raw.setdefault(section, {})
-        if raw[section] is None:
-            raw[section] = {}
         raw[section][key] = value
     return config_from_dict(raw)

@@ -7,7 +7,7 @@ import torch
 from tensordict import TensorDict
 
 from agents.rollout import collect_rollouts
-from envs.budget_env import ACTION_HEADS
+from envs.budget_env import ACTION_HEADS, reset_to
 
 
 def heldout_budgets(env, num_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,7 +22,9 @@ def heldout_budgets(env, num_samples: int, seed: int) -> tuple[torch.Tensor, tor
 
 def run_episodes(env, actor, sample_index: torch.Tensor, budget_ms: torch.Tensor, greedy: bool = True) -> TensorDict:
     """Run one episode per (sample, budget) in chunks of the env's batch; returns the terminal
-    steps (K,) with actions, reward and episode info."""
+    steps (K,) with actions, reward and episode info. `sample_index` is the sample that ran (the
+    env substitutes another when an image cannot be read), `requested_sample_index` the one asked
+    for and `substituted` whether they differ."""
     rows = env.batch_size[0]
     k = sample_index.shape[0]
     out = []
@@ -31,15 +33,16 @@ def run_episodes(env, actor, sample_index: torch.Tensor, budget_ms: torch.Tensor
         bud = budget_ms[start : start + rows]
         m = idx.shape[0]
         pad = rows - m  # the last chunk repeats its first row to fill the env's fixed batch
-        reset = TensorDict(
-            sample_index=torch.cat([idx, idx[:1].repeat(pad)]).reshape(rows, 1),
-            budget_ms=torch.cat([bud, bud[:1].repeat(pad)]).reshape(rows, 1),
-            batch_size=[rows],
-        )
+        reset = reset_to(rows, sample_index=torch.cat([idx, idx[:1].repeat(pad)]),
+                         budget_ms=torch.cat([bud, bud[:1].repeat(pad)]))
         traj = collect_rollouts(env, actor, reset, greedy=greedy)
         step1, step2 = traj[:m, 0], traj[:m, 1]
+        # The sample actually run: the env substitutes another one when an image cannot be read.
+        ran = step2["sample_index"].reshape(m)
         final = TensorDict(
-            sample_index=step1["sample_index"].reshape(m),
+            sample_index=ran,
+            requested_sample_index=idx.clone(),
+            substituted=ran != idx,
             budget_ms=step1["budget_ms"].reshape(m),
             reward=step2["next", "reward"].reshape(m),
             episode=step2["next", "episode"].apply(lambda t: t.reshape(m), batch_size=[m]),
@@ -62,6 +65,7 @@ def summarize(episodes: TensorDict) -> dict[str, float]:
         "latency_mean_ms": float(info["latency_ms"].mean()),
         "violation_rate": float(info["violation"].mean()),
         "num_episodes": int(episodes.shape[0]),
+        "num_substituted_samples": int(episodes["substituted"].sum()),
     }
 
 

@@ -8,6 +8,7 @@ from step 2), clipped to [1 - epsilon_low, 1 + epsilon_high] as in PPO/GRPO.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -131,19 +132,32 @@ class JointGRPOLoss(LossModule):
 
 
 def make_optimizer(actor, lr: float, stage1_lr_ratio: float = 1.0, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW with Stage 1 at lr * stage1_lr_ratio and Stage 2 + the budget encoder at lr.
+    """AdamW with Stage 2 at lr and Stage 1 + the budget encoder (Stage 1's input) at
+    lr * stage1_lr_ratio; each group records its `lr_ratio` (see `set_learning_rate`).
 
-    stage1_lr_ratio = 0 freezes Stage 1: its parameters leave the optimizer and stop needing grad,
-    so they stay bit-identical.
+    stage1_lr_ratio = 0 freezes Stage 1 and the budget encoder: their parameters leave the
+    optimizer and stop needing grad, so Stage 1's logits (and the budget token) stay bit-identical.
     """
-    if lr <= 0:
-        raise ValueError(f"lr={lr}: expected > 0")
-    if stage1_lr_ratio < 0:
-        raise ValueError(f"stage1_lr_ratio={stage1_lr_ratio}: expected >= 0")
-    groups = [{"params": actor.stage2_parameters(), "lr": lr, "name": "stage2_and_budget_encoder"}]
+    check_learning_rate(lr, stage1_lr_ratio)
+    groups = [{"params": actor.stage2_parameters(), "lr": lr, "lr_ratio": 1.0, "name": "stage2"}]
     if stage1_lr_ratio > 0:
-        groups.append({"params": actor.stage1_parameters(), "lr": lr * stage1_lr_ratio, "name": "stage1"})
+        groups.append({"params": actor.stage1_parameters(), "lr": lr * stage1_lr_ratio, "lr_ratio": stage1_lr_ratio,
+                       "name": "stage1_and_budget_encoder"})
     else:
         for p in actor.stage1_parameters():
             p.requires_grad_(False)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def check_learning_rate(lr: float, stage1_lr_ratio: float = 1.0) -> None:
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr}: expected > 0")
+    if not (math.isfinite(stage1_lr_ratio) and stage1_lr_ratio >= 0):
+        raise ValueError(f"stage1_lr_ratio={stage1_lr_ratio}: expected >= 0")
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group to lr * its lr_ratio (after load_state_dict, which restores the saved lr)."""
+    check_learning_rate(lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_ratio"]

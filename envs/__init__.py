@@ -6,7 +6,7 @@ from typing import Mapping
 import gymnasium
 
 from envs.backends import Backend, make_backend
-from envs.budget_env import ACTION_HEADS, EPISODE_INFO_KEYS, STAGE1_HEADS, STAGE2_HEADS, BudgetVLMEnv
+from envs.budget_env import ACTION_HEADS, EPISODE_INFO_KEYS, STAGE1_HEADS, STAGE2_HEADS, BudgetVLMEnv, reset_to
 from envs.knobs import KnobSpace, select_blocks
 from envs.reward import RewardWeights, compute_reward
 
@@ -39,5 +39,6 @@ __all__ = [
     "compute_reward",
     "make_backend",
     "make_env",
+    "reset_to",
     "select_blocks",
 ]

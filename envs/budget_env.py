@@ -8,6 +8,11 @@ Episode (per batch row; rows are B samples x G group members, each executed alon
             terminal reward, done, and the episode's info under "episode"
 The Stage-2 controller's own time is measured by the policy and passed in as `controller_ms`,
 because it is part of the request's latency but runs outside the env.
+
+Resets draw each group's sample and budget from the env's generator. A caller fixes them only
+through the explicit keys ("reset_to", "sample_index") and ("reset_to", "budget_ms") (see
+`reset_to`): the observation keys of the same names are never read back, so an auto-reset that
+forwards the last observation (a collector, `step_and_maybe_reset`) still draws fresh ones.
 """
 from __future__ import annotations
 
@@ -38,6 +43,16 @@ EPISODE_INFO_KEYS = (
 )
 # How many other samples to try when a sample's image cannot be loaded.
 _MAX_IMAGE_RETRIES = 32
+RESET_TO = "reset_to"
+RESET_TO_KEYS = ("sample_index", "budget_ms")
+
+
+def reset_to(batch_size: int, sample_index=None, budget_ms=None) -> TensorDict:
+    """The reset input that fixes each row's sample and/or budget: (batch_size,) or (batch_size, 1)
+    values under ("reset_to", "sample_index") and ("reset_to", "budget_ms")."""
+    values = {k: v for k, v in (("sample_index", sample_index), ("budget_ms", budget_ms)) if v is not None}
+    return TensorDict({RESET_TO: TensorDict({k: torch.as_tensor(v).reshape(batch_size, 1) for k, v in values.items()},
+                                            batch_size=[batch_size])}, batch_size=[batch_size])
 
 
 class BudgetVLMEnv(EnvBase):
@@ -127,8 +142,8 @@ class BudgetVLMEnv(EnvBase):
         if tensordict is not None and "_reset" in tensordict.keys():
             mask = tensordict["_reset"].reshape(n).cpu()
         rows = mask.nonzero().flatten()
-        given_index = tensordict.get("sample_index", None) if tensordict is not None else None
-        given_budget = tensordict.get("budget_ms", None) if tensordict is not None else None
+        given = self._reset_overrides(tensordict)
+        given_index, given_budget = given.get("sample_index"), given.get("budget_ms")
 
         if given_budget is not None:
             budgets = given_budget.reshape(n).float().cpu()
@@ -159,6 +174,26 @@ class BudgetVLMEnv(EnvBase):
             self._insertion_index[i] = 0
             self._language[i] = self._load_language(i)
         return self._observation(stage=torch.zeros(n, 1, dtype=torch.long))
+
+    def _reset_overrides(self, tensordict: TensorDictBase | None) -> dict:
+        if tensordict is None or RESET_TO not in tensordict.keys():
+            return {}
+        given = tensordict.get(RESET_TO)
+        unknown = sorted(set(given.keys()) - set(RESET_TO_KEYS))
+        if unknown:
+            raise KeyError(f"unknown reset override(s) {[(RESET_TO, k) for k in unknown]}; expected "
+                           f"{[(RESET_TO, k) for k in RESET_TO_KEYS]}")
+        return {k: given.get(k) for k in given.keys()}
+
+    def resume_state(self) -> dict:
+        """What a resumed run needs to draw the same samples, budgets and group ids (plain values)."""
+        return {"rng": self.rng.get_state(), "next_group_id": self._next_group_id,
+                "skipped_samples": self.skipped_samples}
+
+    def load_resume_state(self, state: dict) -> None:
+        self.rng.set_state(state["rng"])
+        self._next_group_id = int(state["next_group_id"])
+        self.skipped_samples = int(state["skipped_samples"])
 
     def _draw_group_values(self, draw) -> torch.Tensor:
         """One value per group, repeated for its G members (same sample and budget)."""

@@ -12,7 +12,7 @@ import torch
 from gymnasium import spaces
 from tensordict import TensorDict
 
-from envs.budget_env import ACTION_HEADS, EPISODE_INFO_KEYS
+from envs.budget_env import ACTION_HEADS, EPISODE_INFO_KEYS, reset_to
 
 
 class BudgetVLMGymEnv(gymnasium.Env):
@@ -61,10 +61,7 @@ class BudgetVLMGymEnv(gymnasium.Env):
             self.env.set_seed(int(seed))
         reset_td = None
         if options:
-            reset_td = TensorDict(
-                {k: torch.as_tensor(options[k]).reshape(1, 1) for k in ("sample_index", "budget_ms") if k in options},
-                batch_size=[1],
-            )
+            reset_td = reset_to(1, sample_index=options.get("sample_index"), budget_ms=options.get("budget_ms"))
         self._td = self.env.reset(reset_td)
         return self._obs(self._td), {}
 

@@ -56,6 +56,7 @@ from envs.backends.vlm.backend import IMPORTANCE_FILE, load_image
 from envs.backends.vlm.config import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE
 from envs.data.accuracy import extract_answer, score_answer
 from envs.data.sample import ImageLoadError, VQASample
+from envs.files import write_json  # noqa: F401  (re-exported: profile.py and bench.py write through it)
 from envs.knobs import KnobSpace, select_blocks
 
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
@@ -645,10 +646,3 @@ def _iqr(values: Sequence[float]) -> float:
         return 0.0
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[2] - q[0]
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)

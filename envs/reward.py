@@ -55,10 +55,16 @@ def compute_reward(
     )
 
 
+# Budgets above this (a quarter of an hour for one request) are a unit or typing mistake, not a
+# latency target; the budget code would also alias them onto meaningless phases.
+MAX_BUDGET_MS = 1e6
+
+
 def check_budget(budget_ms: float | torch.Tensor, field: str = "budget_ms") -> None:
-    """Raise a ValueError naming the value when a budget is not a finite positive number."""
+    """Raise a ValueError naming the value when a budget is not a finite number in (0, MAX_BUDGET_MS]."""
     t = torch.as_tensor(budget_ms, dtype=torch.float64)
-    bad = ~torch.isfinite(t) | (t <= 0)
+    bad = ~torch.isfinite(t) | (t <= 0) | (t > MAX_BUDGET_MS)
     if bool(bad.any()):
         value = t[bad].flatten()[0].item()
-        raise ValueError(f"{field}={value} is invalid; expected a finite latency budget > 0 ms")
+        raise ValueError(f"{field}={value} is invalid; expected a finite latency budget > 0 ms and "
+                         f"<= {MAX_BUDGET_MS:g} ms")

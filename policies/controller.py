@@ -33,8 +33,13 @@ class HierarchicalController(TensorDictModuleBase):
         budget_range_ms: Sequence[float],
         hidden_dim: int = 256,
         sinusoidal_dim: int = 256,
+        fixed_controller_ms: float | None = None,
     ):
         super().__init__()
+        # Replaces the measured Stage-2 time by a constant, for runs that must be bit-identical.
+        if fixed_controller_ms is not None and not float(fixed_controller_ms) >= 0:
+            raise ValueError(f"fixed_controller_ms={fixed_controller_ms}: expected None or a time >= 0")
+        self.fixed_controller_ms = None if fixed_controller_ms is None else float(fixed_controller_ms)
         self.knob_space = knob_space
         sizes = knob_space.head_sizes
         self.budget_encoder = LatencyBudgetEncoder(d_model, budget_range_ms, sinusoidal_dim)
@@ -109,7 +114,8 @@ class HierarchicalController(TensorDictModuleBase):
             start = time.perf_counter()
             act(self.stage2_logits(td["latency_token"][s2], td["insertion"][s2]), STAGE2_HEADS, s2)
             _sync(device)
-            controller_ms[s2] = (time.perf_counter() - start) * 1e3
+            measured = (time.perf_counter() - start) * 1e3
+            controller_ms[s2] = measured if self.fixed_controller_ms is None else self.fixed_controller_ms
         for h in ACTION_HEADS:
             td.set(("action", h), actions[h])
             td.set(("log_prob", h), log_probs[h])
@@ -118,11 +124,13 @@ class HierarchicalController(TensorDictModuleBase):
         return td
 
     def stage1_parameters(self):
-        return list(self.stage1.parameters())
+        """Stage 1 and the budget encoder: the encoder is Stage 1's input, so freezing Stage 1 freezes
+        it too. Its output is also the budget token of the prefill, which gets gradient only through
+        Stage 1's log-probs (the env is not differentiable), so no separate path is lost."""
+        return list(self.stage1.parameters()) + list(self.budget_encoder.parameters())
 
     def stage2_parameters(self):
-        """Stage 2 and the budget encoder: both train at the base learning rate."""
-        return list(self.stage2.parameters()) + list(self.budget_encoder.parameters())
+        return list(self.stage2.parameters())
 
 
 def _sync(device: torch.device) -> None:

@@ -23,7 +23,6 @@ import math
 import time
 
 import torch
-import yaml
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -34,16 +33,27 @@ from agents.checkpoint import (
     load_stage1_weights,
     rng_state,
     save_checkpoint,
+    seed_everything,
     set_rng_state,
     check_compatible,
 )
 from agents.baselines import RandomPolicy
 from agents.budget_sweep import accuracy_vs_budget_figure, controller_budget_sweep, default_budgets
-from agents.config import Config, load_config
+from agents.config import (
+    RESUMABLE_FIELDS,
+    Config,
+    apply_overrides,
+    changed_fields,
+    config_from_dict,
+    load_config,
+    read_run_config,
+    run_config_text,
+)
 from agents.evaluation import dummy_reference_rewards, heldout_budgets, run_episodes, summarize
-from agents.grpo import JointGRPOLoss, make_optimizer
+from agents.grpo import JointGRPOLoss, make_optimizer, set_learning_rate
 from agents.rollout import collect_rollouts
 from envs import ACTION_HEADS, BudgetVLMEnv, RewardWeights, make_backend
+from envs.files import OutputWriteError, check_writable, write_error, write_json, write_text
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -63,21 +73,29 @@ FLAG_TO_FIELD = {
     "backend": "env.backend",
 }
 DUMMY_DATASETS = ([], ["dummy"])
+# Updates skipped in a row (non-finite loss or gradient) that stop the run.
+MAX_SKIPPED_IN_A_ROW = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (flags override it)")
+    p.add_argument("--config", default=None,
+                   help=f"YAML config (flags override it; default {DEFAULT_CONFIG.relative_to(REPO)}); not with "
+                        f"--resume, which reads the run's own config.yaml")
     p.add_argument("--output_dir", default=None, help="where everything is written (default runs/<config>-<time>)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from OUTPUT_DIR/checkpoints/latest.pt, or from the given checkpoint")
+                   help="continue the run in --output_dir from checkpoints/latest.pt (or from the given checkpoint) "
+                        "with its own config.yaml; of the other flags only " + ", ".join(
+                            f"--{f}" for f, field in FLAG_TO_FIELD.items() if field in RESUMABLE_FIELDS)
+                        + " may change it")
     p.add_argument("--results_dir", help="dir with profile.json and importance.json (VLM backend)")
     p.add_argument("--dataset_names", nargs="+", help="datasets to train on, e.g. synthvqa or text_vqa coco_2014_vqa okvqa")
     p.add_argument("--model_path", help="VLM model dir (default: the shipped model)")
     p.add_argument("--batch_size", type=int, help="samples per batch")
     p.add_argument("--num_epochs", type=int, help="number of epochs")
-    p.add_argument("--lr", type=float, help="learning rate of Stage 2 and the budget encoder")
-    p.add_argument("--stage1_lr_ratio", type=float, help="Stage-1 lr = lr * ratio (0 freezes Stage 1)")
+    p.add_argument("--lr", type=float, help="learning rate of Stage 2 (Stage 1 and the budget encoder: lr * ratio)")
+    p.add_argument("--stage1_lr_ratio", type=float,
+                   help="Stage-1 lr = lr * ratio (0 freezes Stage 1 and the budget encoder)")
     p.add_argument("--group_size", type=int, help="GRPO group size")
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--seed", type=int, help="random seed")
@@ -87,11 +105,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
+def flag_overrides(args: argparse.Namespace) -> dict:
+    """Dotted config field -> value, for the flags given."""
     overrides = {field: getattr(args, flag) for flag, field in FLAG_TO_FIELD.items() if getattr(args, flag) is not None}
     if args.use_multi_gpu:
         overrides["train.use_multi_gpu"] = True
-    return load_config(args.config, overrides)
+    return overrides
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """A fresh run's config: the YAML file with the flags applied."""
+    return load_config(args.config or DEFAULT_CONFIG, flag_overrides(args))
+
+
+def resume_config(args: argparse.Namespace, run_cfg: Config, history: list, step: int) -> tuple[Config, list]:
+    """The run's own config with the flags given to --resume: a flag that changes a field in
+    RESUMABLE_FIELDS is applied and recorded with the step it takes effect; any other change is
+    refused, naming the flag (never silently ignored)."""
+    overrides = flag_overrides(args)
+    cfg = apply_overrides(run_cfg, overrides)
+    changes = changed_fields(run_cfg, cfg)
+    flag_of = {field: f"--{flag}" for flag, field in FLAG_TO_FIELD.items()} | {"train.use_multi_gpu": "--use_multi_gpu"}
+    for field, (old, new) in changes.items():
+        if field not in RESUMABLE_FIELDS:
+            allowed = ", ".join(flag_of.get(f, f) for f in RESUMABLE_FIELDS)
+            raise SystemExit(f"error: {flag_of[field]} {new} would change {field} of the resumed run from {old!r} to "
+                             f"{new!r}; a resumed run keeps its config.yaml except {allowed}. Drop the flag, or start "
+                             f"a new run with another --output_dir")
+    for field, (old, new) in changes.items():
+        print(f"resume: {flag_of[field]} changes {field} from {old!r} to {new!r} from step {step} on", file=sys.stderr)
+    return cfg, history + [{"step": step, "field": f, "old": o, "new": n} for f, (o, n) in changes.items()]
 
 
 # ---------------------------------------------------------------- factories
@@ -124,7 +167,7 @@ def make_env(cfg: Config, backend, split: str, batch_size: int, group_size: int)
 
 def make_actor(cfg: Config, backend):
     meta = actor_meta(backend, cfg.policy.hidden_dim, cfg.policy.sinusoidal_dim)
-    return build_actor(meta).to(cfg.train.device), meta
+    return build_actor(meta, cfg.policy.fixed_controller_ms).to(cfg.train.device), meta
 
 
 def make_loss(cfg: Config, actor) -> JointGRPOLoss:
@@ -133,8 +176,9 @@ def make_loss(cfg: Config, actor) -> JointGRPOLoss:
                          entropy_coef=c.entropy_coef, beta=c.beta, scale_rewards=c.scale_rewards)
 
 
-def make_logger(output_dir: Path) -> SummaryWriter:
-    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+def make_logger(output_dir: Path, purge_step: int | None = None) -> SummaryWriter:
+    """purge_step (on resume): events a killed run logged at or after it are hidden."""
+    return SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=purge_step)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -151,65 +195,130 @@ def evaluate(env, actor, sample_index, budgets) -> tuple[dict, object]:
 
 
 def prepare_output_dir(output_dir: Path, resume: bool) -> None:
-    """Refuse to start a fresh run over an earlier one: nothing already written is lost."""
+    """Refuse to start a fresh run over an earlier one (nothing already written is lost), and
+    check that the directory can be written before any work is done."""
     if not resume and (output_dir / "checkpoints").exists():
         raise SystemExit(f"error: output_dir {output_dir} already holds a run (checkpoints/); pass --resume to "
                          f"continue it or choose another --output_dir")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_writable(output_dir)
+        check_writable(output_dir / "checkpoints")
+    except OutputWriteError as err:
+        raise SystemExit(f"error: --output_dir: {err}") from err
+
+
+def resume_point(args: argparse.Namespace) -> tuple[Path, dict | None, Config, list]:
+    """For --resume: the run dir, its checkpoint (None: killed before the first one, so it restarts
+    from step 0), and its own config and resume history (config.yaml, else the checkpoint's)."""
+    if not args.output_dir:
+        raise SystemExit("error: --resume needs --output_dir, the run to continue")
+    if args.config:
+        raise SystemExit("error: --config cannot be given with --resume: a resumed run reads its own "
+                         "OUTPUT_DIR/config.yaml; pass only the flags you mean to change")
+    output_dir = Path(args.output_dir)
+    run_config = output_dir / "config.yaml"
+    path = output_dir / "checkpoints" / "latest.pt" if args.resume == "latest" else Path(args.resume)
+    ckpt = load_checkpoint(path) if args.resume != "latest" or path.is_file() else None
+    if run_config.is_file():
+        cfg, history = read_run_config(run_config)
+    elif ckpt is not None and isinstance(ckpt.get("config"), dict):
+        cfg, history = config_from_dict(ckpt["config"]), []
+    else:
+        raise SystemExit(f"error: --resume: {output_dir} holds no config.yaml and no checkpoint; nothing to resume")
+    if ckpt is None:
+        print(f"resume: {output_dir} has no checkpoint yet; restarting the run from step 0", file=sys.stderr)
+    return output_dir, ckpt, cfg, history
+
+
+def kept_metrics(path: Path, last_step: int) -> str:
+    """metrics.jsonl as of a checkpoint at last_step: rows logged after it (and the final test
+    rows, which the final evaluation logs again) are dropped, so every step is logged once; a
+    line cut by a kill is dropped too."""
+    kept = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["step"] <= last_step and not all(k.startswith("test/") for k in row if k not in ("step", "time")):
+            kept.append(line + "\n")
+    return "".join(kept)
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    cfg = resolve_config(args)
+    try:
+        return train(parse_args(argv))
+    except OutputWriteError as err:  # a full disk or read-only dir at a write: the earlier file is intact
+        raise SystemExit(f"error: {err}") from err
+
+
+def train(args: argparse.Namespace) -> dict:
+    resume_ckpt, history = None, []
+    if args.resume:
+        output_dir, resume_ckpt, run_cfg, history = resume_point(args)
+        cfg, history = resume_config(args, run_cfg, history, resume_ckpt["step"] if resume_ckpt else 0)
+    else:
+        cfg = resolve_config(args)
+        config_name = Path(args.config or DEFAULT_CONFIG).stem
+        output_dir = Path(args.output_dir or REPO / "runs" / f"{config_name}-{dt.datetime.now():%Y%m%d-%H%M%S}")
     if cfg.train.use_multi_gpu:
         raise SystemExit("error: --use_multi_gpu is not available yet: rollouts run one request at a time on one "
                          "device (batch size 1 per execution, for honest latency); run without it")
-    config_name = Path(args.config).stem
-    output_dir = Path(args.output_dir or REPO / "runs" / f"{config_name}-{dt.datetime.now():%Y%m%d-%H%M%S}")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    torch.manual_seed(cfg.train.seed)
+    seed_everything(cfg.train.seed)
 
     # Everything that can fail on bad input is built before anything is written.
     backend = make_backend_from_config(cfg)
     tc, ec = cfg.train, cfg.eval
     train_env = make_env(cfg, backend, "train", tc.batch_size, tc.group_size)
     val_env = make_env(cfg, backend, "val", ec.batch_size, 1)
+    # Generators outside the envs that a resumed run must continue (the dummy backend's noise).
+    generators = {"backend": backend.rng} if isinstance(getattr(backend, "rng", None), torch.Generator) else {}
     actor, meta = make_actor(cfg, backend)
-    if tc.load_stage1_checkpoint:
+    if tc.load_stage1_checkpoint and resume_ckpt is None:  # a resumed run has its own weights
         load_stage1_weights(actor, tc.load_stage1_checkpoint, meta)
     loss_module = make_loss(cfg, actor)
     optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)
     steps_per_epoch = tc.steps_per_epoch or max(1, len(train_env.samples) // tc.batch_size)
-    start_epoch, step, best_val = 0, 0, -math.inf
-    resume_ckpt = None
-    if args.resume:
-        resume_path = output_dir / "checkpoints" / "latest.pt" if args.resume == "latest" else Path(args.resume)
-        resume_ckpt = load_checkpoint(resume_path)
-        check_compatible(resume_ckpt["policy_meta"], meta, resume_path)
-    prepare_output_dir(output_dir, resume=resume_ckpt is not None)
+    # Where the next step goes (epoch, step within it), and the counters a resume continues.
+    epoch, epoch_step, step, best_val = 0, 0, 0, -math.inf
+    skipped_updates, skipped_in_a_row = 0, 0
+    if resume_ckpt is not None:
+        check_compatible(resume_ckpt["policy_meta"], meta, resume_ckpt["path"])
+    prepare_output_dir(output_dir, resume=args.resume is not None)
     if resume_ckpt is not None:
         actor.load_state_dict(resume_ckpt["policy"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
-        start_epoch, step, best_val = resume_ckpt["epoch"] + 1, resume_ckpt["step"], resume_ckpt["best_val_reward"]
-        set_rng_state(resume_ckpt["rng"])
-        train_env.rng.set_state(resume_ckpt["env_rng"])
-    if not (output_dir / "config.yaml").exists():
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    writer = make_logger(output_dir)
+        set_learning_rate(optimizer, cfg.optim.lr)  # load_state_dict restored the saved one
+        epoch, epoch_step, step = resume_ckpt["epoch"], resume_ckpt["epoch_step"], resume_ckpt["step"]
+        best_val = resume_ckpt["best_val_reward"]
+        skipped_updates, skipped_in_a_row = resume_ckpt["skipped_updates"], resume_ckpt["skipped_in_a_row"]
+        set_rng_state(resume_ckpt["rng"], generators)
+        train_env.load_resume_state(resume_ckpt["env"]["train"])
+        val_env.load_resume_state(resume_ckpt["env"]["val"])
+    if args.resume is not None:
+        write_text(output_dir / "metrics.jsonl", kept_metrics(output_dir / "metrics.jsonl", step if resume_ckpt else -1))
+    write_text(output_dir / "config.yaml", run_config_text(cfg, history))
+    writer = make_logger(output_dir, purge_step=step + 1 if resume_ckpt else (0 if args.resume else None))
     metrics_file = open(output_dir / "metrics.jsonl", "a")
     val_index, val_budgets = heldout_budgets(val_env, ec.val_samples, seed=cfg.train.seed + 1)
 
     def log(tag_values: dict, step: int) -> None:
         for tag, value in tag_values.items():
             writer.add_scalar(tag, value, step)
-        metrics_file.write(json.dumps({"step": step, "time": time.time(), **tag_values}) + "\n")
-        metrics_file.flush()
+        try:
+            metrics_file.write(json.dumps({"step": step, "time": time.time(), **tag_values}) + "\n")
+            metrics_file.flush()
+        except OSError as err:  # a full disk: the checkpoints written so far are intact
+            raise write_error(metrics_file.name, err) from err
 
-    def checkpoint(name: str, epoch: int) -> None:
+    def checkpoint(name: str) -> None:
         save_checkpoint(output_dir / "checkpoints" / name, policy=actor.state_dict(), optimizer=optimizer.state_dict(),
-                        step=step, epoch=epoch, best_val_reward=best_val, rng=rng_state(),
-                        env_rng=train_env.rng.get_state(), policy_meta=meta, config=cfg.to_dict())
+                        step=step, epoch=epoch, epoch_step=epoch_step, best_val_reward=best_val,
+                        skipped_updates=skipped_updates, skipped_in_a_row=skipped_in_a_row, rng=rng_state(generators),
+                        env={"train": train_env.resume_state(), "val": val_env.resume_state()}, policy_meta=meta,
+                        config=cfg.to_dict())
 
     def validate() -> dict:
         metrics, _ = evaluate(val_env, actor, val_index, val_budgets)
@@ -220,25 +329,42 @@ def main(argv=None) -> dict:
             writer.add_figure("val/accuracy_vs_budget", accuracy_vs_budget_figure(rows), step)
         return metrics
 
-    if start_epoch == 0:
+    if step == 0:
         validate()
 
-    progress = tqdm(total=(tc.num_epochs - start_epoch) * steps_per_epoch, desc="train", dynamic_ncols=True,
-                    disable=None)
-    for epoch in range(start_epoch, tc.num_epochs):
-        for _ in range(steps_per_epoch):
+    progress = tqdm(total=tc.num_epochs * steps_per_epoch, initial=min(step, tc.num_epochs * steps_per_epoch),
+                    desc="train", dynamic_ncols=True, disable=None)
+    while epoch < tc.num_epochs:
+        while epoch_step < steps_per_epoch:
             # Collect: B x G episodes, both stages, terminal reward per episode.
             rollout = collect_rollouts(train_env, actor)
             loss_module.compute_advantages(rollout)
-            # Update: several epochs over the batch with the clipped joint objective.
+            # Update: several epochs over the batch with the clipped joint objective. A non-finite
+            # loss or gradient skips the update (the batch's remaining epochs would see it again).
+            non_finite, grad_norm = None, torch.tensor(math.nan)
             for _ in range(cfg.loss.num_iterations):
                 losses = loss_module(rollout)
                 total = losses["loss_objective"] + losses["loss_entropy"] + losses["loss_kl"]
                 optimizer.zero_grad()
+                if not bool(torch.isfinite(total)):
+                    non_finite = f"loss {float(total.detach())}"
+                    break
                 total.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.optim.max_grad_norm)
+                if not bool(torch.isfinite(grad_norm)):
+                    optimizer.zero_grad()
+                    non_finite = f"gradient norm {float(grad_norm)}"
+                    break
                 optimizer.step()
             step += 1
+            epoch_step += 1
+            if non_finite:
+                skipped_updates += 1
+                skipped_in_a_row += 1
+                print(f"step {step}: update skipped, non-finite {non_finite} ({skipped_in_a_row} in a row)",
+                      file=sys.stderr)
+            else:
+                skipped_in_a_row = 0
 
             info = rollout["next", "episode"][:, -1]
             train_metrics = {
@@ -248,41 +374,53 @@ def main(argv=None) -> dict:
                 "train/violation_rate": float(info["violation"].mean()),
                 "train/frac_reward_zero_std": float(rollout["reward_zero_std"][:, 0].float().mean()),
                 "train/grad_norm": float(grad_norm),
+                "train/skipped_updates": skipped_updates,
             }
             progress.update(1)
             progress.set_postfix(reward=f"{train_metrics['train/reward']:.3f}",
                                  viol=f"{train_metrics['train/violation_rate']:.2f}")
-            if step % cfg.logging.log_every == 0:
+            if step % cfg.logging.log_every == 0 or non_finite:
                 for k, v in losses.items():
                     train_metrics[f"loss/{k}"] = float(v.detach())
                 log(train_metrics, step)
                 if cfg.logging.histograms:
                     for h in ACTION_HEADS:
                         writer.add_histogram(f"actions/{h}", rollout["action", h][:, 0 if h in ("tier", "insertion") else 1].flatten(), step)
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                checkpoint("latest.pt")  # the weights never took a non-finite update: resumable
+                writer.close()
+                metrics_file.close()
+                raise SystemExit(
+                    f"error: {skipped_in_a_row} updates in a row were skipped for a non-finite loss or gradient "
+                    f"(step {step}: {non_finite}); stopped. The weights are finite and saved in "
+                    f"{output_dir / 'checkpoints' / 'latest.pt'}: fix the cause (rewards, reward weights, --lr) "
+                    f"and continue with --resume --output_dir {output_dir}")
 
-        if (epoch + 1) % ec.val_every_epochs == 0 or epoch + 1 == tc.num_epochs:
+        epoch, epoch_step = epoch + 1, 0  # this epoch is done: its checkpoints resume at the next one
+        if epoch % ec.val_every_epochs == 0 or epoch == tc.num_epochs:
             val_metrics = validate()
             if val_metrics["reward_mean"] > best_val:
                 best_val = val_metrics["reward_mean"]
-                checkpoint("best.pt", epoch)
-        checkpoint("latest.pt", epoch)
+                checkpoint("best.pt")
+        checkpoint("latest.pt")
     progress.close()
 
     # Final evaluation of the best-by-validation policy on held-out test samples.
-    best_path = output_dir / "checkpoints" / "best.pt"
-    best_step = step
+    best_path, latest_path = output_dir / "checkpoints" / "best.pt", output_dir / "checkpoints" / "latest.pt"
+    evaluated, evaluated_step = (str(latest_path) if latest_path.exists() else None), step
     if best_path.exists():
         best = load_checkpoint(best_path)
         actor.load_state_dict(best["policy"])
-        best_step = best["step"]
+        evaluated, evaluated_step = str(best_path), best["step"]
     test_env = make_env(cfg, backend, "test", ec.batch_size, 1)
     test_index, test_budgets = heldout_budgets(test_env, ec.test_samples, seed=cfg.train.seed + 2)
     final, _ = evaluate(test_env, actor, test_index, test_budgets)
     # The uniform-random policy on the same samples and budgets: the floor learning must clear.
     random_policy = RandomPolicy(backend.knob_space, backend.d_model, seed=cfg.train.seed)
     final["uniform_random"] = summarize(run_episodes(test_env, random_policy, test_index, test_budgets, greedy=False))
-    final.update({"checkpoint": str(best_path), "checkpoint_step": best_step, "step": step, "split": "test"})
-    (output_dir / "final_eval.json").write_text(json.dumps(final, indent=2))
+    # `checkpoint`: the file whose weights were evaluated (None: the initial policy, no epoch ran).
+    final.update({"checkpoint": evaluated, "checkpoint_step": evaluated_step, "step": step, "split": "test"})
+    write_json(output_dir / "final_eval.json", final)
     log({f"test/{k}": v for k, v in final.items() if isinstance(v, (int, float))}, step)
     log({f"test/random_{k}": v for k, v in final["uniform_random"].items()}, step)
     writer.close()

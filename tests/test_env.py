@@ -5,7 +5,7 @@ import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import check_env_specs
 
-from envs import make_env
+from envs import make_env, reset_to
 from agents.rollout import collect_rollouts
 from policies import HierarchicalController
 
@@ -49,19 +49,74 @@ def test_two_steps_then_done_with_episode_info():
     assert (traj["next", "latency_token"][:, 0].abs().sum(-1) > 0).all()
 
 
-def test_fixed_samples_and_budgets_through_reset():
+def test_fixed_samples_and_budgets_through_reset_to():
     env = make_env("dummy", batch_size=2, group_size=1, seed=0)
-    td = env.reset(TensorDict(sample_index=torch.tensor([[5], [7]]), budget_ms=torch.tensor([[60.0], [90.0]]),
-                              batch_size=[2]))
+    td = env.reset(reset_to(2, sample_index=[5, 7], budget_ms=[60.0, 90.0]))
     assert td["sample_index"].flatten().tolist() == [5, 7]
     assert td["budget_ms"].flatten().tolist() == [60.0, 90.0]
+
+
+def test_observation_keys_are_not_reset_overrides():
+    env = make_env("dummy", batch_size=4, group_size=1, seed=0)
+    first = env.reset()
+    # Resetting from the last observation (what an auto-reset forwards) draws new samples and budgets.
+    second = env.reset(first.clone())
+    assert not torch.equal(second["sample_index"], first["sample_index"])
+    assert not torch.equal(second["budget_ms"], first["budget_ms"])
+
+
+def test_unknown_reset_override_is_named():
+    env = make_env("dummy", batch_size=1, group_size=1)
+    bad = TensorDict({"reset_to": TensorDict(budget=torch.tensor([[60.0]]), batch_size=[1])}, batch_size=[1])
+    with pytest.raises(KeyError, match=r"unknown reset override\(s\) \[\('reset_to', 'budget'\)\]"):
+        env.reset(bad)
 
 
 @pytest.mark.parametrize("budget", [0.0, -5.0, math.nan, math.inf])
 def test_bad_budget_is_rejected(budget):
     env = make_env("dummy", batch_size=1, group_size=1)
     with pytest.raises(ValueError, match="budget_ms"):
-        env.reset(TensorDict(budget_ms=torch.tensor([[budget]]), batch_size=[1]))
+        env.reset(reset_to(1, budget_ms=[budget]))
+
+
+def test_out_of_range_sample_index_is_rejected():
+    env = make_env("dummy", batch_size=1, group_size=1, num_samples=10)
+    with pytest.raises(ValueError, match=r"sample_index=10 is out of range; expected 0 <= index < 10"):
+        env.reset(reset_to(1, sample_index=[10]))
+
+
+def _episode_starts(traj):
+    """(sample_index, budget_ms) of every row at every Stage-1 step of a trajectory."""
+    stage1 = traj["stage"].reshape(traj.shape) == 0
+    return traj["sample_index"].reshape(traj.shape)[stage1], traj["budget_ms"].reshape(traj.shape)[stage1]
+
+
+def test_auto_reset_draws_fresh_samples_and_budgets_every_episode():
+    env = make_env("dummy", batch_size=3, group_size=1, seed=0)
+    actor = _actor(env)
+    td = env.reset()
+    steps = []
+    for _ in range(8):  # 4 episodes
+        td = actor(td)
+        step, td = env.step_and_maybe_reset(td)
+        steps.append(step)
+    traj = torch.stack(steps, dim=1)
+    index, budget = _episode_starts(traj)
+    assert index.numel() == 12
+    assert budget.unique().numel() == 12 and index.unique().numel() >= 10
+
+
+def test_collector_draws_fresh_samples_and_budgets_every_episode():
+    from torchrl.collectors import Collector
+
+    env = make_env("dummy", batch_size=2, group_size=2, seed=0)
+    collector = Collector(env, _actor(env), frames_per_batch=4 * 10, total_frames=4 * 10)
+    batch = next(iter(collector))
+    collector.shutdown()
+    index, budget = _episode_starts(batch)
+    assert index.numel() == 4 * 5  # 5 episodes of 4 rows
+    # One budget per group (2 groups) per episode, all different.
+    assert budget.unique().numel() == 2 * 5 and index.unique().numel() >= 8
 
 
 def test_action_outside_spec_is_rejected():

@@ -1,22 +1,10 @@
 """runners/train.py end to end on the dummy backend."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+import torch
 import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-TRAIN = REPO / "runners" / "train.py"
-
-
-def _run(*args, check=True):
-    proc = subprocess.run([sys.executable, str(TRAIN), *map(str, args)], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+from train_runs import REPO, run_train, tiny_config, train_main
 
 
 def _tiny_config(tmp_path, **train):
@@ -30,7 +18,7 @@ def _tiny_config(tmp_path, **train):
 
 def test_smoke_config_learns_and_writes_everything(tmp_path):
     out = tmp_path / "run"
-    _run("--config", REPO / "configs" / "smoke.yaml", "--output_dir", out)
+    run_train("--config", REPO / "configs" / "smoke.yaml", "--output_dir", out)
     final = json.loads((out / "final_eval.json").read_text())
     for key in ("reward_mean", "accuracy_mean", "latency_mean_ms", "violation_rate", "optimal_reward_mean",
                 "random_reward_mean"):
@@ -61,21 +49,18 @@ def test_smoke_config_learns_and_writes_everything(tmp_path):
 
 def test_resume_continues_from_checkpoint_step(tmp_path):
     out = tmp_path / "run"
-    cfg = _tiny_config(tmp_path)
-    _run("--config", cfg, "--output_dir", out, "--num_epochs", 1)
-    import torch
-
-    step = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["step"]
-    assert step == 2
+    cfg = tiny_config(tmp_path, train={"num_epochs": 1})
+    train_main("--config", cfg, "--output_dir", out)
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["step"] == 3
     # a fresh run over it is refused and loses nothing
     before = (out / "metrics.jsonl").read_text()
-    proc = _run("--config", cfg, "--output_dir", out, check=False)
-    assert proc.returncode != 0 and "pass --resume" in proc.stderr
+    with pytest.raises(SystemExit, match="pass --resume"):
+        train_main("--config", cfg, "--output_dir", out)
     assert (out / "metrics.jsonl").read_text() == before
-    _run("--config", cfg, "--output_dir", out, "--num_epochs", 2, "--resume")
-    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=False)["step"] == 4
+    train_main("--output_dir", out, "--num_epochs", 2, "--resume")
+    assert torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["step"] == 6
     final = json.loads((out / "final_eval.json").read_text())
-    assert final["step"] == 4 and 0 <= final["checkpoint_step"] <= 4
+    assert final["step"] == 6 and 0 <= final["checkpoint_step"] <= 6
 
 
 @pytest.mark.parametrize(
@@ -87,7 +72,7 @@ def test_resume_continues_from_checkpoint_step(tmp_path):
     ],
 )
 def test_bad_flags_fail_clearly(tmp_path, args, message):
-    proc = _run("--config", _tiny_config(tmp_path), "--output_dir", tmp_path / "x", *args, check=False)
+    proc = run_train("--config", _tiny_config(tmp_path), "--output_dir", tmp_path / "x", *args, check=False)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "x" / "checkpoints").exists()
 
@@ -95,14 +80,15 @@ def test_bad_flags_fail_clearly(tmp_path, args, message):
 def test_unknown_config_key_and_mismatched_checkpoint(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"train": {"batch_sise": 3}}))
-    proc = _run("--config", bad, "--output_dir", tmp_path / "y", check=False)
+    proc = run_train("--config", bad, "--output_dir", tmp_path / "y", check=False)
     assert proc.returncode != 0 and "train.batch_sise" in proc.stderr
 
     out = tmp_path / "run"
-    _run("--config", _tiny_config(tmp_path), "--output_dir", out, "--num_epochs", 1)
+    run_train("--config", _tiny_config(tmp_path), "--output_dir", out, "--num_epochs", 1)
     cfg = yaml.safe_load(_tiny_config(tmp_path).read_text())
     cfg["policy"]["hidden_dim"] = 16
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump(cfg))
-    proc = _run("--config", other, "--output_dir", out, "--resume", check=False)
+    proc = run_train("--config", other, "--output_dir", tmp_path / "z", "--load_stage1_checkpoint",
+                out / "checkpoints" / "latest.pt", check=False)
     assert proc.returncode != 0 and "hidden_dim=128" in proc.stderr and "expected 16" in proc.stderr

@@ -21,6 +21,7 @@ controller puts there.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,11 @@ class VLMBackend(Backend):
         if not ids:
             raise ValueError(
                 f"{sample.dataset} question_id={sample.question_id!r}: question {sample.question!r} has no words"
+            )
+        if all(i == self.tokenizer.unk_id for i in self.tokenizer.encode(sample.question)):
+            raise ValueError(
+                f"{sample.dataset} question_id={sample.question_id!r}: question {sample.question!r} has no word the "
+                f"model's tokenizer knows ({self.tokenizer.vocab_size} words); its answer could not depend on it"
             )
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
@@ -289,13 +295,32 @@ def load_image(sample: VQASample) -> torch.Tensor:
         raise
     except Exception as err:  # PIL raises many types for unreadable files
         raise ImageLoadError(f"{what}: image cannot be decoded: {type(err).__name__}: {err}") from err
-    return image_to_tensor(image, what)
+    pixels = image_to_tensor(image, what)
+    if pixels.shape[1] == 0 or pixels.shape[2] == 0:  # nothing to crop: as unreadable as a corrupt file
+        raise ImageLoadError(f"{what}: image is {pixels.shape[2]}x{pixels.shape[1]} pixels; expected at least 1x1")
+    return pixels
+
+
+def _repeated_keys(path: Path) -> list[str]:
+    """Keys repeated within one object of a JSON file (json.loads silently keeps the last one)."""
+    repeated: list[str] = []
+
+    def check(pairs):
+        keys = [k for k, _ in pairs]
+        repeated.extend(sorted({k for k in keys if keys.count(k) > 1}))
+        return dict(pairs)
+
+    json.loads(path.read_text(), object_pairs_hook=check)
+    return repeated
 
 
 def load_importance(results_dir: Path, num_layers: int, method: str | None) -> tuple[str, dict[int, float]]:
     """Block importance from results_dir/importance.json ({"method": str, "scores": {"0": float, ...}})."""
     path = results_dir / IMPORTANCE_FILE
     data = read_json_object(path, "block importance")
+    repeated = _repeated_keys(path)
+    if repeated:
+        raise ValueError(f"{path}: key(s) {repeated} appear more than once; expected each block scored once")
     found = data.get("method")
     if not isinstance(found, str) or not found:
         raise ValueError(f"{path}: field 'method' is {found!r}, expected a non-empty string")
