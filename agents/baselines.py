@@ -11,7 +11,7 @@ Policies (names as `runners/evaluate.py --policies` takes them):
   random                          uniform over every action of every head (run through the env)
 
 Static configurations are tier x top-k x num_blocks at the smallest insertion position, as in
-profile.json (runners/profile.py profiles them at p = 1 with a zero budget token).
+profile.json (runners/profile_configs.py profiles them at p = 1 with a zero budget token).
 """
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def check_profile(data: Any, knob_space: KnobSpace, where: str) -> list[ProfileE
         missing = [f for f in PROFILE_CONFIG_FIELDS if f not in c]
         if missing:
             raise ValueError(f"{where}: configs[{i}] lacks field(s) {missing}; each config needs {list(PROFILE_CONFIG_FIELDS)}")
-        # profile.json's configs carry the insertion they were profiled at (runners/profile.py: p = 1)
+        # profile.json's configs carry the insertion they were profiled at (runners/profile_configs.py: p = 1)
         config = make_static(c["tier"], c["top_k"], c["num_blocks"], knob_space, f"{where}: configs[{i}]",
                              c.get("insertion"))
         values = {}
@@ -193,7 +193,7 @@ def load_profile(results_dir: str | Path, knob_space: KnobSpace) -> tuple[list[P
     if not path.is_file():
         raise FileNotFoundError(
             f"results_dir {str(results_dir)!r} has no {PROFILE_FILE} ({path}), which the lookup policies need; "
-            f"run runners/profile.py, pass --results_dir DIR with a profile.json, or drop lookup-mean/lookup-p95"
+            f"run runners/profile_configs.py, pass --results_dir DIR with a profile.json, or drop lookup-mean/lookup-p95"
         )
     try:
         data = json.loads(path.read_text())

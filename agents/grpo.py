@@ -4,17 +4,20 @@ A trajectory is the two env steps of one episode, shape (N, 2) in the rollout. I
 R (from step 2) gives A = (R - mean_group(R)) / (std_group(R) + eps); the policy ratio is taken
 over the summed log-prob of the four heads (tier and insertion from step 1, top-k and num_blocks
 from step 2), clipped to [1 - epsilon_low, 1 + epsilon_high] as in PPO/GRPO.
+
+The current log-probs and entropies come from each stage's probabilistic tensordict actor
+(`get_dist` on that step's rows); the KL anchor runs the same actors with a frozen copy of the
+initial parameters swapped in (tensordict functional parameters, no copy of the modules).
 """
 from __future__ import annotations
 
-import copy
 import math
+from dataclasses import dataclass, field
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import NestedKey, TensorDict, TensorDictBase, TensorDictParams
+from tensordict.nn import CompositeDistribution
 from torchrl.objectives import LossModule
-
-from envs.budget_env import ACTION_HEADS
 
 SCALE_REWARDS = ("group", "batch", "none")
 
@@ -48,11 +51,34 @@ def group_advantages(
 class JointGRPOLoss(LossModule):
     """Clipped GRPO objective over both stages, with entropy bonus and optional k3 KL.
 
-    Input: a rollout TensorDict of shape (N, 2) from agents.rollout.collect_rollouts, holding
-    ("advantage",) (set by `compute_advantages`) and the behaviour policy's ("log_prob", head).
+    actor: a controller with `stage_actors` (one probabilistic tensordict actor per env step) and
+    `log_prob_keys`, e.g. policies.HierarchicalController.
+    Input: a rollout TensorDict of shape (N, 2) from agents.rollout.collect_rollouts; step s holds
+    the rows of stage s. Its keys are configurable with `set_keys` (see `_AcceptedKeys`).
     Output keys: loss_objective, loss_entropy, loss_kl and diagnostics (clip_fraction, approx_kl,
-    entropy_<head>, kl_ref).
+    entropy, entropy_<head>, kl_ref).
     """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Rollout keys the loss reads and writes (`loss.set_keys(advantage=...)`).
+
+        Attributes:
+            advantage: where compute_advantages writes, and forward reads, the advantage.
+            reward: the per-step reward; the last step's is the trajectory's.
+            group_id: the GRPO group of each row.
+            reward_zero_std: per-row flag written by compute_advantages.
+            sample_log_prob: the behaviour policy's per-head log-probs (default: the actor's
+                log_prob_keys); a head that does not act at a step holds 0 there.
+        """
+
+        advantage: NestedKey = "advantage"
+        reward: NestedKey = ("next", "reward")
+        group_id: NestedKey = "group_id"
+        reward_zero_std: NestedKey = "reward_zero_std"
+        sample_log_prob: list = field(default_factory=list)
+
+    default_keys = _AcceptedKeys
 
     def __init__(
         self,
@@ -74,38 +100,59 @@ class JointGRPOLoss(LossModule):
         self.entropy_coef = float(entropy_coef)
         self.beta = float(beta)
         self.scale_rewards = scale_rewards
-        # The KL anchor is the policy as it was when the loss was built (as in TRL's GRPO).
-        self.reference = None
+        self.set_keys(sample_log_prob=list(actor.log_prob_keys))
+        # The KL anchor is the policy as it was when the loss was built (as in TRL's GRPO): its
+        # parameters, detached and cloned, swapped into the same modules when needed.
+        self.reference_params = None
         if self.beta > 0:
-            self.reference = copy.deepcopy(actor).requires_grad_(False)
+            self.reference_params = TensorDictParams(TensorDict.from_module(actor).detach().clone(), no_convert=True)
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        pass  # GRPO has no value estimator
 
     def compute_advantages(self, rollout: TensorDictBase) -> TensorDictBase:
         """Write the terminal reward's group advantage into both steps of every trajectory."""
-        reward = rollout["next", "reward"][:, -1].reshape(-1)
-        adv, zero_std = group_advantages(reward, rollout["group_id"][:, 0], self.scale_rewards)
+        keys = self.tensor_keys
+        reward = _read(rollout, keys.reward, "reward")[:, -1].reshape(-1)
+        group_id = _read(rollout, keys.group_id, "group_id")[:, 0]
+        adv, zero_std = group_advantages(reward, group_id, self.scale_rewards)
         steps = rollout.shape[1]
-        rollout.set("advantage", adv[:, None, None].expand(-1, steps, 1).clone())
-        rollout.set("reward_zero_std", zero_std[:, None, None].expand(-1, steps, 1).clone())
+        rollout.set(keys.advantage, adv[:, None, None].expand(-1, steps, 1).clone())
+        rollout.set(keys.reward_zero_std, zero_std[:, None, None].expand(-1, steps, 1).clone())
         return rollout
 
-    @staticmethod
-    def _trajectory_log_prob(log_prob: dict, shape) -> torch.Tensor:
-        return sum(lp.reshape(shape) for lp in log_prob.values()).sum(-1)
+    def _stage_log_prob_and_entropy(self, rollout: TensorDictBase) -> tuple[torch.Tensor, dict]:
+        """Per trajectory: the current policy's summed log-prob (N,), and each head's entropy (N,)."""
+        log_prob = torch.zeros(rollout.shape[0], device=rollout.device)
+        entropy = {}
+        for step, actor in enumerate(self.actor.stage_actors):
+            rows = rollout[:, step]
+            if not bool((rows.get("stage") == step).all()):
+                raise ValueError(f"rollout step {step} holds rows of another stage; expected stage == {step} "
+                                 f"(a (N, 2) rollout from collect_rollouts)")
+            dist = actor.get_dist(rows)
+            if not isinstance(dist, CompositeDistribution):
+                raise TypeError(f"stage {step} actor gives a {type(dist).__name__}; expected a CompositeDistribution")
+            lp = dist.log_prob(rows.select(*actor.dist_sample_keys))
+            for key in actor.log_prob_keys:
+                log_prob = log_prob + lp.get(key).reshape(-1)
+            ent = dist.entropy()
+            for name in dist.dists:
+                head = name[-1] if isinstance(name, tuple) else name
+                entropy[head] = ent.get(_entropy_key(name)).reshape(-1)
+        return log_prob, entropy
 
     def forward(self, rollout: TensorDictBase) -> TensorDict:
-        shape = rollout.shape  # (N, steps)
-        flat = rollout.reshape(-1)
-        log_prob, entropy = self.actor.evaluate(flat)
-        new_lp = self._trajectory_log_prob(log_prob, shape)
-        old_lp = sum(flat["log_prob", h].reshape(shape) for h in ACTION_HEADS).sum(-1)
-        adv = rollout["advantage"][:, 0].reshape(-1)
+        keys = self.tensor_keys
+        new_lp, head_entropy = self._stage_log_prob_and_entropy(rollout)
+        old_lp = sum(_read(rollout, k, "sample_log_prob").reshape(rollout.shape) for k in keys.sample_log_prob).sum(-1)
+        adv = _read(rollout, keys.advantage, "advantage")[:, 0].reshape(-1)
 
         log_ratio = new_lp - old_lp
         ratio = log_ratio.exp()
         clipped = ratio.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
         objective = torch.minimum(ratio * adv, clipped * adv)
         # Per-trajectory entropy: each head acts once per trajectory.
-        head_entropy = {h: e.reshape(shape).sum(-1) for h, e in entropy.items()}
         total_entropy = sum(head_entropy.values())
 
         out = TensorDict(
@@ -118,9 +165,9 @@ class JointGRPOLoss(LossModule):
         )
         for h, e in head_entropy.items():
             out.set(f"entropy_{h}", e.mean().detach())
-        if self.reference is not None:
-            with torch.no_grad():
-                ref_lp = self._trajectory_log_prob(self.reference.evaluate(flat)[0], shape)
+        if self.reference_params is not None:
+            with torch.no_grad(), self.reference_params.to_module(self.actor):
+                ref_lp, _ = self._stage_log_prob_and_entropy(rollout)
             # k3 estimator of KL(pi || pi_ref) on the sampled actions (Schulman 2020).
             delta = ref_lp - new_lp
             kl = delta.exp() - delta - 1
@@ -129,6 +176,20 @@ class JointGRPOLoss(LossModule):
         else:
             out.set("loss_kl", torch.zeros((), device=new_lp.device))
         return out
+
+
+def _read(td: TensorDictBase, key, name: str) -> torch.Tensor:
+    value = td.get(key, None)
+    if value is None:
+        raise KeyError(f"rollout has no {key!r} (the loss's {name} key); write it there or point the loss at "
+                       f"it with loss.set_keys({name}=...)")
+    return value
+
+
+def _entropy_key(sample_key) -> tuple:
+    """CompositeDistribution.entropy writes a head's entropy beside its sample: ("action", "tier_entropy")."""
+    key = sample_key if isinstance(sample_key, tuple) else (sample_key,)
+    return (*key[:-1], f"{key[-1]}_entropy")
 
 
 def make_optimizer(actor, lr: float, stage1_lr_ratio: float = 1.0, weight_decay: float = 0.0) -> torch.optim.Optimizer:

@@ -1,13 +1,14 @@
 """The two-step TorchRL environment of the latency-budget controller.
 
 Episode (per batch row; rows are B samples x G group members, each executed alone):
-  reset  -> Stage-1 observation: language feature, budget (ms and normalised), stage = 0
-  step 1 -> action (tier, insertion, budget_token): preprocess + vision + blocks 0..p-1;
-            Stage-2 observation: latency token, insertion, stage = 1; reward 0
+  reset  -> Stage-1 observation: language feature, budget (ms), stage = 0
+  step 1 -> action (tier, insertion, budget_token, controller_ms): preprocess + vision + blocks
+            0..p-1; Stage-2 observation: latency token, insertion, stage = 1; reward 0
   step 2 -> action (top_k, num_blocks, controller_ms): rest of prefill + decode;
             terminal reward, done, and the episode's info under "episode"
-The Stage-2 controller's own time is measured by the policy and passed in as `controller_ms`,
-because it is part of the request's latency but runs outside the env.
+Each stage's controller time for the request is measured by the policy (at batch size 1) and
+passed in as that step's `controller_ms`: it is part of the request's latency but runs outside the
+env. The latency is preprocess + vision + prefill + decode + both stages' controller time.
 
 Resets draw each group's sample and budget from the env's generator. A caller fixes them only
 through the explicit keys ("reset_to", "sample_index") and ("reset_to", "budget_ms") (see
@@ -16,14 +17,14 @@ forwards the last observation (a collector, `step_and_maybe_reset`) still draws 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
-from envs.backends.base import Backend, check_split
+from envs.backends.base import Backend, EpisodeResult, check_split
 from envs.data.sample import ImageLoadError
 from envs.data.vqa import record_skipped
 from envs.reward import RewardWeights, check_budget, compute_reward
@@ -38,7 +39,9 @@ EPISODE_INFO_KEYS = (
     "vision_ms",
     "prefill_ms",
     "decode_ms",
-    "controller_ms",
+    "controller_ms",  # both stages
+    "stage1_controller_ms",
+    "stage2_controller_ms",
     "violation",
 )
 # How many other samples to try when a sample's image cannot be loaded.
@@ -67,7 +70,9 @@ class BudgetVLMEnv(EnvBase):
         reward_weights: RewardWeights | None = None,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        samples: Sequence[Any] | None = None,
     ):
+        """samples: serve these requests instead of the backend's `split` (e.g. one user request)."""
         if int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size}: expected >= 1")
         if int(group_size) < 1:
@@ -78,19 +83,24 @@ class BudgetVLMEnv(EnvBase):
         super().__init__(batch_size=torch.Size([n]), device=device)
         self.backend = backend
         self.split = check_split(split)
-        self.samples = backend.dataset(split)
+        self.samples = backend.dataset(split) if samples is None else list(samples)
         if len(self.samples) == 0:
-            raise ValueError(f"backend {type(backend).__name__} has no samples in split {split!r}")
+            raise ValueError(f"backend {type(backend).__name__} has no samples in split {split!r}"
+                             if samples is None else "samples=[]: expected at least one sample")
         self.reward_weights = reward_weights or RewardWeights()
         self.knob_space = backend.knob_space
         self.budget_lo, self.budget_hi = backend.budget_range_ms
         self.skipped_samples = 0
         self._episodes: list[Any] = [None] * n
+        # Each row's last finished EpisodeResult (answer text, extras), for callers that need more
+        # than the numbers in the episode info.
+        self.last_results: list[EpisodeResult | None] = [None] * n
         self._sample_index = torch.zeros(n, dtype=torch.long)
         self._budget = torch.zeros(n, dtype=torch.float32)
         # Stage-1 choices of each row's open episode, needed again at Stage 2.
         self._tier_index = torch.zeros(n, dtype=torch.long)
         self._insertion_index = torch.zeros(n, dtype=torch.long)
+        self._stage1_controller_ms = torch.zeros(n)
         self._group_id = torch.arange(n) // self.group_size
         self._language = torch.zeros(n, backend.language_dim)
         self._next_group_id = 0
@@ -106,7 +116,6 @@ class BudgetVLMEnv(EnvBase):
         self.observation_spec = Composite(
             language_feature=Unbounded(shape=(*n, dl)),
             budget_ms=Bounded(low=0.0, high=float("inf"), shape=(*n, 1)),
-            budget_norm=Unbounded(shape=(*n, 1)),
             stage=Categorical(2, shape=(*n, 1)),
             latency_token=Unbounded(shape=(*n, d)),
             insertion=Categorical(len(ks.insertion_positions), shape=(*n, 1)),
@@ -172,6 +181,7 @@ class BudgetVLMEnv(EnvBase):
             self._sample_index[i] = index[i]
             self._budget[i] = budgets[i]
             self._insertion_index[i] = 0
+            self._stage1_controller_ms[i] = 0.0
             self._language[i] = self._load_language(i)
         return self._observation(stage=torch.zeros(n, 1, dtype=torch.long))
 
@@ -208,7 +218,6 @@ class BudgetVLMEnv(EnvBase):
         return TensorDict(
             language_feature=self._language.clone(),
             budget_ms=budget.clone(),
-            budget_norm=(budget - self.budget_lo) / (self.budget_hi - self.budget_lo),
             stage=stage,
             latency_token=latency_token if latency_token is not None else torch.zeros(n, self.backend.d_model),
             insertion=insertion if insertion is not None else torch.zeros(n, 1, dtype=torch.long),
@@ -278,6 +287,7 @@ class BudgetVLMEnv(EnvBase):
         else:
             raise RuntimeError(f"{_MAX_IMAGE_RETRIES} samples in a row had unreadable images in split {self.split!r}")
         self._episodes[row] = episode
+        self._stage1_controller_ms[row] = float(action["controller_ms"])
         self._tier_index[row] = ks.tiers.index(tier)
         self._insertion_index[row] = p_index
         token = self.backend.run_to(episode, ks.insertion_positions[p_index])
@@ -300,7 +310,9 @@ class BudgetVLMEnv(EnvBase):
         num_blocks = ks.num_blocks_values[int(action["num_blocks"])]
         result = self.backend.finish(episode, top_k, num_blocks)
         self._episodes[row] = None
-        controller_ms = float(action["controller_ms"])
+        self.last_results[row] = result
+        stage1_ms, stage2_ms = float(self._stage1_controller_ms[row]), float(action["controller_ms"])
+        controller_ms = stage1_ms + stage2_ms
         t = result.timings_ms
         latency = t["preprocess"] + t["vision"] + t["prefill"] + t["decode"] + controller_ms
         budget = float(self._budget[row])
@@ -317,6 +329,8 @@ class BudgetVLMEnv(EnvBase):
             "prefill_ms": t["prefill"],
             "decode_ms": t["decode"],
             "controller_ms": controller_ms,
+            "stage1_controller_ms": stage1_ms,
+            "stage2_controller_ms": stage2_ms,
             "violation": float(latency > budget),
         }
         return info, float(reward)

@@ -1,8 +1,13 @@
 """A gymnasium view of one BudgetVLM episode (batch 1, group 1), registered as BudgetVLM-v0.
 
-Observation and action are Dicts. The episode has two steps: the first action's tier, insertion
-and budget_token are used, the second's top_k, num_blocks and controller_ms (the caller's own
-Stage-2 time, part of the latency); fields that do not act at a step are ignored there.
+Observation and action are Dicts derived from the TorchRL env's specs (one source of truth for
+bounds, shapes and dtypes): a one-value Categorical becomes a Discrete, a Bounded or Unbounded
+spec a Box with the spec's bounds. Group ids and sample indices (GRPO bookkeeping) are left out of
+the observation, and the finished episode's measurements go to `info`.
+
+The episode has two steps: the first action's tier, insertion, budget_token and controller_ms (the
+caller's own Stage-1 time) are used, the second's top_k, num_blocks and controller_ms (its Stage-2
+time); both times count in the request's latency. Fields that do not act at a step are ignored.
 """
 from __future__ import annotations
 
@@ -11,8 +16,41 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from tensordict import TensorDict
+from torchrl.data import Bounded, Categorical, Composite, TensorSpec, Unbounded
 
-from envs.budget_env import ACTION_HEADS, EPISODE_INFO_KEYS, reset_to
+from envs.budget_env import EPISODE_INFO_KEYS, reset_to
+
+# Observation entries a gym user does not act on.
+HIDDEN_OBSERVATIONS = ("group_id", "sample_index", "episode")
+
+
+def spec_to_space(spec: TensorSpec) -> spaces.Space:
+    """One env row's TorchRL spec -> the gymnasium space with the same bounds, shape and dtype."""
+    if isinstance(spec, Composite):
+        return spaces.Dict({key: spec_to_space(value) for key, value in spec.items()})
+    dtype = np.dtype(str(spec.dtype).removeprefix("torch."))
+    if isinstance(spec, Categorical):
+        if tuple(spec.shape) not in ((), (1,)):
+            raise ValueError(f"categorical spec of shape {tuple(spec.shape)}: expected one value per row")
+        return spaces.Discrete(spec.n)
+    if isinstance(spec, Bounded):
+        return spaces.Box(spec.space.low.numpy().astype(dtype), spec.space.high.numpy().astype(dtype),
+                          tuple(spec.shape), dtype)
+    if isinstance(spec, Unbounded):
+        return spaces.Box(-np.inf, np.inf, tuple(spec.shape), dtype)
+    raise TypeError(f"no gymnasium space for a {type(spec).__name__} spec")
+
+
+def _to_gym(space: spaces.Space, value: torch.Tensor):
+    if isinstance(space, spaces.Discrete):
+        return int(value.reshape(-1)[0])
+    return value.cpu().numpy().astype(space.dtype)
+
+
+def _to_torch(space: spaces.Space, value) -> torch.Tensor:
+    if isinstance(space, spaces.Discrete):
+        return torch.as_tensor(int(value)).reshape(1, 1)
+    return torch.as_tensor(np.asarray(value, dtype=space.dtype)).reshape(1, *space.shape)
 
 
 class BudgetVLMGymEnv(gymnasium.Env):
@@ -23,37 +61,15 @@ class BudgetVLMGymEnv(gymnasium.Env):
 
         overrides.update(batch_size=1, group_size=1)
         self.env = make_env(backend, **overrides)
-        b = self.env.backend
-        ks = self.env.knob_space
-        sizes = ks.head_sizes
+        observation = self.env.observation_spec[0]
         self.observation_space = spaces.Dict(
-            {
-                "language_feature": spaces.Box(-np.inf, np.inf, (b.language_dim,), np.float32),
-                "budget_ms": spaces.Box(0.0, np.inf, (1,), np.float32),
-                "budget_norm": spaces.Box(-np.inf, np.inf, (1,), np.float32),
-                "stage": spaces.Discrete(2),
-                "latency_token": spaces.Box(-np.inf, np.inf, (b.d_model,), np.float32),
-                "insertion": spaces.Discrete(sizes["insertion"]),
-            }
+            {k: spec_to_space(observation[k]) for k in observation.keys() if k not in HIDDEN_OBSERVATIONS}
         )
-        self.action_space = spaces.Dict(
-            {
-                **{h: spaces.Discrete(sizes[h]) for h in ACTION_HEADS},
-                "budget_token": spaces.Box(-10.0, 10.0, (b.d_model,), np.float32),
-                "controller_ms": spaces.Box(0.0, 100.0, (1,), np.float32),
-            }
-        )
+        self.action_space = spec_to_space(self.env.action_spec[0]["action"])
         self._td = None
 
     def _obs(self, td) -> dict:
-        return {
-            "language_feature": td["language_feature"][0].numpy().astype(np.float32),
-            "budget_ms": td["budget_ms"][0].numpy().astype(np.float32),
-            "budget_norm": td["budget_norm"][0].numpy().astype(np.float32),
-            "stage": int(td["stage"][0, 0]),
-            "latency_token": td["latency_token"][0].numpy().astype(np.float32),
-            "insertion": int(td["insertion"][0, 0]),
-        }
+        return {k: _to_gym(space, td[k][0]) for k, space in self.observation_space.spaces.items()}
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -71,14 +87,8 @@ class BudgetVLMGymEnv(gymnasium.Env):
         missing = set(self.action_space.spaces) - set(action)
         if missing:
             raise ValueError(f"action lacks {sorted(missing)}; expected keys {sorted(self.action_space.spaces)}")
-        act = TensorDict(
-            {
-                **{h: torch.as_tensor(int(action[h])).reshape(1, 1) for h in ACTION_HEADS},
-                "budget_token": torch.as_tensor(np.asarray(action["budget_token"], dtype=np.float32)).reshape(1, -1),
-                "controller_ms": torch.as_tensor(np.asarray(action["controller_ms"], dtype=np.float32)).reshape(1, 1),
-            },
-            batch_size=[1],
-        )
+        act = TensorDict({k: _to_torch(space, action[k]) for k, space in self.action_space.spaces.items()},
+                         batch_size=[1])
         td = self._td.clone()
         td.set("action", act)
         out = self.env.step(td)["next"]

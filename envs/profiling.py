@@ -1,6 +1,6 @@
 """Static-configuration profiling, block importance and latency benchmarks of the embedded VLM.
 
-Library code behind runners/profile.py and runners/bench.py (runners -> envs -> backends); it only
+Library code behind runners/profile_configs.py and runners/bench.py (runners -> envs -> backends); it only
 uses the public API of envs.backends.vlm.
 
 Static configurations

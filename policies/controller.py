@@ -1,9 +1,18 @@
-"""The hierarchical controller: one TorchRL actor acting at both env steps.
+"""The hierarchical controller: two probabilistic tensordict actors, one per env step.
 
-At a Stage-1 row (stage == 0) it encodes the budget, runs Knob1PredictorBudgetLanguage and writes
-tier, insertion and the budget token; at a Stage-2 row it runs Knob2Knob3Predictor on the latency
-token and writes top-k, num_blocks and its own measured time (part of the request's latency).
-Actions are sampled, or the argmax under torchrl's DETERMINISTIC/MODE exploration type (greedy).
+`stage1_actor` (budget encoder -> Knob1PredictorBudgetLanguage -> one categorical per head) writes
+("action", "tier"), ("action", "insertion") and the budget token ("action", "budget_token");
+`stage2_actor` (Knob2Knob3Predictor -> one categorical per head) writes ("action", "top_k") and
+("action", "num_blocks"). Both are tensordict `ProbabilisticTensorDictSequential`s over a
+`CompositeDistribution`, so sampling, the per-head log-prob keys ("action", "<head>_log_prob"),
+entropies and the greedy switch (torchrl's `set_exploration_type(DETERMINISTIC or MODE)`) are
+tensordict's. `HierarchicalController` dispatches each env row to the actor of its `stage`.
+
+The controller runs inside the request, so its time is part of the request's latency: each row's
+stage networks run alone at batch size 1 (as a deployed controller serves one request) and the wall
+time of that call is written to ("action", "controller_ms"); the actions are drawn from exactly
+those logits. `fixed_controller_ms` replaces the measurement by a constant (the networks then run
+batched), for tests that need bit-identical episodes.
 """
 from __future__ import annotations
 
@@ -11,19 +20,81 @@ import time
 from typing import Sequence
 
 import torch
-from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModuleBase
-from torch.distributions import Categorical
-from torchrl.envs.utils import ExplorationType, exploration_type
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import (
+    CompositeDistribution,
+    InteractionType,
+    ProbabilisticTensorDictModule,
+    ProbabilisticTensorDictSequential,
+    TensorDictModuleBase,
+)
+from torch import distributions as D
 
-from envs.budget_env import ACTION_HEADS, STAGE1_HEADS, STAGE2_HEADS
 from envs.knobs import KnobSpace
 from policies.budget_encoder import LatencyBudgetEncoder
 from policies.predictors import Knob1PredictorBudgetLanguage, Knob2Knob3Predictor
 
+STAGE_HEADS = (("tier", "insertion"), ("top_k", "num_blocks"))
+ACTION_KEY = "action"
+
+
+def log_prob_key(head: str) -> tuple[str, str]:
+    """Where tensordict's CompositeDistribution writes a head's log-prob (no aggregation)."""
+    return (ACTION_KEY, f"{head}_log_prob")
+
+
+def _categorical_heads(heads: Sequence[str]) -> ProbabilisticTensorDictModule:
+    """One categorical per head, reading ("logits", head) and writing ("action", head)."""
+    return ProbabilisticTensorDictModule(
+        in_keys={"params": "logits"},
+        out_keys=[(ACTION_KEY, h) for h in heads],
+        distribution_class=CompositeDistribution,
+        distribution_kwargs={
+            "distribution_map": {h: D.Categorical for h in heads},
+            "name_map": {h: (ACTION_KEY, h) for h in heads},
+        },
+        return_log_prob=True,
+        default_interaction_type=InteractionType.RANDOM,
+    )
+
+
+class _StageNetwork(TensorDictModuleBase):
+    """A stage's networks as a tensordict module: reads in_keys, writes each head's (n, 1, K)
+    logits under ("logits", head, "logits") (so that actions have the env's (n, 1) shape) and, for
+    Stage 1, the budget feature as ("action", "budget_token"). `compute` is the same on plain
+    tensors: the part the controller times per request.
+    """
+
+    def __init__(self, predictor: torch.nn.Module, heads: Sequence[str], in_keys: Sequence,
+                 budget_encoder: LatencyBudgetEncoder | None = None):
+        super().__init__()
+        self.predictor = predictor
+        self.budget_encoder = budget_encoder
+        self.heads = tuple(heads)
+        self.in_keys = list(in_keys)
+        self.out_keys = [("logits", h, "logits") for h in self.heads]
+        if budget_encoder is not None:
+            self.out_keys.append((ACTION_KEY, "budget_token"))
+
+    def compute(self, *inputs: torch.Tensor) -> dict:
+        """in_keys' tensors -> {out_key: tensor}."""
+        inputs = list(inputs)
+        out = {}
+        if self.budget_encoder is not None:  # Stage 1: (language_feature, budget_ms)
+            inputs[1] = out[(ACTION_KEY, "budget_token")] = self.budget_encoder(inputs[1])
+        logits = self.predictor(*inputs)
+        for h in self.heads:
+            out[("logits", h, "logits")] = logits[h].unsqueeze(-2)
+        return out
+
+    def forward(self, td: TensorDictBase) -> TensorDictBase:
+        for key, value in self.compute(*(td.get(k) for k in self.in_keys)).items():
+            td.set(key, value)
+        return td
+
 
 class HierarchicalController(TensorDictModuleBase):
-    """Budget encoder + Stage-1 and Stage-2 predictors behind one TensorDict interface."""
+    """Budget encoder + Stage-1 and Stage-2 actors behind one TensorDict interface."""
 
     def __init__(
         self,
@@ -36,93 +107,103 @@ class HierarchicalController(TensorDictModuleBase):
         fixed_controller_ms: float | None = None,
     ):
         super().__init__()
-        # Replaces the measured Stage-2 time by a constant, for runs that must be bit-identical.
         if fixed_controller_ms is not None and not float(fixed_controller_ms) >= 0:
             raise ValueError(f"fixed_controller_ms={fixed_controller_ms}: expected None or a time >= 0")
-        self.fixed_controller_ms = None if fixed_controller_ms is None else float(fixed_controller_ms)
         self.knob_space = knob_space
         sizes = knob_space.head_sizes
-        self.budget_encoder = LatencyBudgetEncoder(d_model, budget_range_ms, sinusoidal_dim)
-        self.stage1 = Knob1PredictorBudgetLanguage(
-            language_dim, d_model, hidden_dim, sizes["tier"], sizes["insertion"]
-        )
-        self.stage2 = Knob2Knob3Predictor(
-            d_model, hidden_dim, sizes["insertion"], sizes["top_k"], sizes["num_blocks"]
-        )
         self.d_model = d_model
-        self.in_keys = ["language_feature", "budget_ms", "stage", "latency_token", "insertion"]
-        self.out_keys = (
-            [("action", h) for h in ACTION_HEADS]
-            + [("action", "budget_token"), ("action", "controller_ms")]
-            + [("log_prob", h) for h in ACTION_HEADS]
+        self.fixed_controller_ms = None if fixed_controller_ms is None else float(fixed_controller_ms)
+        self.budget_encoder = LatencyBudgetEncoder(d_model, budget_range_ms, sinusoidal_dim)
+        self.stage1 = Knob1PredictorBudgetLanguage(language_dim, d_model, hidden_dim, sizes["tier"], sizes["insertion"])
+        self.stage2 = Knob2Knob3Predictor(d_model, hidden_dim, sizes["insertion"], sizes["top_k"], sizes["num_blocks"])
+        s1, s2 = STAGE_HEADS
+        stage1_actor = ProbabilisticTensorDictSequential(
+            _StageNetwork(self.stage1, s1, ["language_feature", "budget_ms"], self.budget_encoder),
+            _categorical_heads(s1),
         )
+        stage2_actor = ProbabilisticTensorDictSequential(
+            _StageNetwork(self.stage2, s2, ["latency_token", "insertion"]),
+            _categorical_heads(s2),
+        )
+        # A plain tuple: the actors are views over the predictors registered above, so every
+        # parameter (and state_dict key) appears once, under stage1. / stage2. / budget_encoder.
+        self.stage_actors = (stage1_actor, stage2_actor)
+        self.in_keys = ["stage", "language_feature", "budget_ms", "latency_token", "insertion"]
+        self.out_keys = self.action_keys + [(ACTION_KEY, "budget_token"), (ACTION_KEY, "controller_ms")] + self.log_prob_keys
 
-    # ------------------------------------------------------------- helpers
-    def stage1_logits(self, language_feature, budget_ms):
-        budget_feature = self.budget_encoder(budget_ms)
-        return self.stage1(language_feature, budget_feature), budget_feature
+    @property
+    def stage1_actor(self) -> ProbabilisticTensorDictSequential:
+        return self.stage_actors[0]
 
-    def stage2_logits(self, latency_token, insertion):
-        return self.stage2(latency_token, insertion.reshape(-1))
+    @property
+    def stage2_actor(self) -> ProbabilisticTensorDictSequential:
+        return self.stage_actors[1]
 
-    def evaluate(self, td: TensorDictBase) -> tuple[dict, dict]:
-        """Log-prob and entropy of the stored actions, per head, shape (n,); a head that does not
-        act at a row's stage contributes 0. Differentiable (used by the loss)."""
-        stage = td["stage"].reshape(-1)
-        n = stage.shape[0]
-        log_prob = {h: torch.zeros(n, device=stage.device) for h in ACTION_HEADS}
-        entropy = {h: torch.zeros(n, device=stage.device) for h in ACTION_HEADS}
-        for rows, heads, logits_fn in (
-            (stage == 0, STAGE1_HEADS, lambda r: self.stage1_logits(td["language_feature"][r], td["budget_ms"][r])[0]),
-            (stage == 1, STAGE2_HEADS, lambda r: self.stage2_logits(td["latency_token"][r], td["insertion"][r])),
-        ):
-            if not bool(rows.any()):
-                continue
-            logits = logits_fn(rows)
-            for h in heads:
-                dist = Categorical(logits=logits[h])
-                log_prob[h] = log_prob[h].masked_scatter(rows, dist.log_prob(td["action", h][rows].reshape(-1)))
-                entropy[h] = entropy[h].masked_scatter(rows, dist.entropy())
-        return log_prob, entropy
+    @property
+    def action_keys(self) -> list:
+        return [(ACTION_KEY, h) for heads in STAGE_HEADS for h in heads]
+
+    @property
+    def log_prob_keys(self) -> list:
+        return [log_prob_key(h) for heads in STAGE_HEADS for h in heads]
 
     # ------------------------------------------------------------- forward
     def forward(self, td: TensorDictBase) -> TensorDictBase:
+        """Act on every row with the actor of its stage; heads of the other stage get action 0 and
+        log-prob 0 (they do not act at that step)."""
         stage = td["stage"].reshape(-1)
         n, device = stage.shape[0], stage.device
-        greedy = exploration_type() in (ExplorationType.DETERMINISTIC, ExplorationType.MODE)
-        actions = {h: torch.zeros(n, 1, dtype=torch.long, device=device) for h in ACTION_HEADS}
-        log_probs = {h: torch.zeros(n, 1, device=device) for h in ACTION_HEADS}
-        budget_token = torch.zeros(n, self.d_model, device=device)
-        controller_ms = torch.zeros(n, 1, device=device)
-
-        def act(logits: dict, heads, rows):
-            for h in heads:
-                dist = Categorical(logits=logits[h])
-                a = logits[h].argmax(-1) if greedy else dist.sample()
-                actions[h][rows] = a.unsqueeze(-1)
-                log_probs[h][rows] = dist.log_prob(a).unsqueeze(-1)
-
-        s1 = stage == 0
-        if bool(s1.any()):
-            logits, budget_feature = self.stage1_logits(td["language_feature"][s1], td["budget_ms"][s1])
-            act(logits, STAGE1_HEADS, s1)
-            budget_token[s1] = budget_feature
-        s2 = stage == 1
-        if bool(s2.any()):
-            # The Stage-2 controller runs inside the request, so its time is part of the latency.
-            _sync(device)
-            start = time.perf_counter()
-            act(self.stage2_logits(td["latency_token"][s2], td["insertion"][s2]), STAGE2_HEADS, s2)
-            _sync(device)
-            measured = (time.perf_counter() - start) * 1e3
-            controller_ms[s2] = measured if self.fixed_controller_ms is None else self.fixed_controller_ms
-        for h in ACTION_HEADS:
-            td.set(("action", h), actions[h])
-            td.set(("log_prob", h), log_probs[h])
-        td.set(("action", "budget_token"), budget_token)
-        td.set(("action", "controller_ms"), controller_ms)
+        out = TensorDict(
+            {
+                **{k: torch.zeros(n, 1, dtype=torch.long, device=device) for k in self.action_keys},
+                **{k: torch.zeros(n, 1, device=device) for k in self.log_prob_keys},
+                (ACTION_KEY, "budget_token"): torch.zeros(n, self.d_model, device=device),
+                (ACTION_KEY, "controller_ms"): torch.zeros(n, 1, device=device),
+            },
+            batch_size=[n],
+        )
+        for s, actor in enumerate(self.stage_actors):
+            rows = (stage == s).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            acted = self._act_per_request(actor, td[rows].select(*actor.in_keys, strict=False), device)
+            for key in acted.keys(include_nested=True, leaves_only=True):
+                if key in out.keys(include_nested=True):
+                    out.get(key)[rows] = acted.get(key).to(out.get(key).dtype)
+        td.update(out)
         return td
 
+    def _act_per_request(self, actor, td: TensorDictBase, device: torch.device) -> TensorDictBase:
+        """Run the stage's networks on each row alone (batch size 1), timing each call, then draw
+        every row's actions from those logits with the actor's categorical heads.
+
+        The draw (a sample or an argmax over a handful of logits per head) runs batched and is not
+        in the timed part. With fixed_controller_ms the networks run batched (nothing is timed).
+        """
+        network, heads = actor.module[0], actor.module[-1]
+        inputs = [td.get(k) for k in network.in_keys]
+        n = td.shape[0]
+        if self.fixed_controller_ms is not None:
+            outputs = network.compute(*inputs)
+            controller_ms = torch.full((n, 1), self.fixed_controller_ms, device=device)
+        else:
+            pieces, times = [], []
+            for i in range(n):
+                row = [x[i : i + 1] for x in inputs]
+                _sync(device)
+                start = time.perf_counter()
+                pieces.append(network.compute(*row))
+                _sync(device)
+                times.append((time.perf_counter() - start) * 1e3)
+            outputs = {key: torch.cat([p[key] for p in pieces]) for key in pieces[0]}
+            controller_ms = torch.tensor(times, device=device).reshape(n, 1)
+        for key, value in outputs.items():
+            td.set(key, value)
+        td = heads(td)
+        td.set((ACTION_KEY, "controller_ms"), controller_ms)
+        return td
+
+    # ------------------------------------------------------------- parameters
     def stage1_parameters(self):
         """Stage 1 and the budget encoder: the encoder is Stage 1's input, so freezing Stage 1 freezes
         it too. Its output is also the budget token of the prefill, which gets gradient only through

@@ -38,5 +38,7 @@ class Knob2Knob3Predictor(nn.Module):
         self.num_blocks_head = nn.Linear(hidden_dim, num_blocks)
 
     def forward(self, latency_token: torch.Tensor, insertion_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        # The env's insertion observation is (..., 1); the embedding wants one index per row.
+        insertion_index = insertion_index.reshape(latency_token.shape[:-1])
         h = self.trunk(torch.cat([self.token_norm(latency_token), self.insertion_embedding(insertion_index)], dim=-1))
         return {"top_k": self.top_k_head(h), "num_blocks": self.num_blocks_head(h)}

@@ -31,18 +31,10 @@ Writes to --output_dir: eval.json ({"rows": [...], "meta": {...}}), eval.csv, an
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# runners/profile.py would shadow the standard library's `profile`, which torch imports.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # for `runners.train` when run from another directory
-
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -66,11 +58,14 @@ from agents.budget_sweep import (
     measure_config_table,
     random_policy_rows,
     table_policy_rows,
-    write_outputs,
 )
-from envs.machine import machine_info
 from agents.checkpoint import actor_meta, build_actor, check_compatible, load_checkpoint
+from agents.cli import user_input
 from agents.config import config_from_dict
+from agents.factory import make_backend_from_config, make_env
+from agents.reporting import write_outputs
+from envs.backends.base import check_split
+from envs.machine import machine_info
 from envs.reward import RewardWeights
 
 PROFILE_SOURCES = ("auto", "results_dir", "closed_form", "val")
@@ -202,18 +197,12 @@ def resolve_profile(args, backend, knob_space, log) -> tuple[list, dict]:
 
 
 def main(argv=None) -> dict:
-    from runners.train import make_backend_from_config, make_env  # after the sys.path fix above
-
     args = parse_args(argv)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    try:
-        return _run(args, log, make_backend_from_config, make_env)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        raise SystemExit(f"error: {msg}") from None
+    with user_input():
+        return _run(args, lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
-def _run(args, log, make_backend_from_config, make_env) -> dict:
+def _run(args, log) -> dict:
     out = Path(args.output_dir)
     if (out / "eval.json").exists() and not args.overwrite:
         raise ValueError(f"output_dir {out} already holds eval.json; pass --overwrite or choose another --output_dir")
@@ -246,8 +235,6 @@ def _run(args, log, make_backend_from_config, make_env) -> dict:
     profile, profile_info = None, None
     if any(s.needs_profile for s in specs):
         profile, profile_info = resolve_profile(args, backend, ks, log)
-
-    from envs.backends.base import check_split
 
     split = check_split(args.split)
     samples = backend.dataset(split)
@@ -308,7 +295,7 @@ def _run(args, log, make_backend_from_config, make_env) -> dict:
         "static_insertion": min(ks.insertion_positions),
         "latency_note": "static/lookup/oracle: measured batch-1 preprocess+vision+prefill+decode with a zero budget "
                         "token, one run per (sample, config) shared by all budgets; controller: the env's latency, "
-                        "which includes the Stage-2 controller's own time",
+                        "which includes both controller stages' own time, each measured for the request at batch 1",
         "num_configs_measured": len(table.configs) if table is not None else 0,
         "timings_s": timings,
         "warnings": warnings,

@@ -20,18 +20,13 @@ Train with the same image_size (configs/molmoe.yaml) so the budgets match the ep
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# runners/profile.py would shadow the standard library's `profile`, which torch imports.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 

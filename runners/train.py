@@ -9,26 +9,18 @@ Stage 2 and the budget encoder together for `loss.num_iterations` epochs over th
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# runners/profile.py would shadow the standard library's `profile`, which torch imports.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import argparse
 import datetime as dt
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from agents.checkpoint import (
-    actor_meta,
-    build_actor,
     load_checkpoint,
     load_stage1_weights,
     rng_state,
@@ -38,7 +30,8 @@ from agents.checkpoint import (
     check_compatible,
 )
 from agents.baselines import RandomPolicy
-from agents.budget_sweep import accuracy_vs_budget_figure, controller_budget_sweep, default_budgets
+from agents.budget_sweep import controller_budget_sweep, default_budgets
+from agents.cli import fail, user_input
 from agents.config import (
     RESUMABLE_FIELDS,
     Config,
@@ -50,9 +43,11 @@ from agents.config import (
     run_config_text,
 )
 from agents.evaluation import dummy_reference_rewards, heldout_budgets, run_episodes, summarize
-from agents.grpo import JointGRPOLoss, make_optimizer, set_learning_rate
+from agents.factory import make_actor, make_backend_from_config, make_env, make_logger, make_loss
+from agents.grpo import make_optimizer, set_learning_rate
+from agents.reporting import accuracy_vs_budget_figure
 from agents.rollout import collect_rollouts
-from envs import ACTION_HEADS, BudgetVLMEnv, RewardWeights, make_backend
+from envs import ACTION_HEADS
 from envs.files import OutputWriteError, check_writable, write_error, write_json, write_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,9 +56,14 @@ DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 FLAG_TO_FIELD = {
     "results_dir": "data.results_dir",
     "dataset_names": "data.dataset_names",
+    "data_root": "data.data_root",
     "model_path": "data.model_path",
     "batch_size": "train.batch_size",
     "num_epochs": "train.num_epochs",
+    "steps_per_epoch": "train.steps_per_epoch",
+    "num_threads": "train.num_threads",
+    "val_samples": "eval.val_samples",
+    "test_samples": "eval.test_samples",
     "lr": "optim.lr",
     "stage1_lr_ratio": "optim.stage1_lr_ratio",
     "group_size": "train.group_size",
@@ -72,7 +72,6 @@ FLAG_TO_FIELD = {
     "load_stage1_checkpoint": "train.load_stage1_checkpoint",
     "backend": "env.backend",
 }
-DUMMY_DATASETS = ([], ["dummy"])
 # Updates skipped in a row (non-finite loss or gradient) that stop the run.
 MAX_SKIPPED_IN_A_ROW = 3
 
@@ -90,9 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         + " may change it")
     p.add_argument("--results_dir", help="dir with profile.json and importance.json (VLM backend)")
     p.add_argument("--dataset_names", nargs="+", help="datasets to train on, e.g. synthvqa or text_vqa coco_2014_vqa okvqa")
+    p.add_argument("--data_root", help="root of the official VQA files (text_vqa, coco_2014_vqa, okvqa)")
     p.add_argument("--model_path", help="VLM model dir (default: the shipped model)")
     p.add_argument("--batch_size", type=int, help="samples per batch")
     p.add_argument("--num_epochs", type=int, help="number of epochs")
+    p.add_argument("--steps_per_epoch", type=int, help="batches per epoch (default: train split size / batch_size)")
+    p.add_argument("--num_threads", type=int, help="torch CPU threads")
+    p.add_argument("--val_samples", type=int, help="held-out validation samples")
+    p.add_argument("--test_samples", type=int, help="held-out test samples of the final evaluation")
     p.add_argument("--lr", type=float, help="learning rate of Stage 2 (Stage 1 and the budget encoder: lr * ratio)")
     p.add_argument("--stage1_lr_ratio", type=float,
                    help="Stage-1 lr = lr * ratio (0 freezes Stage 1 and the budget encoder)")
@@ -129,56 +133,12 @@ def resume_config(args: argparse.Namespace, run_cfg: Config, history: list, step
     for field, (old, new) in changes.items():
         if field not in RESUMABLE_FIELDS:
             allowed = ", ".join(flag_of.get(f, f) for f in RESUMABLE_FIELDS)
-            raise SystemExit(f"error: {flag_of[field]} {new} would change {field} of the resumed run from {old!r} to "
+            raise fail(f"{flag_of[field]} {new} would change {field} of the resumed run from {old!r} to "
                              f"{new!r}; a resumed run keeps its config.yaml except {allowed}. Drop the flag, or start "
                              f"a new run with another --output_dir")
     for field, (old, new) in changes.items():
         print(f"resume: {flag_of[field]} changes {field} from {old!r} to {new!r} from step {step} on", file=sys.stderr)
     return cfg, history + [{"step": step, "field": f, "old": o, "new": n} for f, (o, n) in changes.items()]
-
-
-# ---------------------------------------------------------------- factories
-def make_backend_from_config(cfg: Config):
-    options = dict(cfg.env.backend_options)
-    data = cfg.data
-    if cfg.env.backend == "dummy":
-        if list(data.dataset_names) not in DUMMY_DATASETS:
-            raise ValueError(f"dataset_names={list(data.dataset_names)}: backend 'dummy' generates its own "
-                             f"samples; expected [] or ['dummy'] (use --backend vlm for real datasets)")
-        for name in ("model_path", "results_dir", "data_root"):
-            if getattr(data, name) is not None:
-                raise ValueError(f"{name}={getattr(data, name)!r} is set but backend 'dummy' has no model or data files")
-        options.setdefault("seed", 0)
-    else:
-        for name in ("model_path", "results_dir", "data_root"):
-            if getattr(data, name) is not None:
-                options[name] = getattr(data, name)
-        if data.dataset_names:
-            options["dataset_names"] = tuple(data.dataset_names)
-        options["device"] = cfg.train.device
-    return make_backend(cfg.env.backend, **options)
-
-
-def make_env(cfg: Config, backend, split: str, batch_size: int, group_size: int) -> BudgetVLMEnv:
-    return BudgetVLMEnv(backend, batch_size=batch_size, group_size=group_size, split=split,
-                        reward_weights=RewardWeights.from_dict(cfg.env.reward), seed=cfg.train.seed,
-                        device=cfg.train.device)
-
-
-def make_actor(cfg: Config, backend):
-    meta = actor_meta(backend, cfg.policy.hidden_dim, cfg.policy.sinusoidal_dim)
-    return build_actor(meta, cfg.policy.fixed_controller_ms).to(cfg.train.device), meta
-
-
-def make_loss(cfg: Config, actor) -> JointGRPOLoss:
-    c = cfg.loss
-    return JointGRPOLoss(actor, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high,
-                         entropy_coef=c.entropy_coef, beta=c.beta, scale_rewards=c.scale_rewards)
-
-
-def make_logger(output_dir: Path, purge_step: int | None = None) -> SummaryWriter:
-    """purge_step (on resume): events a killed run logged at or after it are hidden."""
-    return SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=purge_step)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -198,22 +158,22 @@ def prepare_output_dir(output_dir: Path, resume: bool) -> None:
     """Refuse to start a fresh run over an earlier one (nothing already written is lost), and
     check that the directory can be written before any work is done."""
     if not resume and (output_dir / "checkpoints").exists():
-        raise SystemExit(f"error: output_dir {output_dir} already holds a run (checkpoints/); pass --resume to "
+        raise fail(f"output_dir {output_dir} already holds a run (checkpoints/); pass --resume to "
                          f"continue it or choose another --output_dir")
     try:
         check_writable(output_dir)
         check_writable(output_dir / "checkpoints")
     except OutputWriteError as err:
-        raise SystemExit(f"error: --output_dir: {err}") from err
+        raise fail(f"--output_dir: {err}") from err
 
 
 def resume_point(args: argparse.Namespace) -> tuple[Path, dict | None, Config, list]:
     """For --resume: the run dir, its checkpoint (None: killed before the first one, so it restarts
     from step 0), and its own config and resume history (config.yaml, else the checkpoint's)."""
     if not args.output_dir:
-        raise SystemExit("error: --resume needs --output_dir, the run to continue")
+        raise fail("--resume needs --output_dir, the run to continue")
     if args.config:
-        raise SystemExit("error: --config cannot be given with --resume: a resumed run reads its own "
+        raise fail("--config cannot be given with --resume: a resumed run reads its own "
                          "OUTPUT_DIR/config.yaml; pass only the flags you mean to change")
     output_dir = Path(args.output_dir)
     run_config = output_dir / "config.yaml"
@@ -224,7 +184,7 @@ def resume_point(args: argparse.Namespace) -> tuple[Path, dict | None, Config, l
     elif ckpt is not None and isinstance(ckpt.get("config"), dict):
         cfg, history = config_from_dict(ckpt["config"]), []
     else:
-        raise SystemExit(f"error: --resume: {output_dir} holds no config.yaml and no checkpoint; nothing to resume")
+        raise fail(f"--resume: {output_dir} holds no config.yaml and no checkpoint; nothing to resume")
     if ckpt is None:
         print(f"resume: {output_dir} has no checkpoint yet; restarting the run from step 0", file=sys.stderr)
     return output_dir, ckpt, cfg, history
@@ -249,44 +209,45 @@ def main(argv=None) -> dict:
     try:
         return train(parse_args(argv))
     except OutputWriteError as err:  # a full disk or read-only dir at a write: the earlier file is intact
-        raise SystemExit(f"error: {err}") from err
+        raise fail(str(err)) from err
 
 
 def train(args: argparse.Namespace) -> dict:
-    resume_ckpt, history = None, []
-    if args.resume:
-        output_dir, resume_ckpt, run_cfg, history = resume_point(args)
-        cfg, history = resume_config(args, run_cfg, history, resume_ckpt["step"] if resume_ckpt else 0)
-    else:
-        cfg = resolve_config(args)
-        config_name = Path(args.config or DEFAULT_CONFIG).stem
-        output_dir = Path(args.output_dir or REPO / "runs" / f"{config_name}-{dt.datetime.now():%Y%m%d-%H%M%S}")
-    if cfg.train.use_multi_gpu:
-        raise SystemExit("error: --use_multi_gpu is not available yet: rollouts run one request at a time on one "
-                         "device (batch size 1 per execution, for honest latency); run without it")
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    seed_everything(cfg.train.seed)
+    # Bad input fails here, as one line naming the flag (agents.cli), before anything is written.
+    with user_input():
+        resume_ckpt, history = None, []
+        if args.resume:
+            output_dir, resume_ckpt, run_cfg, history = resume_point(args)
+            cfg, history = resume_config(args, run_cfg, history, resume_ckpt["step"] if resume_ckpt else 0)
+        else:
+            cfg = resolve_config(args)
+            config_name = Path(args.config or DEFAULT_CONFIG).stem
+            output_dir = Path(args.output_dir or REPO / "runs" / f"{config_name}-{dt.datetime.now():%Y%m%d-%H%M%S}")
+        if cfg.train.use_multi_gpu:
+            raise ValueError("--use_multi_gpu is not available yet: rollouts run one request at a time on one "
+                             "device (batch size 1 per execution, for honest latency); run without it")
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        seed_everything(cfg.train.seed)
 
-    # Everything that can fail on bad input is built before anything is written.
-    backend = make_backend_from_config(cfg)
-    tc, ec = cfg.train, cfg.eval
-    train_env = make_env(cfg, backend, "train", tc.batch_size, tc.group_size)
-    val_env = make_env(cfg, backend, "val", ec.batch_size, 1)
-    # Generators outside the envs that a resumed run must continue (the dummy backend's noise).
-    generators = {"backend": backend.rng} if isinstance(getattr(backend, "rng", None), torch.Generator) else {}
-    actor, meta = make_actor(cfg, backend)
-    if tc.load_stage1_checkpoint and resume_ckpt is None:  # a resumed run has its own weights
-        load_stage1_weights(actor, tc.load_stage1_checkpoint, meta)
-    loss_module = make_loss(cfg, actor)
-    optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)
-    steps_per_epoch = tc.steps_per_epoch or max(1, len(train_env.samples) // tc.batch_size)
-    # Where the next step goes (epoch, step within it), and the counters a resume continues.
-    epoch, epoch_step, step, best_val = 0, 0, 0, -math.inf
-    skipped_updates, skipped_in_a_row = 0, 0
-    if resume_ckpt is not None:
-        check_compatible(resume_ckpt["policy_meta"], meta, resume_ckpt["path"])
-    prepare_output_dir(output_dir, resume=args.resume is not None)
+        backend = make_backend_from_config(cfg)
+        tc, ec = cfg.train, cfg.eval
+        train_env = make_env(cfg, backend, "train", tc.batch_size, tc.group_size)
+        val_env = make_env(cfg, backend, "val", ec.batch_size, 1)
+        # Generators outside the envs that a resumed run must continue (the dummy backend's noise).
+        generators = {"backend": backend.rng} if isinstance(getattr(backend, "rng", None), torch.Generator) else {}
+        actor, meta = make_actor(cfg, backend)
+        if tc.load_stage1_checkpoint and resume_ckpt is None:  # a resumed run has its own weights
+            load_stage1_weights(actor, tc.load_stage1_checkpoint, meta)
+        loss_module = make_loss(cfg, actor)
+        optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)
+        steps_per_epoch = tc.steps_per_epoch or max(1, len(train_env.samples) // tc.batch_size)
+        # Where the next step goes (epoch, step within it), and the counters a resume continues.
+        epoch, epoch_step, step, best_val = 0, 0, 0, -math.inf
+        skipped_updates, skipped_in_a_row = 0, 0
+        if resume_ckpt is not None:
+            check_compatible(resume_ckpt["policy_meta"], meta, resume_ckpt["path"])
+        prepare_output_dir(output_dir, resume=args.resume is not None)
     if resume_ckpt is not None:
         actor.load_state_dict(resume_ckpt["policy"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -323,6 +284,10 @@ def train(args: argparse.Namespace) -> dict:
     def validate() -> dict:
         metrics, _ = evaluate(val_env, actor, val_index, val_budgets)
         log({f"val/{k}": v for k, v in metrics.items()}, step)
+        if not sys.stdout.isatty():  # tqdm shows nothing in a log file: one line per validation instead
+            print(f"step {step}/{tc.num_epochs * steps_per_epoch} val reward {metrics['reward_mean']:.3f} "
+                  f"accuracy {metrics['accuracy_mean']:.3f} latency {metrics['latency_mean_ms']:.1f} ms "
+                  f"violations {metrics['violation_rate']:.3f}", flush=True)
         if ec.sweep_budgets:
             budgets = default_budgets(backend.budget_range_ms, ec.sweep_budgets)
             rows = controller_budget_sweep(val_env, actor, val_index[: ec.sweep_samples], budgets)

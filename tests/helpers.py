@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_LAYERS = 6  # PRESETS["test"]
 
 
 def load_runner(name):

@@ -1,4 +1,5 @@
-"""Selection rules of the baselines (agents/baselines.py) and the sweep library (agents/budget_sweep.py)."""
+"""Selection rules of the baselines (agents/baselines.py), the sweep library (agents/budget_sweep.py) and its
+reporting (agents/reporting.py)."""
 import json
 import math
 
@@ -22,7 +23,6 @@ from agents.baselines import (
 )
 from agents.budget_sweep import (
     ConfigTable,
-    accuracy_vs_budget_figure,
     check_budgets,
     configs_needed,
     controller_budget_sweep,
@@ -31,6 +31,7 @@ from agents.budget_sweep import (
     table_policy_rows,
 )
 from agents.checkpoint import build_actor
+from agents.reporting import accuracy_vs_budget_figure
 from envs import BudgetVLMEnv, KnobSpace, RewardWeights, compute_reward
 from envs.backends.dummy import DummyBackend
 

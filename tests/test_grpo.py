@@ -2,11 +2,13 @@ import copy
 
 import pytest
 import torch
+from tensordict import TensorDict
 
 from agents.grpo import JointGRPOLoss, group_advantages, make_optimizer
 from agents.rollout import collect_rollouts
-from envs import ACTION_HEADS, make_env
+from envs import make_env
 from policies import HierarchicalController
+from torch.distributions import Categorical
 
 
 def _setup(batch=3, group=4, seed=0):
@@ -50,17 +52,56 @@ def test_clipped_objective_by_hand():
     loss.compute_advantages(rollout)
     # Pretend the behaviour policy had other log-probs so ratios leave the clip range.
     shift = torch.tensor([0.5, -0.5, 0.05, 0.4])
-    rollout["log_prob", "tier"][:, 0] -= shift[:, None]
+    rollout["action", "tier_log_prob"][:, 0] -= shift[:, None]
     out = loss(rollout)
-    new_lp, _ = actor.evaluate(rollout.reshape(-1))
-    traj = sum(v.reshape(4, 2) for v in new_lp.values()).sum(-1)
-    old = sum(rollout["log_prob", h].reshape(4, 2) for h in ACTION_HEADS).sum(-1)
+    # The current log-prob by hand: the predictors' logits through plain torch Categoricals.
+    s1, s2 = rollout[:, 0], rollout[:, 1]
+    logits1 = actor.stage1(s1["language_feature"], actor.budget_encoder(s1["budget_ms"]))
+    logits2 = actor.stage2(s2["latency_token"], s2["insertion"])
+    traj = sum(Categorical(logits=logits1[h]).log_prob(s1["action", h].reshape(-1)) for h in ("tier", "insertion"))
+    traj = traj + sum(Categorical(logits=logits2[h]).log_prob(s2["action", h].reshape(-1)) for h in ("top_k", "num_blocks"))
+    old = sum(rollout[key].reshape(4, 2) for key in actor.log_prob_keys).sum(-1)
     ratio = (traj - old).exp()
     adv = rollout["advantage"][:, 0].reshape(-1)
     hand = -torch.minimum(ratio * adv, ratio.clamp(0.9, 1.3) * adv).mean()
     assert torch.allclose(out["loss_objective"], hand, atol=1e-6)
     assert torch.allclose(ratio, shift.exp(), atol=1e-5)
     assert float(out["clip_fraction"]) == pytest.approx(0.75)  # e^.5, e^-.5, e^.4 are outside [0.9, 1.3]
+    entropy = Categorical(logits=logits1["tier"]).entropy().mean().detach()
+    assert float(out["entropy_tier"]) == pytest.approx(float(entropy), abs=1e-5)
+
+
+def test_set_keys_moves_what_the_loss_reads():
+    env, actor = _setup(batch=2, group=2)
+    rollout = collect_rollouts(env, actor)
+    loss = JointGRPOLoss(actor, entropy_coef=0.0)
+    loss.compute_advantages(rollout)
+    expected = loss(rollout)["loss_objective"]
+    rollout.rename_key_("advantage", "my_advantage")
+    rollout.rename_key_(("action", "tier_log_prob"), ("behaviour", "tier"))
+    with pytest.raises(KeyError, match=r"set_keys\(sample_log_prob=\.\.\.\)"):
+        loss(rollout)
+    keys = [("behaviour", "tier")] + [k for k in actor.log_prob_keys if k != ("action", "tier_log_prob")]
+    loss.set_keys(advantage="my_advantage", sample_log_prob=keys)
+    assert torch.allclose(loss(rollout)["loss_objective"], expected)
+    with pytest.raises(ValueError, match="not an accepted tensordict key"):
+        loss.set_keys(advantages="x")
+
+
+def test_reference_policy_is_a_parameter_copy_not_a_module_copy():
+    env, actor = _setup()
+    loss = JointGRPOLoss(actor, beta=0.1)
+    ref = loss.reference_params
+    assert set(ref.keys(include_nested=True, leaves_only=True)) == set(
+        TensorDict.from_module(actor).keys(include_nested=True, leaves_only=True))
+    # frozen and apart from the live weights: an update moves the actor, not the reference
+    w = actor.stage2.top_k_head.weight
+    assert not ref["stage2", "top_k_head", "weight"].requires_grad
+    with torch.no_grad():
+        w.add_(1.0)
+    assert not torch.equal(ref["stage2", "top_k_head", "weight"], w)
+    # no second module: the loss holds one actor
+    assert sum(isinstance(m, HierarchicalController) for m in loss.modules()) == 1
 
 
 def test_kl_to_reference_is_zero_at_start_and_positive_after_update():

@@ -6,25 +6,18 @@ import pytest
 import torch
 from PIL import Image
 
-from envs.backends.vlm import VLMBackend, VLMConfig, WordTokenizer, build_model
+from envs.backends.vlm import VLMBackend
 from envs.backends.vlm import elastic
-from envs.backends.vlm.config import PRESETS
 from envs.data.sample import ImageLoadError, VQASample
 from envs.knobs import select_blocks
+from helpers import TINY_LAYERS, make_tiny_model_dir
 
 WORDS = ["what", "color", "is", "the", "big", "shape", "red", "blue", "green", "yes", "no"]
-LAYERS = 6
+LAYERS = TINY_LAYERS
 
 
 def make_model_dir(path, seed=0):
-    tok = WordTokenizer.build(WORDS)
-    cfg = VLMConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, **PRESETS["test"])
-    build_model(cfg, seed=seed).save(path, tok, dtype=torch.float32)
-    # Importance favouring late blocks so select_blocks skips middle ones (a visible, non-trivial choice).
-    scores = {str(i): float(i % 3) for i in range(cfg.num_layers)}
-    (path / "importance.json").write_text(json.dumps({"method": "test", "scores": scores}))
-    (path / "profile.json").write_text(json.dumps({"budget_range_ms": [5.0, 50.0]}))
-    return path
+    return make_tiny_model_dir(path, WORDS, seed)
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +153,27 @@ def test_budget_token_is_in_prefill_only(backend, monkeypatch):
 
 
 def test_budget_token_reaches_the_answer_through_the_cache(backend):
-    """The decode attends to the budget position: changing only the budget token changes the
-    later blocks' outputs (same prefill otherwise)."""
-    a = backend.start_episode(sample(), "low", budget(backend, 1))
-    b = backend.start_episode(sample(), "low", budget(backend, 2))
-    ta, tb = backend.run_to(a, 2), backend.run_to(b, 2)
-    assert not torch.allclose(ta, tb)
-    torch.testing.assert_close(a.hidden[0, :-1], b.hidden[0, :-1])  # causal: earlier positions equal
-    backend.finish(a, 8, 6), backend.finish(b, 8, 6)
+    """Changing only the budget token changes the logits the answer is decoded from: the first
+    answer token's (read at the budget position, after every kept block) and, with the same
+    first token, the next decode step's, which sees the budget position only through the cache."""
+    logits = []
+    handle = backend.model.lm_head.register_forward_hook(lambda m, args, out: logits.append(out[0, -1].clone()))
+    try:
+        runs = []
+        # A small change of the token, so that the first answer token stays the same.
+        for token in (budget(backend, 1), budget(backend, 1) + 0.05 * budget(backend, 2)):
+            ep = backend.start_episode(sample(), "low", token)
+            backend.run_to(ep, 2)
+            logits.clear()
+            result = backend.finish(ep, 8, 6)
+            runs.append((list(logits), result.extras["generated_ids"]))
+    finally:
+        handle.remove()
+    (la, ids_a), (lb, ids_b) = runs
+    assert len(la) >= 2 and len(lb) >= 2
+    assert not torch.allclose(la[0], lb[0], atol=1e-5)
+    assert ids_a[0] == ids_b[0]  # same first token, so the second step's input is the same
+    assert not torch.allclose(la[1], lb[1], atol=1e-5)
 
 
 def test_greedy_decode_with_cache_matches_full_recompute(backend):

@@ -8,7 +8,7 @@ from PIL import Image
 from envs import make_env
 from envs.data import extract_answer, vqa_accuracy
 from envs.backends.vlm import VLMBackend
-from test_vlm_backend import make_model_dir
+from helpers import make_tiny_model_dir as make_model_dir
 
 
 def _write_okvqa(root, n=4):

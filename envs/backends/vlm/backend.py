@@ -349,7 +349,7 @@ def load_budget_range(results_dir: Path) -> tuple[float, float]:
     path = results_dir / PROFILE_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"latency profile {path} does not exist (it supplies budget_range_ms); run runners/profile.py "
+            f"latency profile {path} does not exist (it supplies budget_range_ms); run runners/profile_configs.py "
             f"or pass budget_range_ms=[lo, hi]"
         )
     data = read_json_object(path, "latency profile")

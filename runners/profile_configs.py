@@ -1,6 +1,6 @@
 """Profile every static configuration of the embedded VLM; write profile.json and importance.json.
 
-    python runners/profile.py --model_path envs/assets/budgetvlm-molmoe-tiny --output_dir DIR \
+    python runners/profile_configs.py --model_path envs/assets/budgetvlm-molmoe-tiny --output_dir DIR \
         --num_samples 500 --latency_samples 20 --split test
 
 Steps (library code in envs/profiling.py):
@@ -21,30 +21,9 @@ Existing profile.json / importance.json in --output_dir are not overwritten with
 """
 from __future__ import annotations
 
-import sys
-
-if __name__ == "profile":
-    # Any script run as `python runners/<script>.py` has runners/ first on sys.path, so
-    # `import profile` (cProfile does it, and torch._dynamo imports cProfile) finds this file
-    # instead of the standard library's module. Hand the importer the real one: the import
-    # system returns whatever sys.modules["profile"] holds once this module body finishes,
-    # and everything below only defines functions (the package is imported inside main()).
-    import importlib.machinery as _machinery
-    import importlib.util as _util
-    import os as _os
-
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    _spec = _machinery.PathFinder.find_spec(
-        "profile", [p for p in sys.path if _os.path.abspath(p or _os.curdir) != _here]
-    )
-    if _spec is None:
-        raise ImportError("the standard library module 'profile' cannot be found")
-    _module = _util.module_from_spec(_spec)
-    sys.modules["profile"] = _module
-    _spec.loader.exec_module(_module)
-
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -53,7 +32,7 @@ PROFILE_JSON = "profile.json"
 
 
 def _lib():
-    """torch, VLMBackend and envs.profiling, imported on first use (see the note at the top)."""
+    """torch, VLMBackend and envs.profiling, imported on first use (so --help answers at once)."""
     import torch
     from envs import profiling
     from envs.backends.vlm import VLMBackend

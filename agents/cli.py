@@ -1,0 +1,43 @@
+"""What every runner does with a user's mistake: one line on stderr naming the flag, exit status 2.
+
+A user error is bad input (a flag value, a config file, a missing directory or checkpoint, a device
+this machine lacks): the library raises ValueError, FileNotFoundError or KeyError with a message
+that names the field, the value and what to do. A runner turns those into one line and status 2,
+the way argparse reports a bad flag, inside `user_input()`; any other exception, or one raised
+outside `user_input()`, is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+USAGE_STATUS = 2  # argparse's status for a bad command line
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+class UserError(SystemExit):
+    """Exit with status 2 after the message was printed; str() is the message (for callers in-process)."""
+
+    def __init__(self, message: str):
+        super().__init__(USAGE_STATUS)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def fail(message: str) -> UserError:
+    """Print `error: message` on stderr and return the exit to raise."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return UserError(message)
+
+
+@contextmanager
+def user_input():
+    """Inside: ValueError / FileNotFoundError / KeyError are the user's, reported as one line."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        # KeyError's str() is the repr of its argument; the message is the argument itself.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        raise fail(str(message)) from None

@@ -1,0 +1,162 @@
+"""Reporting of a budget sweep: eval.json, eval.csv and the figures (accuracy, latency and
+violation rate vs budget; the controller's knob choices vs budget), from the rows of
+agents.budget_sweep."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from envs.budget_env import ACTION_HEADS
+from envs.files import atomic_writer, write_json
+
+ROW_FIELDS = (
+    "policy", "budget_ms", "accuracy_mean", "latency_mean_ms", "latency_p50_ms", "latency_p95_ms",
+    "violation_rate", "reward_mean", "num_episodes", "fallback_rate", "config",
+)
+PLOTS = {
+    "accuracy": "accuracy_vs_budget.png",
+    "latency": "latency_vs_budget.png",
+    "violation": "violation_vs_budget.png",
+    "knobs": "controller_knobs_vs_budget.png",
+}
+
+
+# --------------------------------------------------------------------------- outputs
+def flat_row(row: Mapping) -> dict:
+    """A row for CSV: nested per-family accuracy and knob choices become columns."""
+    flat = {k: v for k, v in row.items() if not isinstance(v, Mapping)}
+    for fam, v in (row.get("accuracy_by_family") or {}).items():
+        flat[f"accuracy_family_{fam}"] = v
+    for head, dist in (row.get("choices") or {}).items():
+        for value, frac in dist.items():
+            flat[f"choice_{head}_{value}"] = frac
+    return flat
+
+
+def write_csv(rows: Sequence[Mapping], path: Path) -> None:
+    flats = [flat_row(r) for r in rows]
+    columns = [c for c in ROW_FIELDS if any(c in f for f in flats)]
+    for f in flats:
+        columns += [c for c in f if c not in columns]
+    with atomic_writer(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        for f in flats:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in f.items()})
+
+
+def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path) -> dict[str, Path]:
+    """eval.json, eval.csv and the PNG plots in output_dir; returns the paths written."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "eval.json", "csv": out / "eval.csv"}
+    write_json(paths["json"], {"rows": list(rows), "meta": dict(meta)})
+    write_csv(rows, paths["csv"])
+    for key, fig in (
+        ("accuracy", accuracy_vs_budget_figure(rows)),
+        ("latency", latency_vs_budget_figure(rows)),
+        ("violation", violation_vs_budget_figure(rows)),
+        ("knobs", knob_choices_figure(rows)),
+    ):
+        if fig is None:
+            continue
+        paths[key] = out / PLOTS[key]
+        fig.savefig(paths[key], dpi=110)
+    return paths
+
+
+# --------------------------------------------------------------------------- plots
+def _by_policy(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
+    groups: dict[str, list[Mapping]] = {}
+    for r in rows:
+        groups.setdefault(r["policy"], []).append(r)
+    return {p: sorted(rs, key=lambda r: r["budget_ms"]) for p, rs in groups.items()}
+
+
+def _style(policy: str) -> dict:
+    if policy == "controller":
+        return {"linewidth": 2.4, "marker": "o", "zorder": 5}
+    if policy == "oracle":
+        return {"linewidth": 1.6, "marker": "^", "linestyle": "--"}
+    if policy.startswith("static:"):
+        return {"linewidth": 1.0, "marker": ".", "alpha": 0.7, "linestyle": ":"}
+    return {"linewidth": 1.5, "marker": "s", "markersize": 4}
+
+
+def _figure(width: float = 6.4, height: float = 4.2):
+    from matplotlib.figure import Figure  # no pyplot: no global state, works under any backend
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _metric_figure(rows, key: str, ylabel: str, title: str):
+    fig, ax = _figure()
+    for policy, rs in _by_policy(rows).items():
+        ax.plot([r["budget_ms"] for r in rs], [r[key] for r in rs], label=policy, **_style(policy))
+    ax.set_xlabel("latency budget (ms)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig, ax
+
+
+def accuracy_vs_budget_figure(rows: Sequence[Mapping], title: str = "accuracy vs latency budget"):
+    """matplotlib Figure: mean accuracy per budget, one line per policy (for TensorBoard's add_figure)."""
+    fig, _ = _metric_figure(rows, "accuracy_mean", "accuracy", title)
+    return fig
+
+
+def latency_vs_budget_figure(rows: Sequence[Mapping]):
+    """Mean (solid) and p95 (thin) latency per policy, with the budget line y = x."""
+    fig, ax = _figure()
+    budgets = sorted({r["budget_ms"] for r in rows})
+    for policy, rs in _by_policy(rows).items():
+        x = [r["budget_ms"] for r in rs]
+        (line,) = ax.plot(x, [r["latency_mean_ms"] for r in rs], label=f"{policy} (mean)", **_style(policy))
+        ax.plot(x, [r["latency_p95_ms"] for r in rs], color=line.get_color(), linewidth=0.8, alpha=0.6,
+                linestyle="-.")
+    ax.plot(budgets, budgets, color="black", linestyle="--", linewidth=1.2, label="budget")
+    ax.set_xlabel("latency budget (ms)")
+    ax.set_ylabel("latency (ms); thin dash-dot = p95")
+    ax.set_title("latency vs budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def violation_vs_budget_figure(rows: Sequence[Mapping]):
+    fig, ax = _metric_figure(rows, "violation_rate", "violation rate (latency > budget)", "budget violations")
+    ax.set_ylim(-0.02, 1.02)
+    return fig
+
+
+def knob_choices_figure(rows: Sequence[Mapping], policy: str = "controller"):
+    """Stacked fractions of each knob value the policy chose, per budget, one panel per head
+    (None if the policy has no rows)."""
+    rs = _by_policy(rows).get(policy)
+    if not rs:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 6.4), layout="constrained")
+    axes = fig.subplots(2, 2).flatten()
+    x = list(range(len(rs)))
+    for ax, head in zip(axes, ACTION_HEADS):
+        values = list(rs[0]["choices"][head])
+        bottom = [0.0] * len(rs)
+        for v in values:
+            h = [r["choices"][head][v] for r in rs]
+            ax.bar(x, h, bottom=bottom, label=v)
+            bottom = [b + y for b, y in zip(bottom, h)]
+        ax.set_xticks(x, [f"{r['budget_ms']:.0f}" for r in rs], fontsize="small")
+        ax.set_xlabel("budget (ms)")
+        ax.set_ylabel("fraction")
+        ax.set_title(head)
+        ax.legend(fontsize="x-small", ncols=min(len(values), 5), loc="upper left")
+        ax.set_ylim(0, 1.25)
+    fig.suptitle(f"{policy}: knob choices vs budget")
+    return fig
