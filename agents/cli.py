@@ -16,20 +16,22 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
 class UserError(SystemExit):
-    """Exit with status 2 after the message was printed; str() is the message (for callers in-process)."""
+    """Exit with status 2 after the message was printed; str() is the printed line (for callers
+    in-process), `message` the message alone."""
 
     def __init__(self, message: str):
         super().__init__(USAGE_STATUS)
         self.message = message
 
     def __str__(self) -> str:
-        return self.message
+        return f"error: {self.message}"
 
 
 def fail(message: str) -> UserError:
     """Print `error: message` on stderr and return the exit to raise."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return UserError(message)
+    err = UserError(message)
+    print(err, file=sys.stderr, flush=True)
+    return err
 
 
 @contextmanager

@@ -58,4 +58,5 @@ def test_a_bug_keeps_its_traceback():
     with pytest.raises(UserError) as err:
         with user_input():
             raise KeyError("unknown config key(s) ['train.x']")
-    assert str(err.value) == "unknown config key(s) ['train.x']" and err.value.code == 2
+    assert err.value.message == "unknown config key(s) ['train.x']" and err.value.code == 2
+    assert str(err.value) == "error: unknown config key(s) ['train.x']"

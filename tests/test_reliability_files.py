@@ -137,7 +137,7 @@ def test_a_checkpoint_that_carries_code_is_refused(tmp_path):
         load_checkpoint(path)
     assert not marker.exists()
     # The same refusal where a user passes a checkpoint to the runner.
-    with pytest.raises(ValueError, match="is refused"):
+    with pytest.raises(SystemExit, match="is refused"):
         train_main("--config", tiny_config(tmp_path), "--output_dir", tmp_path / "run",
                    "--load_stage1_checkpoint", path)
     assert not marker.exists()

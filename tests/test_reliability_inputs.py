@@ -170,10 +170,10 @@ def test_bad_resume_checkpoint_loses_nothing(trained, tmp_path):
     before = {p.relative_to(trained): p.read_bytes() for p in trained.rglob("*") if p.is_file()}
     cut = tmp_path / "cut.pt"
     cut.write_bytes((trained / "checkpoints" / "latest.pt").read_bytes()[:1000])
-    with pytest.raises(ValueError, match=rf"checkpoint {cut} cannot be read"):
+    with pytest.raises(SystemExit, match=rf"checkpoint {cut} cannot be read"):
         train_main("--output_dir", trained, "--resume", cut)
     torch.save([1, 2], tmp_path / "list.pt")
-    with pytest.raises(ValueError, match="holds a list, not a BudgetVLM controller checkpoint"):
+    with pytest.raises(SystemExit, match="holds a list, not a BudgetVLM controller checkpoint"):
         train_main("--output_dir", trained, "--resume", tmp_path / "list.pt")
     after = {p.relative_to(trained): p.read_bytes() for p in trained.rglob("*") if p.is_file()}
     assert after == before
