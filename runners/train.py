@@ -134,8 +134,8 @@ def resume_config(args: argparse.Namespace, run_cfg: Config, history: list, step
         if field not in RESUMABLE_FIELDS:
             allowed = ", ".join(flag_of.get(f, f) for f in RESUMABLE_FIELDS)
             raise fail(f"{flag_of[field]} {new} would change {field} of the resumed run from {old!r} to "
-                             f"{new!r}; a resumed run keeps its config.yaml except {allowed}. Drop the flag, or start "
-                             f"a new run with another --output_dir")
+                       f"{new!r}; a resumed run keeps its config.yaml except {allowed}. Drop the flag, or start "
+                       f"a new run with another --output_dir")
     for field, (old, new) in changes.items():
         print(f"resume: {flag_of[field]} changes {field} from {old!r} to {new!r} from step {step} on", file=sys.stderr)
     return cfg, history + [{"step": step, "field": f, "old": o, "new": n} for f, (o, n) in changes.items()]
@@ -158,8 +158,8 @@ def prepare_output_dir(output_dir: Path, resume: bool) -> None:
     """Refuse to start a fresh run over an earlier one (nothing already written is lost), and
     check that the directory can be written before any work is done."""
     if not resume and (output_dir / "checkpoints").exists():
-        raise fail(f"output_dir {output_dir} already holds a run (checkpoints/); pass --resume to "
-                         f"continue it or choose another --output_dir")
+        raise fail(f"--output_dir {output_dir} already holds a run (checkpoints/); pass --resume to "
+                   f"continue it or choose another --output_dir")
     try:
         check_writable(output_dir)
         check_writable(output_dir / "checkpoints")
@@ -174,7 +174,7 @@ def resume_point(args: argparse.Namespace) -> tuple[Path, dict | None, Config, l
         raise fail("--resume needs --output_dir, the run to continue")
     if args.config:
         raise fail("--config cannot be given with --resume: a resumed run reads its own "
-                         "OUTPUT_DIR/config.yaml; pass only the flags you mean to change")
+                   "OUTPUT_DIR/config.yaml; pass only the flags you mean to change")
     output_dir = Path(args.output_dir)
     run_config = output_dir / "config.yaml"
     path = output_dir / "checkpoints" / "latest.pt" if args.resume == "latest" else Path(args.resume)
