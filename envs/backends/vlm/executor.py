@@ -1,0 +1,238 @@
+"""One executor of the embedded VLM's plans: every path encodes, runs blocks and decodes through it.
+
+A plan is what one request computes: the crops of its tier (`encode_vision`; the number of vision
+tokens is whatever the preprocessing returns for that image, never a per-tier constant), the
+prefill sequence [vision][prompt][budget token] (`prefill_sequence`), the kept blocks and their
+per-block top-k (`block_plan`: the first p run before the latency token is read), and the decode
+length (max_new_tokens). The same functions run
+  * batch-1 episodes (VLMBackend.start_episode / run_to / finish),
+  * batched greedy evaluation (envs.profiling.BatchedEvaluator, pretraining's evaluation): the
+    rows of a batch share one prefill length, so no padding enters and every row computes what its
+    batch-1 episode computes,
+  * batched teacher-forced training (`run_blocks` without a cache, runners/pretrain_vlm.py).
+
+Greedy decoding (`Executor.decode`), one decoder for all of them:
+  eager (CPU, or graphs=False)  steps over the dict KV cache, stopping once every row has <eos>;
+  CUDA graphs (the default on CUDA)  the prefill's KV entries are copied into a StaticKVCache and
+      one decode step (embed -> rope -> the plan's blocks -> logits -> argmax -> position + 1) is
+      a CUDA graph per (plan, batch), captured on first use and kept in an LRU cache of at most
+      `max_graphs`. The step count is fixed (max_new_tokens - 1, the plan's decode length), the
+      tokens stay on the device and the ids after <eos> are dropped when the caller reads them,
+      so nothing inside the phase waits for the host.
+The first use of a plan pays the capture (the profiler's and benchmarks' warm-up rounds absorb
+it; `captures` counts them).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Mapping, Sequence
+
+import torch
+
+from envs.backends.vlm.elastic import KVCache, StaticKVCache
+from envs.backends.vlm.preprocess import make_crops
+from envs.knobs import select_blocks
+
+Step = tuple[int, int]  # (block index, top-k)
+
+
+def block_plan(
+    importance: Mapping[int, float], insertion: int, top_k: int, num_blocks: int, num_layers: int,
+    prefix_top_k: int, first_block_top_k: int | None = None,
+) -> tuple[Step, ...]:
+    """The (block, top-k) steps of a request, in order: select_blocks by importance; block 0 at
+    first_block_top_k (default prefix_top_k), blocks 1..p-1 at prefix_top_k (the model's top-k),
+    the kept blocks from p on at `top_k`."""
+    first = prefix_top_k if first_block_top_k is None else first_block_top_k
+    blocks = select_blocks(importance, insertion, num_blocks, num_layers)
+    return tuple((b, first if b == 0 else prefix_top_k if b < insertion else top_k) for b in blocks)
+
+
+def full_plan(num_layers: int, prefix_top_k: int, first_block_top_k: int | None = None) -> tuple[Step, ...]:
+    """Every block at the model's top-k (block 0 at first_block_top_k)."""
+    return block_plan({b: 0.0 for b in range(num_layers)}, num_layers, prefix_top_k, num_layers, num_layers,
+                      prefix_top_k, first_block_top_k)
+
+
+def encode_vision(model, images: torch.Tensor, tier: str) -> torch.Tensor:
+    """Vision tokens (batch, V, d_model) of same-size images (batch, 3, H, W) at `tier`."""
+    return model.encode_images(*make_crops(images, tier, model.cfg))
+
+
+def prefill_sequence(model, vision: torch.Tensor, prompt_ids: torch.Tensor, budget: torch.Tensor):
+    """[vision][prompt][budget token] (batch, V + P + 1, d_model) and its rotary cos, sin.
+
+    vision (batch, V, d); prompt_ids (batch, P); budget (batch, d_model), entering as
+    model.embed_budget(budget)."""
+    seq = torch.cat([vision, model.embed(prompt_ids), model.embed_budget(budget.to(vision.dtype))[:, None]], dim=1)
+    if seq.shape[1] > model.cfg.max_positions:
+        raise ValueError(f"prefill of {seq.shape[1]} positions exceeds the model's max_positions={model.cfg.max_positions}")
+    cos, sin = model.rope(torch.arange(seq.shape[1], device=seq.device)[None], seq)
+    return seq, cos, sin
+
+
+def run_blocks(model, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, steps: Sequence[Step],
+               cache: KVCache | None = None) -> torch.Tensor:
+    """The plan's blocks over `hidden`; with a cache each block keeps its KV entry (inference), without
+    one it is a plain causal forward (teacher-forced training)."""
+    for block, k in steps:
+        hidden = model.blocks[block](hidden, cos, sin, k, cache)
+    return hidden
+
+
+def first_tokens(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Greedy token (batch, 1) after the prefill's last position."""
+    return model.logits(hidden[:, -1:]).argmax(-1)
+
+
+def trim_at_eos(ids: torch.Tensor, eos_id: int) -> list[list[int]]:
+    """Rows of generated ids (batch, n) up to and including the first <eos>."""
+    out = []
+    for row in ids.tolist():
+        kept = []
+        for t in row:
+            kept.append(t)
+            if t == eos_id:
+                break
+        out.append(kept)
+    return out
+
+
+class _DecodeGraph:
+    """One captured decode step of a plan: reads `token` (batch, 1), writes the next token there and
+    advances `static`'s position (held here: the graph addresses its memory)."""
+
+    def __init__(self, graph, token: torch.Tensor, static: StaticKVCache):
+        self.graph, self.token, self.static = graph, token, static
+
+
+class Executor:
+    """Greedy decoding of the model under a plan, eager or as CUDA graphs (see the module docstring).
+
+    quiet: a context-manager factory entered around graph warm-up and capture (the backend passes
+    its latency meter's `suspended`, so hooks fired there are not timed).
+    """
+
+    def __init__(self, model, eos_id: int, graphs: bool | None = None, max_graphs: int = 64,
+                 quiet: Callable[[], ContextManager] | None = None):
+        self.model, self.cfg, self.eos_id = model, model.cfg, int(eos_id)
+        self.device = next(model.parameters()).device
+        cuda = self.device.type == "cuda"
+        if graphs and not cuda:
+            raise ValueError(f"graphs=True needs a model on a CUDA device; the model is on {self.device}")
+        self.graphs = cuda if graphs is None else bool(graphs)
+        if int(max_graphs) < 1:
+            raise ValueError(f"max_graphs={max_graphs}: expected >= 1")
+        self.max_graphs = int(max_graphs)
+        self.quiet = quiet or nullcontext
+        self.captures = 0
+        self._decode_graphs: OrderedDict[tuple, _DecodeGraph] = OrderedDict()
+        self._static: dict[int, StaticKVCache] = {}
+
+    def describe(self) -> dict:
+        return {"decode": "cuda_graphs" if self.graphs else "eager", "max_graphs": self.max_graphs,
+                "captured_graphs": self.captures}
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, first: torch.Tensor, cache: KVCache, steps: Sequence[Step], prefill_length: int,
+               max_new_tokens: int) -> torch.Tensor:
+        """Greedy ids (batch, n) starting with `first` (batch, 1); rows stop mattering after <eos>
+        (trim_at_eos). Eager: n <= max_new_tokens (stops when every row has <eos>); graphs: n =
+        max_new_tokens. `cache` holds the prefill's entries of the plan's blocks."""
+        steps = tuple((int(b), int(k)) for b, k in steps)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+        if self.graphs:
+            return self._decode_graphed(first, cache, steps, prefill_length, max_new_tokens)
+        return self._decode_eager(first, cache, steps, prefill_length, max_new_tokens)
+
+    def _decode_eager(self, token, cache, steps, position, max_new_tokens):
+        model = self.model
+        generated = [token]
+        done = token[:, 0] == self.eos_id
+        while len(generated) < max_new_tokens and not bool(done.all()):
+            hidden = model.embed(token)
+            cos, sin = model.rope(torch.tensor([[position]], device=hidden.device), hidden)
+            token = first_tokens(model, run_blocks(model, hidden, cos, sin, steps, cache))
+            generated.append(token)
+            done |= token[:, 0] == self.eos_id
+            position += 1
+        return torch.cat(generated, dim=1)
+
+    def _decode_graphed(self, first, cache, steps, prefill_length, max_new_tokens):
+        batch = first.shape[0]
+        out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=first.device)
+        out[:, :1].copy_(first)
+        if max_new_tokens == 1:
+            return out
+        static = self._static_cache(batch, cache)
+        step = self._decode_graph(steps, batch, static)
+        static.load({b: cache[b] for b, _ in steps}, prefill_length)
+        step.token.copy_(first)
+        for i in range(1, max_new_tokens):
+            step.graph.replay()
+            out[:, i : i + 1].copy_(step.token)
+        return out
+
+    def _static_cache(self, batch: int, cache: KVCache) -> StaticKVCache:
+        if batch not in self._static:
+            if len(self._static) >= 2:  # a batch-1 episode cache and one evaluation batch size
+                evicted = next(iter(self._static))
+                del self._static[evicted]
+                for key in [key for key in self._decode_graphs if key[1] == evicted]:
+                    del self._decode_graphs[key]
+            k = next(iter(cache.values()))[0]
+            self._static[batch] = StaticKVCache(self.cfg.num_layers, batch, k.shape[1], self.cfg.max_positions,
+                                                k.shape[3], k.dtype, k.device)
+        return self._static[batch]
+
+    def _decode_graph(self, steps: tuple, batch: int, static: StaticKVCache) -> _DecodeGraph:
+        key = (steps, batch)
+        if key in self._decode_graphs:
+            self._decode_graphs.move_to_end(key)
+            return self._decode_graphs[key]
+        while len(self._decode_graphs) >= self.max_graphs:
+            self._decode_graphs.popitem(last=False)
+        model = self.model
+        token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+
+        def body():
+            hidden = model.embed(token)
+            cos, sin = model.rope(static.position.view(1, 1), hidden)
+            token.copy_(first_tokens(model, run_blocks(model, hidden, cos, sin, steps, static)))
+            static.position.add_(1)
+
+        position = static.position.clone()
+        try:
+            with self.quiet():
+                # Warm-up on a side stream (lazy kernel and handle init must not be captured).
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    body()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                static.position.copy_(position)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    body()
+        except torch.cuda.OutOfMemoryError:
+            raise RuntimeError(
+                f"CUDA out of memory on {self.device} while capturing the decode graph of a {len(steps)}-block plan "
+                f"at batch {batch} ({len(self._decode_graphs)} graphs cached); lower max_graphs, the batch size, "
+                f"or run without CUDA graphs (graphs=False) or on --device cpu"
+            ) from None
+        static.position.copy_(position)
+        self.captures += 1
+        self._decode_graphs[key] = _DecodeGraph(graph, token, static)
+        return self._decode_graphs[key]
+
+    # ------------------------------------------------------------------ batched generation
+    def generate(self, vision: torch.Tensor, prompt_ids: torch.Tensor, budget: torch.Tensor,
+                 steps: Sequence[Step], max_new_tokens: int) -> list[list[int]]:
+        """Greedy ids per row (up to <eos>) of rows sharing one prompt length."""
+        hidden, cos, sin = prefill_sequence(self.model, vision, prompt_ids, budget)
+        cache: KVCache = {}
+        hidden = run_blocks(self.model, hidden, cos, sin, steps, cache)
+        ids = self.decode(first_tokens(self.model, hidden), cache, steps, hidden.shape[1], max_new_tokens)
+        return trim_at_eos(ids, self.eos_id)
