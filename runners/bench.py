@@ -38,7 +38,7 @@ from envs.profiling import (
     StaticConfig,
     check_model_dir,
     check_positive_int,
-    check_split_name,
+    check_split,
     hook_cost_us,
     knob_latency,
     load_samples,
@@ -72,7 +72,7 @@ def validate(args) -> None:
         check_positive_int(f"--{name}", getattr(args, name))
     if args.warmup < 0:
         raise ValueError(f"--warmup={args.warmup} is invalid; expected an int >= 0")
-    check_split_name(args.split, "--split")
+    check_split(args.split, "--split")
     if args.model_path is not None:
         if args.random_model:
             raise ValueError("--model_path and --random_model are exclusive")

@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="torch threads (default 1: on a shared CPU, extra OpenMP threads contend and make "
                          "batch-1 latency erratic)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: decode steps run as CUDA graphs)")
     ap.add_argument("--overwrite", action="store_true")
     return ap.parse_args(argv)
 
@@ -111,8 +111,11 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--warmup={args.warmup!r} is invalid; expected an int >= 0")
     if args.seed < 0:
         raise ValueError(f"--seed={args.seed} is invalid; expected an int >= 0")
-    P.check_split_name(args.split, "--split")
-    P.check_split_name(args.importance_split, "--importance_split")
+    from envs.machine import resolve_device
+
+    resolve_device(args.device, "--device")
+    P.check_split(args.split, "--split")
+    P.check_split(args.importance_split, "--importance_split")
     if args.importance_method not in P.IMPORTANCE_METHODS:
         raise ValueError(f"--importance_method={args.importance_method!r} is not known; expected one of {P.IMPORTANCE_METHODS}")
     if args.skip_importance and args.importance_file is None:
@@ -213,7 +216,7 @@ def main(argv=None) -> dict:
             tier_configs = [c for c in configs if c.tier == tier]
             if not tier_configs:
                 continue
-            plans = {c: P.block_plan(scores, c.insertion, c.top_k, c.num_blocks, ks, cfg.top_k) for c in tier_configs}
+            plans = {c: c.plan(scores, ks, cfg.top_k) for c in tier_configs}
             accs = evaluator.accuracies_many(tier, plans)  # shared plan prefixes run once
             for c, plan in plans.items():
                 mean, by_family = P.summarize_accuracy(samples, accs[c])
@@ -233,20 +236,19 @@ def main(argv=None) -> dict:
     backend = VLMBackend(model_path=args.model_path, results_dir=out, budget_range_ms=(1.0, 2.0), **backend_kwargs)
     if backend.importance != scores:
         raise RuntimeError(f"{out / IMPORTANCE_JSON} does not hold the importance the profile used")
-    for row in rows:
-        blocks = P.block_plan(backend.importance, P.PROFILE_INSERTION, row["top_k"], row["num_blocks"], ks, cfg.top_k)
-        assert [b for b, _ in blocks] == row["blocks"]
+    for row, c in zip(rows, configs):
+        assert [b for b, _ in c.plan(backend.importance, ks, cfg.top_k)] == row["blocks"]
     if P.weights_sha256(args.model_path) != sha_start:
         raise RuntimeError(
             f"{args.model_path}/model.safetensors changed during profiling (sha256 {sha_start[:12]}... at the start); "
             f"accuracy and latency would describe different weights - rerun once the checkpoint is final"
         )
     lat_samples = samples[: args.latency_samples]
-    timings = P.measure_latency(backend, lat_samples, configs, warmup=args.warmup, seed=args.seed, progress=log)
+    table = P.measure_latency(backend, lat_samples, configs, warmup=args.warmup, seed=args.seed, progress=log)
     timing["latency_s"] = time.perf_counter() - t0
     for row, c in zip(rows, configs):
-        runs = timings[c]
-        row.update(P.latency_stats([P.total_ms(t) for t in runs]))
+        runs = table.timings(c)
+        row.update(P.latency_stats(table.totals(c)))
         for phase in ("preprocess", "vision", "prefill", "decode"):
             row[f"{phase}_ms"] = sum(t[phase] for t in runs) / len(runs)
         row["num_samples"] = len(samples)
@@ -298,6 +300,8 @@ def main(argv=None) -> dict:
             "grid": {"tiers": sorted({c.tier for c in configs}, key=ks.tiers.index),
                      "top_k": sorted({c.top_k for c in configs}), "num_blocks": sorted({c.num_blocks for c in configs})},
             "device": args.device,
+            "expert_kernel": backend.describe()["expert_kernel"],
+            "executor": backend.executor.describe(),
             "load_average_start": load_start,
             "load_average_end": load_average(),
             "timing_s": timing,
