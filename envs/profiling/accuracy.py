@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from envs.backends.vlm import VLMBackend
 from envs.backends.vlm.backend import load_image
-from envs.backends.vlm.executor import encode_vision, first_tokens, prefill_sequence, run_blocks, trim_at_eos
+from envs.backends.vlm.executor import Executor, encode_vision, first_tokens, prefill_sequence, run_blocks, trim_at_eos
 from envs.data.accuracy import extract_answer, score_answer
 from envs.data.sample import VQASample
 from envs.profiling.checks import check_positive_int
@@ -42,7 +42,9 @@ class BatchedEvaluator:
                  max_new_tokens: int | None = None):
         self.backend = backend
         self.model = backend.model
-        self.executor = backend.executor
+        # Eager decoding: batch sizes vary with the length groups, so per-batch CUDA graphs would
+        # not be reused (accuracy is measured here, latency by batch-1 episodes).
+        self.executor = Executor(backend.model, backend.tokenizer.eos_id, mode="eager")
         self.cfg = backend.cfg
         self.device = backend.device
         self.samples = list(samples)

@@ -84,7 +84,7 @@ class VLMBackend(Backend):
         dataset_weights: Mapping[str, float] | None = None,
         prompt_templates: Mapping[str, str] | None = None,
         dtype: str = "float32",
-        cuda_graphs: bool | None = None,
+        decode_mode: str | None = None,
         max_graphs: int = 64,
     ):
         self.model_path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATH
@@ -121,7 +121,7 @@ class VLMBackend(Backend):
         self.meter = LatencyMeter(self.device, BACKEND_PHASES).attach(
             [self.model.vision, *self.model.blocks, self.model.lm_head]
         )
-        self.executor = Executor(self.model, self.tokenizer.eos_id, graphs=cuda_graphs, max_graphs=max_graphs,
+        self.executor = Executor(self.model, self.tokenizer.eos_id, mode=decode_mode, max_graphs=max_graphs,
                                  quiet=self.meter.suspended)
 
     # ----------------------------------------------------------------- data

@@ -11,16 +11,19 @@ length (max_new_tokens). The same functions run
     batch-1 episode computes,
   * batched teacher-forced training (`run_blocks` without a cache, runners/pretrain_vlm.py).
 
-Greedy decoding (`Executor.decode`), one decoder for all of them:
-  eager (CPU, or graphs=False)  steps over the dict KV cache, stopping once every row has <eos>;
-  CUDA graphs (the default on CUDA)  the prefill's KV entries are copied into a StaticKVCache and
-      one decode step (embed -> rope -> the plan's blocks -> logits -> argmax -> position + 1) is
-      a CUDA graph per (plan, batch), captured on first use and kept in an LRU cache of at most
-      `max_graphs`. The step count is fixed (max_new_tokens - 1, the plan's decode length), the
-      tokens stay on the device and the ids after <eos> are dropped when the caller reads them,
-      so nothing inside the phase waits for the host.
-The first use of a plan pays the capture (the profiler's and benchmarks' warm-up rounds absorb
-it; `captures` counts them).
+Greedy decoding (`Executor.decode`), one decoder for all of them, in one of three modes:
+  eager   (the default on CPU) steps over the dict KV cache, stopping once every row has <eos>
+          (on CPU reading that flag costs nothing);
+  static  the prefill's KV entries are copied into a StaticKVCache and every step (embed -> rope
+          -> the plan's blocks -> logits -> argmax -> position + 1) has fixed shapes and reads
+          nothing on the host: the step count is fixed (max_new_tokens - 1, the plan's decode
+          length), the tokens stay on the device, and the ids after <eos> are dropped when the
+          caller reads them;
+  graphs  (the default on CUDA) the static step captured as a CUDA graph per (plan, batch) on
+          first use, kept in an LRU cache of at most `max_graphs`, and replayed per token.
+The first use of a plan in graphs mode pays the capture (the profiler's and benchmarks' warm-up
+rounds absorb it; `captures` counts them). Static mode runs on any device, so CPU tests check
+the graph's computation against the eager decoder.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from envs.backends.vlm.preprocess import make_crops
 from envs.knobs import select_blocks
 
 Step = tuple[int, int]  # (block index, top-k)
+DECODE_MODES = ("eager", "static", "graphs")
 
 
 def block_plan(
@@ -114,14 +118,17 @@ class Executor:
     its latency meter's `suspended`, so hooks fired there are not timed).
     """
 
-    def __init__(self, model, eos_id: int, graphs: bool | None = None, max_graphs: int = 64,
+    def __init__(self, model, eos_id: int, mode: str | None = None, max_graphs: int = 64,
                  quiet: Callable[[], ContextManager] | None = None):
         self.model, self.cfg, self.eos_id = model, model.cfg, int(eos_id)
         self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
-        if graphs and not cuda:
-            raise ValueError(f"graphs=True needs a model on a CUDA device; the model is on {self.device}")
-        self.graphs = cuda if graphs is None else bool(graphs)
+        mode = ("graphs" if cuda else "eager") if mode is None else mode
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode mode={mode!r} is not known; expected one of {DECODE_MODES}")
+        if mode == "graphs" and not cuda:
+            raise ValueError(f"decode mode 'graphs' needs a model on a CUDA device; the model is on {self.device}")
+        self.mode = mode
         if int(max_graphs) < 1:
             raise ValueError(f"max_graphs={max_graphs}: expected >= 1")
         self.max_graphs = int(max_graphs)
@@ -130,9 +137,13 @@ class Executor:
         self._decode_graphs: OrderedDict[tuple, _DecodeGraph] = OrderedDict()
         self._static: dict[int, StaticKVCache] = {}
 
+    @property
+    def graphs(self) -> bool:
+        """Whether decode steps replay CUDA graphs (no module is called, so no hook fires)."""
+        return self.mode == "graphs"
+
     def describe(self) -> dict:
-        return {"decode": "cuda_graphs" if self.graphs else "eager", "max_graphs": self.max_graphs,
-                "captured_graphs": self.captures}
+        return {"decode": self.mode, "max_graphs": self.max_graphs, "captured_graphs": self.captures}
 
     # ------------------------------------------------------------------ decode
     def decode(self, first: torch.Tensor, cache: KVCache, steps: Sequence[Step], prefill_length: int,
@@ -143,9 +154,9 @@ class Executor:
         steps = tuple((int(b), int(k)) for b, k in steps)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
-        if self.graphs:
-            return self._decode_graphed(first, cache, steps, prefill_length, max_new_tokens)
-        return self._decode_eager(first, cache, steps, prefill_length, max_new_tokens)
+        if self.mode == "eager":
+            return self._decode_eager(first, cache, steps, prefill_length, max_new_tokens)
+        return self._decode_static(first, cache, steps, prefill_length, max_new_tokens)
 
     def _decode_eager(self, token, cache, steps, position, max_new_tokens):
         model = self.model
@@ -160,20 +171,37 @@ class Executor:
             position += 1
         return torch.cat(generated, dim=1)
 
-    def _decode_graphed(self, first, cache, steps, prefill_length, max_new_tokens):
+    def _decode_static(self, first, cache, steps, prefill_length, max_new_tokens):
         batch = first.shape[0]
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=first.device)
         out[:, :1].copy_(first)
         if max_new_tokens == 1:
             return out
         static = self._static_cache(batch, cache)
-        step = self._decode_graph(steps, batch, static)
+        if self.graphs:
+            step = self._decode_graph(steps, batch, static)
+            run, token = step.graph.replay, step.token
+        else:
+            token = torch.empty_like(first)
+            run = self._step_body(steps, static, token)
         static.load({b: cache[b] for b, _ in steps}, prefill_length)
-        step.token.copy_(first)
+        token.copy_(first)
         for i in range(1, max_new_tokens):
-            step.graph.replay()
-            out[:, i : i + 1].copy_(step.token)
+            run()
+            out[:, i : i + 1].copy_(token)
         return out
+
+    def _step_body(self, steps: tuple, static: StaticKVCache, token: torch.Tensor) -> Callable[[], None]:
+        """One static decode step: reads `token`, writes the next one there, advances the position."""
+        model = self.model
+
+        def body():
+            hidden = model.embed(token)
+            cos, sin = model.rope(static.position.view(1, 1), hidden)
+            token.copy_(first_tokens(model, run_blocks(model, hidden, cos, sin, steps, static)))
+            static.position.add_(1)
+
+        return body
 
     def _static_cache(self, batch: int, cache: KVCache) -> StaticKVCache:
         if batch not in self._static:
@@ -194,15 +222,8 @@ class Executor:
             return self._decode_graphs[key]
         while len(self._decode_graphs) >= self.max_graphs:
             self._decode_graphs.popitem(last=False)
-        model = self.model
         token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-
-        def body():
-            hidden = model.embed(token)
-            cos, sin = model.rope(static.position.view(1, 1), hidden)
-            token.copy_(first_tokens(model, run_blocks(model, hidden, cos, sin, steps, static)))
-            static.position.add_(1)
-
+        body = self._step_body(steps, static, token)
         position = static.position.clone()
         try:
             with self.quiet():
@@ -220,7 +241,7 @@ class Executor:
             raise RuntimeError(
                 f"CUDA out of memory on {self.device} while capturing the decode graph of a {len(steps)}-block plan "
                 f"at batch {batch} ({len(self._decode_graphs)} graphs cached); lower max_graphs, the batch size, "
-                f"or run without CUDA graphs (graphs=False) or on --device cpu"
+                f"or decode without CUDA graphs (mode 'static') or on --device cpu"
             ) from None
         static.position.copy_(position)
         self.captures += 1
