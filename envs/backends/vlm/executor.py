@@ -103,6 +103,39 @@ def trim_at_eos(ids: torch.Tensor, eos_id: int) -> list[list[int]]:
     return out
 
 
+class CapturedCall:
+    """`fn(*inputs)` captured as one CUDA graph on static copies of `inputs` (tensors of fixed
+    shapes); calling it copies new inputs in and replays. The returned tensors are the graph's own
+    outputs, overwritten by the next call: a caller that keeps them clones them. For stretches run
+    one at a time with fixed shapes (a vision tower per crop count, a prefill per length)."""
+
+    def __init__(self, fn: Callable, *inputs: torch.Tensor, quiet: Callable[[], ContextManager] | None = None):
+        device = inputs[0].device
+        if device.type != "cuda":
+            raise ValueError(f"CapturedCall needs CUDA inputs; got {device}")
+        self.inputs = tuple(t.clone() for t in inputs)
+        try:
+            with (quiet or nullcontext)():
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):  # warm-up: lazy init must not be captured
+                    fn(*self.inputs)
+                torch.cuda.current_stream(device).wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.outputs = fn(*self.inputs)
+        except torch.cuda.OutOfMemoryError:
+            raise RuntimeError(f"CUDA out of memory on {device} while capturing a graph of input shapes "
+                               f"{[tuple(t.shape) for t in inputs]}; run it eagerly or free memory") from None
+
+    def __call__(self, *inputs: torch.Tensor):
+        for static, new in zip(self.inputs, inputs):
+            if new.data_ptr() != static.data_ptr():
+                static.copy_(new)
+        self.graph.replay()
+        return self.outputs
+
+
 class _DecodeGraph:
     """One captured decode step of a plan: reads `token` (batch, 1), writes the next token there and
     advances `static`'s position (held here: the graph addresses its memory)."""
