@@ -184,7 +184,9 @@ def main(argv=None) -> dict:
         save(knob_latency=knobs)
         del backend
     if args.molmoe_shape != "none":
-        save(molmoe_shape=molmoe_shape_section(args))
+        molmoe = {}
+        for _ in molmoe_shape_section(args, molmoe):
+            save(molmoe_shape=molmoe)
     save(checks=target_checks(result))
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
@@ -192,19 +194,24 @@ def main(argv=None) -> dict:
     return result
 
 
-def molmoe_shape_section(args) -> dict:
+def molmoe_shape_section(args, section: dict):
+    """Fills `section` piece by piece, yielding after each (the caller saves)."""
     log = lambda msg: print(f"[bench] molmoe-shape {msg}", file=sys.stderr, flush=True)  # noqa: E731
     bench = MolmoeShapeBench(args.molmoe_shape, args.device, seed=args.seed, log=log)
-    section = {"shape": args.molmoe_shape, **bench.describe()}
+    section.update(shape=args.molmoe_shape, **bench.describe())
     section["decode"] = bench.decode(args.decode_tokens, args.molmoe_reps)
-    log(f"decode done: {section['decode']}")
+    log(f"decode: { {k: round(v['median_ms'], 3) for k, v in section['decode'].items() if isinstance(v, dict)} }")
+    yield
     section.update(bench.prefill_and_vision(args.molmoe_reps))
+    yield
     section["request"] = bench.requests(args.molmoe_reps)
-    log(f"requests done: { {k: round(v['median_ms'], 2) for k, v in section['request'].items()} }")
+    log(f"requests: { {k: round(v['median_ms'], 2) for k, v in section['request'].items()} }")
+    yield
     if args.stock_implementations:
-        section["stock"] = bench.stock(args.stock_implementations, args.stock_caches, args.decode_tokens,
-                                       args.stock_reps)
-    return section
+        section["stock"] = {}
+        for impl in args.stock_implementations:
+            section["stock"].update(bench.stock([impl], args.stock_caches, args.decode_tokens, args.stock_reps))
+            yield
 
 
 def knob_steps(rows: dict, steps: list[tuple[str, str]]) -> list[dict]:
