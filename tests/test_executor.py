@@ -167,3 +167,6 @@ def test_bad_decode_arguments(backend):
         Executor(backend.model, 1, max_graphs=0)
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         Executor(backend.model, 1).decode(torch.zeros(1, 1, dtype=torch.long), {}, (), 3, 0)
+    limit = backend.cfg.max_positions
+    with pytest.raises(ValueError, match=f"exceed the model's max_positions={limit}"):
+        Executor(backend.model, 1, mode="static").decode(torch.zeros(1, 1, dtype=torch.long), {}, (), limit - 1, 3)

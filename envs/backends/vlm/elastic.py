@@ -48,14 +48,7 @@ class StaticKVCache:
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self._slots = torch.arange(max_positions, device=device)
 
-    @property
-    def max_positions(self) -> int:
-        return self.keys.shape[3]
-
     def load(self, prefill: KVCache, length: int) -> None:
-        if length >= self.max_positions:
-            raise ValueError(f"prefill of {length} positions leaves no room to decode in a static cache of "
-                             f"{self.max_positions} positions")
         for index, (k, v) in prefill.items():
             self.keys[index, :, :, :length].copy_(k)
             self.values[index, :, :, :length].copy_(v)

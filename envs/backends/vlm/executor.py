@@ -182,11 +182,14 @@ class Executor:
     def decode(self, first: torch.Tensor, cache: KVCache, steps: Sequence[Step], prefill_length: int,
                max_new_tokens: int) -> torch.Tensor:
         """Greedy ids (batch, n) starting with `first` (batch, 1); rows stop mattering after <eos>
-        (trim_at_eos). Eager: n <= max_new_tokens (stops when every row has <eos>); graphs: n =
-        max_new_tokens. `cache` holds the prefill's entries of the plan's blocks."""
+        (trim_at_eos). Eager: n <= max_new_tokens (stops when every row has <eos>); static and
+        graphs: n = max_new_tokens. `cache` holds the prefill's entries of the plan's blocks."""
         steps = tuple((int(b), int(k)) for b, k in steps)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+        if prefill_length + max_new_tokens - 1 > self.cfg.max_positions:
+            raise ValueError(f"a prefill of {prefill_length} positions and {max_new_tokens} new tokens exceed the "
+                             f"model's max_positions={self.cfg.max_positions}")
         if self.mode == "eager":
             return self._decode_eager(first, cache, steps, prefill_length, max_new_tokens)
         return self._decode_static(first, cache, steps, prefill_length, max_new_tokens)
