@@ -3,7 +3,7 @@
     python runners/profile.py --model_path envs/assets/budgetvlm-molmoe-tiny --output_dir DIR \
         --num_samples 500 --latency_samples 20 --split test
 
-Steps (library code in envs/profiling.py):
+Steps (library code in the envs/profiling package):
  1. Block importance on --importance_split (default val, so the test split stays unseen), in the
     full configuration, by both methods: drop_accuracy (the design's: accuracy drop when block i
     alone is removed) and block_influence (ShortGPT: 1 - cos(block input, output)). The one named
@@ -286,7 +286,7 @@ def main(argv=None) -> dict:
             "first_block_top_k": ks.first_block_top_k,
             "budget_token": P.ZERO_BUDGET_NOTE,
             "max_new_tokens": args.max_new_tokens,
-            "accuracy_method": "batched greedy decoding through the same elastic block calls as a batch-1 "
+            "accuracy_method": "batched greedy decoding through the executor, the same block calls as a batch-1 "
                                "episode (envs.profiling.BatchedEvaluator), on num_samples samples; fractions in [0, 1]",
             "accuracy_by_family": "SynthVQA question family (dataset name for real datasets)",
             "latency_method": "batch-1 VLMBackend episodes timed by the backend's hook meter, total = preprocess + "
