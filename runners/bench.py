@@ -214,6 +214,19 @@ def molmoe_shape_section(args, section: dict):
             yield
 
 
+def step_chains(names: list[str]) -> list[tuple[str, str]]:
+    """Consecutive steps down per knob, from the first (full) configuration: tier in the listed order
+    (high -> medium -> low), top-k and blocks by value, largest first."""
+    steps = []
+    for knob in ("tier ", "top-k ", "blocks "):
+        chain = [n for n in names if n.startswith(knob)]
+        if knob != "tier ":
+            chain.sort(key=lambda n: -int(n.split()[1]))
+        chain = [names[0], *chain]
+        steps += list(zip(chain, chain[1:]))
+    return steps
+
+
 def knob_steps(rows: dict, steps: list[tuple[str, str]]) -> list[dict]:
     """Each (slower, faster) pair: does the step down lower the median by more than 3x the larger IQR?"""
     out = []
@@ -235,7 +248,7 @@ def target_checks(r: dict) -> dict:
     if r["device"].startswith("cuda"):
         checks["embedded_episode_full_ms"] = {"value": full["median_ms"], "target": "<= 10",
                                               "met": full["median_ms"] <= 10.0}
-    checks["embedded_knob_steps"] = knob_steps(knobs, [(names[0], n) for n in names[1:-1]])
+    checks["embedded_knob_steps"] = knob_steps(knobs, step_chains(names))
     m = r.get("molmoe_shape")
     if m:
         cfg = m["decoder"]
@@ -253,7 +266,7 @@ def target_checks(r: dict) -> dict:
                                      "met": req["full"]["median_ms"] <= 45.0}
         checks["request_cheapest_ms"] = {"value": req["cheapest"]["median_ms"], "target": "<= 15",
                                          "met": req["cheapest"]["median_ms"] <= 15.0}
-        checks["request_knob_steps"] = knob_steps(req, [("full", name) for name in req if name not in ("full", "cheapest")])
+        checks["request_knob_steps"] = knob_steps(req, step_chains(list(req)))
         rows = {name: v for name, v in m["decode"].items() if name.startswith("default/")}
         ks, ns = m["top_k_values"], m["num_blocks_values"]
         name = lambda kk, nn: f"default/k{kk}/N{nn}"  # noqa: E731

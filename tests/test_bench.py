@@ -84,6 +84,9 @@ def test_molmoe_shape_section_schema(tmp_path):
     checks = result["checks"]
     assert {"decode_full_ms_per_token", "request_full_ms", "request_cheapest_ms", "decode_knob_steps"} <= set(checks)
     assert len(checks["decode_knob_steps"]) == (len(ks) - 1) * len(ns) + (len(ns) - 1) * len(ks)
+    steps = [(c["from"], c["to"]) for c in checks["request_knob_steps"]]
+    assert steps[:2] == [("full", "tier medium"), ("tier medium", "tier low")]  # consecutive steps down
+    assert ("full", f"top-k {ks[-2]}") in steps and ("full", f"blocks {ns[-2]}") in steps
     assert "MolmoE-1B shape" in md.read_text() and "Stock transformers" in md.read_text()
 
 
