@@ -5,17 +5,21 @@ Why our own block forward instead of `OlmoeDecoderLayer.forward`:
     `config.num_experts_per_tok`;
   * the work must be proportional to k. Stock transformers `grouped_mm` experts cost the same
     for every k on CPU; here the (token, expert) assignments are sorted by expert and each expert
-    runs its gate_up/down matmuls on exactly the rows routed to it (`run_experts`: one
-    torch._grouped_mm call per matrix for CPU inference, a loop over the experts that got rows
-    otherwise), so FLOPs scale with tokens*k and a decode token touches exactly k experts. GPU
-    training alone uses `dense_experts` (same math, zero weights off the top-k, few launches);
+    runs its gate_up/down matmuls on exactly the rows routed to it (`run_experts`, with the
+    kernel `expert_kernel` picks per device and dtype and every profile records), so FLOPs scale
+    with tokens*k and a decode token touches exactly k experts. GPU training alone uses
+    `dense_experts` (same math, zero weights off the top-k, few launches);
+  * routing reads nothing on the host at inference (expert counts by index_add_, not bincount), so
+    a CUDA decode step can be captured as a graph;
   * the cache must hold only the blocks that actually ran (skipped blocks have no entry), which
     `DynamicCache` (indexed by layer position) does not express, and its call signature differs
-    between transformers 5.17 (`past_key_values=`) and 5.24 (`cache=`).
+    between transformers 5.17 (`past_key_values=`) and 5.24 (`cache=`). A dict of the blocks that
+    ran serves the prefill and eager decoding; `StaticKVCache` (fixed shapes) the graphed decode.
 The weights and submodules are those of transformers' `OlmoeDecoderLayer` (q/k/v/o projections,
 q/k RMS norms, router `mlp.gate.weight`, packed experts `mlp.experts.gate_up_proj`/`down_proj`),
 so a stock OLMoE checkpoint runs unchanged; only the orchestration is ours. The same code runs
-the batched teacher-forced training forward (runners/pretrain_vlm.py) and the batch-1 episodes.
+the batched teacher-forced training forward (runners/pretrain_vlm.py) and the batch-1 episodes,
+driven by envs.backends.vlm.executor.
 """
 from __future__ import annotations
 
