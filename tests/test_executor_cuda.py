@@ -113,6 +113,8 @@ def test_cuda_episodes_answer_what_cpu_episodes_answer(model_dir, cuda_backend):
             assert on_cuda.extras["decode_steps"] == cuda_backend.max_new_tokens - 1  # fixed decode length
             assert all(on_cuda.timings_ms[p] > 0 for p in ("preprocess", "vision", "prefill", "decode"))
     assert cuda_backend.describe()["executor"]["decode"] == "graphs"
+    assert cuda_backend.executor.captures == len(CONFIGS)  # one graph per configuration, replayed after
+    assert cuda_backend.executor.max_graphs == 2 * 5 * 5  # every (p, k, N) of the knob space fits
     assert cuda_backend.describe()["expert_kernel"] == "gathered"  # fp32 on CUDA
 
 

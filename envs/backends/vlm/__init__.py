@@ -5,7 +5,7 @@ Public API
 VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_root=None,
            num_samples=None, seed=0, device="cpu", importance_method=None, max_new_tokens=4,
            budget_range_ms=None, dataset_weights=None, prompt_templates=None, dtype="float32",
-           decode_mode=None, max_graphs=64)
+           decode_mode=None, max_graphs=None)
     model_path       HF-style model dir (config.json, model.safetensors, tokenizer.json);
                      default: the checkpoint shipped in envs/assets/ (DEFAULT_MODEL_PATH).
     results_dir      dir with importance.json ({"method": str, "scores": {"0": float, ...}}, one
@@ -23,7 +23,8 @@ VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_
     device           "cpu" or "cuda" ("cuda" without CUDA is refused, naming the device).
     dtype            "float32" or "bfloat16" (bf16 on CUDA runs the experts through torch._grouped_mm).
     decode_mode      envs.backends.vlm.executor: "eager" (the CPU default), "static", "graphs" (the
-                     CUDA default: one CUDA graph per configuration, at most max_graphs kept).
+                     CUDA default: one CUDA graph per configuration, captured on first use outside
+                     the latency sections; at most max_graphs kept, default one per (p, k, N)).
     dataset_weights  sampling weights of the real datasets when several are mixed.
     prompt_templates {dataset: template with "{question}"} overriding
                      envs.data.vqa.DEFAULT_PROMPT_TEMPLATES for real datasets.

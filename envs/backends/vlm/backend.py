@@ -85,7 +85,7 @@ class VLMBackend(Backend):
         prompt_templates: Mapping[str, str] | None = None,
         dtype: str = "float32",
         decode_mode: str | None = None,
-        max_graphs: int = 64,
+        max_graphs: int | None = None,
     ):
         self.model_path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATH
         self.results_dir = Path(results_dir) if results_dir is not None else self.model_path
@@ -121,6 +121,9 @@ class VLMBackend(Backend):
         self.meter = LatencyMeter(self.device, BACKEND_PHASES).attach(
             [self.model.vision, *self.model.blocks, self.model.lm_head]
         )
+        ks = self.knob_space
+        if max_graphs is None:  # one decode graph per configuration the controller can pick
+            max_graphs = len(ks.insertion_positions) * len(ks.top_k_values) * len(ks.num_blocks_values)
         self.executor = Executor(self.model, self.tokenizer.eos_id, mode=decode_mode, max_graphs=max_graphs,
                                  quiet=self.meter.suspended)
 
@@ -226,6 +229,7 @@ class VLMBackend(Backend):
             hidden = run_blocks(model, episode.hidden, episode.cos, episode.sin, plan[p:], episode.cache)
             first = first_tokens(model, hidden)
         prefill_tokens = hidden.shape[1]
+        self.executor.prepare(plan, 1, episode.cache)  # a first-use graph capture is not the request's time
         # A replayed graph calls no module: bracket the phase so its events time it.
         with self.meter.section(timer, "decode", bracket=self.executor.graphs):
             ids = self.executor.decode(first, episode.cache, plan, prefill_tokens, self.max_new_tokens)

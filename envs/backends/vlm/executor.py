@@ -21,8 +21,8 @@ Greedy decoding (`Executor.decode`), one decoder for all of them, in one of thre
           caller reads them;
   graphs  (the default on CUDA) the static step captured as a CUDA graph per (plan, batch) on
           first use, kept in an LRU cache of at most `max_graphs`, and replayed per token.
-The first use of a plan in graphs mode pays the capture (the profiler's and benchmarks' warm-up
-rounds absorb it; `captures` counts them). Static mode runs on any device, so CPU tests check
+The first use of a plan in graphs mode pays the capture (`captures` counts them); `prepare`
+captures ahead of a timed decode, as VLMBackend.finish does outside its latency sections. Static mode runs on any device, so CPU tests check
 the graph's computation against the eager decoder.
 """
 from __future__ import annotations
@@ -179,6 +179,12 @@ class Executor:
         return {"decode": self.mode, "max_graphs": self.max_graphs, "captured_graphs": self.captures}
 
     # ------------------------------------------------------------------ decode
+    def prepare(self, steps: Sequence[Step], batch: int, cache: KVCache) -> None:
+        """In graphs mode, capture the decode step of `steps` now if it is not cached, so that a timed
+        decode only replays (a capture must not count as the request's latency)."""
+        if self.graphs:
+            self._decode_graph(tuple((int(b), int(k)) for b, k in steps), batch, self._static_cache(batch, cache))
+
     def decode(self, first: torch.Tensor, cache: KVCache, steps: Sequence[Step], prefill_length: int,
                max_new_tokens: int) -> torch.Tensor:
         """Greedy ids (batch, n) starting with `first` (batch, 1); rows stop mattering after <eos>
