@@ -76,7 +76,7 @@ def test_graph_decode_equals_eager_decode_and_graphs_are_bounded(cuda_backend):
                 a = eager.decode(first, dict(cache), plan, length, 5)
                 b = graphed.decode(first, dict(cache), plan, length, 5)
                 assert trim_at_eos(a, eos) == trim_at_eos(b, eos), config
-        assert len(graphed._decode_graphs) == 2  # bounded by max_graphs
+        assert graphed.describe()["decode_graphs"] == 2  # bounded by max_graphs
         assert graphed.captures == 6  # 3 plans, LRU of 2: every plan is evicted before its reuse
         plan = CONFIGS[-1].plan(cuda_backend.importance, ks, top)
         first, cache, length = _prefilled(cuda_backend, plan, sequence)
@@ -112,8 +112,11 @@ def test_cuda_episodes_answer_what_cpu_episodes_answer(model_dir, cuda_backend):
             assert on_cuda.extras["generated_ids"] == on_cpu.extras["generated_ids"], config
             assert on_cuda.extras["decode_steps"] == cuda_backend.max_new_tokens - 1  # fixed decode length
             assert all(on_cuda.timings_ms[p] > 0 for p in ("preprocess", "vision", "prefill", "decode"))
-    assert cuda_backend.describe()["executor"]["decode"] == "graphs"
-    assert cuda_backend.executor.captures == len(CONFIGS)  # one graph per configuration, replayed after
+    executor = cuda_backend.describe()["executor"]
+    assert executor["decode"] == "graphs"
+    # one decode graph per configuration and one vision graph per crop shape (tier), replayed after
+    assert executor["decode_graphs"] == len(CONFIGS) and executor["vision_graphs"] == 3
+    assert executor["captures"] == len(CONFIGS) + 3
     assert cuda_backend.executor.max_graphs == 2 * 5 * 5  # every (p, k, N) of the knob space fits
     assert cuda_backend.describe()["expert_kernel"] == "gathered"  # fp32 on CUDA
 

@@ -21,6 +21,9 @@ Greedy decoding (`Executor.decode`), one decoder for all of them, in one of thre
           caller reads them;
   graphs  (the default on CUDA) the static step captured as a CUDA graph per (plan, batch) on
           first use, kept in an LRU cache of at most `max_graphs`, and replayed per token.
+In graphs mode the vision encoder is a graph per crop shape too (`encode`; its output is copied
+into the prefill sequence at once). The decoder prefill stays eager: its length changes with every
+prompt, so per-length graphs would be captured about as often as replayed.
 The first use of a plan in graphs mode pays the capture (`captures` counts them); `prepare`
 captures ahead of a timed decode, as VLMBackend.finish does outside its latency sections. Static mode runs on any device, so CPU tests check
 the graph's computation against the eager decoder.
@@ -169,6 +172,7 @@ class Executor:
         self.captures = 0
         self._decode_graphs: OrderedDict[tuple, _DecodeGraph] = OrderedDict()
         self._static: dict[int, StaticKVCache] = {}
+        self._vision_graphs: OrderedDict[tuple, CapturedCall] = OrderedDict()
 
     @property
     def graphs(self) -> bool:
@@ -176,7 +180,31 @@ class Executor:
         return self.mode == "graphs"
 
     def describe(self) -> dict:
-        return {"decode": self.mode, "max_graphs": self.max_graphs, "captured_graphs": self.captures}
+        return {"decode": self.mode, "max_graphs": self.max_graphs, "captures": self.captures,
+                "decode_graphs": len(self._decode_graphs), "vision_graphs": len(self._vision_graphs)}
+
+    # ------------------------------------------------------------------ vision
+    def prepare_vision(self, crops: torch.Tensor, slots: torch.Tensor) -> None:
+        """In graphs mode, capture the vision encoder for this crop shape now if it is not cached
+        (outside any latency section, like `prepare`)."""
+        if not self.graphs:
+            return
+        key = (tuple(crops.shape), tuple(slots.shape))
+        if key in self._vision_graphs:
+            self._vision_graphs.move_to_end(key)
+            return
+        while len(self._vision_graphs) >= self.max_graphs:
+            self._vision_graphs.popitem(last=False)
+        self._vision_graphs[key] = CapturedCall(self.model.encode_images, crops, slots, quiet=self.quiet)
+        self.captures += 1
+
+    def encode(self, crops: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Vision tokens of `crops`: the captured graph of their shape (graphs mode; the result is the
+        graph's own output, valid until the next call of that shape) or the encoder itself."""
+        if self.graphs:
+            self.prepare_vision(crops, slots)
+            return self._vision_graphs[(tuple(crops.shape), tuple(slots.shape))](crops, slots)
+        return self.model.encode_images(crops, slots)
 
     # ------------------------------------------------------------------ decode
     def prepare(self, steps: Sequence[Step], batch: int, cache: KVCache) -> None:
