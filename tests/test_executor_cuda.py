@@ -102,7 +102,8 @@ def test_no_host_sync_inside_prefill_or_decode(cuda_backend):
     assert ids.shape == (1, 4)
 
 
-def test_cuda_episodes_answer_what_cpu_episodes_answer(model_dir, cuda_backend):
+def test_cuda_episodes_answer_what_cpu_episodes_answer(model_dir, cuda_backend, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch conv in full fp32, as on CPU
     cpu = make_backend(model_dir, "cpu")
     samples, _ = load_samples(cpu, "test", 4)
     for config in CONFIGS:
