@@ -14,8 +14,8 @@ per sample, because at inference the controller's (LayerNorm-scaled) budget enco
 
 After training: importance.json by the drop method (validation loss increase when a block alone is
 skipped, full config otherwise), then test accuracy per family on a grid of configurations
-(batched greedy decoding through envs.backends.vlm.executor with the backend's block plan) -> eval.json. The model dir written to
---out is a complete VLMBackend model_path.
+(batched greedy decoding through envs.backends.vlm.executor with the backend's block plan) ->
+eval.json. The model dir written to --out is a complete VLMBackend model_path.
 
 In addition, when --glyph-weight > 0, an auxiliary loss (`glyph_loss`) teaches the vision tower to
 read glyphs: a pretraining-only linear head classifies the glyph from the grid-crop vision token
@@ -66,9 +66,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from envs.backends.vlm import VLMConfig, WordTokenizer, build_model, load_model, make_crops
 from envs.backends.vlm.config import PRESETS
+from envs.backends.vlm.executor import Executor, block_plan, encode_vision, full_plan, run_blocks
 from envs.backends.vlm.preprocess import image_to_tensor
 from envs.data import synthvqa
-from envs.backends.vlm.executor import Executor, block_plan, encode_vision, full_plan, run_blocks
 from envs.data.accuracy import score_answer
 from envs.machine import resolve_device
 

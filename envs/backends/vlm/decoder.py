@@ -32,7 +32,8 @@ class ElasticDecoder(nn.Module):
         self.cfg = DecoderShape(config.hidden_size, config.num_hidden_layers, config.num_experts_per_tok,
                                 config.num_experts, config.max_position_embeddings)
         # Plain list: the hookable wrappers must not re-register the layers' parameters.
-        self.__dict__["blocks"] = [ElasticBlock(layer, i, norm_topk_prob) for i, layer in enumerate(self.decoder.model.layers)]
+        layers = self.decoder.model.layers
+        self.__dict__["blocks"] = [ElasticBlock(layer, i, norm_topk_prob) for i, layer in enumerate(layers)]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.model.embed_tokens(ids)

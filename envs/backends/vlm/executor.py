@@ -24,9 +24,10 @@ Greedy decoding (`Executor.decode`), one decoder for all of them, in one of thre
 In graphs mode the vision encoder is a graph per crop shape too (`encode`; its output is copied
 into the prefill sequence at once). The decoder prefill stays eager: its length changes with every
 prompt, so per-length graphs would be captured about as often as replayed.
-The first use of a plan in graphs mode pays the capture (`captures` counts them); `prepare`
-captures ahead of a timed decode, as VLMBackend.finish does outside its latency sections. Static mode runs on any device, so CPU tests check
-the graph's computation against the eager decoder.
+The first use of a plan in graphs mode pays the capture (`captures` counts them); `prepare` and
+`prepare_vision` capture ahead of a timed call, as VLMBackend does outside its latency sections.
+Static mode runs on any device, so CPU tests check the graph's computation against the eager
+decoder.
 """
 from __future__ import annotations
 
@@ -74,7 +75,9 @@ def prefill_sequence(model, vision: torch.Tensor, prompt_ids: torch.Tensor, budg
     model.embed_budget(budget)."""
     seq = torch.cat([vision, model.embed(prompt_ids), model.embed_budget(budget.to(vision.dtype))[:, None]], dim=1)
     if seq.shape[1] > model.cfg.max_positions:
-        raise ValueError(f"prefill of {seq.shape[1]} positions exceeds the model's max_positions={model.cfg.max_positions}")
+        raise ValueError(
+            f"prefill of {seq.shape[1]} positions exceeds the model's max_positions={model.cfg.max_positions}"
+        )
     cos, sin = model.rope(torch.arange(seq.shape[1], device=seq.device)[None], seq)
     return seq, cos, sin
 
