@@ -131,7 +131,14 @@ class MolmoeShapeBench:
         self.shape, self.device, self.seed, self.log = SHAPES[shape_name], device, seed, log
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         torch.manual_seed(seed)
-        self.model = MolmoeShaped(self.shape).to(device, self.dtype).eval()
+        # Built on the device in its dtype: a 7B-parameter random init on the host takes minutes.
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(device):
+                self.model = MolmoeShaped(self.shape).eval()
+        finally:
+            torch.set_default_dtype(default_dtype)
         self.executor = Executor(self.model.decoder, eos_id=-1)  # random weights: never stop early
         self.eager = Executor(self.model.decoder, eos_id=-1, mode="eager")
         cfg = self.model.decoder.cfg
