@@ -8,6 +8,7 @@ import torch
 from envs.backends.vlm import VLMBackend, VLMConfig, WordTokenizer, build_model
 from envs.backends.vlm.config import PRESETS
 from envs.backends.vlm.executor import (
+    CapturedCall,
     Executor,
     block_plan,
     encode_vision,
@@ -163,6 +164,8 @@ def test_bad_decode_arguments(backend):
         Executor(backend.model, 1, mode="fast")
     with pytest.raises(ValueError, match="'graphs' needs a model on a CUDA device"):
         Executor(backend.model, 1, mode="graphs")
+    with pytest.raises(ValueError, match="CapturedCall needs CUDA inputs; got cpu"):
+        CapturedCall(torch.neg, torch.zeros(2))
     with pytest.raises(ValueError, match="max_graphs=0"):
         Executor(backend.model, 1, max_graphs=0)
     with pytest.raises(ValueError, match="max_new_tokens=0"):
