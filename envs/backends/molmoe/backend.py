@@ -48,8 +48,9 @@ from envs.backends.vlm.backend import (
     load_importance,
 )
 from envs.backends.vlm.elastic import KVCache
+from envs.backends.vlm.executor import block_plan
 from envs.data.sample import VQASample
-from envs.knobs import KnobSpace, select_blocks
+from envs.knobs import KnobSpace
 from envs.latency import LatencyMeter, PhaseTimer
 
 # The design's tiers are crop ranges 1-3 / 4-8 / 9-15; max_crops counts the grid crops (the
@@ -200,9 +201,8 @@ class MolmoEBackend(Backend):
             raise ValueError(f"insertion={insertion}: expected 1..{self.cfg.n_layers}")
         hidden = episode.hidden
         with self.meter.section(episode.timer, "prefill"):
-            for block in range(insertion):
-                hidden = self.model.blocks[block](hidden, episode.cos, episode.sin, self._prefix_top_k(block),
-                                                  episode.cache)
+            for block, k in self._plan(insertion, self.cfg.moe_top_k, insertion):
+                hidden = self.model.blocks[block](hidden, episode.cos, episode.sin, k, episode.cache)
         episode.hidden, episode.insertion = hidden, insertion
         return hidden[0, -1].float().clone()
 
@@ -215,8 +215,8 @@ class MolmoEBackend(Backend):
             raise RuntimeError("finish was already called for this episode")
         if not 1 <= top_k <= self.cfg.moe_num_experts:
             raise ValueError(f"top_k={top_k}: expected 1..{self.cfg.moe_num_experts}")
-        blocks = select_blocks(self.importance, p, num_blocks, self.cfg.n_layers)
-        plan = [(b, self._prefix_top_k(b) if b < p else top_k) for b in blocks]
+        plan = self._plan(p, top_k, num_blocks)
+        blocks = [b for b, _ in plan]
         model, timer, hidden = self.model, episode.timer, episode.hidden
         with self.meter.section(timer, "prefill"):
             for block, k in plan[p:]:
@@ -256,8 +256,10 @@ class MolmoEBackend(Backend):
             },
         )
 
-    def _prefix_top_k(self, block: int) -> int:
-        return self.knob_space.first_block_top_k if block == 0 else self.cfg.moe_top_k
+    def _plan(self, insertion: int, top_k: int, num_blocks: int):
+        """The executor's block_plan (the one plan builder of every backend)."""
+        return block_plan(self.importance, insertion, top_k, num_blocks, self.cfg.n_layers, self.cfg.moe_top_k,
+                          self.knob_space.first_block_top_k)
 
     def describe(self) -> dict:
         return {
