@@ -48,7 +48,7 @@ from envs.backends.vlm.backend import (
     load_importance,
 )
 from envs.backends.vlm.elastic import KVCache
-from envs.backends.vlm.executor import block_plan
+from envs.backends.vlm.executor import Executor, block_plan, trim_at_eos
 from envs.data.sample import VQASample
 from envs.knobs import KnobSpace
 from envs.latency import LatencyMeter, PhaseTimer
@@ -137,6 +137,8 @@ class MolmoEBackend(Backend):
         self.meter = LatencyMeter(self.device, BACKEND_PHASES).attach(
             [self.model.vision, *self.model.blocks, self.model.lm_head]
         )
+        self.executor = Executor(self.model, self.tokenizer.eos_id, quiet=self.meter.suspended,
+                                 num_layers=self.cfg.n_layers, max_positions=self.cfg.max_position_embeddings)
 
     # ----------------------------------------------------------------- data
     # Same samples as the embedded backend: SynthVQA, or the official TextVQA / VQAv2 / OK-VQA files.
@@ -221,15 +223,14 @@ class MolmoEBackend(Backend):
         with self.meter.section(timer, "prefill"):
             for block, k in plan[p:]:
                 hidden = model.blocks[block](hidden, episode.cos, episode.sin, k, episode.cache)
-            token = int(model.logits(hidden[:, -2]).argmax(-1))  # last prompt position, see the docstring
-        generated = [token]
-        prefill_tokens = position = hidden.shape[1]
-        with self.meter.section(timer, "decode"):
-            while token != self.tokenizer.eos_id and len(generated) < self.max_new_tokens:
-                token = int(model.decode_step(token, position, plan, episode.cache).argmax())
-                generated.append(token)
-                position += 1
+            first = model.logits(hidden[:, -2:-1]).argmax(-1)  # last prompt position, see the docstring
+        prefill_tokens = hidden.shape[1]
+        # the executor's greedy decoder (eager on CPU, a CUDA graph per configuration on CUDA)
+        self.executor.prepare(plan, 1, episode.cache)  # a first-use capture is not the request's time
+        with self.meter.section(timer, "decode", bracket=self.executor.graphs):
+            ids = self.executor.decode(first, episode.cache, plan, prefill_tokens, self.max_new_tokens)
         timings = self.meter.timings_ms(timer)
+        generated = trim_at_eos(ids, self.tokenizer.eos_id)[0]
         episode.cache.clear()  # the episode is over: free its KV cache
         episode.finished = True
         from envs.data.accuracy import extract_answer, score_answer
@@ -270,6 +271,7 @@ class MolmoEBackend(Backend):
             "dataset_names": list(self.dataset_names),
             "max_new_tokens": self.max_new_tokens,
             "device": str(self.device),
+            "executor": self.executor.describe(),
             "dtype": self.dtype,
             "tier_max_crops": dict(self.tier_max_crops),
             "budget_token_scale": self.budget_token_scale,

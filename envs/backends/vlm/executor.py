@@ -155,11 +155,17 @@ class Executor:
 
     quiet: a context-manager factory entered around graph warm-up and capture (the backend passes
     its latency meter's `suspended`, so hooks fired there are not timed).
+    The model needs embed(ids), rope(positions, like), blocks[i](h, cos, sin, k, cache), logits(h)
+    and encode_images (BudgetVLM, ElasticDecoder and the MolmoE port have them).
     """
 
     def __init__(self, model, eos_id: int, mode: str | None = None, max_graphs: int = 64,
-                 quiet: Callable[[], ContextManager] | None = None):
-        self.model, self.cfg, self.eos_id = model, model.cfg, int(eos_id)
+                 quiet: Callable[[], ContextManager] | None = None, num_layers: int | None = None,
+                 max_positions: int | None = None):
+        self.model, self.eos_id = model, int(eos_id)
+        # a model whose config names these differently (MolmoE) passes them
+        self.num_layers = model.cfg.num_layers if num_layers is None else int(num_layers)
+        self.max_positions = model.cfg.max_positions if max_positions is None else int(max_positions)
         self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
         mode = ("graphs" if cuda else "eager") if mode is None else mode
@@ -224,9 +230,9 @@ class Executor:
         steps = tuple((int(b), int(k)) for b, k in steps)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
-        if prefill_length + max_new_tokens - 1 > self.cfg.max_positions:
+        if prefill_length + max_new_tokens - 1 > self.max_positions:
             raise ValueError(f"a prefill of {prefill_length} positions and {max_new_tokens} new tokens exceed the "
-                             f"model's max_positions={self.cfg.max_positions}")
+                             f"model's max_positions={self.max_positions}")
         if self.mode == "eager":
             return self._decode_eager(first, cache, steps, prefill_length, max_new_tokens)
         return self._decode_static(first, cache, steps, prefill_length, max_new_tokens)
@@ -284,7 +290,7 @@ class Executor:
                 for key in [key for key in self._decode_graphs if key[1] == evicted]:
                     del self._decode_graphs[key]
             k = next(iter(cache.values()))[0]
-            self._static[batch] = StaticKVCache(self.cfg.num_layers, batch, k.shape[1], self.cfg.max_positions,
+            self._static[batch] = StaticKVCache(self.num_layers, batch, k.shape[1], self.max_positions,
                                                 k.shape[3], k.dtype, k.device)
         return self._static[batch]
 
