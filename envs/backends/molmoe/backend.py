@@ -11,7 +11,9 @@ Episode (batch size 1, see envs.backends.base):
   finish(ep, top_k, num_blocks)
       blocks = select_blocks(importance, p, N, L); blocks p.. of that list run over the prefill at
       `top_k` (the first p are not recomputed, skipped blocks never run and have no cache), then
-      greedy decoding with the same blocks and per-block top-k.
+      greedy decoding with the same blocks and per-block top-k. Plans come from
+      envs.backends.vlm.executor.block_plan and decoding is its Executor's (eager on CPU; on CUDA
+      one graph per configuration, max_new_tokens steps, the ids after <eos> dropped).
 The first answer token is read at the last prompt position (" Assistant:"), one before the budget
 position: the published weights never saw a budget token, and causal attention keeps it out of
 that prediction, so with every block at the checkpoint's top-k the first token is the reference's.
