@@ -12,8 +12,6 @@ Training hook (cheap, controller only):
 """
 from __future__ import annotations
 
-import random
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -28,9 +26,7 @@ from agents.baselines import (
     oracle_select,
 )
 from agents.evaluation import dummy_reference_rewards, run_episodes
-from envs.backends.base import BACKEND_PHASES
 from envs.budget_env import ACTION_HEADS
-from envs.data.sample import ImageLoadError
 from envs.knobs import KnobSpace
 from envs.reward import RewardWeights, check_budget, compute_reward
 
@@ -80,52 +76,24 @@ def measure_config_table(
     warmup: int = 1, seed: int = 0, progress: Callable[[str], None] | None = None,
 ) -> ConfigTable:
     """Run every config once per sample as a batch-1 backend episode (zero budget token, as in
-    profile.json); configs in a shuffled order per sample so load changes spread over all of them.
-    Samples whose image cannot be loaded are skipped (and listed)."""
+    profile.json) through the one latency-table measurer (envs.profiling.measure_latency: configs in
+    a shuffled order per sample, warm-up on the first readable sample). Samples whose image cannot
+    be loaded are skipped (counted by envs.data.vqa.record_skipped, and listed)."""
+    from envs.data.vqa import record_skipped  # the dataset-wide skip counter, as the env uses
+    from envs.profiling.latency_table import measure_latency
+
     configs = list(configs)
-    token = torch.zeros(backend.d_model)
-    rng = random.Random(seed)
-
-    def run(sample, c: StaticChoice):
-        ep = backend.start_episode(sample, c.tier, token)
-        backend.run_to(ep, c.insertion)
-        result = backend.finish(ep, c.top_k, c.num_blocks)
-        return float(result.accuracy), float(sum(result.timings_ms[p] for p in BACKEND_PHASES))
-
-    start = last_report = time.perf_counter()
-    kept, skipped, accs, lats = [], [], [], []
-    warm = warmup
     sample_index = [int(i) for i in sample_index]
-    for n, i in enumerate(sample_index):
-        sample = samples[i]
-        try:
-            while warm > 0:  # warm-up rounds on the first readable sample (lazy init, allocator)
-                for c in configs:
-                    run(sample, c)
-                warm -= 1
-            order = list(range(len(configs)))
-            rng.shuffle(order)
-            acc, lat = [0.0] * len(configs), [0.0] * len(configs)
-            for j in order:
-                acc[j], lat[j] = run(sample, configs[j])
-        except ImageLoadError as err:
-            from envs.data.vqa import record_skipped  # the dataset-wide skip counter, as the env uses
-
-            record_skipped(sample, err)
-            skipped.append(i)
-            continue
-        kept.append(i)
-        accs.append(acc)
-        lats.append(lat)
-        now = time.perf_counter()
-        if progress and (now - last_report > 30 or n + 1 == len(sample_index)):
-            last_report = now
-            progress(f"config table: {n + 1}/{len(sample_index)} samples x {len(configs)} configs, "
-                     f"{now - start:.0f}s")
-    if not kept:
+    measured = measure_latency(backend, [samples[i] for i in sample_index], configs, warmup=warmup, seed=seed,
+                               progress=progress, on_unreadable=record_skipped)
+    if not measured.kept:
         raise RuntimeError(f"no sample of {len(sample_index)} had a readable image")
-    return ConfigTable(torch.tensor(kept), configs, torch.tensor(accs, dtype=torch.float64),
-                       torch.tensor(lats, dtype=torch.float64), skipped, time.perf_counter() - start)
+    accs = [[float(measured.results[c][row].accuracy) for c in configs] for row in range(len(measured.kept))]
+    totals = [measured.totals(c) for c in configs]
+    lats = [[t[row] for t in totals] for row in range(len(measured.kept))]
+    return ConfigTable(torch.tensor([sample_index[n] for n in measured.kept]), configs,
+                       torch.tensor(accs, dtype=torch.float64), torch.tensor(lats, dtype=torch.float64),
+                       [sample_index[n] for n in measured.skipped], measured.seconds)
 
 
 def configs_needed(specs: Sequence[PolicySpec], all_configs: Sequence[StaticChoice],

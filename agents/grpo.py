@@ -34,11 +34,13 @@ def group_advantages(
         raise ValueError(f"scale_rewards={scale_rewards!r}: expected one of {SCALE_REWARDS}")
     rewards = rewards.reshape(-1).float()
     _, inverse = torch.unique(group_ids.reshape(-1), return_inverse=True)
+    inverse = inverse.to(rewards.device)
     num = int(inverse.max()) + 1
-    count = torch.zeros(num).index_add_(0, inverse, torch.ones_like(rewards))
-    mean = torch.zeros(num).index_add_(0, inverse, rewards) / count
+    zeros = rewards.new_zeros(num)  # on the rewards' device (CUDA in a --device cuda run)
+    count = zeros.clone().index_add_(0, inverse, torch.ones_like(rewards))
+    mean = zeros.clone().index_add_(0, inverse, rewards) / count
     centred = rewards - mean[inverse]
-    var = torch.zeros(num).index_add_(0, inverse, centred**2) / (count - 1).clamp(min=1)
+    var = zeros.clone().index_add_(0, inverse, centred**2) / (count - 1).clamp(min=1)
     std = var.sqrt()[inverse]
     zero_std = std < 1e-6
     if scale_rewards == "group":

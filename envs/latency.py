@@ -12,6 +12,10 @@ which also stamps on entry and exit.
 Timestamps: on CPU `time.perf_counter()`; on CUDA `torch.cuda.Event`s recorded on the current
 stream (pooled and reused), read after ONE synchronisation in `timings_ms()` per episode, never
 a synchronisation per layer. A hook costs one timestamp and one list append.
+
+A replayed CUDA graph calls no module, so no hook fires: the backend brackets such phases
+(`bracket=True`, an event on entry and exit). `suspended()` silences the hooks while a graph is
+warmed up and captured (an event recorded during stream capture would be part of the graph).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ class LatencyMeter:
         self._handles: list = []
         self._free_events: list = []
         self._active: PhaseTimer | None = None
+        self._suspended = False
 
     def attach(self, modules: Iterable[nn.Module]) -> "LatencyMeter":
         """Hook `modules`; their calls are timed while a section is open."""
@@ -70,6 +75,15 @@ class LatencyMeter:
             self._active = None
             timer.sections.append((phase, first, len(timer.stamps)))
 
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Hooked calls inside this block record nothing (graph warm-up and capture)."""
+        was, self._suspended = self._suspended, True
+        try:
+            yield
+        finally:
+            self._suspended = was
+
     def timings_ms(self, timer: PhaseTimer) -> dict[str, float]:
         """Milliseconds per phase of `timer`'s sections (one sync on CUDA); recycles its events."""
         totals = {phase: 0.0 for phase in self.phases}
@@ -94,9 +108,9 @@ class LatencyMeter:
             timer.stamps.append(time.perf_counter())
 
     def _hook(self, module, args):
-        if self._active is not None:
+        if self._active is not None and not self._suspended:
             self._stamp(self._active)
 
     def _post_hook(self, module, args, output):
-        if self._active is not None:
+        if self._active is not None and not self._suspended:
             self._stamp(self._active)

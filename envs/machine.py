@@ -40,3 +40,20 @@ def machine_info() -> dict:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
     return info
+
+
+def resolve_device(device: str | torch.device, field: str = "--device") -> torch.device:
+    """`device` as a torch.device, refusing CUDA where there is none (before anything is built or written)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{field}={device!r} is not a device; expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{field}={device!r}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"{field}={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type != "cpu":
+        raise ValueError(f"{field}={device!r} is not supported; expected 'cpu', 'cuda' or 'cuda:N'")
+    return resolved

@@ -215,6 +215,9 @@ def _run(args, log) -> dict:
 
     ckpt = load_checkpoint(args.checkpoint)
     cfg = resolve_config(args, ckpt)
+    from envs.machine import resolve_device
+
+    resolve_device(cfg.train.device, "--device")  # before the backend is built or anything written
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)

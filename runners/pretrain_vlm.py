@@ -14,8 +14,8 @@ per sample, because at inference the controller's (LayerNorm-scaled) budget enco
 
 After training: importance.json by the drop method (validation loss increase when a block alone is
 skipped, full config otherwise), then test accuracy per family on a grid of configurations
-(batched greedy decoding with the backend's block plan) -> eval.json. The model dir written to
---out is a complete VLMBackend model_path.
+(batched greedy decoding through envs.backends.vlm.executor with the backend's block plan) ->
+eval.json. The model dir written to --out is a complete VLMBackend model_path.
 
 In addition, when --glyph-weight > 0, an auxiliary loss (`glyph_loss`) teaches the vision tower to
 read glyphs: a pretraining-only linear head classifies the glyph from the grid-crop vision token
@@ -66,10 +66,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from envs.backends.vlm import VLMConfig, WordTokenizer, build_model, load_model, make_crops
 from envs.backends.vlm.config import PRESETS
+from envs.backends.vlm.executor import Executor, block_plan, encode_vision, full_plan, run_blocks
 from envs.backends.vlm.preprocess import image_to_tensor
 from envs.data import synthvqa
 from envs.data.accuracy import score_answer
-from envs.knobs import select_blocks
+from envs.machine import resolve_device
 
 TIERS = ("low", "medium", "high")
 IGNORE = -100
@@ -140,11 +141,6 @@ def sample_plan(rng: random.Random, num_layers: int, top_k: int, full_prob: floa
     return tier, [(b, top_k if b < p else k) for b in range(num_layers) if b not in dropped]
 
 
-def inference_plan(importance, p: int, k: int, n: int, num_layers: int, top_k: int):
-    """The backend's plan: select_blocks by importance, the first p blocks at the default top-k."""
-    return [(b, top_k if b < p else k) for b in select_blocks(importance, p, n, num_layers)]
-
-
 def forward_text(model, images, ids, slot, budget, tier, plan):
     """Hidden states of the text part (batch, text_len, d_model) under `plan` (teacher forcing),
     and the vision tokens."""
@@ -156,8 +152,7 @@ def forward_text(model, images, ids, slot, budget, tier, plan):
     hidden = torch.cat([vision, text], dim=1)
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
     cos, sin = model.rope(positions, hidden)
-    for block, k in plan:
-        hidden = model.blocks[block](hidden, cos, sin, k, None)
+    hidden = run_blocks(model, hidden, cos, sin, plan)
     return hidden[:, vision.shape[1] :], vision
 
 
@@ -214,33 +209,19 @@ def batch_loss(model, batch, tier, plan, device, generator=None, glyph_head=None
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, batch, tier, plan, device, max_new_tokens: int):
-    """Batched greedy decoding (full recompute per step; same plan for every step, like the backend).
-    Budget token: zeros."""
+def greedy_answers(executor: Executor, tokenizer, batch, tier, plan, device, max_new_tokens: int):
+    """Batched greedy answers through the executor (KV cache, the same plan for every step, like
+    the backend); rows are grouped by prompt length so none is padded. Budget token: zeros."""
+    model = executor.model
     images, ids, _, slot = (t.to(device) for t in batch[:4])
-    prompt_len = slot + 1
-    width = int(prompt_len.max()) + max_new_tokens
-    seq = torch.full((ids.shape[0], width), tokenizer.pad_id, dtype=torch.long, device=device)
-    seq[:, : ids.shape[1]] = ids
-    seq = torch.where(torch.arange(width, device=device)[None] < prompt_len[:, None], seq, tokenizer.pad_id)
-    rows = torch.arange(ids.shape[0], device=device)
+    vision = encode_vision(model, images, tier)
     budget = torch.zeros(ids.shape[0], model.cfg.d_model, device=device)
-    generated = []
-    for step in range(max_new_tokens):
-        hidden, _ = forward_text(model, images, seq[:, : int(prompt_len.max()) + step], slot, budget, tier, plan)
-        last = hidden[rows, slot + step]
-        token = model.logits(last).argmax(-1)
-        generated.append(token)
-        seq[rows, slot + 1 + step] = token
-    tokens = torch.stack(generated, 1).tolist()
-    answers = []
-    for row in tokens:
-        out = []
-        for t in row:
-            out.append(t)
-            if t == tokenizer.eos_id:
-                break
-        answers.append(tokenizer.decode(out))
+    answers = [None] * ids.shape[0]
+    for length in sorted(set(slot.tolist())):
+        rows = (slot == length).nonzero().squeeze(1)
+        generated = executor.generate(vision[rows], ids[rows, :length], budget[rows], plan, max_new_tokens)
+        for row, out in zip(rows.tolist(), generated):
+            answers[row] = tokenizer.decode(out)
     return answers
 
 
@@ -249,11 +230,13 @@ def evaluate(model, tokenizer, batches, samples, configs, importance, device, ma
     cfg = model.cfg
     results = {}
     model.eval()
+    # Eager decoding: evaluation batches vary in size, so per-batch CUDA graphs would not be reused.
+    executor = Executor(model, tokenizer.eos_id, mode="eager")
     for name, (tier, p, k, n) in configs.items():
-        plan = inference_plan(importance, p, k, n, cfg.num_layers, cfg.top_k)
+        plan = block_plan(importance, p, k, n, cfg.num_layers, cfg.top_k)
         correct = {f: [0, 0] for f in synthvqa.FAMILIES}
         for batch in batches:
-            answers = greedy_answers(model, tokenizer, batch, tier, plan, device, max_new_tokens)
+            answers = greedy_answers(executor, tokenizer, batch, tier, plan, device, max_new_tokens)
             for answer, index in zip(answers, batch[5].tolist()):
                 sample = samples[index]
                 correct[sample.family][0] += score_answer(answer, sample)
@@ -275,7 +258,7 @@ def drop_importance(model, batches, device, seed: int) -> dict[int, float]:
         losses = [batch_loss(model, batch, "high", plan, device, gen).item() for batch in batches]
         return sum(losses) / len(losses)
 
-    full = [(b, cfg.top_k) for b in range(cfg.num_layers)]
+    full = full_plan(cfg.num_layers, cfg.top_k)
     base = loss_of(full)
     return {b: loss_of([x for x in full if x[0] != b]) - base for b in range(cfg.num_layers)}
 
@@ -345,6 +328,7 @@ def main(argv=None):
     ap.add_argument("--log-every", type=int, default=100)
     args = ap.parse_args(argv)
 
+    resolve_device(args.device, "--device")  # a clear error before anything is built or written
     rank, world, device = init_distributed(args.device)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if device.type == "cuda":

@@ -3,7 +3,7 @@
     python runners/profile_configs.py --model_path envs/assets/budgetvlm-molmoe-tiny --output_dir DIR \
         --num_samples 500 --latency_samples 20 --split test
 
-Steps (library code in envs/profiling.py):
+Steps (library code in the envs/profiling package):
  1. Block importance on --importance_split (default val, so the test split stays unseen), in the
     full configuration, by both methods: drop_accuracy (the design's: accuracy drop when block i
     alone is removed) and block_influence (ShortGPT: 1 - cos(block input, output)). The one named
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="torch threads (default 1: on a shared CPU, extra OpenMP threads contend and make "
                          "batch-1 latency erratic)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: decode steps run as CUDA graphs)")
     ap.add_argument("--overwrite", action="store_true")
     return ap.parse_args(argv)
 
@@ -90,8 +90,11 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--warmup={args.warmup!r} is invalid; expected an int >= 0")
     if args.seed < 0:
         raise ValueError(f"--seed={args.seed} is invalid; expected an int >= 0")
-    P.check_split_name(args.split, "--split")
-    P.check_split_name(args.importance_split, "--importance_split")
+    from envs.machine import resolve_device
+
+    resolve_device(args.device, "--device")
+    P.check_split(args.split, "--split")
+    P.check_split(args.importance_split, "--importance_split")
     if args.importance_method not in P.IMPORTANCE_METHODS:
         raise ValueError(f"--importance_method={args.importance_method!r} is not known; expected one of {P.IMPORTANCE_METHODS}")
     if args.skip_importance and args.importance_file is None:
@@ -192,7 +195,7 @@ def main(argv=None) -> dict:
             tier_configs = [c for c in configs if c.tier == tier]
             if not tier_configs:
                 continue
-            plans = {c: P.block_plan(scores, c.insertion, c.top_k, c.num_blocks, ks, cfg.top_k) for c in tier_configs}
+            plans = {c: c.plan(scores, ks, cfg.top_k) for c in tier_configs}
             accs = evaluator.accuracies_many(tier, plans)  # shared plan prefixes run once
             for c, plan in plans.items():
                 mean, by_family = P.summarize_accuracy(samples, accs[c])
@@ -212,20 +215,19 @@ def main(argv=None) -> dict:
     backend = VLMBackend(model_path=args.model_path, results_dir=out, budget_range_ms=(1.0, 2.0), **backend_kwargs)
     if backend.importance != scores:
         raise RuntimeError(f"{out / IMPORTANCE_JSON} does not hold the importance the profile used")
-    for row in rows:
-        blocks = P.block_plan(backend.importance, P.PROFILE_INSERTION, row["top_k"], row["num_blocks"], ks, cfg.top_k)
-        assert [b for b, _ in blocks] == row["blocks"]
+    for row, c in zip(rows, configs):
+        assert [b for b, _ in c.plan(backend.importance, ks, cfg.top_k)] == row["blocks"]
     if P.weights_sha256(args.model_path) != sha_start:
         raise RuntimeError(
             f"{args.model_path}/model.safetensors changed during profiling (sha256 {sha_start[:12]}... at the start); "
             f"accuracy and latency would describe different weights - rerun once the checkpoint is final"
         )
     lat_samples = samples[: args.latency_samples]
-    timings = P.measure_latency(backend, lat_samples, configs, warmup=args.warmup, seed=args.seed, progress=log)
+    table = P.measure_latency(backend, lat_samples, configs, warmup=args.warmup, seed=args.seed, progress=log)
     timing["latency_s"] = time.perf_counter() - t0
     for row, c in zip(rows, configs):
-        runs = timings[c]
-        row.update(P.latency_stats([P.total_ms(t) for t in runs]))
+        runs = table.timings(c)
+        row.update(P.latency_stats(table.totals(c)))
         for phase in ("preprocess", "vision", "prefill", "decode"):
             row[f"{phase}_ms"] = sum(t[phase] for t in runs) / len(runs)
         row["num_samples"] = len(samples)
@@ -263,7 +265,7 @@ def main(argv=None) -> dict:
             "first_block_top_k": ks.first_block_top_k,
             "budget_token": P.ZERO_BUDGET_NOTE,
             "max_new_tokens": args.max_new_tokens,
-            "accuracy_method": "batched greedy decoding through the same elastic block calls as a batch-1 "
+            "accuracy_method": "batched greedy decoding through the executor, the same block calls as a batch-1 "
                                "episode (envs.profiling.BatchedEvaluator), on num_samples samples; fractions in [0, 1]",
             "accuracy_by_family": "SynthVQA question family (dataset name for real datasets)",
             "latency_method": "batch-1 VLMBackend episodes timed by the backend's hook meter, total = preprocess + "
@@ -277,6 +279,8 @@ def main(argv=None) -> dict:
             "grid": {"tiers": sorted({c.tier for c in configs}, key=ks.tiers.index),
                      "top_k": sorted({c.top_k for c in configs}), "num_blocks": sorted({c.num_blocks for c in configs})},
             "device": args.device,
+            "expert_kernel": backend.describe()["expert_kernel"],
+            "executor": backend.executor.describe(),
             "load_average_start": load_start,
             "load_average_end": load_average(),
             "timing_s": timing,

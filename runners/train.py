@@ -49,6 +49,7 @@ from agents.reporting import accuracy_vs_budget_figure
 from agents.rollout import collect_rollouts
 from envs import ACTION_HEADS
 from envs.files import OutputWriteError, check_writable, write_error, write_json, write_text
+from envs.machine import resolve_device
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -223,6 +224,7 @@ def train(args: argparse.Namespace) -> dict:
             cfg = resolve_config(args)
             config_name = Path(args.config or DEFAULT_CONFIG).stem
             output_dir = Path(args.output_dir or REPO / "runs" / f"{config_name}-{dt.datetime.now():%Y%m%d-%H%M%S}")
+        resolve_device(cfg.train.device, "--device")  # a clear error before anything is built or written
         if cfg.train.use_multi_gpu:
             raise ValueError("--use_multi_gpu is not available yet: rollouts run one request at a time on one "
                              "device (batch size 1 per execution, for honest latency); run without it")

@@ -60,6 +60,34 @@ def test_bench_output_schema(model_dir, tmp_path):
     assert knobs["slowest_over_fastest"] >= 1.0
     text = md.read_text()
     assert "Meter overhead" in text and "Slowest / fastest median" in text and result["machine"]["cpu_model"] in text
+    assert result["device"] == "cpu" and "molmoe_shape" not in result  # the MolmoE shape defaults to CUDA runs
+    assert result["backend"]["expert_kernel"] == "grouped_mm" and result["backend"]["executor"]["decode"] == "eager"
+    assert result["checks"]["meter_overhead_pct"]["target"] == "<= 2" and "Target checks" in text
+
+
+def test_molmoe_shape_section_schema(tmp_path):
+    """The MolmoE-shape section on its test shape (the code the CUDA run uses, on CPU, seconds)."""
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    result = bench.main(["--random_model", "--preset", "test", *FAST, "--molmoe_shape", "test", "--molmoe_reps", "2",
+                         "--decode_tokens", "2", "--stock_implementations", "eager", "grouped_mm",
+                         "--stock_caches", "dynamic", "--stock_reps", "1", "--output", str(out), "--markdown", str(md)])
+    m = result["molmoe_shape"]
+    ks, ns = m["top_k_values"], m["num_blocks_values"]
+    assert {f"default/k{k}/N{n}" for k in ks for n in ns} <= set(m["decode"])
+    assert {f"eager/k{ks[-1]}/N{ns[-1]}", f"eager/k{ks[0]}/N{ns[0]}"} <= set(m["decode"])
+    assert set(m["prefill"]["tokens"]) == set(m["crops"]) == {"low", "medium", "high"}
+    assert m["prefill"]["tokens"]["high"] == 3 * m["vision_tokens_per_crop"] + m["prompt_tokens"] + 1
+    assert {"full", "tier medium", "tier low", "cheapest"} <= set(m["request"])
+    assert {"eager/dynamic", "grouped_mm/dynamic"} == set(m["stock"])
+    for row in [*m["request"].values(), *(v for k, v in m["decode"].items() if "/" in k)]:
+        assert row["n"] == 2 and row["median_ms"] > 0 and row["iqr_ms"] >= 0
+    checks = result["checks"]
+    assert {"decode_full_ms_per_token", "request_full_ms", "request_cheapest_ms", "decode_knob_steps"} <= set(checks)
+    assert len(checks["decode_knob_steps"]) == (len(ks) - 1) * len(ns) + (len(ns) - 1) * len(ks)
+    steps = [(c["from"], c["to"]) for c in checks["request_knob_steps"]]
+    assert steps[:2] == [("full", "tier medium"), ("tier medium", "tier low")]  # consecutive steps down
+    assert ("full", f"top-k {ks[-2]}") in steps and ("full", f"blocks {ns[-2]}") in steps
+    assert "MolmoE-1B shape" in md.read_text() and "Stock transformers" in md.read_text()
 
 
 def test_bench_random_model_says_so(tmp_path):
@@ -84,6 +112,8 @@ def test_meter_hooks_are_restored(model_dir, tmp_path):
         (["--pairs", "0"], r"--pairs=0 is invalid; expected a positive int"),
         (["--split", "dev"], r"--split='dev' is not a known split"),
         (["--model_path", "/nonexistent/model"], r"--model_path='/nonexistent/model': model directory does not exist"),
+        (["--device", "npu"], r"--device='npu' is not a device"),
+        (["--molmoe_reps", "0"], r"--molmoe_reps=0 is invalid"),
     ],
 )
 def test_bench_bad_inputs(tmp_path, extra, match):

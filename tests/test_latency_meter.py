@@ -64,17 +64,21 @@ def test_section_errors():
                 pass
 
 
-def test_hook_cost_is_small():
-    """A hook costs a timestamp and an append: far below 2% of a ~1 ms block."""
+def test_a_hooked_call_records_two_stamps_and_suspended_records_none():
+    """A hook costs one timestamp and one append (its time is a benchmark: runners/bench.py's hook_cost);
+    while suspended (CUDA graph warm-up and capture) hooked calls record nothing."""
     layers = [nn.Identity() for _ in range(100)]
     meter = LatencyMeter("cpu", ("prefill",)).attach(layers)
     timer = PhaseTimer()
     x = torch.zeros(1)
-    start = time.perf_counter()
     with meter.section(timer, "prefill"):
-        for _ in range(10):
+        for layer in layers:
+            layer(x)
+        with meter.suspended():
             for layer in layers:
                 layer(x)
-    per_call_us = (time.perf_counter() - start) / 1000 * 1e6
-    assert per_call_us < 20  # hooked nn.Identity call, hooks included
-    assert len(timer.stamps) == 2000
+    assert len(timer.stamps) == 200
+    with meter.section(timer, "prefill", bracket=True):
+        with meter.suspended():
+            layers[0](x)
+    assert len(timer.stamps) == 202  # a bracketed section still stamps its entry and exit

@@ -14,7 +14,6 @@ from envs.data import synthvqa
 from envs.profiling import (
     BatchedEvaluator,
     StaticConfig,
-    block_plan,
     budget_range,
     compute_importance,
     evaluation_backend,
@@ -135,7 +134,7 @@ def test_batched_accuracy_path_equals_batch1_episodes(model_dir, tmp_path):
                          num_samples={"test": 12}, max_new_tokens=3)
     samples, _ = load_samples(backend, "test", 12)
     evaluator = BatchedEvaluator(backend, samples, batch_size=8)
-    assert any(len(batch) > 1 for batch in evaluator.batches)  # real batching happens
+    assert any(len(batch) > 1 for batch in evaluator.batches("high"))  # real batching happens
     ks = backend.knob_space
     firsts, state = [], {"prefill": False}  # logits of the first generated token after each prefill
 
@@ -151,11 +150,12 @@ def test_batched_accuracy_path_equals_batch1_episodes(model_dir, tmp_path):
                backend.model.lm_head.register_forward_hook(on_logits)]
     try:
         for config in (StaticConfig("high", 8, 6), StaticConfig("medium", 5, 4), StaticConfig("low", 4, 3)):
-            plan = block_plan(backend.importance, 1, config.top_k, config.num_blocks, ks, backend.cfg.top_k)
+            plan = config.plan(backend.importance, ks, backend.cfg.top_k)
             firsts.clear()
             batched = evaluator.generate(config.tier, plan)
-            assert len(firsts) == len(evaluator.batches)
-            first_batched = {i: out[row, 0] for batch, out in zip(evaluator.batches, firsts) for row, i in enumerate(batch)}
+            batches = evaluator.batches(config.tier)
+            assert len(firsts) == len(batches)
+            first_batched = {i: out[row, 0] for batch, out in zip(batches, firsts) for row, i in enumerate(batch)}
             for i, sample in enumerate(samples):
                 firsts.clear()
                 result = run_episode(backend, sample, config, torch.zeros(backend.d_model))

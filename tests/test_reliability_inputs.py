@@ -1,7 +1,6 @@
 """Bad inputs that docs/RELIABILITY.md lists and no other test file tries: each gets an error that
 names the field, the value and what was expected, and nothing already written is lost."""
 import io
-import json
 import math
 import shutil
 

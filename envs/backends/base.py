@@ -81,7 +81,7 @@ class Backend(abc.ABC):
         }
 
 
-def check_split(split: str) -> str:
+def check_split(split: str, field: str = "split") -> str:
     if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not known; expected one of {SPLITS}")
+        raise ValueError(f"{field}={split!r} is not a known split; expected one of {SPLITS}")
     return split

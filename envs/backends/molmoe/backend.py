@@ -11,7 +11,9 @@ Episode (batch size 1, see envs.backends.base):
   finish(ep, top_k, num_blocks)
       blocks = select_blocks(importance, p, N, L); blocks p.. of that list run over the prefill at
       `top_k` (the first p are not recomputed, skipped blocks never run and have no cache), then
-      greedy decoding with the same blocks and per-block top-k.
+      greedy decoding with the same blocks and per-block top-k. Plans come from
+      envs.backends.vlm.executor.block_plan and decoding is its Executor's (eager on CPU; on CUDA
+      one graph per configuration, max_new_tokens steps, the ids after <eos> dropped).
 The first answer token is read at the last prompt position (" Assistant:"), one before the budget
 position: the published weights never saw a budget token, and causal attention keeps it out of
 that prediction, so with every block at the checkpoint's top-k the first token is the reference's.
@@ -48,8 +50,9 @@ from envs.backends.vlm.backend import (
     load_importance,
 )
 from envs.backends.vlm.elastic import KVCache
+from envs.backends.vlm.executor import Executor, block_plan, trim_at_eos
 from envs.data.sample import VQASample
-from envs.knobs import KnobSpace, select_blocks
+from envs.knobs import KnobSpace
 from envs.latency import LatencyMeter, PhaseTimer
 
 # The design's tiers are crop ranges 1-3 / 4-8 / 9-15; max_crops counts the grid crops (the
@@ -136,6 +139,8 @@ class MolmoEBackend(Backend):
         self.meter = LatencyMeter(self.device, BACKEND_PHASES).attach(
             [self.model.vision, *self.model.blocks, self.model.lm_head]
         )
+        self.executor = Executor(self.model, self.tokenizer.eos_id, quiet=self.meter.suspended,
+                                 num_layers=self.cfg.n_layers, max_positions=self.cfg.max_position_embeddings)
 
     # ----------------------------------------------------------------- data
     # Same samples as the embedded backend: SynthVQA, or the official TextVQA / VQAv2 / OK-VQA files.
@@ -200,9 +205,8 @@ class MolmoEBackend(Backend):
             raise ValueError(f"insertion={insertion}: expected 1..{self.cfg.n_layers}")
         hidden = episode.hidden
         with self.meter.section(episode.timer, "prefill"):
-            for block in range(insertion):
-                hidden = self.model.blocks[block](hidden, episode.cos, episode.sin, self._prefix_top_k(block),
-                                                  episode.cache)
+            for block, k in self._plan(insertion, self.cfg.moe_top_k, insertion):
+                hidden = self.model.blocks[block](hidden, episode.cos, episode.sin, k, episode.cache)
         episode.hidden, episode.insertion = hidden, insertion
         return hidden[0, -1].float().clone()
 
@@ -215,21 +219,20 @@ class MolmoEBackend(Backend):
             raise RuntimeError("finish was already called for this episode")
         if not 1 <= top_k <= self.cfg.moe_num_experts:
             raise ValueError(f"top_k={top_k}: expected 1..{self.cfg.moe_num_experts}")
-        blocks = select_blocks(self.importance, p, num_blocks, self.cfg.n_layers)
-        plan = [(b, self._prefix_top_k(b) if b < p else top_k) for b in blocks]
+        plan = self._plan(p, top_k, num_blocks)
+        blocks = [b for b, _ in plan]
         model, timer, hidden = self.model, episode.timer, episode.hidden
         with self.meter.section(timer, "prefill"):
             for block, k in plan[p:]:
                 hidden = model.blocks[block](hidden, episode.cos, episode.sin, k, episode.cache)
-            token = int(model.logits(hidden[:, -2]).argmax(-1))  # last prompt position, see the docstring
-        generated = [token]
-        prefill_tokens = position = hidden.shape[1]
-        with self.meter.section(timer, "decode"):
-            while token != self.tokenizer.eos_id and len(generated) < self.max_new_tokens:
-                token = int(model.decode_step(token, position, plan, episode.cache).argmax())
-                generated.append(token)
-                position += 1
+            first = model.logits(hidden[:, -2:-1]).argmax(-1)  # last prompt position, see the docstring
+        prefill_tokens = hidden.shape[1]
+        # the executor's greedy decoder (eager on CPU, a CUDA graph per configuration on CUDA)
+        self.executor.prepare(plan, 1, episode.cache)  # a first-use capture is not the request's time
+        with self.meter.section(timer, "decode", bracket=self.executor.graphs):
+            ids = self.executor.decode(first, episode.cache, plan, prefill_tokens, self.max_new_tokens)
         timings = self.meter.timings_ms(timer)
+        generated = trim_at_eos(ids, self.tokenizer.eos_id)[0]
         episode.cache.clear()  # the episode is over: free its KV cache
         episode.finished = True
         from envs.data.accuracy import extract_answer, score_answer
@@ -256,8 +259,10 @@ class MolmoEBackend(Backend):
             },
         )
 
-    def _prefix_top_k(self, block: int) -> int:
-        return self.knob_space.first_block_top_k if block == 0 else self.cfg.moe_top_k
+    def _plan(self, insertion: int, top_k: int, num_blocks: int):
+        """The executor's block_plan (the one plan builder of every backend)."""
+        return block_plan(self.importance, insertion, top_k, num_blocks, self.cfg.n_layers, self.cfg.moe_top_k,
+                          self.knob_space.first_block_top_k)
 
     def describe(self) -> dict:
         return {
@@ -268,6 +273,7 @@ class MolmoEBackend(Backend):
             "dataset_names": list(self.dataset_names),
             "max_new_tokens": self.max_new_tokens,
             "device": str(self.device),
+            "executor": self.executor.describe(),
             "dtype": self.dtype,
             "tier_max_crops": dict(self.tier_max_crops),
             "budget_token_scale": self.budget_token_scale,

@@ -4,7 +4,8 @@ Public API
 ----------
 VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_root=None,
            num_samples=None, seed=0, device="cpu", importance_method=None, max_new_tokens=4,
-           budget_range_ms=None, dataset_weights=None, prompt_templates=None)
+           budget_range_ms=None, dataset_weights=None, prompt_templates=None, dtype="float32",
+           decode_mode=None, max_graphs=None)
     model_path       HF-style model dir (config.json, model.safetensors, tokenizer.json);
                      default: the checkpoint shipped in envs/assets/ (DEFAULT_MODEL_PATH).
     results_dir      dir with importance.json ({"method": str, "scores": {"0": float, ...}}, one
@@ -17,7 +18,13 @@ VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_
                      the official train split, val and test the two halves of the official val split.
     num_samples      int (every split) or {"train": n, "val": n, "test": n} (missing splits keep
                      DEFAULT_NUM_SAMPLES).
-    max_new_tokens   greedy decoding stops at EOS or after this many tokens.
+    max_new_tokens   greedy decoding stops at EOS or after this many tokens (CUDA graphs: always
+                     this many steps, the ids after <eos> dropped).
+    device           "cpu" or "cuda" ("cuda" without CUDA is refused, naming the device).
+    dtype            "float32" or "bfloat16" (bf16 on CUDA runs the experts through torch._grouped_mm).
+    decode_mode      envs.backends.vlm.executor: "eager" (the CPU default), "static", "graphs" (the
+                     CUDA default: one CUDA graph per configuration, captured on first use outside
+                     the latency sections; at most max_graphs kept, default one per (p, k, N)).
     dataset_weights  sampling weights of the real datasets when several are mixed.
     prompt_templates {dataset: template with "{question}"} overriding
                      envs.data.vqa.DEFAULT_PROMPT_TEMPLATES for real datasets.
@@ -45,7 +52,10 @@ BudgetVLM                 encode_images / embed / rope / blocks[i](h, cos, sin, 
 WordTokenizer             word-level tokenizer (SynthVQA's tokenize_words rule).
 make_crops                multi-crop preprocessing per tier: (crops, crop slots).
 
-Design notes (execution honesty, cache, budget token) are in elastic.py and backend.py.
+Every path (episodes, the profiler's batched evaluation, pretraining's evaluation and training
+forward) runs its plans through envs.backends.vlm.executor: one block-plan builder (block_plan), one
+greedy decoder (Executor.decode). Design notes (execution honesty, cache, budget token) are in
+elastic.py, executor.py and backend.py.
 """
 from envs.backends.vlm.backend import DEFAULT_MODEL_PATH, VLMBackend, VLMEpisode, load_importance
 from envs.backends.vlm.config import VLMConfig

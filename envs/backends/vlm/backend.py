@@ -10,9 +10,12 @@ Episode (batch size 1, see envs.backends.base):
       blocks 1..p-1 at the model's default top-k), each keeping its KV cache; returns the hidden
       state of the last (budget) position at block p-1's output, before the final norm.
   finish(ep, top_k, num_blocks)
-      blocks = select_blocks(importance, p, num_blocks, L); blocks p.. of that list run over the
-      prefill at `top_k` (the first p are not recomputed, skipped blocks never run and have no
-      cache), then greedy decoding with the same blocks and the same per-block top-k.
+      plan = block_plan(importance, p, top_k, num_blocks, ...) (blocks by select_blocks); blocks
+      p.. of that plan run over the prefill at `top_k` (the first p are not recomputed, skipped
+      blocks never run and have no cache), then greedy decoding with the same blocks and the
+      same per-block top-k (envs.backends.vlm.executor: eager on CPU, a CUDA graph per
+      configuration on CUDA, where the decode runs max_new_tokens steps and the ids after <eos>
+      are dropped).
 Decode and the budget token: the budget position stays in the prefill KV cache of every block
 that ran, so decoded tokens attend to it like to any prompt position; decoding appends only the
 generated tokens (positions continue after the budget position) and never a new budget token.
@@ -31,11 +34,12 @@ import torch
 
 from envs.backends.base import BACKEND_PHASES, SPLITS, Backend, EpisodeResult, check_split
 from envs.backends.vlm.config import read_json_object
-from envs.backends.vlm.elastic import KVCache
+from envs.backends.vlm.elastic import KVCache, expert_kernel
+from envs.backends.vlm.executor import Executor, block_plan, first_tokens, prefill_sequence, run_blocks, trim_at_eos
 from envs.backends.vlm.model import load_model
 from envs.backends.vlm.preprocess import check_tier, image_to_tensor, make_crops
 from envs.data.sample import ImageLoadError, VQASample
-from envs.knobs import KnobSpace, select_blocks
+from envs.knobs import KnobSpace
 from envs.latency import LatencyMeter, PhaseTimer
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[2] / "assets" / "budgetvlm-molmoe-tiny"
@@ -43,6 +47,7 @@ PROFILE_FILE = "profile.json"
 IMPORTANCE_FILE = "importance.json"
 SYNTHVQA = "synthvqa"
 DEFAULT_NUM_SAMPLES = {"train": 4096, "val": 512, "test": 1024}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -78,11 +83,19 @@ class VLMBackend(Backend):
         budget_range_ms: Sequence[float] | None = None,
         dataset_weights: Mapping[str, float] | None = None,
         prompt_templates: Mapping[str, str] | None = None,
+        dtype: str = "float32",
+        decode_mode: str | None = None,
+        max_graphs: int | None = None,
     ):
         self.model_path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATH
         self.results_dir = Path(results_dir) if results_dir is not None else self.model_path
-        self.device = torch.device(device)
-        self.model, self.tokenizer = load_model(self.model_path, self.device)
+        from envs.machine import resolve_device
+
+        self.device = resolve_device(device, "device")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; expected one of {tuple(DTYPES)}")
+        self.dtype = dtype
+        self.model, self.tokenizer = load_model(self.model_path, self.device, DTYPES[dtype])
         cfg = self.model.cfg
         self.cfg = cfg
         self.d_model = cfg.d_model
@@ -108,6 +121,11 @@ class VLMBackend(Backend):
         self.meter = LatencyMeter(self.device, BACKEND_PHASES).attach(
             [self.model.vision, *self.model.blocks, self.model.lm_head]
         )
+        ks = self.knob_space
+        if max_graphs is None:  # one decode graph per configuration the controller can pick
+            max_graphs = len(ks.insertion_positions) * len(ks.top_k_values) * len(ks.num_blocks_values)
+        self.executor = Executor(self.model, self.tokenizer.eos_id, mode=decode_mode, max_graphs=max_graphs,
+                                 quiet=self.meter.suspended)
 
     # ----------------------------------------------------------------- data
     def dataset(self, split: str) -> Sequence[VQASample]:
@@ -179,18 +197,10 @@ class VLMBackend(Backend):
         with self.meter.section(timer, "preprocess", bracket=True):
             image = load_image(sample)
             crops, slots = make_crops(image.to(self.device)[None], tier, self.cfg)
-        with self.meter.section(timer, "vision"):
-            vision = self.model.encode_images(crops, slots)
-        model = self.model
-        sequence = torch.cat(
-            [vision[0], model.embed(ids), model.embed_budget(budget.to(self.device, vision.dtype))[None]], dim=0
-        )[None]
-        if sequence.shape[1] > self.cfg.max_positions:
-            raise ValueError(
-                f"prefill of {sequence.shape[1]} positions exceeds the model's max_positions={self.cfg.max_positions}"
-            )
-        positions = torch.arange(sequence.shape[1], device=self.device)[None]
-        cos, sin = model.rope(positions, sequence)
+        self.executor.prepare_vision(crops, slots)  # a first-use capture is not the request's time
+        with self.meter.section(timer, "vision", bracket=self.executor.graphs):
+            vision = self.executor.encode(crops, slots)
+        sequence, cos, sin = prefill_sequence(self.model, vision, ids[None], budget.to(self.device)[None])
         return VLMEpisode(sample, tier, sequence, cos, sin, timer, vision_tokens=vision.shape[1])
 
     @torch.inference_mode()
@@ -199,12 +209,9 @@ class VLMBackend(Backend):
             raise RuntimeError(f"run_to was already called for this episode (insertion={episode.insertion})")
         if not 1 <= insertion <= self.cfg.num_layers:
             raise ValueError(f"insertion={insertion}: expected 1..{self.cfg.num_layers}")
-        hidden = episode.hidden
+        prefix = self._plan(insertion, self.cfg.top_k, insertion)
         with self.meter.section(episode.timer, "prefill"):
-            for block in range(insertion):
-                hidden = self.model.blocks[block](
-                    hidden, episode.cos, episode.sin, self._prefix_top_k(block), episode.cache
-                )
+            hidden = run_blocks(self.model, episode.hidden, episode.cos, episode.sin, prefix, episode.cache)
         episode.hidden, episode.insertion = hidden, insertion
         return hidden[0, -1].float().clone()
 
@@ -217,26 +224,18 @@ class VLMBackend(Backend):
             raise RuntimeError("finish was already called for this episode")
         if not 1 <= top_k <= self.cfg.num_experts:
             raise ValueError(f"top_k={top_k}: expected 1..{self.cfg.num_experts}")
-        blocks = select_blocks(self.importance, p, num_blocks, self.cfg.num_layers)
-        plan = [(b, self._prefix_top_k(b) if b < p else top_k) for b in blocks]
+        plan = self._plan(p, top_k, num_blocks)
         model, timer = self.model, episode.timer
-        hidden = episode.hidden
         with self.meter.section(timer, "prefill"):
-            for block, k in plan[p:]:
-                hidden = model.blocks[block](hidden, episode.cos, episode.sin, k, episode.cache)
-            token = int(model.logits(hidden[:, -1:]).argmax(-1))
-        generated = [token]
-        prefill_tokens = position = hidden.shape[1]
-        with self.meter.section(timer, "decode"):
-            while token != self.tokenizer.eos_id and len(generated) < self.max_new_tokens:
-                hidden = model.embed(torch.tensor([[token]], device=self.device))
-                cos, sin = model.rope(torch.tensor([[position]], device=self.device), hidden)
-                for block, k in plan:
-                    hidden = model.blocks[block](hidden, cos, sin, k, episode.cache)
-                token = int(model.logits(hidden).argmax(-1))
-                generated.append(token)
-                position += 1
-        timings = self.meter.timings_ms(timer)
+            hidden = run_blocks(model, episode.hidden, episode.cos, episode.sin, plan[p:], episode.cache)
+            first = first_tokens(model, hidden)
+        prefill_tokens = hidden.shape[1]
+        self.executor.prepare(plan, 1, episode.cache)  # a first-use graph capture is not the request's time
+        # A replayed graph calls no module: bracket the phase so its events time it.
+        with self.meter.section(timer, "decode", bracket=self.executor.graphs):
+            ids = self.executor.decode(first, episode.cache, plan, prefill_tokens, self.max_new_tokens)
+        timings = self.meter.timings_ms(timer)  # the episode's one synchronisation
+        generated = trim_at_eos(ids, self.tokenizer.eos_id)[0]
         episode.cache.clear()  # the episode is over: free its KV cache
         episode.finished = True
         from envs.data.accuracy import extract_answer, score_answer
@@ -251,16 +250,18 @@ class VLMBackend(Backend):
                 "insertion": p,
                 "top_k": top_k,
                 "num_blocks": num_blocks,
-                "blocks": blocks,
+                "blocks": [b for b, _ in plan],
                 "vision_tokens": episode.vision_tokens,
                 "prefill_tokens": prefill_tokens,
                 "generated_tokens": len(generated),
+                "decode_steps": ids.shape[1] - 1,
                 "generated_ids": generated,
             },
         )
 
-    def _prefix_top_k(self, block: int) -> int:
-        return self.knob_space.first_block_top_k if block == 0 else self.cfg.top_k
+    def _plan(self, insertion: int, top_k: int, num_blocks: int):
+        return block_plan(self.importance, insertion, top_k, num_blocks, self.cfg.num_layers, self.cfg.top_k,
+                          self.knob_space.first_block_top_k)
 
     def describe(self) -> dict:
         return {
@@ -271,6 +272,9 @@ class VLMBackend(Backend):
             "dataset_names": list(self.dataset_names),
             "max_new_tokens": self.max_new_tokens,
             "device": str(self.device),
+            "dtype": self.dtype,
+            "expert_kernel": expert_kernel(self.device, DTYPES[self.dtype], training=False),
+            "executor": self.executor.describe(),
             "vision_tokens": {t: self.cfg.vision_tokens(t) for t in self.cfg.tier_grids},
         }
 

@@ -5,20 +5,25 @@ Why our own block forward instead of `OlmoeDecoderLayer.forward`:
     `config.num_experts_per_tok`;
   * the work must be proportional to k. Stock transformers `grouped_mm` experts cost the same
     for every k on CPU; here the (token, expert) assignments are sorted by expert and each expert
-    runs its gate_up/down matmuls on exactly the rows routed to it (`run_experts`: one
-    torch._grouped_mm call per matrix for CPU inference, a loop over the experts that got rows
-    otherwise), so FLOPs scale with tokens*k and a decode token touches exactly k experts. GPU
-    training alone uses `dense_experts` (same math, zero weights off the top-k, few launches);
+    runs its gate_up/down matmuls on exactly the rows routed to it (`run_experts`, with the
+    kernel `expert_kernel` picks per device and dtype and every profile records), so FLOPs scale
+    with tokens*k and a decode token touches exactly k experts. GPU training alone uses
+    `dense_experts` (same math, zero weights off the top-k, few launches);
+  * routing reads nothing on the host at inference (expert counts by index_add_, not bincount), so
+    a CUDA decode step can be captured as a graph;
   * the cache must hold only the blocks that actually ran (skipped blocks have no entry), which
     `DynamicCache` (indexed by layer position) does not express, and its call signature differs
-    between transformers 5.17 (`past_key_values=`) and 5.24 (`cache=`).
+    between transformers 5.17 (`past_key_values=`) and 5.24 (`cache=`). A dict of the blocks that
+    ran serves the prefill and eager decoding; `StaticKVCache` (fixed shapes) the graphed decode.
 The weights and submodules are those of transformers' `OlmoeDecoderLayer` (q/k/v/o projections,
 q/k RMS norms, router `mlp.gate.weight`, packed experts `mlp.experts.gate_up_proj`/`down_proj`),
 so a stock OLMoE checkpoint runs unchanged; only the orchestration is ours. The same code runs
-the batched teacher-forced training forward (runners/pretrain_vlm.py) and the batch-1 episodes.
+the batched teacher-forced training forward (runners/pretrain_vlm.py) and the batch-1 episodes,
+driven by envs.backends.vlm.executor.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -29,26 +34,119 @@ from torch import nn
 KVCache = Dict[int, Tuple[torch.Tensor, torch.Tensor]]
 
 
+class StaticKVCache:
+    """Preallocated keys and values of every block, (layers, batch, heads, max_positions, head_dim),
+    and the next decode position as a device tensor: the decode step has fixed shapes and no host
+    reads, so it can be captured as a CUDA graph and replayed for every token.
+
+    `load(prefill_cache, length)` copies an episode's prefill entries in and sets the position;
+    each decode step writes its key/value at `position` and attends to positions <= it (stale
+    entries of earlier episodes beyond it are masked out); the caller advances `position`.
+    """
+
+    def __init__(self, num_layers: int, batch: int, heads: int, max_positions: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, batch, heads, max_positions, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self._slots = torch.arange(max_positions, device=device)
+
+    def load(self, prefill: KVCache, length: int) -> None:
+        for index, (k, v) in prefill.items():
+            self.keys[index, :, :, :length].copy_(k)
+            self.values[index, :, :, :length].copy_(v)
+        self.position.fill_(length)
+
+    def attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Decode attention of block `index` for one new position (q, k, v: (batch, heads, 1, head_dim))."""
+        if q.shape[2] != 1:
+            raise ValueError(f"block {index}: the static cache decodes one position at a time, got {q.shape[2]}")
+        keys, values = self.keys[index], self.values[index]
+        keys.index_copy_(2, self.position.view(1), k)
+        values.index_copy_(2, self.position.view(1), v)
+        visible = (self._slots <= self.position).view(1, 1, 1, -1)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 # torch._grouped_mm runs every expert's rows in one call with work proportional to the rows; its
-# CPU kernel has no backward (torch 2.13), and on CUDA it needs bf16, so it serves CPU inference.
+# CPU kernel has no backward (torch 2.13), and on CUDA it needs bf16, so it serves inference.
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+# Cap on the gathered kernel's per-chunk copy of expert weights (bytes), so a long prefill does not
+# materialise every row's weights at once.
+_GATHER_CHUNK_BYTES = 256 << 20
+EXPERT_KERNELS = ("grouped_mm", "gathered", "loop", "dense")
+log = logging.getLogger(__name__)
+_warned_loop = False  # the loop fallback is logged once per process
+
+
+def expert_kernel(device: torch.device | str, dtype: torch.dtype, training: bool) -> str:
+    """Which expert kernel runs on `device`/`dtype` (recorded with every profile and benchmark).
+
+    grouped_mm  one torch._grouped_mm call per matrix over the rows sorted by expert (inference on
+                CPU, and on CUDA in bf16); work proportional to the routed rows, no host sync.
+    gathered    each routed row multiplies its own expert's weights (a batched matmul over gathered
+                weights); CUDA inference in other dtypes; work proportional to k, no host sync.
+    loop        one matmul per expert that got rows (reads the counts on the host): CPU training,
+                and CPU inference when this torch has no torch._grouped_mm (a logged fallback
+                whose latency differs from the grouped kernel's).
+    dense       every expert on every row, zero-weighted off the top-k (GPU training only).
+    """
+    cuda = torch.device(device).type == "cuda"
+    if training:
+        return "dense" if cuda else "loop"
+    if cuda:
+        return "grouped_mm" if _HAS_GROUPED_MM and dtype == torch.bfloat16 else "gathered"
+    return "grouped_mm" if _HAS_GROUPED_MM else "loop"
 
 
 def run_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """SwiGLU expert FFNs on `routed` rows sorted by expert; counts[e] rows go to expert e.
 
-    The single place expert work happens (tests wrap it to count the rows each expert computes).
+    The single place sparse expert work happens (tests wrap it to count the rows each expert
+    computes). The kernel is `expert_kernel(...)` of the rows' device and dtype.
     """
+    kernel = expert_kernel(routed.device, routed.dtype, torch.is_grad_enabled())
+    if kernel == "loop":
+        global _warned_loop
+        if not torch.is_grad_enabled() and not _warned_loop:
+            log.warning("torch %s has no torch._grouped_mm: MoE experts run as a per-expert loop on %s, whose "
+                        "latency differs from the grouped kernel's (recorded as expert_kernel='loop')",
+                        torch.__version__, routed.device)
+            _warned_loop = True
+    return SPARSE_KERNELS[kernel](experts, routed, counts)
+
+
+def grouped_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     gate_up, down = experts.gate_up_proj, experts.down_proj  # (E, 2I, d), (E, d, I)
-    if _HAS_GROUPED_MM and routed.device.type == "cpu" and not torch.is_grad_enabled():
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        gate, up = torch._grouped_mm(routed, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-        return torch._grouped_mm(experts.act_fn(gate) * up, down.transpose(1, 2), offs=offsets)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    gate, up = torch._grouped_mm(routed, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+    return torch._grouped_mm(experts.act_fn(gate) * up, down.transpose(1, 2), offs=offsets)
+
+
+def gathered_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    # output_size keeps repeat_interleave from reading the counts on the host
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=counts.device), counts, output_size=routed.shape[0]
+    )
+    row_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
+    chunk = max(1, _GATHER_CHUNK_BYTES // row_bytes)
+    outputs = []
+    for start in range(0, routed.shape[0], chunk):
+        rows, which = routed[start : start + chunk, :, None], expert_of_row[start : start + chunk]
+        gate, up = torch.bmm(gate_up[which], rows).squeeze(-1).chunk(2, dim=-1)
+        outputs.append(torch.bmm(down[which], (experts.act_fn(gate) * up)[:, :, None]).squeeze(-1))
+    return torch.cat(outputs)
+
+
+def looped_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    gate_up, down = experts.gate_up_proj, experts.down_proj
     outputs, start = [], 0
     for expert, count in enumerate(counts.tolist()):
         if count:
@@ -56,6 +154,9 @@ def run_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor) 
             outputs.append(F.linear(experts.act_fn(gate) * up, down[expert]))
             start += count
     return torch.cat(outputs)
+
+
+SPARSE_KERNELS = {"grouped_mm": grouped_experts, "gathered": gathered_experts, "loop": looped_experts}
 
 
 def dense_experts(experts: nn.Module, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -78,12 +179,14 @@ def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int, norm_topk_prob: boo
     weights, chosen = torch.topk(probs, top_k, dim=-1)
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    if x.is_cuda and torch.is_grad_enabled():
+    if expert_kernel(x.device, x.dtype, torch.is_grad_enabled()) == "dense":
         return dense_experts(mlp.experts, x, torch.zeros_like(probs).scatter(1, chosen, weights)).to(x.dtype)
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
     rows = order // top_k  # the row each (row, slot) assignment belongs to, grouped by expert
-    counts = torch.bincount(flat, minlength=mlp.gate.weight.shape[0])
+    # index_add_ instead of bincount: bincount reads its output size on the host (a CUDA sync)
+    counts = torch.zeros(mlp.gate.weight.shape[0], dtype=torch.int64, device=x.device).index_add_(
+        0, flat, torch.ones_like(flat))
     y = run_experts(mlp.experts, x[rows], counts) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
     return torch.zeros_like(x).index_add_(0, rows, y)
 
@@ -107,7 +210,7 @@ class ElasticBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         top_k: int,
-        cache: Optional[KVCache] = None,
+        cache: Optional[KVCache | StaticKVCache] = None,
     ) -> torch.Tensor:
         layer = self.layer
         hidden = hidden + self._attention(layer.input_layernorm(hidden), cos, sin, cache)
@@ -125,6 +228,9 @@ class ElasticBlock(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if isinstance(cache, StaticKVCache):
+            out = cache.attend(self.index, q, k, v, attn.scaling)
+            return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
         past = cache.get(self.index) if cache is not None else None
         if past is not None:
             if length != 1:

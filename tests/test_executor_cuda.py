@@ -1,0 +1,142 @@
+"""The CUDA fast path (gpu marker: skipped without CUDA, run on the GPU machine): graph decode equals
+the eager decoder, graphs are cached and bounded, no host synchronisation inside a phase, and the
+backend's CUDA episodes answer what its CPU episodes answer."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from envs.backends.vlm import VLMBackend, VLMConfig, WordTokenizer, build_model
+from envs.backends.vlm.config import PRESETS
+from envs.backends.vlm.executor import Executor, first_tokens, prefill_sequence, run_blocks, trim_at_eos
+from envs.data import synthvqa
+from envs.profiling import StaticConfig, load_samples, run_episode
+
+from helpers import ROOT
+
+pytestmark = pytest.mark.gpu
+LAYERS = 6
+CONFIGS = (StaticConfig("high", 8, 6), StaticConfig("medium", 5, 4, insertion=2), StaticConfig("low", 4, 3))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_vlm")
+    tok = WordTokenizer.build(synthvqa.vocabulary())
+    cfg = VLMConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, **PRESETS["test"])
+    build_model(cfg, seed=2).save(path, tok, dtype=torch.float32)
+    scores = {str(b): float((b * 5) % 3) for b in range(LAYERS)}
+    (path / "importance.json").write_text(json.dumps({"method": "test", "scores": scores}))
+    return path
+
+
+def make_backend(model_dir, device, **kwargs):
+    return VLMBackend(model_path=model_dir, budget_range_ms=(1.0, 2.0), num_samples={"test": 6}, max_new_tokens=4,
+                      device=device, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cuda_backend(model_dir):
+    return make_backend(model_dir, "cuda")
+
+
+def _sequence(backend, sample):
+    """The prefill sequence of `sample` at the high tier (preprocessing copies to the device)."""
+    from envs.backends.vlm.backend import load_image
+    from envs.backends.vlm.executor import encode_vision
+
+    model = backend.model
+    with torch.inference_mode():
+        vision = encode_vision(model, load_image(sample)[None].cuda(), "high")
+        return prefill_sequence(model, vision, backend.prompt_ids(sample)[None],
+                                torch.zeros(1, backend.d_model, device="cuda"))
+
+
+def _prefilled(backend, plan, sequence):
+    hidden, cos, sin = sequence
+    cache = {}
+    with torch.inference_mode():
+        hidden = run_blocks(backend.model, hidden, cos, sin, plan, cache)
+        return first_tokens(backend.model, hidden), cache, hidden.shape[1]
+
+
+def test_graph_decode_equals_eager_decode_and_graphs_are_bounded(cuda_backend):
+    eos = cuda_backend.tokenizer.eos_id
+    eager = Executor(cuda_backend.model, eos, mode="eager")
+    graphed = Executor(cuda_backend.model, eos, mode="graphs", max_graphs=2)
+    sequence = _sequence(cuda_backend, cuda_backend.dataset("test")[0])
+    ks, top = cuda_backend.knob_space, cuda_backend.cfg.top_k
+    with torch.inference_mode():
+        for _ in range(2):  # the second pass replays (plans evicted by the bound are captured again)
+            for config in CONFIGS:
+                plan = config.plan(cuda_backend.importance, ks, top)
+                first, cache, length = _prefilled(cuda_backend, plan, sequence)
+                a = eager.decode(first, dict(cache), plan, length, 5)
+                b = graphed.decode(first, dict(cache), plan, length, 5)
+                assert trim_at_eos(a, eos) == trim_at_eos(b, eos), config
+        assert graphed.describe()["decode_graphs"] == 2  # bounded by max_graphs
+        assert graphed.captures == 6  # 3 plans, LRU of 2: every plan is evicted before its reuse
+        plan = CONFIGS[-1].plan(cuda_backend.importance, ks, top)
+        first, cache, length = _prefilled(cuda_backend, plan, sequence)
+        graphed.decode(first, cache, plan, length, 5)
+        assert graphed.captures == 6  # the most recent plan is replayed, not captured again
+
+
+def test_no_host_sync_inside_prefill_or_decode(cuda_backend):
+    """torch.cuda.set_sync_debug_mode("error") raises on any synchronising call."""
+    plan = CONFIGS[0].plan(cuda_backend.importance, cuda_backend.knob_space, cuda_backend.cfg.top_k)
+    sequence = _sequence(cuda_backend, cuda_backend.dataset("test")[1])
+    executor = cuda_backend.executor
+    first, cache, length = _prefilled(cuda_backend, plan, sequence)
+    with torch.inference_mode():
+        executor.decode(first, dict(cache), plan, length, 4)  # captures (capture itself synchronises)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            first, cache, length = _prefilled(cuda_backend, plan, sequence)  # routing without host reads
+            ids = executor.decode(first, cache, plan, length, 4)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert ids.shape == (1, 4)
+
+
+def test_cuda_episodes_answer_what_cpu_episodes_answer(model_dir, cuda_backend, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch conv in full fp32, as on CPU
+    cpu = make_backend(model_dir, "cpu")
+    samples, _ = load_samples(cpu, "test", 4)
+    for config in CONFIGS:
+        for sample in samples:
+            on_cpu = run_episode(cpu, sample, config, torch.zeros(cpu.d_model))
+            on_cuda = run_episode(cuda_backend, sample, config, torch.zeros(cpu.d_model))
+            assert on_cuda.extras["generated_ids"] == on_cpu.extras["generated_ids"], config
+            assert on_cuda.extras["decode_steps"] == cuda_backend.max_new_tokens - 1  # fixed decode length
+            assert all(on_cuda.timings_ms[p] > 0 for p in ("preprocess", "vision", "prefill", "decode"))
+    executor = cuda_backend.describe()["executor"]
+    assert executor["decode"] == "graphs"
+    # one decode graph per configuration and one vision graph per crop shape (tier), replayed after
+    assert executor["decode_graphs"] == len(CONFIGS) and executor["vision_graphs"] == 3
+    assert executor["captures"] == len(CONFIGS) + 3
+    assert cuda_backend.executor.max_graphs == 2 * 5 * 5  # every (p, k, N) of the knob space fits
+    assert cuda_backend.describe()["expert_kernel"] == "gathered"  # fp32 on CUDA
+
+
+def test_bf16_backend_uses_grouped_mm_and_answers(model_dir):
+    backend = make_backend(model_dir, "cuda", dtype="bfloat16")
+    assert backend.describe()["expert_kernel"] == "grouped_mm"
+    sample = backend.dataset("test")[0]
+    result = run_episode(backend, sample, CONFIGS[0], torch.zeros(backend.d_model))
+    assert 1 <= result.extras["generated_tokens"] <= backend.max_new_tokens
+
+
+def test_train_runs_on_cuda(tmp_path):
+    """runners/train.py --device cuda on the dummy backend finishes (group_advantages on the device)."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "runners" / "train.py"), "--config", str(ROOT / "configs" / "smoke.yaml"),
+         "--output_dir", str(out), "--device", "cuda", "--num_epochs", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "final_eval.json").is_file()
