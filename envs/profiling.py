@@ -225,12 +225,13 @@ class BatchedEvaluator:
         self.prompt_ids = [backend.prompt_ids(s) for s in self.samples]
         self._images: list[torch.Tensor] | None = [load_image(s) for s in self.samples]
         self._vision: dict[str, list[torch.Tensor]] = {}
-        # batches of sample indices with equal prompt length (equal sequence length within a tier)
-        by_length: dict[int, list[int]] = {}
+        # batches of sample indices with equal prompt length and image size (one tiling, so equal
+        # sequence length within a tier)
+        by_shape: dict[tuple, list[int]] = {}
         for i, ids in enumerate(self.prompt_ids):
-            by_length.setdefault(len(ids), []).append(i)
+            by_shape.setdefault((len(ids), *self._images[i].shape), []).append(i)
         self.batches = [
-            idx[j : j + self.batch_size] for _, idx in sorted(by_length.items()) for j in range(0, len(idx), self.batch_size)
+            idx[j : j + self.batch_size] for _, idx in sorted(by_shape.items()) for j in range(0, len(idx), self.batch_size)
         ]
 
     @torch.inference_mode()

@@ -503,6 +503,7 @@ def _gen_bigger(rng: random.Random, template: str, canvas: Canvas) -> Generated:
     kind = rng.choice(SHAPES)
     c1, c2 = rng.sample(COLOR_NAMES, 2)
     small, big = _reasoning_size(rng, canvas, 16, 20), _reasoning_size(rng, canvas, 30, 36)
+    big = max(big, math.ceil(1.5 * small))  # the ratio must survive rounding at small scales
     first_bigger = rng.random() < 0.5
     specs = [(c1, kind, big if first_bigger else small), (c2, kind, small if first_bigger else big)]
     specs += [(*_other_combo(rng, {(c1, kind), (c2, kind)}), _reasoning_size(rng, canvas, 16, 36))
