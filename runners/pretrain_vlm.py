@@ -1,21 +1,29 @@
-"""Elastic pretraining of the embedded VLM on SynthVQA, then block importance and an accuracy grid.
+"""Pretraining of the embedded VLM on SynthVQA, then block importance and an accuracy grid.
 
-Every batch runs under knobs drawn at random, through the same elastic code as inference
-(BudgetVLM.encode_images / blocks[i](..., top_k, ...) / logits), so every configuration the
-controller can pick is one the model has seen:
-  * with probability --full-prob the full configuration (high tier, top-k 8 everywhere, all blocks:
-    it must stay the best); otherwise
-  * tier uniform over the tiers; insertion p uniform over 1..5; blocks >= p at top-k uniform in
-    4..8 (blocks < p at 8, as at inference); 0..4 blocks among p..L-1 dropped at random.
+MolmoE-1B was trained at its full configuration only, and on real data its knobs cost accuracy
+differently per dataset. This recipe makes the test bed behave that way: knobs are drawn PER SAMPLE
+and PER FAMILY, through the same elastic code as inference (BudgetVLM.encode_images /
+blocks[i](..., top_k, ...) / logits):
+  * the tier is drawn per batch from --tier-weights (a batch holds images of one size, so one tiling);
+  * a sample of an --elastic-families family (default coarse, detail: questions the controller should
+    be able to answer cheaply) runs, with probability 1 - --full-prob, a reduced decoder: insertion p
+    uniform over 1..5, top-k uniform in K-4..K for the blocks >= p (blocks < p at K), and 0..4 of the
+    blocks p..L-1 dropped at random; otherwise the full decoder;
+  * every other family (reasoning) always runs the full decoder (all blocks at top-k K), like
+    MolmoE-1B: nothing teaches it to survive a smaller top-k or fewer blocks.
+The kept experts' weights are not renormalised (VLMConfig.norm_topk_prob, as OLMoE ships).
 The sequence is [vision tokens][question][budget token][answer][<eos>], teacher-forced: the loss
 is the cross-entropy of the answer and <eos> tokens, predicted from the budget position onwards.
 The budget position holds the model's `embed_budget` of a random vector s * N(0, I), s ~ U(0, 1.5)
 per sample, because at inference the controller's (LayerNorm-scaled) budget encoder output sits there.
 
 After training: importance.json by the drop method (validation loss increase when a block alone is
-skipped, full config otherwise), then test accuracy per family on a grid of configurations
-(batched greedy decoding through envs.backends.vlm.executor with the backend's block plan) ->
-eval.json. The model dir written to --out is a complete VLMBackend model_path.
+skipped, full config otherwise), then accuracy per family on a grid of configurations (batched
+greedy decoding through envs.backends.vlm.executor with the backend's block plan; --grid all: every static configuration, on the val
+and the test split) -> eval.json. The model dir written to --out is a complete VLMBackend model_path.
+Training state (weights, optimizer, schedule, RNGs, data position) is saved to
+--out/train_state.pt every --save-every-min minutes and at the end; --resume continues from it, so a
+run can span several commands of a time-limited machine.
 
 In addition, when --glyph-weight > 0, an auxiliary loss (`glyph_loss`) teaches the vision tower to
 read glyphs: a pretraining-only linear head classifies the glyph from the grid-crop vision token
@@ -24,24 +32,9 @@ under it (medium and high tiers only). Without it the detail family stayed at ch
 Multi-GPU: run under torchrun; every process takes --batch-size samples per step (gradients are
 averaged), so 4 GPUs at --batch-size 256 train on 1024 samples per step.
 
-Recipe of the shipped checkpoint envs/assets/budgetvlm-molmoe-tiny (three chained runs, one device
-call each; each run restarts AdamW and the cosine schedule; 6.5M samples, ~65 GPU-minutes):
-    A=envs/assets/budgetvlm-molmoe-tiny
-    R="-m runners.pretrain_vlm --device cuda --workers 15 --steps 100000"  # the time limit binds
-    # 1. from scratch, one H200, 3221 steps of 256. Ran at commit a86a948, whose box scenes held
-    #    2-5 glyphs (now 1) and before the glyph loss existed.
-    python $R --out $A --time-limit-min 7.2 --batch-size 256 --lr 1e-3 --full-prob 0.3 \
-        --family-weights coarse=1,detail=2,reasoning=2
-    # 2. 4 x H200, 3041 steps of 4 x 256 (commit 5d67abc: current data, no glyph loss yet)
-    torchrun --standalone --nproc_per_node 4 $R --init $A --out $A --time-limit-min 7.5 \
-        --batch-size 256 --lr 1e-3 --warmup 100 --full-prob 0.5 --family-weights coarse=1,detail=2.5,reasoning=2 \
-        --glyph-weight 0
-    # 3. 4 x H100, 2524 steps of 4 x 256, glyph loss on
-    torchrun --standalone --nproc_per_node 4 $R --init $A --out $A --time-limit-min 7.0 \
-        --batch-size 256 --lr 1e-3 --warmup 100 --full-prob 0.5 --family-weights coarse=1,detail=2.5,reasoning=2 \
-        --glyph-weight 1
-pretrain.log beside the checkpoint holds the three runs' logs, eval.json the last run's grid. The
-recipe has not been re-run end to end (no device time left), so its reproducibility is unmeasured.
+Recipe of the shipped checkpoint envs/assets/budgetvlm-molmoe-tiny: see docs/RESULTS.md
+("Test bed v2: recipe"), which lists every stage's command, GPU-minutes and numbers;
+pretrain.log beside the checkpoint holds the stages' logs, eval.json the last stage's grid.
 Run it as a module (`python -m runners.pretrain_vlm`), not as a path, so runners/ is not first on
 sys.path. CPU smoke run (a tiny model, minutes):
     python -m runners.pretrain_vlm --out /tmp/vlm-test --preset test --steps 50 --batch-size 16 \
@@ -57,17 +50,19 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from envs.backends.vlm import VLMConfig, WordTokenizer, build_model, load_model, make_crops
+from envs.backends.vlm import VLMConfig, WordTokenizer, build_model, load_model
 from envs.backends.vlm.config import PRESETS
 from envs.backends.vlm.executor import Executor, block_plan, encode_vision, full_plan, run_blocks
-from envs.backends.vlm.preprocess import image_to_tensor
+from envs.backends.vlm.preprocess import image_to_tensor, tiling
 from envs.data import synthvqa
 from envs.data.accuracy import score_answer
 from envs.machine import resolve_device
@@ -75,6 +70,9 @@ from envs.machine import resolve_device
 TIERS = ("low", "medium", "high")
 IGNORE = -100
 BUDGET_SCALE_MAX = 1.5
+MAX_INSERTION = 5  # the design's insertion positions 1..5
+MAX_DROPPED = 4  # the design's 12..16 blocks
+TRAIN_STATE_FILE = "train_state.pt"
 
 
 GLYPH_CLASSES = synthvqa.DIGITS + synthvqa.LETTERS
@@ -107,11 +105,56 @@ class EncodedSynthVQA(Dataset):
         )
 
 
+class SizeBatchSampler(Sampler):
+    """Endless batches of indices that share one image size (so one tiling per batch).
+
+    Each batch picks a size with probability proportional to its share of the data, then takes the
+    next `batch_size` indices of that size's own shuffled order (reshuffled when used up).
+    `state`/`load_state` make the position resumable.
+    """
+
+    def __init__(self, size_index: np.ndarray, batch_size: int, seed: int):
+        self.batch_size = batch_size
+        self.groups = [np.flatnonzero(size_index == s) for s in range(int(size_index.max()) + 1)]
+        self.groups = [g for g in self.groups if len(g) >= batch_size]
+        if not self.groups:
+            raise ValueError(f"no image size has batch_size={batch_size} samples")
+        self.rng = np.random.default_rng(seed)
+        self.weights = np.array([len(g) for g in self.groups], dtype=float) / sum(len(g) for g in self.groups)
+        self.orders = [self.rng.permutation(g) for g in self.groups]
+        self.cursors = [0] * len(self.groups)
+
+    def __iter__(self):
+        while True:
+            g = int(self.rng.choice(len(self.groups), p=self.weights))
+            if self.cursors[g] + self.batch_size > len(self.orders[g]):
+                self.orders[g], self.cursors[g] = self.rng.permutation(self.groups[g]), 0
+            start = self.cursors[g]
+            self.cursors[g] += self.batch_size
+            yield self.orders[g][start : start + self.batch_size].tolist()
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "orders": self.orders, "cursors": list(self.cursors)}
+
+    def load_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.orders, self.cursors = list(state["orders"]), list(state["cursors"])
+
+
+def size_batches(size_index: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Every index once, in batches that share one image size (evaluation order: by size, then index)."""
+    batches = []
+    for s in range(int(size_index.max()) + 1):
+        idx = np.flatnonzero(size_index == s).tolist()
+        batches += [idx[j : j + batch_size] for j in range(0, len(idx), batch_size)]
+    return batches
+
+
 def collate(items, pad_id: int):
     """Text part per sample: question, budget slot, answer, <eos>, right-padded.
 
     labels[t] is the token to predict at text position t (the budget slot predicts the first
-    answer token, each answer token the next one), IGNORE elsewhere.
+    answer token, each answer token the next one), IGNORE elsewhere. Images must share one size.
     """
     images = torch.stack([it[0] for it in items])
     width = max(len(it[1]) + 1 + len(it[2]) for it in items)
@@ -130,29 +173,53 @@ def collate(items, pad_id: int):
     return images, ids, labels, slot, families, indices, glyphs
 
 
-def sample_plan(rng: random.Random, num_layers: int, top_k: int, full_prob: float):
-    """(tier, [(block, top_k), ...]) for one training batch (see module docstring)."""
-    if rng.random() < full_prob:
-        return "high", [(b, top_k) for b in range(num_layers)]
-    tier = rng.choice(TIERS)
-    p = rng.randint(1, min(5, num_layers))
-    k = rng.randint(max(1, top_k - 4), top_k)
-    dropped = set(rng.sample(range(p, num_layers), rng.randint(0, min(4, num_layers - p))))
-    return tier, [(b, top_k if b < p else k) for b in range(num_layers) if b not in dropped]
+class RowPlan(NamedTuple):
+    """Per-sample decoder knobs of a training batch: top_k (batch, L) and keep (batch, L) bool."""
+
+    top_k: torch.Tensor
+    keep: torch.Tensor
+
+
+def sample_tier(rng: random.Random, weights: dict[str, float]) -> str:
+    return rng.choices(list(weights), weights=list(weights.values()))[0]
+
+
+def sample_row_plans(generator: torch.Generator, families: torch.Tensor, elastic: torch.Tensor,
+                     num_layers: int, top_k: int, full_prob: float) -> RowPlan:
+    """Per-sample decoder knobs (see module docstring): rows of an elastic family get, with
+    probability 1 - full_prob, insertion p ~ U{1..5}, top-k ~ U{K-4..K} on blocks >= p and 0..4 of
+    blocks p..L-1 dropped; every other row runs all blocks at top-k K."""
+    batch = families.shape[0]
+    g = generator
+    reduced = elastic[families] & (torch.rand(batch, generator=g) >= full_prob)
+    p = torch.randint(1, min(MAX_INSERTION, num_layers) + 1, (batch, 1), generator=g)
+    k = torch.randint(max(1, top_k - 4), top_k + 1, (batch, 1), generator=g)
+    blocks = torch.arange(num_layers)[None]
+    ks = torch.where(reduced[:, None] & (blocks >= p), k, torch.full_like(k, top_k))
+    # drop n ~ U{0..4} of the blocks >= p: the n droppable blocks with the smallest random scores
+    n = torch.randint(0, MAX_DROPPED + 1, (batch, 1), generator=g)
+    scores = torch.rand(batch, num_layers, generator=g).masked_fill(blocks < p, 2.0)
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    keep = ~(reduced[:, None] & (rank < n))
+    return RowPlan(ks, keep)
 
 
 def forward_text(model, images, ids, slot, budget, tier, plan):
     """Hidden states of the text part (batch, text_len, d_model) under `plan` (teacher forcing),
-    and the vision tokens."""
-    cfg = model.cfg
-    vision = model.encode_images(*make_crops(images, tier, cfg))
+    and the vision tokens. plan: [(block, top_k), ...] for every row, or a RowPlan (per row)."""
+    vision = encode_vision(model, images, tier)
     text = model.embed(ids)
     is_slot = torch.arange(ids.shape[1], device=ids.device)[None] == slot[:, None]
     text = torch.where(is_slot[..., None], model.embed_budget(budget)[:, None, :].to(text.dtype), text)
     hidden = torch.cat([vision, text], dim=1)
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
     cos, sin = model.rope(positions, hidden)
-    hidden = run_blocks(model, hidden, cos, sin, plan)
+    if isinstance(plan, RowPlan):  # per-sample knobs (training): every block runs, rows keep or skip it
+        for block in range(model.cfg.num_layers):
+            out = model.blocks[block](hidden, cos, sin, plan.top_k[:, block], None)
+            hidden = torch.where(plan.keep[:, block, None, None], out, hidden)
+    else:
+        hidden = run_blocks(model, hidden, cos, sin, plan)
     return hidden[:, vision.shape[1] :], vision
 
 
@@ -161,23 +228,23 @@ def random_budget(batch: int, d_model: int, device, generator=None):
     return scale * torch.randn(batch, d_model, device=device, generator=generator)
 
 
-def glyph_token_index(glyphs: torch.Tensor, tier: str, cfg: VLMConfig, image_size: int) -> torch.Tensor:
+def glyph_token_index(glyphs: torch.Tensor, tier: str, cfg: VLMConfig, height: int, width: int) -> torch.Tensor:
     """Index among the vision tokens of the grid-crop token that holds each glyph's centre.
 
-    glyphs (batch, 3) = (class, x, y) in image pixels; the tier's grid tiles the image resized to
-    grid * crop_size, each crop is (crop_size / (patch * pool))^2 tokens in row-major order.
+    glyphs (batch, 3) = (class, x, y) in image pixels of (height, width) images; the tier's tiling
+    places the image (scaled, padded) on a rows x cols canvas of crop_size cells, each crop is
+    (crop_size / (patch * pool))^2 tokens in row-major order after the global view.
     """
-    grid, size = cfg.tier_grids[tier], cfg.crop_size
+    tile, size = tiling(height, width, tier, cfg), cfg.crop_size
     token_px = cfg.patch_size * cfg.pool
     side = cfg.patches_per_side // cfg.pool
-    scale = grid * size / image_size
-    x = (glyphs[:, 1].float() * scale).long().clamp(0, grid * size - 1)
-    y = (glyphs[:, 2].float() * scale).long().clamp(0, grid * size - 1)
-    crop = 1 + (y // size) * grid + x // size  # crop 0 is the global view
+    x = (glyphs[:, 1].float() * tile.scale + tile.pad_left).long().clamp(0, tile.cols * size - 1)
+    y = (glyphs[:, 2].float() * tile.scale + tile.pad_top).long().clamp(0, tile.rows * size - 1)
+    crop = 1 + (y // size) * tile.cols + x // size  # crop 0 is the global view
     return crop * cfg.tokens_per_crop + (y % size // token_px) * side + x % size // token_px
 
 
-def glyph_loss(glyph_head, vision, glyphs, tier, cfg):
+def glyph_loss(glyph_head, vision, glyphs, tier, cfg, height: int, width: int):
     """Auxiliary pretraining loss: classify the glyph from the grid token that holds it.
 
     The answer alone gives the vision tower almost no signal to learn segment glyphs (whose ghost
@@ -186,10 +253,10 @@ def glyph_loss(glyph_head, vision, glyphs, tier, cfg):
     grid crops can (not the global view, where the low tier is meant to fail).
     """
     has = glyphs[:, 0] >= 0
-    if cfg.tier_grids[tier] == 0 or not bool(has.any()):
+    if cfg.tier_max_crops[tier] == 0 or not bool(has.any()):
         return vision.new_zeros(())
     rows = has.nonzero().squeeze(1)
-    index = glyph_token_index(glyphs[rows], tier, cfg, synthvqa.IMAGE_SIZE)
+    index = glyph_token_index(glyphs[rows], tier, cfg, height, width)
     logits = glyph_head(vision[rows, index].float())
     return F.cross_entropy(logits, glyphs[rows, 0])
 
@@ -197,6 +264,8 @@ def glyph_loss(glyph_head, vision, glyphs, tier, cfg):
 def batch_loss(model, batch, tier, plan, device, generator=None, glyph_head=None, glyph_weight=1.0):
     """Answer cross-entropy (+ glyph_weight * glyph_loss when a glyph head is given)."""
     images, ids, labels, slot = (t.to(device, non_blocking=True) for t in batch[:4])
+    if isinstance(plan, RowPlan):
+        plan = RowPlan(plan.top_k.to(device), plan.keep.to(device))
     budget = random_budget(ids.shape[0], model.cfg.d_model, device, generator)
     # bf16 matmuls on GPU (norms and softmax stay fp32 under autocast); CPU runs fp32.
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -204,7 +273,8 @@ def batch_loss(model, batch, tier, plan, device, generator=None, glyph_head=None
         logits = model.logits(hidden)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
     if glyph_head is not None:
-        loss = loss + glyph_weight * glyph_loss(glyph_head, vision, batch[6].to(device), tier, model.cfg)
+        height, width = images.shape[-2:]
+        loss = loss + glyph_weight * glyph_loss(glyph_head, vision, batch[6].to(device), tier, model.cfg, height, width)
     return loss
 
 
@@ -278,6 +348,13 @@ def knob_grid(cfg: VLMConfig) -> dict[str, tuple[str, int, int, int]]:
     return grid
 
 
+def static_grid(cfg: VLMConfig) -> dict[str, tuple[str, int, int, int]]:
+    """Every static configuration the profile measures: tier x top-k x blocks at p = 1."""
+    L, K = cfg.num_layers, cfg.top_k
+    return {f"{t}/k{k}/N{n}": (t, 1, k, n) for t in TIERS
+            for k in range(max(1, K - 4), K + 1) for n in range(max(1, L - MAX_DROPPED), L + 1)}
+
+
 def init_distributed(device: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): NCCL with one GPU per process
     (gloo on CPU, for smoke runs)."""
@@ -304,29 +381,63 @@ def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         grad.copy_(synced)
 
 
+def parse_weights(text: str, keys, flag: str) -> dict[str, float] | None:
+    """'a=1,b=2' -> {'a': 1.0, 'b': 2.0}; keys must be among `keys`."""
+    if not text:
+        return None
+    out = {}
+    for kv in text.split(","):
+        key, _, value = kv.partition("=")
+        if key not in keys:
+            raise SystemExit(f"{flag}: unknown key {key!r}; expected keys among {tuple(keys)}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise SystemExit(f"{flag}: {kv!r} is not key=number") from None
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="model dir to write (config, weights, tokenizer, importance)")
     ap.add_argument("--preset", default="molmoe-tiny", choices=sorted(PRESETS))
     ap.add_argument("--init", help="start from this model dir instead of random weights")
+    ap.add_argument("--resume", action="store_true", help=f"continue from --out/{TRAIN_STATE_FILE}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=20000)
-    ap.add_argument("--time-limit-min", type=float, default=None, help="stop training after this many minutes")
+    ap.add_argument("--time-limit-min", type=float, default=None,
+                    help="stop training after this many minutes of training (summed over resumed runs)")
+    ap.add_argument("--stop-after-min", type=float, default=None,
+                    help="end this process after this many minutes of training, saving the train state "
+                         "(the schedule still follows --time-limit-min / --steps; continue with --resume)")
+    ap.add_argument("--save-every-min", type=float, default=5.0)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--full-prob", type=float, default=0.3)
+    ap.add_argument("--full-prob", type=float, default=0.3,
+                    help="probability that an elastic-family sample still runs the full decoder")
+    ap.add_argument("--elastic-families", default="coarse,detail",
+                    help="families trained under reduced decoder knobs (the others: full decoder only)")
+    ap.add_argument("--tier-weights", default="low=1,medium=1,high=2", help="tier mix of the batches")
     ap.add_argument("--glyph-weight", type=float, default=1.0,
                     help="weight of the auxiliary glyph-reading loss (glyph_loss); 0 turns it off")
     ap.add_argument("--family-weights", default="", help="train family mix, e.g. coarse=1,detail=2,reasoning=1.5")
     ap.add_argument("--train-samples", type=int, default=5_000_000, help="size of the (lazy) train split")
     ap.add_argument("--val-samples", type=int, default=1024)
     ap.add_argument("--eval-samples", type=int, default=1200)
+    ap.add_argument("--grid", choices=("knobs", "all"), default="knobs",
+                    help="knobs: each knob alone; all: every static config on val and test (eval.json 'grid')")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=100)
     args = ap.parse_args(argv)
+    elastic_names = [f for f in args.elastic_families.split(",") if f]
+    unknown = sorted(set(elastic_names) - set(synthvqa.FAMILIES))
+    if unknown:
+        raise SystemExit(f"--elastic-families: unknown {unknown}; expected names among {synthvqa.FAMILIES}")
+    tier_weights = parse_weights(args.tier_weights, TIERS, "--tier-weights") or {t: 1.0 for t in TIERS}
+    train_weights = parse_weights(args.family_weights, synthvqa.FAMILIES, "--family-weights")
 
     resolve_device(args.device, "--device")  # a clear error before anything is built or written
     rank, world, device = init_distributed(args.device)
@@ -334,8 +445,12 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if args.init:
-        model, tokenizer = load_model(args.init, device)
+    out = Path(args.out)
+    state_path = out / TRAIN_STATE_FILE
+    if args.resume and not state_path.is_file():
+        raise SystemExit(f"--resume: {state_path} does not exist")
+    if args.init or args.resume:
+        model, tokenizer = load_model(args.out if args.resume else args.init, device)
     else:
         tokenizer = WordTokenizer.build(synthvqa.vocabulary())
         cfg = VLMConfig(
@@ -348,35 +463,65 @@ def main(argv=None):
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}; "
               f"{world} process(es) x batch {args.batch_size}", flush=True)
 
-    train_weights = {k: float(v) for k, v in (kv.split("=") for kv in args.family_weights.split(",") if kv)} or None
+    def data(split, n, family_weights=None):
+        return synthvqa.SynthVQA(split, n, seed=args.seed, family_weights=family_weights)
 
-    def loader(split, n, shuffle, batch_size):
-        # Only the train split gets the family mix; val/test keep equal thirds.
-        data = synthvqa.SynthVQA(split, n, seed=args.seed, family_weights=train_weights if shuffle else None)
-        return data, DataLoader(
-            EncodedSynthVQA(data, tokenizer), batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+    def loader(dataset, batch_sampler):
+        return DataLoader(
+            EncodedSynthVQA(dataset, tokenizer), batch_sampler=batch_sampler,
             num_workers=args.workers, collate_fn=functools.partial(collate, pad_id=tokenizer.pad_id),
-            pin_memory=device.type == "cuda", persistent_workers=args.workers > 0 and shuffle,
+            pin_memory=device.type == "cuda",
             # fork: workers start in seconds (spawn re-imports torch, transformers, torchrl in each)
             multiprocessing_context="fork" if args.workers > 0 else None,
             prefetch_factor=4 if args.workers > 0 else None,
-            generator=torch.Generator().manual_seed(args.seed * 1000 + rank),  # each rank its own order
         )
 
-    _, train_loader = loader("train", args.train_samples, True, args.batch_size)
+    # Only the train split gets the family mix; val/test keep equal thirds.
+    train_data = data("train", args.train_samples, train_weights)
+    sampler = SizeBatchSampler(train_data.size_index, args.batch_size, seed=args.seed * 1000 + rank)
+    elastic = torch.tensor([f in elastic_names for f in synthvqa.FAMILIES])
 
-    # Pretraining-only head (not saved): reads the glyph class off its vision token.
+    # Pretraining-only head (not saved with the model): reads the glyph class off its vision token.
     glyph_head = torch.nn.Linear(cfg.d_model, len(GLYPH_CLASSES)).to(device) if args.glyph_weight > 0 else None
     params = list(model.parameters()) + (list(glyph_head.parameters()) if glyph_head is not None else [])
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
-    start, step, running, data_wait = time.time(), 0, [], 0.0
+    rng = random.Random(args.seed)  # the tier per batch: the same on every rank
+    plan_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
+    step, trained_s = 0, 0.0
+    if args.resume:
+        state = torch.load(state_path, map_location=device, weights_only=False)  # our own file
+        optimizer.load_state_dict(state["optimizer"])
+        if glyph_head is not None and state["glyph_head"] is not None:
+            glyph_head.load_state_dict(state["glyph_head"])
+        step, trained_s = state["step"], state["trained_s"]
+        rng.setstate(state["rng"])
+        plan_gen.set_state(state["plan_gen"])
+        sampler.load_state(state["sampler"][rank])
+        if rank == 0:
+            print(f"resumed at step {step} after {trained_s / 60:.1f} min of training", flush=True)
 
-    def progress(step):
-        """Fraction of training done: by steps, or by time when a time limit is set and binds first.
-        Rank 0's clock decides for every rank, so all stop at the same step with the same lr."""
+    def save_state():
+        """Weights (model dir) and everything else needed to continue (train_state.pt); rank 0 writes."""
+        samplers = [None] * world
+        if world > 1:
+            dist.all_gather_object(samplers, sampler.state())
+        else:
+            samplers = [sampler.state()]
+        if rank != 0:
+            return
+        model.save(out, tokenizer, dtype=torch.float32)
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "trained_s": trained_s,
+                    "glyph_head": glyph_head.state_dict() if glyph_head is not None else None,
+                    "rng": rng.getstate(), "plan_gen": plan_gen.get_state(), "sampler": samplers}, tmp)
+        os.replace(tmp, state_path)
+
+    def progress(step, trained_s):
+        """Fraction of training done: by steps, or by training time when a time limit is set and
+        binds first. Rank 0's clock decides for every rank, so all stop at the same step."""
         done = step / args.steps
         if args.time_limit_min:
-            done = max(done, (time.time() - start) / 60 / args.time_limit_min)
+            done = max(done, trained_s / 60 / args.time_limit_min)
         done = min(done, 1.0)
         if world == 1:
             return done
@@ -384,62 +529,77 @@ def main(argv=None):
         dist.broadcast(shared, 0)
         return float(shared)
 
-    done = 0.0
+    done = progress(step, trained_s)
     # Linear warmup, then cosine decay to 10% over the progress fraction.
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * done)))
+        optimizer, lambda s: min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * done)))
     )
-    rng = random.Random(args.seed)
     model.train()
-    while step < args.steps:
-        fetched = time.time()
-        for batch in train_loader:
-            data_wait += time.time() - fetched
-            tier, plan = sample_plan(rng, cfg.num_layers, cfg.top_k, args.full_prob)
-            loss = batch_loss(model, batch, tier, plan, device, glyph_head=glyph_head, glyph_weight=args.glyph_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                average_gradients(params, world)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            step += 1
-            done = progress(step)
-            schedule.step()
-            running.append(loss.item())
-            if step % args.log_every == 0 and rank == 0:
-                print(f"step {step} loss {sum(running) / len(running):.4f} lr {schedule.get_last_lr()[0]:.2e} "
-                      f"{(time.time() - start) / 60:.1f} min (waited {data_wait:.0f} s for data)", flush=True)
-                running = []
-            if done >= 1.0:
-                break
-            fetched = time.time()
+    started, last_save, running, data_wait = time.time(), time.time(), [], 0.0
+    session_start_s = trained_s
+    fetched = time.time()
+    stop_reason = "done"
+    for batch in loader(train_data, sampler):
         if done >= 1.0:
             break
+        data_wait += time.time() - fetched
+        tier = sample_tier(rng, tier_weights)
+        plan = sample_row_plans(plan_gen, batch[4], elastic, cfg.num_layers, cfg.top_k, args.full_prob)
+        loss = batch_loss(model, batch, tier, plan, device, glyph_head=glyph_head, glyph_weight=args.glyph_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            average_gradients(params, world)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        trained_s = session_start_s + time.time() - started
+        done = progress(step, trained_s)
+        schedule.step()
+        running.append(loss.item())
+        if step % args.log_every == 0 and rank == 0:
+            print(f"step {step} loss {sum(running) / len(running):.4f} lr {schedule.get_last_lr()[0]:.2e} "
+                  f"{trained_s / 60:.1f} min (waited {data_wait:.0f} s for data)", flush=True)
+            running = []
+        if args.save_every_min and time.time() - last_save > args.save_every_min * 60:
+            save_state()
+            last_save = time.time()
+        if args.stop_after_min and (trained_s - session_start_s) / 60 >= args.stop_after_min and done < 1.0:
+            stop_reason = "stop-after"
+            break
+        fetched = time.time()
+    save_state()
     if world > 1:
         dist.destroy_process_group()
     if rank != 0:
         return None
-    print(f"trained {step} steps in {(time.time() - start) / 60:.1f} min", flush=True)
+    print(f"trained {step} steps, {trained_s / 60:.1f} min in all ({stop_reason})", flush=True)
+    if stop_reason != "done":
+        return None
 
-    out = Path(args.out)
-    model.save(out, tokenizer)
+    model.save(out, tokenizer)  # the shipped format: fp16
     model.eval()
     # Rendered once, reused by every plan below.
-    _, val_loader = loader("val", args.val_samples, False, 256)
-    test_data, test_loader = loader("test", args.eval_samples, False, 256)
-    val_batches, test_batches = list(val_loader), list(test_loader)
-    test_samples = [test_data[i] for i in range(len(test_data))]
+    val_data, test_data = data("val", args.val_samples), data("test", args.eval_samples)
+    val_batches = list(loader(val_data, size_batches(val_data.size_index, 256)))
+    test_batches = list(loader(test_data, size_batches(test_data.size_index, 256)))
     importance = drop_importance(model, val_batches, device, args.seed)
     (out / "importance.json").write_text(json.dumps(
         {"method": "drop_loss", "scores": {str(b): s for b, s in importance.items()},
          "note": "validation loss increase when the block alone is skipped (pretrain_vlm.py)"}, indent=2) + "\n")
     print("importance:", {b: round(s, 4) for b, s in importance.items()}, flush=True)
+    test_samples = [test_data[i] for i in range(len(test_data))]
     results = evaluate(model, tokenizer, test_batches, test_samples, knob_grid(cfg), importance, device)
-    summary = {"steps": step, "train_minutes": (time.time() - start) / 60, "args": vars(args), "accuracy": results}
-    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = {"steps": step, "train_minutes": trained_s / 60, "args": vars(args), "accuracy": results}
     for name, r in results.items():
         print(f"{name:12s} " + " ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "config"), flush=True)
+    if args.grid == "all":
+        val_samples = [val_data[i] for i in range(len(val_data))]
+        summary["grid"] = {
+            "val": evaluate(model, tokenizer, val_batches, val_samples, static_grid(cfg), importance, device),
+            "test": evaluate(model, tokenizer, test_batches, test_samples, static_grid(cfg), importance, device),
+        }
+    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -11,7 +11,7 @@ from envs.data import synthvqa as sv
 from envs.data.accuracy import normalize_answer
 from envs.data.sample import VQASample
 from envs.data.synthvqa import (
-    ANSWER_SET, FAMILIES, IMAGE_SIZE, SPLITS, SynthVQA, answer_vocabulary, render_scene, tokenize_words, vocabulary,
+    ANSWER_SET, FAMILIES, IMAGE_SIZES, SPLITS, SynthVQA, answer_vocabulary, render_scene, tokenize_words, vocabulary,
 )
 
 
@@ -31,8 +31,15 @@ def test_samples_are_vqa_samples_in_vqa_format():
         assert len(s.answers) == 10 and len(set(s.answers)) == 1
         assert isinstance(s.question_id, int) and isinstance(s.image_id, str)
         image = s.image
-        assert image.mode == "RGB" and image.size == (IMAGE_SIZE, IMAGE_SIZE) == (192, 192)
+        assert image.mode == "RGB" and image.size == IMAGE_SIZES[ds.size_index[s.question_id % 10**9]]
         assert _image_hash(sv.render(s)) == _image_hash(image)
+
+
+def test_image_sizes_vary_in_size_and_aspect():
+    ds = SynthVQA("test", 300, seed=0)
+    sizes = {ds[i].image.size for i in range(len(ds))}
+    assert sizes == set(IMAGE_SIZES)
+    assert {w / h for w, h in sizes} >= {0.5, 1.0, 2.0}
 
 
 def test_same_seed_is_identical_and_other_seeds_differ():
@@ -150,13 +157,22 @@ def test_detail_glyphs_are_small_and_answer_the_question():
     assert all(sum(isinstance(it, sv.Shape) for it in r.scene.items) >= 1 for r in box_glyphs)
 
 
+def _global_view(image, side=64):
+    """The low tier's view: the whole image resized, aspect kept, into one 64-px crop."""
+    scale = side / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.BICUBIC)
+
+
 def test_detail_glyphs_blur_together_at_the_low_tier():
-    """Changing the glyph changes native pixels a lot and the 64-px low-tier view very little."""
+    """Changing the glyph changes native pixels a lot and the 64-px low-tier view very little
+    (on images whose long side is >= 160 px, i.e. the global view is <= 0.4 x; 128-px images keep
+    some glyph signal at 0.5 x, as a small photo of text does)."""
     def low(image):
-        return np.asarray(image.resize((64, 64), Image.Resampling.BICUBIC), np.float32)
+        return np.asarray(_global_view(image), np.float32)
 
     native_diff, low_diff = [], []
-    for rec in _detail_records(120)[:40]:
+    for rec in [r for r in _detail_records(240) if max(r.scene.width, r.scene.height) >= 160][:40]:
         index = _target_glyph_index(rec)
         a, b = render_scene(rec.scene), render_scene(_swap_glyph(rec, index))
         native_diff.append(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
@@ -169,12 +185,16 @@ def test_coarse_objects_are_large_and_answer_the_question():
     recs = _records(SynthVQA("val", 120, seed=0, family_weights={"coarse": 1}))
     for rec in recs:
         big, *distractors = rec.scene.items
-        assert isinstance(big, sv.Shape) and 60 <= big.size <= 120
+        scale = max(rec.scene.width, rec.scene.height) / sv.REFERENCE_SIDE
+        assert isinstance(big, sv.Shape) and 40 <= big.size <= 120 * scale
+        assert big.size >= min(60 * scale, min(rec.scene.width, rec.scene.height) - 8)
         assert all(isinstance(d, sv.Shape) and d.size <= 12 for d in distractors)
         assert rec.answer == (big.kind if rec.template == "big_shape" else _color_name(big.color))
-        # The low-tier view (192 -> 64) still shows the object's colour at its centre.
-        low = render_scene(rec.scene).resize((64, 64), Image.Resampling.BICUBIC)
-        assert _color_name(low.getpixel((big.cx // 3, big.cy // 3))) == _color_name(big.color)
+        # The low-tier view (the whole image in 64 px) still shows the object's colour at its centre.
+        low = _global_view(render_scene(rec.scene))
+        view_scale = low.width / rec.scene.width
+        centre = (min(low.width - 1, int(big.cx * view_scale)), min(low.height - 1, int(big.cy * view_scale)))
+        assert _color_name(low.getpixel(centre)) == _color_name(big.color)
 
 
 def _color_name(rgb):
@@ -191,7 +211,8 @@ def test_reasoning_answers_follow_from_the_scene():
     recs = _records(SynthVQA("train", 600, seed=0, family_weights={"reasoning": 1}))
     for rec in recs:
         shapes = rec.scene.items
-        assert all(isinstance(s, sv.Shape) and s.size >= 16 for s in shapes)
+        scale = max(rec.scene.width, rec.scene.height) / sv.REFERENCE_SIDE
+        assert all(isinstance(s, sv.Shape) and s.size >= 16 * scale - 1 for s in shapes)
         words = tokenize_words(rec.question)
         if rec.template == "count_shape":
             kind = words[2][:-1]
@@ -202,7 +223,7 @@ def test_reasoning_answers_follow_from_the_scene():
             m = re.match(r"is the (\w+) (\w+) (?:left of|above) the (\w+) (\w+)\?", rec.question)
             a, b = _referent(shapes, *m.group(1, 2)), _referent(shapes, *m.group(3, 4))
             pa, pb = (a.cx, b.cx) if rec.template == "left_of" else (a.cy, b.cy)
-            assert abs(pa - pb) >= 16 and rec.answer == ("yes" if pa < pb else "no")
+            assert abs(pa - pb) >= 16 * scale and rec.answer == ("yes" if pa < pb else "no")
         elif rec.template == "more_often":
             names = [_color_name(s.color) for s in shapes]
             counts = sorted(((names.count(c), c) for c in set(names)), reverse=True)

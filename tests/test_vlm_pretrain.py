@@ -1,6 +1,6 @@
 """runners/pretrain_vlm.py end to end on the tiny preset: trains, writes a model dir VLMBackend loads."""
+import itertools
 import json
-import random
 
 import torch
 
@@ -10,17 +10,39 @@ from helpers import load_runner
 pretrain = load_runner("pretrain_vlm")
 
 
-def test_sample_plan_respects_the_knob_rules():
-    rng = random.Random(0)
-    for _ in range(200):
-        tier, plan = pretrain.sample_plan(rng, 16, 8, full_prob=0.3)
-        blocks = [b for b, _ in plan]
-        assert tier in ("low", "medium", "high") and blocks == sorted(blocks)
-        assert 12 <= len(blocks) <= 16 and blocks[0] == 0  # up to 4 non-first blocks dropped
-        ks = [k for _, k in plan]
-        assert ks[0] == 8 and all(4 <= k <= 8 for k in ks)
-        p = next((i for i, (b, k) in enumerate(plan) if k != 8), len(plan))
-        assert all(k == ks[-1] for k in ks[p:])  # one top-k after the insertion point
+def test_row_plans_follow_the_per_family_knob_rules():
+    gen = torch.Generator().manual_seed(0)
+    families = torch.arange(3).repeat(200)  # coarse, detail, reasoning
+    elastic = torch.tensor([True, True, False])
+    plan = pretrain.sample_row_plans(gen, families, elastic, 16, 8, full_prob=0.3)
+    assert plan.top_k.shape == plan.keep.shape == (600, 16)
+    reasoning = families == 2
+    assert (plan.top_k[reasoning] == 8).all() and plan.keep[reasoning].all()  # full decoder only
+    rows = ~reasoning
+    kept = plan.keep[rows].sum(1)
+    assert ((12 <= kept) & (kept <= 16)).all() and plan.keep[:, 0].all() and (plan.top_k[:, 0] == 8).all()
+    for ks, keep in zip(plan.top_k[rows].tolist(), plan.keep[rows].tolist()):
+        p = next((b for b, k in enumerate(ks) if k != 8), None)
+        if p is not None:  # one top-k from the insertion point on, nothing dropped before it
+            assert 1 <= p <= 5 and all(k == ks[p] for k in ks[p:]) and 4 <= ks[p] <= 7 and all(keep[:p])
+    reduced = ((plan.top_k[rows] != 8).any(1) | ~plan.keep[rows].all(1)).float().mean()
+    assert 0.5 < reduced < 0.8  # 1 - full_prob, less the draws that happen to be full
+
+
+def test_size_batches_share_one_image_size():
+    from envs.data import synthvqa
+
+    data = synthvqa.SynthVQA("val", 200, seed=0)
+    sampler = pretrain.SizeBatchSampler(data.size_index, 8, seed=0)
+    batches = [b for _, b in zip(range(20), sampler)]
+    assert all(len(set(data.size_index[b].tolist())) == 1 and len(b) == 8 for b in batches)
+    state = sampler.state()
+    after = [b for _, b in zip(range(3), sampler)]
+    sampler.load_state(state)
+    assert [b for _, b in zip(range(3), sampler)] == after  # resumable position
+    evaluation = pretrain.size_batches(data.size_index, 16)
+    assert sorted(i for b in evaluation for i in b) == list(range(200))
+    assert all(len(set(data.size_index[b].tolist())) == 1 for b in evaluation)
 
 
 def test_collate_labels_predict_answer_from_the_budget_slot():
@@ -39,14 +61,14 @@ def test_glyph_token_is_the_grid_token_under_the_glyph():
     from envs.backends.vlm import VLMConfig, make_crops
 
     cfg = VLMConfig(vocab_size=8, pad_token_id=0, eos_token_id=1)  # 64-px crops, 16-px tokens
-    images = torch.zeros(2, 3, 192, 192, dtype=torch.uint8)
-    glyphs = torch.tensor([[0, 100, 30], [1, 5, 190]])
-    for tier in ("medium", "high"):
-        crops = make_crops(images.clone().index_put_((torch.tensor([0, 1]), torch.tensor([0, 0]),
-                                                      glyphs[:, 2], glyphs[:, 1]), torch.tensor(255, dtype=torch.uint8)),
-                           tier, cfg)[0]
-        index = pretrain.glyph_token_index(glyphs, tier, cfg, 192)
-        changed = (crops - make_crops(images, tier, cfg)[0]).abs()[:, :, 0]  # (batch, crops, S, S)
+    cases = ((192, 192, [[0, 100, 30], [1, 5, 190]]), (128, 256, [[0, 250, 3], [1, 40, 120]]))
+    for (height, width, glyphs), tier in itertools.product(cases, ("medium", "high")):
+        images = torch.zeros(2, 3, height, width, dtype=torch.uint8)
+        glyphs = torch.tensor(glyphs)
+        marked = images.clone().index_put_((torch.tensor([0, 1]), torch.tensor([0, 0]), glyphs[:, 2], glyphs[:, 1]),
+                                           torch.tensor(255, dtype=torch.uint8))
+        index = pretrain.glyph_token_index(glyphs, tier, cfg, height, width)
+        changed = (make_crops(marked, tier, cfg)[0] - make_crops(images, tier, cfg)[0]).abs()[:, :, 0]
         for row in range(2):
             crop, token = divmod(int(index[row]), cfg.tokens_per_crop)
             assert crop > 0 and changed[row, crop].sum() > 0  # a grid crop, and it sees the glyph

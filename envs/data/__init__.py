@@ -23,10 +23,10 @@ __all__ += [
     "log_skip_summary", "mix_datasets", "record_skipped", "reset_skipped", "skipped_by_dataset", "skipped_count",
 ]
 from envs.data.synthvqa import (
-    ANSWER_SET, FAMILIES, IMAGE_SIZE, SynthVQA, answer_vocabulary, render_scene, tokenize_words, vocabulary,
+    ANSWER_SET, FAMILIES, IMAGE_SIZES, SynthVQA, answer_vocabulary, render_scene, tokenize_words, vocabulary,
 )
 
 __all__ += [
-    "ANSWER_SET", "FAMILIES", "IMAGE_SIZE", "SynthVQA", "answer_vocabulary", "render_scene", "tokenize_words",
+    "ANSWER_SET", "FAMILIES", "IMAGE_SIZES", "SynthVQA", "answer_vocabulary", "render_scene", "tokenize_words",
     "vocabulary",
 ]

@@ -37,7 +37,15 @@ from PIL import Image, ImageDraw
 
 from envs.data.sample import VQASample
 
-IMAGE_SIZE = 192
+# Image sizes (width, height), varied in size and aspect as real VQA images are, so that a tier's
+# per-image crop grid (and the number of vision tokens) varies: at the high tier (9 crops, 64-px
+# crops) 128x128 gets 2x2 + global = 5 crops, 192x192 and 160x160 3x3 + global = 10. Object sizes of
+# the coarse and reasoning families scale with the long side (so the global view shows them alike);
+# glyphs keep their pixel size, like text in a photo.
+IMAGE_SIZES: tuple[tuple[int, int], ...] = (
+    (128, 128), (160, 160), (192, 192), (192, 128), (128, 192), (256, 128), (128, 256),
+)
+REFERENCE_SIDE = 192  # the long side at which COARSE/REASONING sizes below are given
 FAMILIES = ("coarse", "detail", "reasoning")
 SPLITS = ("train", "val", "test")  # the same names as envs.backends.base.SPLITS
 DATASET_NAME = "synthvqa"
@@ -158,6 +166,8 @@ Item = Union[Shape, Glyph, Box]
 class Scene(NamedTuple):
     """Everything `render_scene` needs; hashable, and its repr is its identity for split hashing."""
 
+    width: int
+    height: int
     background: Color
     texture: int  # index into the precomputed textures; -1 = plain background
     texture_amplitude: int  # peak +- intensity of the texture
@@ -176,18 +186,19 @@ class SynthRecord(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- rendering
-def _make_textures(count: int = 4, seed: int = 20240601) -> list[np.ndarray]:
-    """Smooth value-noise fields in [-64, 64] (int16), upsampled from coarse random grids."""
-    rng = np.random.default_rng(seed)
-    fields = []
-    for cells in (6, 12, 24, 48)[:count]:
-        coarse = rng.integers(0, 256, size=(cells, cells), dtype=np.uint8)
-        smooth = Image.fromarray(coarse, "L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
-        fields.append((np.asarray(smooth, dtype=np.int16) - 128) // 2)
-    return fields
+NUM_TEXTURES = 4
 
 
-_TEXTURES = _make_textures()
+@functools.lru_cache(maxsize=None)
+def _texture(index: int, width: int, height: int) -> np.ndarray:
+    """Smooth value-noise field `index` in [-64, 64] (int16) at this size, upsampled from a coarse
+    random grid (6, 12, 24 or 48 cells per reference side)."""
+    cells = (6, 12, 24, 48)[index]
+    rng = np.random.default_rng([20240601, index])
+    coarse = rng.integers(0, 256, size=(max(2, cells * height // REFERENCE_SIDE), max(2, cells * width // REFERENCE_SIDE)),
+                          dtype=np.uint8)
+    smooth = Image.fromarray(coarse, "L").resize((width, height), Image.Resampling.BICUBIC)
+    return (np.asarray(smooth, dtype=np.int16) - 128) // 2
 
 _star = [(math.cos(math.radians(-90 + 36 * i)) * (1.0 if i % 2 == 0 else 0.45),
           math.sin(math.radians(-90 + 36 * i)) * (1.0 if i % 2 == 0 else 0.45)) for i in range(10)]
@@ -247,11 +258,11 @@ def _draw_glyph(draw: ImageDraw.ImageDraw, g: Glyph) -> None:
 
 
 def render_scene(scene: Scene) -> Image.Image:
-    """Render a scene spec to a fresh RGB IMAGE_SIZE x IMAGE_SIZE image (deterministic)."""
+    """Render a scene spec to a fresh RGB image of the scene's size (deterministic)."""
     if scene.texture < 0:
-        image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), scene.background)
+        image = Image.new("RGB", (scene.width, scene.height), scene.background)
     else:
-        noise = (_TEXTURES[scene.texture] * scene.texture_amplitude) // 64
+        noise = (_texture(scene.texture, scene.width, scene.height) * scene.texture_amplitude) // 64
         pixels = np.asarray(scene.background, dtype=np.int16) + noise[..., None]
         image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
@@ -285,34 +296,61 @@ def _ink_on(rng: random.Random, rgb: Color) -> Color:
     return _color(rng, "black" if _luminance(rgb) > 140 else "white")
 
 
-def _grid_positions(rng: random.Random, n: int, grid: int, sizes: Sequence[int]) -> list[tuple[int, int]]:
-    """Centres for n objects in distinct cells of a grid x grid layout, jittered within the cell.
+class Canvas(NamedTuple):
+    width: int
+    height: int
+    background: Color
+
+    @property
+    def scale(self) -> float:
+        """Object scale of the coarse and reasoning families: the long side over REFERENCE_SIDE."""
+        return max(self.width, self.height) / REFERENCE_SIDE
+
+    def grid(self, cell: int) -> tuple[int, int]:
+        """(cols, rows) of cell x cell px cells that fit."""
+        return self.width // cell, self.height // cell
+
+
+def _grid_positions(rng: random.Random, n: int, canvas: Canvas, cell: int, sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """Centres for n objects in distinct cells of cell-px cells over the canvas, jittered within the cell.
 
     Each object's bounding box stays inside its own cell, so objects never overlap.
     """
-    cell = IMAGE_SIZE // grid
-    offset = (IMAGE_SIZE - cell * grid) // 2
-    cells = rng.sample(range(grid * grid), n)
+    cols, rows = canvas.grid(cell)
+    if n > cols * rows:
+        raise ValueError(f"{n} objects do not fit {cols}x{rows} cells of {cell} px")
+    off_x, off_y = (canvas.width - cell * cols) // 2, (canvas.height - cell * rows) // 2
+    cells = rng.sample(range(cols * rows), n)
     centres = []
     for c, size in zip(cells, sizes):
-        slack = (cell - size) // 2
-        cx = offset + (c % grid) * cell + cell // 2 + rng.randint(-slack, slack)
-        cy = offset + (c // grid) * cell + cell // 2 + rng.randint(-slack, slack)
+        slack = max(0, (cell - size) // 2)
+        cx = off_x + (c % cols) * cell + cell // 2 + rng.randint(-slack, slack)
+        cy = off_y + (c // cols) * cell + cell // 2 + rng.randint(-slack, slack)
         centres.append((cx, cy))
     return centres
 
 
-_REASONING_GRID = 5  # 38-px cells: up to 25 objects of <= 36 px
+_REASONING_CELL = 38  # px at REFERENCE_SIDE: 5x5 cells on a 192-px square, objects <= 36 px
 
 
-def _reasoning_objects(rng: random.Random, specs: list[tuple[str, str, int]]) -> list[Shape]:
-    """Shapes for (colour, kind, size) specs, shuffled into distinct cells of the 5x5 grid."""
-    centres = _grid_positions(rng, len(specs), _REASONING_GRID, [s for _, _, s in specs])
+def _reasoning_cell(canvas: Canvas) -> int:
+    return round(_REASONING_CELL * canvas.scale)
+
+
+def _reasoning_capacity(canvas: Canvas) -> int:
+    cols, rows = canvas.grid(_reasoning_cell(canvas))
+    return cols * rows
+
+
+def _reasoning_objects(rng: random.Random, specs: list[tuple[str, str, int]], canvas: Canvas) -> list[Shape]:
+    """Shapes for (colour, kind, size) specs, shuffled into distinct cells of the reasoning grid."""
+    centres = _grid_positions(rng, len(specs), canvas, _reasoning_cell(canvas), [s for _, _, s in specs])
     return [Shape(k, _color(rng, c), cx, cy, s) for (c, k, s), (cx, cy) in zip(specs, centres)]
 
 
-def _reasoning_size(rng: random.Random) -> int:
-    return rng.randint(*REASONING_SIZE_RANGE)
+def _reasoning_size(rng: random.Random, canvas: Canvas, low: int | None = None, high: int | None = None) -> int:
+    low, high = (low, high) if low is not None else REASONING_SIZE_RANGE
+    return round(rng.randint(low, high) * canvas.scale)
 
 
 def _other_combo(rng: random.Random, exclude: set[tuple[str, str]]) -> tuple[str, str]:
@@ -323,20 +361,22 @@ def _other_combo(rng: random.Random, exclude: set[tuple[str, str]]) -> tuple[str
 
 
 Generated = tuple[list[Item], str, str]  # items, question, answer
+Generator = Callable[[random.Random, str, Canvas], Generated]
 
 
-def _gen_big_object(rng: random.Random, template: str, background: Color) -> Generated:
-    size = rng.randint(*COARSE_SIZE_RANGE)
-    half, margin = size // 2, 4
-    cx = rng.randint(half + margin, IMAGE_SIZE - half - margin)
-    cy = rng.randint(half + margin, IMAGE_SIZE - half - margin)
+def _gen_big_object(rng: random.Random, template: str, canvas: Canvas) -> Generated:
+    margin = 4
+    size = min(round(rng.randint(*COARSE_SIZE_RANGE) * canvas.scale), min(canvas.width, canvas.height) - 2 * margin)
+    half = size // 2
+    cx = rng.randint(half + margin, canvas.width - half - margin)
+    cy = rng.randint(half + margin, canvas.height - half - margin)
     color, kind = rng.choice(COLOR_NAMES), rng.choice(SHAPES)
     items: list[Item] = [Shape(kind, _color(rng, color), cx, cy, size)]
     # A few tiny distractors (6-12 px) outside the big object's box: noise, not competitors.
     for _ in range(rng.randint(0, 4)):
         s = rng.randint(6, 12)
         for _ in range(20):
-            x, y = rng.randint(s, IMAGE_SIZE - s), rng.randint(s, IMAGE_SIZE - s)
+            x, y = rng.randint(s, canvas.width - s), rng.randint(s, canvas.height - s)
             gap = half + s // 2 + 2  # boxes separated on either axis do not intersect
             if abs(x - cx) > gap or abs(y - cy) > gap:
                 items.append(Shape(rng.choice(SHAPES), _color(rng, rng.choice(COLOR_NAMES)), x, y, s))
@@ -359,35 +399,43 @@ def _random_glyph(rng: random.Random, char: str, cx: int, cy: int, ink: Color, u
     return Glyph(char, cx - (w + slant) // 2, cy - h // 2, w, h, slant, ink, ghost)
 
 
-def _gen_box_glyph(rng: random.Random, template: str, background: Color) -> Generated:
+_GLYPH_CELL = 24  # px: a glyph (<= 16 x 15 with slant and ghosts) plus its box fits in one
+
+
+def _gen_box_glyph(rng: random.Random, template: str, canvas: Canvas) -> Generated:
     """One boxed glyph among small plain shapes (clutter that is not text)."""
     charset = DIGITS if template == "box_digit" else LETTERS
-    grid = 8  # 24-px cells: a glyph (<= 16 x 15 with slant and ghosts) plus its box fits in one
-    cell = IMAGE_SIZE // grid
+    cell = _GLYPH_CELL
+    cols, rows = canvas.grid(cell)
     ink = _color(rng, rng.choice(("black", "white")))  # ink colour tells nothing about the glyph
-    cells = rng.sample(range(grid * grid), 1 + rng.randint(1, 4))
+    cells = rng.sample(range(cols * rows), 1 + rng.randint(1, 4))
     c = cells[0]
-    cx = c % grid * cell + cell // 2 + rng.randint(-1, 1)
-    cy = c // grid * cell + cell // 2 + rng.randint(-1, 1)
-    target = _random_glyph(rng, rng.choice(charset), cx, cy, ink, background)
+    cx = c % cols * cell + cell // 2 + rng.randint(-1, 1)
+    cy = c // cols * cell + cell // 2 + rng.randint(-1, 1)
+    target = _random_glyph(rng, rng.choice(charset), cx, cy, ink, canvas.background)
     x0, y0, x1, y1 = target.bbox()
     m = 2  # box margin: the box marks the glyph without touching it
     colour = rng.choice(("red", "green", "blue", "yellow", "orange", "purple"))
     items: list[Item] = [target, Box(x0 - m, y0 - m, x1 + m, y1 + m, _color(rng, colour))]
     for c in cells[1:]:
         items.append(Shape(rng.choice(SHAPES), _color(rng, rng.choice(COLOR_NAMES)),
-                           c % grid * cell + cell // 2, c // grid * cell + cell // 2, rng.randint(6, 12)))
+                           c % cols * cell + cell // 2, c // cols * cell + cell // 2, rng.randint(6, 12)))
     return items, TEMPLATES[template][1], target.char
 
 
-def _gen_label_digit(rng: random.Random, template: str, background: Color) -> Generated:
+_LABEL_CELL = 48  # px: a 36-46 px shape holding a digit
+
+
+def _gen_label_digit(rng: random.Random, template: str, canvas: Canvas) -> Generated:
     """A digit written on the named shape; the other shapes are blank."""
-    n = rng.randint(3, 5)
+    cols, rows = canvas.grid(_LABEL_CELL)
+    n = rng.randint(3, min(5, cols * rows))
     target = (rng.choice(COLOR_NAMES), rng.choice(SHAPES))
     combos = [target] + [_other_combo(rng, {target}) for _ in range(n - 1)]
     sizes = [rng.randint(36, 46) for _ in combos]
     items: list[Item] = []
-    for i, ((color, kind), size, (cx, cy)) in enumerate(zip(combos, sizes, _grid_positions(rng, n, 4, sizes))):
+    centres = _grid_positions(rng, n, canvas, _LABEL_CELL, sizes)
+    for i, ((color, kind), size, (cx, cy)) in enumerate(zip(combos, sizes, centres)):
         shape = Shape(kind, _color(rng, color), cx, cy, size)
         items.append(shape)
         if i == 0:  # the named shape
@@ -398,38 +446,38 @@ def _gen_label_digit(rng: random.Random, template: str, background: Color) -> Ge
     return items, question, items[1].char
 
 
-def _gen_count(rng: random.Random, template: str, background: Color) -> Generated:
+def _gen_count(rng: random.Random, template: str, canvas: Canvas) -> Generated:
     count = rng.randint(1, 6)
-    n_distractors = rng.randint(0, 5)
+    n_distractors = rng.randint(0, min(5, _reasoning_capacity(canvas) - count))
     if template == "count_shape":
         kind = rng.choice(SHAPES)
-        specs = [(rng.choice(COLOR_NAMES), kind, _reasoning_size(rng)) for _ in range(count)]
+        specs = [(rng.choice(COLOR_NAMES), kind, _reasoning_size(rng, canvas)) for _ in range(count)]
         others = [k for k in SHAPES if k != kind]
-        specs += [(rng.choice(COLOR_NAMES), rng.choice(others), _reasoning_size(rng))
+        specs += [(rng.choice(COLOR_NAMES), rng.choice(others), _reasoning_size(rng, canvas))
                   for _ in range(n_distractors)]
         question = TEMPLATES[template][1].format(shapes=SHAPE_PLURALS[kind])
     else:
         color = rng.choice(COLOR_NAMES)
-        specs = [(color, rng.choice(SHAPES), _reasoning_size(rng)) for _ in range(count)]
+        specs = [(color, rng.choice(SHAPES), _reasoning_size(rng, canvas)) for _ in range(count)]
         others = [c for c in COLOR_NAMES if c != color]
-        specs += [(rng.choice(others), rng.choice(SHAPES), _reasoning_size(rng))
+        specs += [(rng.choice(others), rng.choice(SHAPES), _reasoning_size(rng, canvas))
                   for _ in range(n_distractors)]
         question = TEMPLATES[template][1].format(color=color)
-    return list(_reasoning_objects(rng, specs)), question, str(count)
+    return list(_reasoning_objects(rng, specs, canvas)), question, str(count)
 
 
-def _gen_relation(rng: random.Random, template: str, background: Color) -> Generated:
+def _gen_relation(rng: random.Random, template: str, canvas: Canvas) -> Generated:
     """Two uniquely described referents in distinct columns (left_of) or rows (above)."""
     a = (rng.choice(COLOR_NAMES), rng.choice(SHAPES))
     b = _other_combo(rng, {a})
-    specs = [(*a, _reasoning_size(rng)), (*b, _reasoning_size(rng))]
-    specs += [(*_other_combo(rng, {a, b}), _reasoning_size(rng)) for _ in range(rng.randint(1, 6))]
+    specs = [(*a, _reasoning_size(rng, canvas)), (*b, _reasoning_size(rng, canvas))]
+    specs += [(*_other_combo(rng, {a, b}), _reasoning_size(rng, canvas)) for _ in range(rng.randint(1, 6))]
     axis = 0 if template == "left_of" else 1
     answer = rng.choice(("yes", "no"))
     while True:  # re-draw the layout until the referents differ on the asked axis
-        objects = _reasoning_objects(rng, specs)
+        objects = _reasoning_objects(rng, specs, canvas)
         pa, pb = objects[0][2 + axis], objects[1][2 + axis]  # cx or cy
-        if abs(pa - pb) >= 16:
+        if abs(pa - pb) >= 16 * canvas.scale:
             break
     if (pa < pb) != (answer == "yes"):  # swap the referents' positions to realise the answer
         oa, ob = objects[0], objects[1]
@@ -439,31 +487,32 @@ def _gen_relation(rng: random.Random, template: str, background: Color) -> Gener
     return list(objects), question, answer
 
 
-def _gen_more_often(rng: random.Random, template: str, background: Color) -> Generated:
+def _gen_more_often(rng: random.Random, template: str, canvas: Canvas) -> Generated:
     colors = rng.sample(COLOR_NAMES, rng.randint(2, 3))
     while True:
         counts = [rng.randint(1, 6) for _ in colors]
-        if counts.count(max(counts)) == 1:
+        if counts.count(max(counts)) == 1 and sum(counts) <= _reasoning_capacity(canvas):
             break
-    specs = [(c, rng.choice(SHAPES), _reasoning_size(rng)) for c, k in zip(colors, counts) for _ in range(k)]
+    specs = [(c, rng.choice(SHAPES), _reasoning_size(rng, canvas)) for c, k in zip(colors, counts) for _ in range(k)]
     answer = colors[counts.index(max(counts))]
-    return list(_reasoning_objects(rng, specs)), TEMPLATES[template][1], answer
+    return list(_reasoning_objects(rng, specs, canvas)), TEMPLATES[template][1], answer
 
 
-def _gen_bigger(rng: random.Random, template: str, background: Color) -> Generated:
+def _gen_bigger(rng: random.Random, template: str, canvas: Canvas) -> Generated:
     """Same shape, two colours; sizes differ by >= 1.5x so the bigger one is clear at low tier."""
     kind = rng.choice(SHAPES)
     c1, c2 = rng.sample(COLOR_NAMES, 2)
-    small, big = rng.randint(16, 20), rng.randint(30, 36)
+    small, big = _reasoning_size(rng, canvas, 16, 20), _reasoning_size(rng, canvas, 30, 36)
+    big = max(big, math.ceil(1.5 * small))  # the ratio must survive rounding at small scales
     first_bigger = rng.random() < 0.5
     specs = [(c1, kind, big if first_bigger else small), (c2, kind, small if first_bigger else big)]
-    specs += [(*_other_combo(rng, {(c1, kind), (c2, kind)}), rng.randint(16, 36))
+    specs += [(*_other_combo(rng, {(c1, kind), (c2, kind)}), _reasoning_size(rng, canvas, 16, 36))
               for _ in range(rng.randint(1, 5))]
     question = TEMPLATES[template][1].format(shape=kind, color1=c1, color2=c2)
-    return list(_reasoning_objects(rng, specs)), question, c1 if first_bigger else c2
+    return list(_reasoning_objects(rng, specs, canvas)), question, c1 if first_bigger else c2
 
 
-_GENERATORS: dict[str, Callable[[random.Random, str, Color], Generated]] = {
+_GENERATORS: dict[str, Generator] = {
     "big_color": _gen_big_object,
     "big_shape": _gen_big_object,
     "box_digit": _gen_box_glyph,
@@ -485,7 +534,7 @@ def _background(rng: random.Random) -> tuple[Color, int, int]:
     color = tuple(grey + rng.randint(-12, 12) for _ in range(3))
     if rng.random() < 1 / 3:
         return color, -1, 0
-    return color, rng.randrange(len(_TEXTURES)), rng.randint(4, 14)
+    return color, rng.randrange(NUM_TEXTURES), rng.randint(4, 14)
 
 
 def scene_split(scene: Scene) -> tuple[str, str]:
@@ -494,14 +543,16 @@ def scene_split(scene: Scene) -> tuple[str, str]:
     return _BUCKET_SPLIT[int.from_bytes(digest, "big") % 10], digest.hex()
 
 
-def generate(split: str, seed: int, index: int, family: str) -> SynthRecord:
-    """Sample `index` of (split, seed) in `family`: deterministic, and its scene hashes to `split`."""
+def generate(split: str, seed: int, index: int, family: str, size: tuple[int, int] = IMAGE_SIZES[2]) -> SynthRecord:
+    """Sample `index` of (split, seed) in `family` on a (width, height) image: deterministic, and its
+    scene hashes to `split`."""
     rng = random.Random(f"{DATASET_NAME}:{seed}:{split}:{index}")  # str seeds hash via SHA-512
+    width, height = size
     while True:  # rejection keeps every split's distribution identical (the hash ignores content)
         template = rng.choice(FAMILY_TEMPLATES[family])
         background, texture, amplitude = _background(rng)
-        items, question, answer = _GENERATORS[template](rng, template, background)
-        scene = Scene(background, texture, amplitude, tuple(items))
+        items, question, answer = _GENERATORS[template](rng, template, Canvas(width, height, background))
+        scene = Scene(width, height, background, texture, amplitude, tuple(items))
         scene_split_name, image_id = scene_split(scene)
         if scene_split_name == split:
             return SynthRecord(scene, question, answer, family, template, image_id)
@@ -523,7 +574,9 @@ class SynthVQA(Sequence):
     """`num_samples` SynthVQA samples of `split`, deterministic in (split, num_samples, seed, weights).
 
     Families get exact shares from `family_weights` (default: equal thirds; families missing from
-    the dict get weight 0), shuffled over the indices by the seed. Samples are generated on access
+    the dict get weight 0), shuffled over the indices by the seed; each index also gets one of
+    IMAGE_SIZES, uniformly at random from the seed (`size_index`, so batches can be grouped by size
+    without generating samples). Samples are generated on access
     (~0.1 ms, more for val/test because of split rejection) and images render on access.
     """
 
@@ -542,6 +595,8 @@ class SynthVQA(Sequence):
         labels = np.repeat(np.arange(len(FAMILIES), dtype=np.uint8), [self.family_counts[f] for f in FAMILIES])
         np.random.default_rng([seed, SPLITS.index(split)]).shuffle(labels)
         self._families = labels
+        self._sizes = np.random.default_rng([seed, SPLITS.index(split), 1]).integers(
+            0, len(IMAGE_SIZES), num_samples, dtype=np.uint8)
         self._qid_base = (seed * len(SPLITS) + SPLITS.index(split)) * QUESTION_ID_STRIDE
 
     @staticmethod
@@ -565,10 +620,24 @@ class SynthVQA(Sequence):
     def family(self, index: int) -> str:
         return FAMILIES[self._families[self._index(index)]]
 
+    @property
+    def family_index(self) -> np.ndarray:
+        """Index into FAMILIES of every sample (uint8, read-only view)."""
+        view = self._families.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def size_index(self) -> np.ndarray:
+        """Index into IMAGE_SIZES of every sample (uint8, read-only view)."""
+        view = self._sizes.view()
+        view.flags.writeable = False
+        return view
+
     def record(self, index: int) -> SynthRecord:
         """The generated spec (scene, question, answer, template, ...) of sample `index`."""
         i = self._index(index)
-        return generate(self.split, self.seed, i, FAMILIES[self._families[i]])
+        return generate(self.split, self.seed, i, FAMILIES[self._families[i]], IMAGE_SIZES[self._sizes[i]])
 
     def __getitem__(self, index):
         if isinstance(index, slice):

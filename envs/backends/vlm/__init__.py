@@ -46,7 +46,7 @@ VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_
 
 Model pieces (for the profiler, benchmarks and pretraining)
 -----------------------------------------------------------
-VLMConfig                 hyper-parameters (config.json); vision_tokens(tier) per tier.
+VLMConfig                 hyper-parameters (config.json); tier crop budgets (tier_max_crops).
 build_model(cfg, seed)    random-init BudgetVLM; load_model(dir, device) -> (BudgetVLM, WordTokenizer).
 BudgetVLM                 encode_images / embed / rope / blocks[i](h, cos, sin, top_k, cache) / logits.
 WordTokenizer             word-level tokenizer (SynthVQA's tokenize_words rule).

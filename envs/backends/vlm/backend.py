@@ -100,7 +100,7 @@ class VLMBackend(Backend):
         self.cfg = cfg
         self.d_model = cfg.d_model
         self.language_dim = cfg.d_model
-        self.knob_space = KnobSpace(tiers=tuple(cfg.tier_grids), num_layers=cfg.num_layers,
+        self.knob_space = KnobSpace(tiers=cfg.tiers, num_layers=cfg.num_layers,
                                     **_knob_ranges(cfg.num_layers, cfg.top_k))
         if not 1 <= int(max_new_tokens):
             raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
@@ -275,7 +275,7 @@ class VLMBackend(Backend):
             "dtype": self.dtype,
             "expert_kernel": expert_kernel(self.device, DTYPES[self.dtype], training=False),
             "executor": self.executor.describe(),
-            "vision_tokens": {t: self.cfg.vision_tokens(t) for t in self.cfg.tier_grids},
+            "tier_max_crops": dict(self.cfg.tier_max_crops),
         }
 
 

@@ -19,9 +19,11 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 
-# Molmo-style multi-crop tiers: a global view (the whole image resized to one crop) plus a
-# grid x grid tiling of the image resized to grid*crop_size. Grid 0 means the global view only.
-DEFAULT_TIER_GRIDS = {"low": 0, "medium": 2, "high": 3}
+# Molmo-style multi-crop tiers: each tier is a crop budget (Molmo's max_crops). An image gets a
+# global view (the whole image resized, aspect kept, into one crop) plus a rows x cols tiling with
+# rows * cols <= the budget, chosen per image by Molmo's rule (preprocess.select_tiling); budget 0
+# means the global view only. So the number of vision tokens follows the image within a tier.
+DEFAULT_TIER_MAX_CROPS = {"low": 0, "medium": 4, "high": 9}
 # CLIP's normalisation constants (the tower is trained from scratch, but keeping CLIP's input
 # convention lets a real CLIP checkpoint drop in).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -55,7 +57,7 @@ class VLMConfig:
     vision_layers: int = 4
     vision_heads: int = 4
     pool: int = 2  # connector's pool x pool average pooling of the patch grid
-    tier_grids: dict = field(default_factory=lambda: dict(DEFAULT_TIER_GRIDS))
+    tier_max_crops: dict = field(default_factory=lambda: dict(DEFAULT_TIER_MAX_CROPS))
     # decoder (OLMoE)
     d_model: int = 128
     num_layers: int = 16
@@ -65,9 +67,9 @@ class VLMConfig:
     top_k: int = 8
     max_positions: int = 512
     rope_theta: float = 10000.0
-    # OLMoE ships norm_topk_prob=False; we renormalise the kept experts' weights so that a
-    # smaller top-k keeps the MoE output's scale (graceful degradation under the top-k knob).
-    norm_topk_prob: bool = True
+    # As OLMoE (and MolmoE-1B) ship: the kept experts' router weights are not renormalised, so a
+    # smaller top-k than the model was trained at also shrinks the MoE output, as on the real model.
+    norm_topk_prob: bool = False
     # The budget token (the controller's LayerNorm-scaled encoder output, per-element std ~1) is
     # multiplied by this before it enters the sequence, so that it sits at the token embeddings'
     # scale: unscaled it is ~20x their norm and swamps the residual stream of the position that
@@ -75,7 +77,7 @@ class VLMConfig:
     budget_token_scale: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "tier_grids", {str(k): int(v) for k, v in dict(self.tier_grids).items()})
+        object.__setattr__(self, "tier_max_crops", {str(k): int(v) for k, v in dict(self.tier_max_crops).items()})
         if self.crop_size % self.patch_size:
             raise ValueError(f"crop_size={self.crop_size} must be a multiple of patch_size={self.patch_size}")
         if self.patches_per_side % self.pool:
@@ -84,8 +86,11 @@ class VLMConfig:
             raise ValueError(f"top_k={self.top_k}: expected 1..num_experts={self.num_experts}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
-        if not self.tier_grids:
-            raise ValueError("tier_grids is empty; expected e.g. {'low': 0, 'medium': 2, 'high': 3}")
+        if not self.tier_max_crops:
+            raise ValueError("tier_max_crops is empty; expected e.g. {'low': 0, 'medium': 4, 'high': 9}")
+        bad = {t: n for t, n in self.tier_max_crops.items() if n < 0}
+        if bad:
+            raise ValueError(f"tier_max_crops {bad}: expected crop budgets >= 0 (0 = global view only)")
         if self.max_vision_tokens + 1 >= self.max_positions:
             raise ValueError(f"max_positions={self.max_positions} leaves no room after the vision tokens")
 
@@ -97,25 +102,23 @@ class VLMConfig:
     def tokens_per_crop(self) -> int:
         return (self.patches_per_side // self.pool) ** 2
 
-    def num_crops(self, tier: str) -> int:
-        return 1 + self.tier_grids[tier] ** 2
-
-    def vision_tokens(self, tier: str) -> int:
-        return self.num_crops(tier) * self.tokens_per_crop
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        return tuple(self.tier_max_crops)
 
     @property
     def max_vision_tokens(self) -> int:
-        return max(self.vision_tokens(t) for t in self.tier_grids)
+        return (1 + max(self.tier_max_crops.values())) * self.tokens_per_crop
+
+    @property
+    def max_grid_side(self) -> int:
+        """Longest side of any tiling (a 1 x max_crops strip)."""
+        return max(1, max(self.tier_max_crops.values()))
 
     @property
     def num_crop_slots(self) -> int:
-        """Distinct crop positions over all tiers (global + each grid's cells); each has an embedding."""
-        return 1 + sum(g * g for g in sorted(set(self.tier_grids.values())) if g)
-
-    def crop_slot_offset(self, tier: str) -> int:
-        """Index of the first grid cell's slot embedding for `tier` (slot 0 is the global view)."""
-        grid = self.tier_grids[tier]
-        return 1 + sum(g * g for g in sorted(set(self.tier_grids.values())) if 0 < g < grid)
+        """Slot 0 is the global view; grid cell (r, c) of any tiling is slot 1 + r * max_grid_side + c."""
+        return 1 + self.max_grid_side ** 2
 
     def vision_config(self) -> CLIPVisionConfig:
         return CLIPVisionConfig(

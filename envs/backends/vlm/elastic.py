@@ -171,15 +171,19 @@ def dense_experts(experts: nn.Module, x: torch.Tensor, gates: torch.Tensor) -> t
     return torch.einsum("end,ne->nd", out, gates.to(out.dtype))
 
 
-def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int, norm_topk_prob: bool) -> torch.Tensor:
+def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int | torch.Tensor, norm_topk_prob: bool) -> torch.Tensor:
     """OLMoE sparse MoE on x (rows, d) with `top_k` experts per row; work proportional to top_k
-    except in GPU training (see dense_experts)."""
+    except in GPU training (see dense_experts). top_k may be a (rows,) tensor of per-row values
+    (pretraining's per-sample knobs): then the experts run dense."""
     logits = F.linear(x, mlp.gate.weight)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    weights, chosen = torch.topk(probs, top_k, dim=-1)
+    per_row = isinstance(top_k, torch.Tensor)
+    weights, chosen = torch.topk(probs, int(top_k.max()) if per_row else top_k, dim=-1)
+    if per_row:  # keep each row's first top_k[row] ranks
+        weights = weights * (torch.arange(weights.shape[1], device=x.device) < top_k[:, None])
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    if expert_kernel(x.device, x.dtype, torch.is_grad_enabled()) == "dense":
+    if per_row or expert_kernel(x.device, x.dtype, torch.is_grad_enabled()) == "dense":
         return dense_experts(mlp.experts, x, torch.zeros_like(probs).scatter(1, chosen, weights)).to(x.dtype)
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -209,13 +213,16 @@ class ElasticBlock(nn.Module):
         hidden: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        top_k: int,
+        top_k: int | torch.Tensor,
         cache: Optional[KVCache | StaticKVCache] = None,
     ) -> torch.Tensor:
+        """top_k: an int, or a (batch,) tensor of per-sample values (pretraining)."""
         layer = self.layer
         hidden = hidden + self._attention(layer.input_layernorm(hidden), cos, sin, cache)
         batch, length, width = hidden.shape
         moe_in = layer.post_attention_layernorm(hidden).reshape(-1, width)
+        if isinstance(top_k, torch.Tensor):
+            top_k = top_k.repeat_interleave(length)
         return hidden + moe_forward(layer.mlp, moe_in, top_k, self.norm_topk_prob).reshape(batch, length, width)
 
     def _attention(self, x, cos, sin, cache):
