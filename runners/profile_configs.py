@@ -22,6 +22,7 @@ Existing profile.json / importance.json in --output_dir are not overwritten with
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -66,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "batch-1 latency erratic)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: decode steps run as CUDA graphs)")
+    ap.add_argument("--accuracy_from", type=Path, default=None,
+                    help="reuse the accuracy rows of this earlier profile.json of the same weights, split and "
+                         "samples, and measure only latency (latency drifts with the machine, accuracy does not)")
     ap.add_argument("--overwrite", action="store_true")
     return ap.parse_args(argv)
 
@@ -122,6 +126,29 @@ def validate(args: argparse.Namespace) -> None:
 
 def log(msg: str) -> None:
     print(f"[profile {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def reused_accuracy(path: Path, weights_sha256: str, split: str, num_samples: int, configs, blocks) -> dict:
+    """{config: accuracy row} from an earlier profile.json, which must describe the same weights,
+    split, sample count, configurations and kept blocks (a clear error names what differs)."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--accuracy_from {path}: cannot be read as JSON ({err})") from None
+    meta = earlier.get("meta", {})
+    for field, have, want in (("weights_sha256", meta.get("weights_sha256"), weights_sha256),
+                              ("split", meta.get("split"), split), ("num_samples", earlier.get("num_samples"), num_samples)):
+        if have != want:
+            raise ValueError(f"--accuracy_from {path}: {field} is {have!r}, this profile's is {want!r}")
+    by_name = {(r["tier"], r["top_k"], r["num_blocks"]): r for r in earlier.get("configs", [])}
+    rows = {}
+    for c in configs:
+        row = by_name.get((c.tier, c.top_k, c.num_blocks))
+        if row is None or row.get("blocks") != blocks[c]:
+            raise ValueError(f"--accuracy_from {path}: no row with the blocks {blocks[c]} of {c.name}")
+        rows[c] = {k: row[k] for k in ("tier", "top_k", "num_blocks", "insertion", "blocks", "accuracy_mean",
+                                       "accuracy_by_family")}
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -187,11 +214,15 @@ def main(argv=None) -> dict:
         log(f"importance ({method}, {source}) in {timing['importance_s']:.0f}s: "
             + " ".join(f"{b}:{s:.3g}" for b, s in sorted(scores.items())))
 
-        # 2. accuracy (batched)
+        # 2. accuracy (batched), or the rows of an earlier profile of the same weights and samples
         t0 = time.perf_counter()
-        evaluator.release_images(sorted({c.tier for c in configs}))
-        rows = {}
-        for tier in ks.tiers:
+        if args.accuracy_from is not None:
+            reused = reused_accuracy(args.accuracy_from, sha_start, args.split, len(samples), configs,
+                                     {c: [b for b, _ in c.plan(scores, ks, cfg.top_k)] for c in configs})
+            log(f"accuracy of {len(configs)} configs reused from {args.accuracy_from}")
+        evaluator.release_images(sorted({c.tier for c in configs}) if args.accuracy_from is None else [])
+        rows = {} if args.accuracy_from is None else reused
+        for tier in ks.tiers if args.accuracy_from is None else ():
             tier_configs = [c for c in configs if c.tier == tier]
             if not tier_configs:
                 continue

@@ -37,7 +37,7 @@ def test_train_user_errors(tmp_path, capsys, argv, message):
 def test_cuda_on_a_machine_without_it_says_so(tmp_path, capsys):
     stderr = _user_error(train.main, ["--config", train.REPO / "configs" / "smoke.yaml", "--output_dir",
                                       tmp_path / "run", "--device", "cuda"], capsys)
-    assert "--device cuda: this machine has no CUDA device" in stderr and "pass --device cpu" in stderr
+    assert "--device='cuda': CUDA is not available on this machine" in stderr and "use --device cpu" in stderr
     stderr = _user_error(evaluate.main, ["--checkpoint", tmp_path / "none.pt", "--output_dir", tmp_path / "e",
                                          "--device", "cuda"], capsys)
     assert "does not exist" in stderr  # the checkpoint is read first; either way one line, status 2

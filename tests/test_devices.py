@@ -25,7 +25,7 @@ def test_resolve_device():
 
 def test_train_refuses_cuda_before_writing(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=NO_CUDA):
+    with pytest.raises(SystemExit, match=NO_CUDA):  # a user error: one line, status 2 (agents.cli)
         load_runner("train").main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--output_dir", str(out),
                                    "--device", "cuda"])
     assert not out.exists()

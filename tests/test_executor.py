@@ -75,9 +75,10 @@ def backend_image(sample):
 
 
 def same_length_groups(backend, samples):
+    """Samples of equal prompt length and image size (one tiling): batchable."""
     groups = {}
     for s in samples:
-        groups.setdefault(len(backend.prompt_ids(s)), []).append(s)
+        groups.setdefault((len(backend.prompt_ids(s)), s.image.size), []).append(s)
     return [g for g in groups.values() if len(g) > 1]
 
 
@@ -99,15 +100,19 @@ def test_batched_generation_equals_batch1_episodes(backend, samples, config):
 def test_pretraining_evaluation_equals_batch1_episodes(backend, samples):
     """runners/pretrain_vlm.py's greedy answers (rows of mixed prompt lengths) are the backend's."""
     pretrain = load_runner("pretrain_vlm")
-    items = [pretrain.EncodedSynthVQA(backend.dataset("test"), backend.tokenizer)[i] for i in range(8)]
+    data = backend.dataset("test")
+    by_size = {}
+    for i in range(len(data)):  # a batch shares one image size (one tiling), as pretraining's batches do
+        by_size.setdefault(data[i].image.size, []).append(i)
+    rows = max(by_size.values(), key=len)[:8]
+    items = [pretrain.EncodedSynthVQA(data, backend.tokenizer)[i] for i in rows]
     assert len({len(it[1]) for it in items}) > 1  # mixed prompt lengths
     batch = pretrain.collate(items, backend.tokenizer.pad_id)
     config = StaticConfig("medium", 6, 5)
     plan = config.plan(backend.importance, backend.knob_space, backend.cfg.top_k)
     executor = Executor(backend.model, backend.tokenizer.eos_id, mode="eager")
     answers = pretrain.greedy_answers(executor, backend.tokenizer, batch, "medium", plan, torch.device("cpu"), 4)
-    data = backend.dataset("test")
-    for i, answer in enumerate(answers):
+    for i, answer in zip(rows, answers):
         alone = run_episode(backend, data[i], config, torch.zeros(backend.d_model))
         assert answer == backend.tokenizer.decode(alone.extras["generated_ids"])
 

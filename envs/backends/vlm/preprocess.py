@@ -23,11 +23,9 @@ from envs.backends.vlm.config import CLIP_MEAN, CLIP_STD, VLMConfig
 
 def image_to_tensor(image: Image.Image, what: str = "image") -> torch.Tensor:
     """A PIL image -> (3, H, W) uint8 tensor. Grayscale, palette and RGBA images are converted to
-    RGB as Molmo does; an image without pixels is an error."""
+    RGB as Molmo does."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"{what}: expected a PIL image, got {type(image).__name__}")
-    if image.width < 1 or image.height < 1:
-        raise ValueError(f"{what}: image size is {image.width}x{image.height}, expected at least 1x1 pixels")
     if image.mode != "RGB":
         image = image.convert("RGB")
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
