@@ -207,7 +207,7 @@ def dummy_closed_form_profile(backend, split: str = "val") -> list[ProfileEntry]
     """Profile of every static configuration from the dummy backend's own closed-form model over
     the samples of `split`: expected accuracy, and the exact mean and p95 of the latency, whose
     distribution is a mixture over samples of log-normals (noise-free latency x exp(sigma * z))."""
-    if not hasattr(backend, "config_grid"):
+    if not backend.has_closed_form:
         raise ValueError(f"{type(backend).__name__} has no closed-form model; use a profile.json or profile_source=val")
     ks = backend.knob_space
     samples = backend.dataset(split)

@@ -208,7 +208,7 @@ def env_policy_rows(
         ep = episodes[b_i * s:(b_i + 1) * s]
         info = ep["episode"]
         extra = {}
-        if reference and hasattr(env.backend, "expected_rewards"):
+        if reference and env.backend.has_closed_form:
             ref = dummy_reference_rewards(env, ep)
             extra = {"expected_reward_mean": ref["expected_reward_mean"],
                      "optimal_expected_reward_mean": ref["optimal_reward_mean"],

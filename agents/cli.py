@@ -1,10 +1,10 @@
 """What every runner does with a user's mistake: one line on stderr naming the flag, exit status 2.
 
 A user error is bad input (a flag value, a config file, a missing directory or checkpoint, a device
-this machine lacks): the library raises ValueError, FileNotFoundError or KeyError with a message
-that names the field, the value and what to do. A runner turns those into one line and status 2,
-the way argparse reports a bad flag, inside `user_input()`; any other exception, or one raised
-outside `user_input()`, is a bug and keeps its traceback.
+this machine lacks, an output that exists): the library raises ValueError, FileNotFoundError,
+FileExistsError or KeyError with a message that names the field, the value and what to do. A runner
+turns those into one line and status 2, the way argparse reports a bad flag, inside `user_input()`;
+any other exception, or one raised outside `user_input()`, is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 from contextlib import contextmanager
 
 USAGE_STATUS = 2  # argparse's status for a bad command line
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 
 class UserError(SystemExit):
@@ -36,7 +36,7 @@ def fail(message: str) -> UserError:
 
 @contextmanager
 def user_input():
-    """Inside: ValueError / FileNotFoundError / KeyError are the user's, reported as one line."""
+    """Inside: ValueError / FileNotFoundError / FileExistsError / KeyError are the user's, reported as one line."""
     try:
         yield
     except USER_ERRORS as err:

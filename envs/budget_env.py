@@ -142,7 +142,7 @@ class BudgetVLMEnv(EnvBase):
     def _set_seed(self, seed: int | None) -> None:
         seed = 0 if seed is None else int(seed)
         self.rng.manual_seed(seed)
-        if hasattr(self.backend, "rng") and isinstance(self.backend.rng, torch.Generator):
+        if self.backend.rng is not None:
             self.backend.rng.manual_seed(seed + 1)
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:

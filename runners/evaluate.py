@@ -163,15 +163,15 @@ def check_checkpoint_fits(ckpt: dict, cfg, backend) -> list[str]:
 def resolve_profile(args, backend, knob_space, log) -> tuple[list, dict]:
     source = args.profile_source
     if source == "auto":
-        if args.results_dir or hasattr(backend, "results_dir"):
+        if args.results_dir or backend.results_dir is not None:
             source = "results_dir"
-        elif hasattr(backend, "config_grid"):
+        elif backend.has_closed_form:
             source = "closed_form"
         else:
             raise ValueError(f"no profile source for backend {type(backend).__name__}; pass --results_dir or "
                              f"--profile_source val")
     if source == "results_dir":
-        results_dir = Path(args.results_dir) if args.results_dir else getattr(backend, "results_dir", None)
+        results_dir = Path(args.results_dir) if args.results_dir else backend.results_dir
         if results_dir is None:
             raise ValueError("--profile_source results_dir needs --results_dir DIR (this backend has no results dir)")
         entries, other = load_profile(results_dir, knob_space)
@@ -179,7 +179,7 @@ def resolve_profile(args, backend, knob_space, log) -> tuple[list, dict]:
                 **{k: other[k] for k in ("num_samples", "machine", "budget_range_ms") if k in other}}
         return entries, info
     if source == "closed_form":
-        if not hasattr(backend, "config_grid"):
+        if not backend.has_closed_form:
             raise ValueError(f"--profile_source closed_form needs the dummy backend, not {type(backend).__name__}")
         entries = dummy_closed_form_profile(backend, "val")
         return entries, {"source": "closed_form", "split": "val", "num_samples": len(backend.dataset("val")),
@@ -258,7 +258,7 @@ def _run(args, log) -> dict:
 
     rows = []
     env = None
-    reference = hasattr(backend, "expected_rewards")
+    reference = backend.has_closed_form
     for spec in specs:
         start = time.perf_counter()
         if spec.needs_table:

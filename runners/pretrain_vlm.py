@@ -32,8 +32,8 @@ under it (medium and high tiers only). Without it the detail family stayed at ch
 Multi-GPU: run under torchrun; every process takes --batch-size samples per step (gradients are
 averaged), so 4 GPUs at --batch-size 256 train on 1024 samples per step.
 
-Recipe of the shipped checkpoint envs/assets/budgetvlm-molmoe-tiny: see docs/RESULTS.md
-("Test bed v2: recipe"), which lists every stage's command, GPU-minutes and numbers;
+Recipe of the shipped checkpoint envs/assets/budgetvlm-molmoe-tiny: docs/RESULTS.md section 1
+("Recipe so far") lists every stage's command, GPU-minutes and numbers;
 pretrain.log beside the checkpoint holds the stages' logs, eval.json the last stage's grid.
 Run it as a module (`python -m runners.pretrain_vlm`), not as a path, so runners/ is not first on
 sys.path. CPU smoke run (a tiny model, minutes):

@@ -328,11 +328,14 @@ def main(argv=None) -> dict:
 
 
 def cli(argv=None) -> int:
+    """main() with a user's mistake as one line on stderr and status 2 (agents.cli)."""
+    from agents.cli import UserError, user_input
+
     try:
-        main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with user_input():
+            main(argv)
+    except UserError as err:
+        return err.code
     return 0
 
 

@@ -150,7 +150,7 @@ def evaluate(env, actor, sample_index, budgets) -> tuple[dict, object]:
     episodes = run_episodes(env, actor, sample_index, budgets, greedy=True)
     actor.train()
     metrics = summarize(episodes)
-    if hasattr(env.backend, "expected_rewards"):
+    if env.backend.has_closed_form:
         metrics.update(dummy_reference_rewards(env, episodes))
     return metrics, episodes
 

@@ -259,3 +259,22 @@ def test_missing_model_dir_or_file_is_named(model_dir, tmp_path):
             profile_runner.main(["--model_path", str(broken), "--output_dir", str(tmp_path / "o")])
     # the CLI turns these into a one-line error and exit status 2
     assert profile_runner.cli(["--model_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o")]) == 2
+
+
+def test_accuracy_from_reuses_accuracy_and_remeasures_latency(model_dir, profiled, tmp_path):
+    """--accuracy_from: the accuracy rows of an earlier profile of the same weights and samples are
+    kept as they are, latency is measured anew; anything that differs is refused by name."""
+    earlier = json.loads((profiled / "profile.json").read_text())
+    args = ["--model_path", str(model_dir), "--num_samples", "6", "--latency_samples", "2", "--tiers", "low", "high",
+            "--top_k", "4", "8", "--num_blocks", "5", "6", "--warmup", "0",
+            "--importance_file", str(profiled / "importance.json"), "--skip_importance"]
+    out = tmp_path / "again"
+    again = profile_runner.main([*args, "--output_dir", str(out), "--accuracy_from", str(profiled / "profile.json")])
+    for old, new in zip(earlier["configs"], again["configs"]):
+        assert (new["accuracy_mean"], new["accuracy_by_family"], new["blocks"]) == \
+            (old["accuracy_mean"], old["accuracy_by_family"], old["blocks"])
+        assert new["latency_samples"] == 2 and new["latency_mean_ms"] > 0
+    other = dict(earlier, num_samples=5)
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="num_samples is 5, this profile's is 6"):
+        profile_runner.main([*args, "--output_dir", str(tmp_path / "x"), "--accuracy_from", str(tmp_path / "other.json")])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -45,6 +46,10 @@ class Backend(abc.ABC):
     d_model: int  # width of the budget token and the latency token
     language_dim: int  # width of the language feature
     budget_range_ms: tuple[float, float]  # training budgets are drawn uniformly from this range
+    # Optional capabilities, declared so that callers ask instead of probing attributes:
+    has_closed_form: bool = False  # exact expected_rewards(sample, budget_ms, weights) and config_grid(sample)
+    results_dir: Path | None = None  # where the backend's profile.json and importance.json live
+    rng: torch.Generator | None = None  # the backend's own randomness, seeded by the env and checkpointed
 
     @abc.abstractmethod
     def dataset(self, split: str) -> Sequence[Any]:

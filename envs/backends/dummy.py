@@ -61,6 +61,8 @@ class _DummyEpisode:
 class DummyBackend(Backend):
     """Closed-form stand-in for a MoE VLM (see module docstring)."""
 
+    has_closed_form = True
+
     def __init__(
         self,
         knob_space: KnobSpace | Mapping | None = None,
