@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from agents.budget_sweep import default_budgets
+from agents.cli import user_input
 from envs.data.synthvqa import FAMILIES
 from envs.headroom import headroom_report
 
@@ -30,9 +31,9 @@ def load_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise SystemExit(f"{what} {path} does not exist") from None
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
     except json.JSONDecodeError as err:
-        raise SystemExit(f"{what} {path} is not valid JSON: {err}") from None
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
 
 
 def main(argv=None) -> dict:
@@ -44,7 +45,7 @@ def main(argv=None) -> dict:
     evaluation = load_json(args.grid, "--grid")
     grid = evaluation.get("grid")
     if not isinstance(grid, dict) or not {"val", "test"} <= set(grid):
-        raise SystemExit(f"--grid {args.grid}: no 'grid' with 'val' and 'test' tables; write it with "
+        raise ValueError(f"--grid {args.grid}: no 'grid' with 'val' and 'test' tables; write it with "
                          "runners/pretrain_vlm.py --grid all")
     profile = load_json(args.profile, "--profile")
     p95 = {config_name(c): c["latency_p95_ms"] for c in profile["configs"]}
@@ -72,4 +73,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with user_input():  # a user's mistake: one line and status 2
+        main()

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from agents.cli import user_input
 from envs.backends.vlm import VLMConfig, WordTokenizer, build_model, load_model
 from envs.backends.vlm.config import PRESETS
 from envs.backends.vlm.executor import Executor, block_plan, encode_vision, full_plan, run_blocks
@@ -389,11 +390,11 @@ def parse_weights(text: str, keys, flag: str) -> dict[str, float] | None:
     for kv in text.split(","):
         key, _, value = kv.partition("=")
         if key not in keys:
-            raise SystemExit(f"{flag}: unknown key {key!r}; expected keys among {tuple(keys)}")
+            raise ValueError(f"{flag}: unknown key {key!r}; expected keys among {tuple(keys)}")
         try:
             out[key] = float(value)
         except ValueError:
-            raise SystemExit(f"{flag}: {kv!r} is not key=number") from None
+            raise ValueError(f"{flag}: {kv!r} is not key=number") from None
     return out
 
 
@@ -435,7 +436,7 @@ def main(argv=None):
     elastic_names = [f for f in args.elastic_families.split(",") if f]
     unknown = sorted(set(elastic_names) - set(synthvqa.FAMILIES))
     if unknown:
-        raise SystemExit(f"--elastic-families: unknown {unknown}; expected names among {synthvqa.FAMILIES}")
+        raise ValueError(f"--elastic-families: unknown {unknown}; expected names among {synthvqa.FAMILIES}")
     tier_weights = parse_weights(args.tier_weights, TIERS, "--tier-weights") or {t: 1.0 for t in TIERS}
     train_weights = parse_weights(args.family_weights, synthvqa.FAMILIES, "--family-weights")
 
@@ -448,7 +449,7 @@ def main(argv=None):
     out = Path(args.out)
     state_path = out / TRAIN_STATE_FILE
     if args.resume and not state_path.is_file():
-        raise SystemExit(f"--resume: {state_path} does not exist")
+        raise FileNotFoundError(f"--resume: {state_path} does not exist")
     if args.init or args.resume:
         model, tokenizer = load_model(args.out if args.resume else args.init, device)
     else:
@@ -604,4 +605,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with user_input():  # a user's mistake: one line and status 2
+        main()

@@ -5,11 +5,8 @@ import math
 import pytest
 import torch
 
-from envs.backends.vlm import VLMConfig, WordTokenizer, build_model
-from envs.backends.vlm.config import PRESETS
-from envs.data import synthvqa
 
-from helpers import load_runner
+from helpers import load_runner, make_tiny_model_dir
 
 LAYERS = 6
 
@@ -26,14 +23,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_vlm")
-    tok = WordTokenizer.build(synthvqa.vocabulary())
-    cfg = VLMConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, **PRESETS["test"])
-    build_model(cfg, seed=0).save(path, tok, dtype=torch.float32)
-    (path / "importance.json").write_text(
-        json.dumps({"method": "test", "scores": {str(i): float(i % 3) for i in range(LAYERS)}})
-    )
-    return path
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_vlm"))
 
 
 FAST = ["--pairs", "3", "--knob_samples", "2", "--repeats", "1", "--warmup", "1"]

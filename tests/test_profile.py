@@ -8,8 +8,7 @@ import shutil
 import pytest
 import torch
 
-from envs.backends.vlm import VLMBackend, VLMConfig, WordTokenizer, build_model
-from envs.backends.vlm.config import PRESETS
+from envs.backends.vlm import VLMBackend
 from envs.data import synthvqa
 from envs.profiling import (
     BatchedEvaluator,
@@ -23,7 +22,7 @@ from envs.profiling import (
     static_configs,
 )
 
-from helpers import load_runner
+from helpers import load_runner, make_tiny_model_dir
 
 LAYERS = 6
 
@@ -33,10 +32,7 @@ profile_runner = load_runner("profile_configs")
 
 def make_model_dir(path, seed=0):
     """Tiny model of the real classes with SynthVQA's vocabulary (so its questions tokenize)."""
-    tok = WordTokenizer.build(synthvqa.vocabulary())
-    cfg = VLMConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, **PRESETS["test"])
-    build_model(cfg, seed=seed).save(path, tok, dtype=torch.float32)
-    return path
+    return make_tiny_model_dir(path, seed=seed, results=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
