@@ -43,3 +43,13 @@ def user_input():
         # KeyError's str() is the repr of its argument; the message is the argument itself.
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         raise fail(str(message)) from None
+
+
+def exit_status(main, argv=None) -> int:
+    """Run main(argv): 0 when it returns, 2 (after the one line) on a user's mistake."""
+    try:
+        with user_input():
+            main(argv)
+    except UserError as err:
+        return err.code
+    return 0

@@ -360,14 +360,9 @@ def molmoe_markdown(m: dict) -> list[str]:
 
 def cli(argv=None) -> int:
     """main() with a user's mistake as one line on stderr and status 2 (agents.cli)."""
-    from agents.cli import UserError, user_input
+    from agents.cli import exit_status
 
-    try:
-        with user_input():
-            main(argv)
-    except UserError as err:
-        return err.code
-    return 0
+    return exit_status(main, argv)
 
 
 if __name__ == "__main__":
