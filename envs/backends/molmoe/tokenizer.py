@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from envs.backends.molmoe.config import TOKENIZER_FILE
 from envs.backends.molmoe.preprocess import ImageTokenIds
+from envs.backends.vlm.tokenizer import read_tokenizer_file
 
 EOS_TOKEN = "<|endoftext|>"
 IMAGE_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>")
@@ -37,13 +38,7 @@ class MolmoETokenizer:
     @classmethod
     def load(cls, model_dir: str | Path) -> "MolmoETokenizer":
         path = Path(model_dir) / TOKENIZER_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
-            raise ValueError(f"tokenizer file {path} cannot be parsed: {err}") from None
-        return cls(tok, str(path))
+        return cls(read_tokenizer_file(path), str(path))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -60,13 +60,7 @@ class WordTokenizer:
     @classmethod
     def load(cls, model_dir: str | Path) -> "WordTokenizer":
         path = Path(model_dir) / TOKENIZER_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
-            raise ValueError(f"tokenizer file {path} cannot be parsed: {err}") from None
-        return cls(tok, source=str(path))
+        return cls(read_tokenizer_file(path), source=str(path))
 
     def save(self, model_dir: str | Path) -> None:
         self._tok.save(str(Path(model_dir) / TOKENIZER_FILE))
@@ -76,3 +70,13 @@ class WordTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def read_tokenizer_file(path: Path) -> Tokenizer:
+    """A `tokenizers` JSON file; a missing or malformed file is an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
+        raise ValueError(f"tokenizer file {path} cannot be parsed: {err}") from None
