@@ -35,7 +35,8 @@ def run_episodes(env, actor, sample_index: torch.Tensor, budget_ms: torch.Tensor
         pad = rows - m  # the last chunk repeats its first row to fill the env's fixed batch
         reset = reset_to(rows, sample_index=torch.cat([idx, idx[:1].repeat(pad)]),
                          budget_ms=torch.cat([bud, bud[:1].repeat(pad)]))
-        traj = collect_rollouts(env, actor, reset, greedy=greedy)
+        # Results on the CPU, where the requested indices live, whatever device the env and policy use.
+        traj = collect_rollouts(env, actor, reset, greedy=greedy).cpu()
         step1, step2 = traj[:m, 0], traj[:m, 1]
         # The sample actually run: the env substitutes another one when an image cannot be read.
         ran = step2["sample_index"].reshape(m)

@@ -166,7 +166,8 @@ class HierarchicalController(TensorDictModuleBase):
             rows = (stage == s).nonzero().flatten()
             if rows.numel() == 0:
                 continue
-            acted = self._act_per_request(actor, td[rows].select(*actor.in_keys, strict=False), device)
+            # CPU indices index tensors on any device (the env's entries need not sit on the policy's)
+            acted = self._act_per_request(actor, td[rows.cpu()].select(*actor.in_keys, strict=False), device)
             for key in acted.keys(include_nested=True, leaves_only=True):
                 if key in out.keys(include_nested=True):
                     out.get(key)[rows] = acted.get(key).to(out.get(key).dtype)

@@ -11,6 +11,7 @@ import torch
 from envs.backends.vlm import VLMBackend, VLMConfig, WordTokenizer, build_model
 from envs.backends.vlm.config import PRESETS
 from envs.backends.vlm.executor import Executor, first_tokens, prefill_sequence, run_blocks, trim_at_eos
+from envs.backends.vlm.preprocess import tiling
 from envs.data import synthvqa
 from envs.profiling import StaticConfig, load_samples, run_episode
 
@@ -115,9 +116,12 @@ def test_cuda_episodes_answer_what_cpu_episodes_answer(model_dir, cuda_backend, 
             assert all(on_cuda.timings_ms[p] > 0 for p in ("preprocess", "vision", "prefill", "decode"))
     executor = cuda_backend.describe()["executor"]
     assert executor["decode"] == "graphs"
-    # one decode graph per configuration and one vision graph per crop shape (tier), replayed after
-    assert executor["decode_graphs"] == len(CONFIGS) and executor["vision_graphs"] == 3
-    assert executor["captures"] == len(CONFIGS) + 3
+    # one decode graph per configuration and one vision graph per crop count (tier and image size),
+    # replayed after
+    crop_counts = {tiling(h, w, c.tier, cpu.model.cfg).num_crops
+                   for c in CONFIGS for w, h in (s.image_loader().size for s in samples)}
+    assert executor["decode_graphs"] == len(CONFIGS) and executor["vision_graphs"] == len(crop_counts)
+    assert executor["captures"] == len(CONFIGS) + len(crop_counts)
     assert cuda_backend.executor.max_graphs == 2 * 5 * 5  # every (p, k, N) of the knob space fits
     assert cuda_backend.describe()["expert_kernel"] == "gathered"  # fp32 on CUDA
 
