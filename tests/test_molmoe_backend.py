@@ -171,7 +171,7 @@ def test_bad_input_is_named(backend, results_dir):
         make_backend("molmoe", results_dir=results_dir)
     with pytest.raises(FileNotFoundError, match=r"block importance file .*importance\.json does not exist"):
         MolmoEBackend(model_path=FIXTURE, results_dir=FIXTURE / "images")
-    with pytest.raises(ValueError, match=r"dtype='int8' is not known"):
+    with pytest.raises(ValueError, match=r"dtype='int8' is not supported"):
         make_backend("molmoe", model_path=FIXTURE, results_dir=results_dir, dtype="int8")
 
 
