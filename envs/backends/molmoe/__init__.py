@@ -28,13 +28,15 @@ MolmoEBackend(model_path, results_dir=None, dataset_names=("synthvqa",), data_ro
     are the embedded backend's (envs.backends.vlm), prompts are the datasets' templates in
     MolmoE's " User: ... Assistant:" format; image_size [W, H] resizes every image first.
 write_random_checkpoint(cfg, out_dir)     random weights in the published layout (GPU benchmarks)
+build_random_checkpoint(dir, template)    a whole random checkpoint at MolmoE-1B's published sizes,
+                                          tokenizer and processor files from `template`
 """
 from envs.backends.molmoe.backend import DEFAULT_TIER_MAX_CROPS, MolmoEBackend
 from envs.backends.molmoe.config import MolmoEConfig
 from envs.backends.molmoe.model import MolmoE, load
 from envs.backends.molmoe.preprocess import MolmoEInputs, preprocess, select_tiling
 from envs.backends.molmoe.tokenizer import MolmoETokenizer, chat_prompt
-from envs.backends.molmoe.weights import published_shapes, write_random_checkpoint
+from envs.backends.molmoe.weights import build_random_checkpoint, published_shapes, write_random_checkpoint
 
 __all__ = [
     "DEFAULT_TIER_MAX_CROPS",
@@ -43,6 +45,7 @@ __all__ = [
     "MolmoEConfig",
     "MolmoEInputs",
     "MolmoETokenizer",
+    "build_random_checkpoint",
     "chat_prompt",
     "load",
     "preprocess",
