@@ -47,16 +47,36 @@ def test_train_then_evaluate(results_dir, tmp_path):
     assert len(rows) == 6
 
 
-def test_bench_measurements_accept_the_backend(results_dir):
-    """envs.profiling's meter-overhead and knob-latency benchmarks (runners/bench.py) on MolmoEBackend."""
-    from envs.backends.molmoe import MolmoEBackend
-    from envs.profiling import StaticConfig, knob_latency, meter_overhead
-
-    backend = MolmoEBackend(model_path=FIXTURE, results_dir=results_dir, num_samples=1, max_new_tokens=2)
-    samples = list(backend.dataset("val"))
-    overhead = meter_overhead(backend, samples, StaticConfig("low", 2, 4), pairs=1, warmup=0)
+def test_bench_runs_on_the_backend(results_dir, tmp_path):
+    """runners/bench.py --backend molmoe: meter overhead and latency-vs-knobs on MolmoEBackend episodes."""
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    result = load_runner("bench").main([
+        "--backend", "molmoe", "--model_path", str(FIXTURE), "--results_dir", str(results_dir), "--split", "val",
+        "--pairs", "1", "--knob_samples", "1", "--repeats", "1", "--warmup", "0", "--max_new_tokens", "2",
+        "--image_size", "640", "480", "--output", str(out), "--markdown", str(md),
+    ])
+    assert result["backend"]["backend"] == "MolmoEBackend" and result["backend"]["image_size"] == [640, 480]
+    assert result["model"] == f"given MolmoE checkpoint {FIXTURE}" and "molmoe_shape" not in result
+    overhead = result["meter_overhead"]["full"]
     # hooked calls: the vision backbone once, then every run block and the LM head per generated token
+    assert overhead["config"] == {"tier": "high", "top_k": 2, "num_blocks": 4, "insertion": 1}
     assert overhead["hooked_calls_per_episode"] == 1 + 2 * (4 + 1)
-    latency = knob_latency(backend, samples, {"cheap": StaticConfig("low", 1, 1), "full": StaticConfig("high", 2, 4)},
-                           warmup=0)
-    assert set(latency["configs"]) == {"cheap", "full"} and latency["slowest_over_fastest"] >= 1
+    knobs = result["knob_latency"]["configs"]
+    assert list(knobs)[0] == "full (high, k=2, N=4)" and list(knobs)[-1] == "cheapest (low, k=1, N=1)"
+    assert all(c["median_ms"] > 0 and c["n"] == 1 for c in knobs.values())
+    assert "episode_knob_steps" in result["checks"] and "embedded_knob_steps" not in result["checks"]
+    assert "given MolmoE checkpoint" in md.read_text()
+
+
+def test_bench_molmoe_bad_input_names_the_flag(tmp_path):
+    bench = load_runner("bench")
+    out = ["--output", str(tmp_path / "b.json")]
+    with pytest.raises(ValueError, match="--backend molmoe needs --model_path"):
+        bench.main(["--backend", "molmoe", *out])
+    with pytest.raises(FileNotFoundError, match=r"--model_path=.*: model directory does not exist; expected a MolmoE"):
+        bench.main(["--backend", "molmoe", "--model_path", str(tmp_path / "none"), *out])
+    with pytest.raises(ValueError, match="--image_size is an option of --backend molmoe"):
+        bench.main(["--image_size", "64", "64", *out])
+    with pytest.raises(ValueError, match=r"--dtype='float16' is not supported by --backend vlm"):
+        bench.main(["--dtype", "float16", *out])
+    assert not (tmp_path / "b.json").exists()
