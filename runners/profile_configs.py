@@ -42,16 +42,15 @@ PROFILE_JSON = "profile.json"
 
 
 def _lib():
-    """torch, make_backend and envs.profiling, imported on first use (so --help answers at once)."""
+    """torch and envs.profiling, imported on first use (so --help answers at once)."""
     import torch
     from envs import profiling
-    from envs.backends import make_backend
 
-    return torch, make_backend, profiling
+    return torch, profiling
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    _, _, P = _lib()
+    _, P = _lib()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="vlm", help=f"one of {P.PROFILE_BACKENDS}: the embedded model or MolmoE")
     ap.add_argument("--model_path", required=True,
@@ -89,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def validate(args: argparse.Namespace) -> None:
-    _, _, P = _lib()
+    _, P = _lib()
     if args.backend not in P.PROFILE_BACKENDS:
         raise ValueError(f"--backend={args.backend!r} is not known; expected one of {P.PROFILE_BACKENDS}")
     args.model_path = P.check_model_dir(args.model_path, "--model_path", args.backend)
@@ -176,7 +175,7 @@ def reused_accuracy(path: Path, weights_sha256: str, split: str, num_samples: in
 
 
 def main(argv=None) -> dict:
-    torch, make_backend, P = _lib()
+    torch, P = _lib()
     from envs.machine import load_average, machine_info
     args = parse_args(argv)
     validate(args)
@@ -196,27 +195,27 @@ def main(argv=None) -> dict:
     if args.image_size is not None:
         backend_kwargs["image_size"] = tuple(args.image_size)
     timing = {}
-    with P.evaluation_backend(args.model_path, args.backend, **backend_kwargs) as eb:
-        ks, cfg = eb.knob_space, eb.cfg
+    with P.evaluation_backend(args.model_path, args.backend, **backend_kwargs) as backend:
+        ks, cfg = backend.knob_space, backend.cfg
         configs = P.static_configs(ks, args.tiers, args.top_k, args.num_blocks)
-        samples, skipped = P.load_samples(eb, args.split, args.num_samples)
+        samples, skipped = P.load_samples(backend, args.split, args.num_samples)
         if len(samples) < args.num_samples:
             raise ValueError(
                 f"--num_samples={args.num_samples}: split {args.split!r} has only {len(samples)} loadable samples"
             )
         log(f"{len(configs)} configs, {len(samples)} {args.split} samples ({skipped} skipped), "
             f"torch threads {torch.get_num_threads()}, load {load_start}")
-        evaluator = P.BatchedEvaluator(eb, samples, args.batch_size, args.max_new_tokens)
+        evaluator = P.BatchedEvaluator(backend, samples, args.batch_size, args.max_new_tokens)
 
         # 1. importance
         t0 = time.perf_counter()
         records = {}
         if not args.skip_importance:
             if args.importance_split == args.split and args.importance_samples <= args.num_samples:
-                imp_eval = P.BatchedEvaluator(eb, samples[: args.importance_samples], args.batch_size, args.max_new_tokens)
+                imp_eval = P.BatchedEvaluator(backend, samples[: args.importance_samples], args.batch_size, args.max_new_tokens)
             else:
-                imp_samples, _ = P.load_samples(eb, args.importance_split, args.importance_samples)
-                imp_eval = P.BatchedEvaluator(eb, imp_samples, args.batch_size, args.max_new_tokens)
+                imp_samples, _ = P.load_samples(backend, args.importance_split, args.importance_samples)
+                imp_eval = P.BatchedEvaluator(backend, imp_samples, args.batch_size, args.max_new_tokens)
             records = P.compute_importance(imp_eval, ks, cfg.top_k)
             for rec in records.values():
                 rec["split"] = args.importance_split
@@ -267,22 +266,21 @@ def main(argv=None) -> dict:
         timing["accuracy_s"] = time.perf_counter() - t0
         del evaluator
 
-    # 3. latency at batch size 1, through the backend reading the importance.json just written
-    t0 = time.perf_counter()
-    backend = make_backend(args.backend, model_path=args.model_path, results_dir=out, budget_range_ms=(1.0, 2.0),
-                           **backend_kwargs)
-    if backend.importance != scores:
-        raise RuntimeError(f"{out / IMPORTANCE_JSON} does not hold the importance the profile used")
-    for row, c in zip(rows, configs):
-        assert [b for b, _ in c.plan(backend.importance, ks, cfg.top_k)] == row["blocks"]
-    if P.weights_sha256(args.model_path) != sha_start:
-        raise RuntimeError(
-            f"the weights in {args.model_path} changed during profiling (sha256 {sha_start[:12]}... at the start); "
-            f"accuracy and latency would describe different weights - rerun once the checkpoint is final"
-        )
-    lat_samples = samples[: args.latency_samples]
-    table = P.measure_latency(backend, lat_samples, configs, warmup=args.warmup, seed=args.seed, progress=log)
-    timing["latency_s"] = time.perf_counter() - t0
+        # 3. latency at batch size 1, through the same backend reading the importance.json just written
+        t0 = time.perf_counter()
+        backend.read_results(out, budget_range_ms=(1.0, 2.0))
+        if backend.importance != scores:
+            raise RuntimeError(f"{out / IMPORTANCE_JSON} does not hold the importance the profile used")
+        for row, c in zip(rows, configs):
+            assert [b for b, _ in c.plan(backend.importance, ks, cfg.top_k)] == row["blocks"]
+        if P.weights_sha256(args.model_path) != sha_start:
+            raise RuntimeError(
+                f"the weights in {args.model_path} changed during profiling (sha256 {sha_start[:12]}... at the "
+                f"start); accuracy and latency would describe different weights - rerun once the checkpoint is final"
+            )
+        lat_samples = samples[: args.latency_samples]
+        table = P.measure_latency(backend, lat_samples, configs, warmup=args.warmup, seed=args.seed, progress=log)
+        timing["latency_s"] = time.perf_counter() - t0
     for row, c in zip(rows, configs):
         runs = table.timings(c)
         row.update(P.latency_stats(table.totals(c)))

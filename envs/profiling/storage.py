@@ -57,8 +57,8 @@ def evaluation_backend(model_path: Path, backend: str = "vlm", **kwargs):
     """A backend ("vlm" or "molmoe") for data, prompts and model pieces when no importance.json exists yet.
 
     The backends require results_dir/importance.json; this one gets a placeholder (all zeros) in a
-    temporary dir. Its `importance` must never decide anything: the batched evaluator takes
-    explicit block plans.
+    temporary dir. Its `importance` must never decide anything (the batched evaluator takes
+    explicit block plans) until the real files are read (`read_results`).
     """
     from envs.backends import make_backend
 

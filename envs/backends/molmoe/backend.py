@@ -80,7 +80,8 @@ class MolmoEBackend(ExecutorBackend):
         self.image_size = _check_image_size(image_size)
         self.tier_max_crops = _check_tiers(tier_max_crops if tier_max_crops is not None else DEFAULT_TIER_MAX_CROPS)
         # The results files are checked before the (possibly 14 GB) weights are read.
-        self._read_results(MolmoEConfig.load(self.model_path).num_layers, importance_method, budget_range_ms)
+        self.read_results(self.results_dir, MolmoEConfig.load(self.model_path).num_layers, importance_method,
+                          budget_range_ms)
         model, tokenizer = load(self.model_path, self.device, self.DTYPES[dtype])
         if budget_token_scale is None:
             budget_token_scale = float(model.wte.weight.float().pow(2).mean().sqrt())

@@ -106,7 +106,12 @@ class ExecutorBackend(Backend):
         self.prompt_templates = dict(prompt_templates) if prompt_templates is not None else None
         self._datasets: dict[str, Sequence[VQASample]] = {}
 
-    def _read_results(self, num_layers: int, importance_method: str | None, budget_range_ms) -> None:
+    def read_results(self, results_dir: str | Path, num_layers: int | None = None, importance_method: str | None = None,
+                     budget_range_ms: Sequence[float] | None = None) -> None:
+        """(Re)read block importance (results_dir/importance.json) and the budget range (budget_range_ms,
+        else results_dir/profile.json); num_layers defaults to the loaded model's."""
+        self.results_dir = Path(results_dir)
+        num_layers = self.cfg.num_layers if num_layers is None else num_layers
         self.importance_method, self.importance = load_importance(self.results_dir, num_layers, importance_method)
         self.budget_range_ms = (
             _check_budget_range(budget_range_ms, "budget_range_ms argument")
@@ -285,7 +290,7 @@ class VLMBackend(ExecutorBackend):
                           max_new_tokens, dataset_names, data_root, num_samples, seed, dataset_weights,
                           prompt_templates)
         model, tokenizer = load_model(self.model_path, self.device, self.DTYPES[dtype])
-        self._read_results(model.cfg.num_layers, importance_method, budget_range_ms)
+        self.read_results(self.results_dir, model.cfg.num_layers, importance_method, budget_range_ms)
         self._set_model(model, tokenizer, model.cfg.tiers, decode_mode, max_graphs)
 
     # ----------------------------------------------------------------- data
