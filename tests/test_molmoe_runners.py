@@ -1,4 +1,5 @@
-"""The runners on the MolmoE backend (the fixture's tiny checkpoint, CPU): profile, train, evaluate, bench."""
+"""The runners on the MolmoE backend (the fixture's tiny checkpoint, CPU): the GPU script's CPU path
+(profile and training as it runs them), then evaluate and bench on its outputs."""
 import json
 
 import pytest
@@ -8,52 +9,72 @@ from helpers import ROOT, load_runner
 from molmoe_fixture import FIXTURE, requires_fixture
 
 pytestmark = requires_fixture
+SMOKE = ROOT / "configs" / "molmoe_smoke.yaml"
 
 
 @pytest.fixture(scope="module")
-def results_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("molmoe_profile")
-    load_runner("profile_configs").main([
-        "--backend", "molmoe", "--model_path", str(FIXTURE), "--output_dir", str(out), "--tiers", "low",
-        "--split", "val", "--num_samples", "1", "--latency_samples", "1", "--importance_samples", "1",
-        "--warmup", "0", "--max_new_tokens", "1", "--image_size", "640", "480",
+def gpu_run(tmp_path_factory):
+    """runners/bench_molmoe.py on CPU: its profile (the low tier's 8 configurations) and a 2-step run."""
+    out = tmp_path_factory.mktemp("molmoe_gpu") / "run"
+    report = load_runner("bench_molmoe").main([
+        "--model_path", str(FIXTURE), "--output_dir", str(out), "--device", "cpu", "--train_config", str(SMOKE),
+        "--num_samples", "1", "--latency_samples", "1", "--warmup", "0", "--tiers", "low", "--threads", "1",
     ])
-    return out
+    return out, report
 
 
-def test_profile_covers_the_grid_the_env_reads(results_dir):
-    profile = json.loads((results_dir / "profile.json").read_text())
-    assert {(c["tier"], c["top_k"], c["num_blocks"]) for c in profile["configs"]} == {
-        ("low", k, n) for k in (1, 2) for n in (1, 2, 3, 4)}
-    lo, hi = profile["budget_range_ms"]
-    assert 0 < lo < hi
+def test_gpu_script_report(gpu_run):
+    out, report = gpu_run
+    assert json.loads((out / "molmoe_gpu.json").read_text()) == json.loads(json.dumps(report))
+    assert set(report["stages_s"]) == {"profile_s", "train_s", "total_s"}  # the fixture has weights: none built
+    assert report["model"]["decoder"] == {"d_model": 32, "blocks": 4, "experts": 8, "top_k": 2}
+    assert report["commands"]["profile"][2:6] == ["--backend", "molmoe", "--model_path", str(FIXTURE)]
+    assert report["commands"]["train"][-6:-4] == ["--output_dir", str(out / "train")]
+    rows = report["profile"]["configs"]
+    assert {(r["tier"], r["top_k"], r["num_blocks"]) for r in rows} == {("low", k, n) for k in (1, 2) for n in range(1, 5)}
+    # max_new_tokens 2 (the smoke config's): one decode step after the first token
+    assert all(r["latency_samples"] == 1 and r["decode_ms_per_token"] == r["decode_ms"] > 0 for r in rows)
+    decode = report["decode_ms_per_token"]
+    assert decode["tier"] == "low" and len(decode["rows"]) == 8
+    train = report["train"]
+    assert train["steps"] == 2 and [c["step"] for c in train["curve"]] == [1, 2]
+    assert train["final_eval"]["num_episodes"] == 2 and "uniform_random" in train["final_eval"]
+    text = (out / "molmoe_gpu.md").read_text()
+    assert "| low/k2/N4 |" in text and "Decode ms per token at the low tier" in text and "| uniform random |" in text
+    assert report["machine"]["cpu_model"] in text
 
 
-def test_train_then_evaluate(results_dir, tmp_path):
-    run = tmp_path / "run"
-    load_runner("train").main([
-        "--config", str(ROOT / "configs" / "molmoe_smoke.yaml"), "--backend", "molmoe", "--model_path", str(FIXTURE),
-        "--results_dir", str(results_dir), "--output_dir", str(run),
-    ])
-    final = json.loads((run / "final_eval.json").read_text())
-    assert final["num_episodes"] == 2 and final["latency_mean_ms"] > 0
+def test_profile_is_what_the_env_reads(gpu_run):
+    from envs.backends.molmoe import MolmoEBackend
+
+    out, report = gpu_run
+    backend = MolmoEBackend(model_path=FIXTURE, results_dir=out / "profile")
+    lo, hi = backend.budget_range_ms
+    assert 0 < lo < hi and [lo, hi] == report["profile"]["budget_range_ms"]
+    assert backend.importance_method == "drop_accuracy" and sorted(backend.importance) == [0, 1, 2, 3]
+
+
+def test_train_then_evaluate(gpu_run, tmp_path):
+    out, _ = gpu_run
+    run = out / "train"
     assert yaml.safe_load((run / "config.yaml").read_text())["env"]["backend"] == "molmoe"
-    out = load_runner("evaluate").main([
+    result = load_runner("evaluate").main([
         "--checkpoint", str(run), "--output_dir", str(tmp_path / "eval"), "--num_samples", "2", "--num_budgets", "2",
         "--policies", "controller", "static:low,2,4", "lookup-p95", "--warmup", "0",
     ])
-    assert out["meta"]["backend"]["backend"] == "MolmoEBackend"
-    rows = {(r["policy"], r["budget_ms"]) for r in out["rows"]}
+    assert result["meta"]["backend"]["backend"] == "MolmoEBackend"
+    rows = {(r["policy"], r["budget_ms"]) for r in result["rows"]}
     assert len(rows) == 6
 
 
-def test_bench_runs_on_the_backend(results_dir, tmp_path):
+def test_bench_runs_on_the_backend(gpu_run, tmp_path):
     """runners/bench.py --backend molmoe: meter overhead and latency-vs-knobs on MolmoEBackend episodes."""
-    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    out, _ = gpu_run
+    bench_json, md = tmp_path / "bench.json", tmp_path / "bench.md"
     result = load_runner("bench").main([
-        "--backend", "molmoe", "--model_path", str(FIXTURE), "--results_dir", str(results_dir), "--split", "val",
+        "--backend", "molmoe", "--model_path", str(FIXTURE), "--results_dir", str(out / "profile"), "--split", "val",
         "--pairs", "1", "--knob_samples", "1", "--repeats", "1", "--warmup", "0", "--max_new_tokens", "2",
-        "--image_size", "640", "480", "--output", str(out), "--markdown", str(md),
+        "--image_size", "640", "480", "--output", str(bench_json), "--markdown", str(md),
     ])
     assert result["backend"]["backend"] == "MolmoEBackend" and result["backend"]["image_size"] == [640, 480]
     assert result["model"] == f"given MolmoE checkpoint {FIXTURE}" and "molmoe_shape" not in result
@@ -80,3 +101,19 @@ def test_bench_molmoe_bad_input_names_the_flag(tmp_path):
     with pytest.raises(ValueError, match=r"--dtype='float16' is not supported by --backend vlm"):
         bench.main(["--dtype", "float16", *out])
     assert not (tmp_path / "b.json").exists()
+
+
+def test_gpu_script_bad_input_writes_nothing(gpu_run, tmp_path):
+    runner = load_runner("bench_molmoe")
+    base = ["--output_dir", str(tmp_path / "out"), "--device", "cpu"]
+    with pytest.raises(FileNotFoundError, match=r"--model_path=.*empty.*holds no weights; pass --random_from"):
+        runner.main(["--model_path", str(tmp_path / "empty"), *base])
+    with pytest.raises(FileNotFoundError, match=r"--random_from=.*expected a MolmoE checkpoint dir"):
+        runner.main(["--model_path", str(tmp_path / "empty"), "--random_from", str(tmp_path), *base])
+    with pytest.raises(ValueError, match=r"env.backend is 'dummy', expected 'molmoe'"):
+        runner.main(["--model_path", str(FIXTURE), "--train_config", str(ROOT / "configs" / "smoke.yaml"), *base])
+    with pytest.raises(ValueError, match=r"--latency_samples=9 is invalid; expected <= --num_samples=8"):
+        runner.main(["--model_path", str(FIXTURE), "--latency_samples", "9", *base])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "empty").exists()
+    with pytest.raises(FileExistsError, match=r"already holds \['profile', 'train', 'molmoe_gpu.json'\]"):
+        runner.main(["--model_path", str(FIXTURE), "--output_dir", str(gpu_run[0]), "--device", "cpu"])
