@@ -97,3 +97,21 @@ def _embedded_model_dir(tmp_path):
 
     path = tmp_path / "embedded"
     return path if path.is_dir() else make_tiny_model_dir(path)
+
+
+def test_weights_hash_covers_every_shard(tmp_path):
+    """A sharded checkpoint's hash (the profile's weights_sha256) changes with any shard."""
+    from envs.backends.molmoe import MolmoEConfig, write_random_checkpoint
+    from envs.profiling import weight_paths, weights_sha256
+
+    ckpt = copy_checkpoint(tmp_path / "sharded", skip=("model.safetensors",))
+    write_random_checkpoint(MolmoEConfig.load(ckpt), ckpt, shard_bytes=2 << 20)
+    paths = weight_paths(ckpt)
+    assert paths[0].name == "model.safetensors.index.json" and len(paths) > 2
+    before = weights_sha256(ckpt)
+    with open(paths[-1], "r+b") as f:  # one byte of the last shard
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    assert weights_sha256(ckpt) != before
