@@ -144,22 +144,6 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     stages, commands = {}, {}
-    built = needs_checkpoint(model_path)
-    if built:
-        log(f"checkpoint: writing a random MolmoE-1B checkpoint to {model_path}")
-        t0 = time.perf_counter()
-        build_random_checkpoint(model_path, args.random_from, device=args.device, seed=args.seed)
-        stages["checkpoint_s"] = time.perf_counter() - t0
-    stages["profile_s"], commands["profile"] = run_stage("profile", "profile_configs.py",
-                                                         profile_flags(args, cfg, out / "profile"))
-    train_flags = ["--config", str(args.train_config), "--backend", "molmoe", "--model_path", str(model_path),
-                   "--results_dir", str(out / "profile"), "--output_dir", str(out / "train"), "--device", args.device,
-                   "--num_threads", str(args.threads)]
-    stages["train_s"], commands["train"] = run_stage("train", "train.py", train_flags)
-    stages["total_s"] = time.perf_counter() - t_start
-
-    model_cfg = MolmoEConfig.load(model_path)
-    profile = json.loads((out / "profile" / "profile.json").read_text())
     report = {
         "machine": machine_info(),
         "device": args.device,
@@ -167,20 +151,41 @@ def main(argv=None) -> dict:
         "command": "python runners/bench_molmoe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "commands": commands,
         "stages_s": stages,
-        "model": {
-            "model_path": str(model_path), "random_weights_built_here": built,
-            "parameters": sum(math.prod(s) for s in published_shapes(model_cfg).values()),
-            "decoder": {"d_model": model_cfg.d_model, "blocks": model_cfg.n_layers,
-                        "experts": model_cfg.moe_num_experts, "top_k": model_cfg.moe_top_k},
-            "vision": {"layers": model_cfg.image_num_layers, "width": model_cfg.image_emb_dim,
-                       "crop_size": model_cfg.crop_size},
-        },
-        "profile": profile_summary(profile),
-        "decode_ms_per_token": decode_table(profile["configs"]),
-        "train": {"config": str(args.train_config), **train_summary(out / "train")},
     }
-    write_json(out / f"{REPORT}.json", report)
-    (out / f"{REPORT}.md").write_text(to_markdown(report))
+
+    def save() -> None:  # after every stage, so a run cut short keeps what it measured
+        stages["total_s"] = time.perf_counter() - t_start
+        write_json(out / f"{REPORT}.json", report)
+        if "train" in report:
+            (out / f"{REPORT}.md").write_text(to_markdown(report))
+
+    built = needs_checkpoint(model_path)
+    if built:
+        log(f"checkpoint: writing a random MolmoE-1B checkpoint to {model_path}")
+        t0 = time.perf_counter()
+        build_random_checkpoint(model_path, args.random_from, device=args.device, seed=args.seed)
+        stages["checkpoint_s"] = time.perf_counter() - t0
+    model_cfg = MolmoEConfig.load(model_path)
+    report["model"] = {
+        "model_path": str(model_path), "random_weights_built_here": built,
+        "parameters": sum(math.prod(s) for s in published_shapes(model_cfg).values()),
+        "decoder": {"d_model": model_cfg.d_model, "blocks": model_cfg.n_layers,
+                    "experts": model_cfg.moe_num_experts, "top_k": model_cfg.moe_top_k},
+        "vision": {"layers": model_cfg.image_num_layers, "width": model_cfg.image_emb_dim,
+                   "crop_size": model_cfg.crop_size},
+    }
+    save()
+    stages["profile_s"], commands["profile"] = run_stage("profile", "profile_configs.py",
+                                                         profile_flags(args, cfg, out / "profile"))
+    profile = json.loads((out / "profile" / "profile.json").read_text())
+    report.update(profile=profile_summary(profile), decode_ms_per_token=decode_table(profile["configs"]))
+    save()
+    train_flags = ["--config", str(args.train_config), "--backend", "molmoe", "--model_path", str(model_path),
+                   "--results_dir", str(out / "profile"), "--output_dir", str(out / "train"), "--device", args.device,
+                   "--num_threads", str(args.threads)]
+    stages["train_s"], commands["train"] = run_stage("train", "train.py", train_flags)
+    report["train"] = {"config": str(args.train_config), **train_summary(out / "train")}
+    save()
     log(f"wrote {out / (REPORT + '.json')} and {out / (REPORT + '.md')} in {stages['total_s']:.0f}s")
     return report
 
@@ -200,9 +205,8 @@ def profile_summary(profile: dict) -> dict:
 
 
 def decode_table(rows: list[dict]) -> dict:
-    """decode ms/token per (top-k, blocks) at the top profiled tier (p = 1)."""
-    tiers = [r["tier"] for r in rows]
-    top = max(set(tiers), key=lambda t: max(r["crops_mean"] for r in rows if r["tier"] == t))
+    """decode ms/token per (top-k, blocks) at the top profiled tier (p = 1; rows come in tier order)."""
+    top = rows[-1]["tier"]
     return {"tier": top, "rows": [{"top_k": r["top_k"], "num_blocks": r["num_blocks"],
                                    "ms_per_token": r["decode_ms_per_token"]} for r in rows if r["tier"] == top]}
 
@@ -227,7 +231,8 @@ def to_markdown(r: dict) -> str:
     m, model, s = r["machine"], r["model"], r["stages_s"]
     gpu = f", GPU {m['cuda_device']}" if "cuda_device" in m else ""
     p = r["profile"]
-    stage_text = ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in s.items())
+    stage_text = ", ".join(f"{name} {s[name + '_s']:.0f} s" for name in ("checkpoint", "profile", "train", "total")
+                           if name + "_s" in s)
     weights = "random weights written by this run" if model["random_weights_built_here"] else "its own weights"
     lines = [
         f"Model: {model['model_path']} ({weights}, {model['parameters']:,} parameters: decoder "

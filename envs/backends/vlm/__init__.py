@@ -44,6 +44,12 @@ VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_
   are overhead-bound, and a second thread competing with other processes inflates and scatters
   the timings.
 
+ExecutorBackend           the base of VLMBackend and envs.backends.molmoe.MolmoEBackend: options,
+                          results files (read_results(dir) re-reads them), data, knob space,
+                          latency meter, executor, run_to and finish; for the profiler's batched
+                          evaluator prefill_prefixes(images, prompt_ids, tier, batch_size) (the
+                          input embeddings before the budget token), embed_budget, first_tokens.
+
 Model pieces (for the profiler, benchmarks and pretraining)
 -----------------------------------------------------------
 VLMConfig                 hyper-parameters (config.json); tier crop budgets (tier_max_crops).
