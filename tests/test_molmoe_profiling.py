@@ -1,6 +1,5 @@
 """Profiling on the MolmoE backend (the fixture's tiny checkpoint, CPU): the batched evaluator,
 importance and runners/profile_configs.py --backend molmoe."""
-import json
 
 import pytest
 import torch

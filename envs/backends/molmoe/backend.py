@@ -110,14 +110,18 @@ class MolmoEBackend(ExecutorBackend):
         """Read at the last prompt position, one before the budget token (see the module docstring)."""
         return self.model.logits(hidden[:, -2:-1]).argmax(-1)
 
-    def inputs(self, image: torch.Tensor, prompt_ids: list[int], tier: str) -> MolmoEInputs:
-        """The processor's output for one uint8 (3, H, W) image at the tier's crop budget."""
+    def max_crops(self, tier: str) -> int:
+        """The tier's crop budget."""
         if tier not in self.tier_max_crops:
             raise ValueError(f"tier={tier!r} is not known; expected one of {tuple(self.tier_max_crops)}")
+        return self.tier_max_crops[tier]
+
+    def inputs(self, image: torch.Tensor, prompt_ids: list[int], tier: str) -> MolmoEInputs:
+        """The processor's output for one uint8 (3, H, W) image at the tier's crop budget."""
+        max_crops = self.max_crops(tier)
         if self.image_size is not None:
             image = resize_image(image, self.image_size)
-        return preprocess(image, prompt_ids, self.tokenizer.bos_id, self.tier_max_crops[tier], self.cfg,
-                          self.tokenizer.image_ids)
+        return preprocess(image, prompt_ids, self.tokenizer.bos_id, max_crops, self.cfg, self.tokenizer.image_ids)
 
     def prefix(self, inputs: MolmoEInputs) -> torch.Tensor:
         """(T, d_model): token embeddings with the image features added (vision encoder included)."""
@@ -135,8 +139,7 @@ class MolmoEBackend(ExecutorBackend):
     # ------------------------------------------------------------- episode
     @torch.inference_mode()
     def start_episode(self, sample: VQASample, tier: str, budget_token: torch.Tensor) -> ModelEpisode:
-        if tier not in self.tier_max_crops:
-            raise ValueError(f"tier={tier!r} is not known; expected one of {tuple(self.tier_max_crops)}")
+        max_crops = self.max_crops(tier)
         budget = self._check_budget_token(budget_token)
         ids = self.prompt_ids(sample)
         timer = PhaseTimer()
@@ -145,7 +148,7 @@ class MolmoEBackend(ExecutorBackend):
         with self.meter.section(timer, "vision"):
             prefix = self.prefix(inputs)
         sequence, cos, sin = with_budget_token(self.model, prefix[None], self.embed_budget(budget)[None])
-        facts = {"max_crops": self.tier_max_crops[tier], "crops": inputs.num_crops, "grid": list(inputs.grid)}
+        facts = {"max_crops": max_crops, "crops": inputs.num_crops, "grid": list(inputs.grid)}
         return ModelEpisode(sample, tier, sequence, cos, sin, timer, vision_tokens=inputs.vision_tokens, facts=facts)
 
     def describe(self) -> dict:
