@@ -43,7 +43,8 @@ PHASES = ("preprocess", "vision", "prefill", "decode")
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_path", required=True, help="MolmoE checkpoint dir (written first when it has no weights)")
-    ap.add_argument("--random_from", default=None, help="template dir (config, tokenizer, processor) of a random checkpoint")
+    ap.add_argument("--random_from", default=None,
+                    help="template dir (config, tokenizer, processor files) of the random checkpoint")
     ap.add_argument("--output_dir", required=True, help="where profile/, train/ and the report go (must be new)")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (its CPU path, for tests)")
     ap.add_argument("--train_config", default=str(ROOT / "configs" / "molmoe.yaml"), help="YAML config of the run")
@@ -234,19 +235,22 @@ def to_markdown(r: dict) -> str:
     stage_text = ", ".join(f"{name} {s[name + '_s']:.0f} s" for name in ("checkpoint", "profile", "train", "total")
                            if name + "_s" in s)
     weights = "random weights written by this run" if model["random_weights_built_here"] else "its own weights"
+    span = ("none (see profile.json)" if p["budget_range_ms"] is None
+            else "{:.1f} - {:.1f} ms".format(*p["budget_range_ms"]))
+    size = "as loaded" if p["meta"]["image_size"] is None else "x".join(map(str, p["meta"]["image_size"]))
     lines = [
         f"Model: {model['model_path']} ({weights}, {model['parameters']:,} parameters: decoder "
         f"{model['decoder']['blocks']} blocks, d "
         f"{model['decoder']['d_model']}, {model['decoder']['experts']} experts, top-{model['decoder']['top_k']}; "
         f"ViT {model['vision']['layers']} layers of width {model['vision']['width']}, "
         f"{model['vision']['crop_size']}-px crops) on {r['device']} ({p['meta']['dtype']}, decode "
-        f"{p['meta']['executor']['decode']}, image size {p['meta']['image_size']}). Machine: {m['cpu_model']}, "
+        f"{p['meta']['executor']['decode']}, images {size}). Machine: {m['cpu_model']}, "
         f"{m['cpu_cores']} cores{gpu}, torch {m['torch_version']}. Date: {r['date']}. Stages: {stage_text}.",
         "",
         f"Command: `{r['command']}`",
         "",
         f"Latency profile (batch-1 episodes, p = 1, zero budget token, {p['latency_samples']} timed samples per "
-        f"configuration; ms). Budget range: {p['budget_range_ms']}.",
+        f"configuration; ms). Training budget range: {span}.",
         "",
         "| config | crops | vision tokens | mean | p95 | preprocess | vision | prefill | decode | decode ms/token |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -260,7 +264,8 @@ def to_markdown(r: dict) -> str:
     ks = sorted({row["top_k"] for row in d["rows"]})
     ns = sorted({row["num_blocks"] for row in d["rows"]})
     cell = {(row["top_k"], row["num_blocks"]): row["ms_per_token"] for row in d["rows"]}
-    lines += ["", f"Decode ms per token at the {d['tier']} tier (rows top-k, columns blocks kept):", "",
+    lines += ["", f"Decode ms per token at the {d['tier']} tier (rows top-k, columns blocks kept; the decode phase "
+              f"over its steps after the first token, {p['meta']['max_new_tokens'] - 1} per episode at most):", "",
               "| top-k | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for k in ks:
         lines.append(f"| {k} | " + " | ".join("-" if cell.get((k, n)) is None else f"{cell[k, n]:.2f}" for n in ns)

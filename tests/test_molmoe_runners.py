@@ -31,7 +31,8 @@ def test_gpu_script_report(gpu_run):
     assert report["commands"]["profile"][2:6] == ["--backend", "molmoe", "--model_path", str(FIXTURE)]
     assert report["commands"]["train"][-6:-4] == ["--output_dir", str(out / "train")]
     rows = report["profile"]["configs"]
-    assert {(r["tier"], r["top_k"], r["num_blocks"]) for r in rows} == {("low", k, n) for k in (1, 2) for n in range(1, 5)}
+    grid = {("low", k, n) for k in (1, 2) for n in range(1, 5)}
+    assert {(r["tier"], r["top_k"], r["num_blocks"]) for r in rows} == grid
     # max_new_tokens 2 (the smoke config's): one decode step after the first token
     assert all(r["latency_samples"] == 1 and r["decode_ms_per_token"] == r["decode_ms"] > 0 for r in rows)
     decode = report["decode_ms_per_token"]
