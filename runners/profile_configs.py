@@ -1,21 +1,30 @@
-"""Profile every static configuration of the embedded VLM; write profile.json and importance.json.
+"""Profile every static configuration of the embedded VLM or of a MolmoE checkpoint; write
+profile.json and importance.json.
 
     python runners/profile_configs.py --model_path envs/assets/budgetvlm-molmoe-tiny --output_dir DIR \
         --num_samples 500 --latency_samples 20 --split test
+    python runners/profile_configs.py --backend molmoe --model_path MOLMOE_DIR --output_dir DIR \
+        --device cuda --dtype bfloat16 --image_size 640 480 --num_samples 16 --latency_samples 8
+
+--backend vlm (default) profiles the embedded model (VLMBackend), --backend molmoe a published
+MolmoE checkpoint (MolmoEBackend; --image_size W H resizes every image first, as the backend's
+image_size, and training must use the same). Every step below is the same code for both.
 
 Steps (library code in the envs/profiling package):
  1. Block importance on --importance_split (default val, so the test split stays unseen), in the
     full configuration, by both methods: drop_accuracy (the design's: accuracy drop when block i
     alone is removed) and block_influence (ShortGPT: 1 - cos(block input, output)). The one named
-    by --importance_method is written as importance.json (what VLMBackend reads from its
+    by --importance_method is written as importance.json (what the backend reads from its
     results_dir), the other as importance_<method>.json. --importance_file FILE instead uses an
     existing importance.json (e.g. the pretraining run's) for the profile; both methods are still
     computed and written as importance_<method>.json unless --skip_importance.
  2. Accuracy of every configuration tier x top-k x num_blocks (p = 1, block 0 at k = 8, blocks
     kept by importance via envs.knobs.select_blocks, a zero budget token) on --num_samples samples
     of --split, with the batched evaluator (the same elastic code path as a batch-1 episode).
- 3. Latency of every configuration at batch size 1 through VLMBackend episodes (the backend's hook
-    meter) on the first --latency_samples of those samples, after --warmup rounds.
+ 3. Latency of every configuration at batch size 1 through the backend's episodes (its hook
+    meter) on the first --latency_samples of those samples, after --warmup rounds; per
+    configuration also the phase means, decode ms per token (decode time over the decode steps
+    after the first token) and the vision tokens (and MolmoE's crops) per request.
  4. budget_range_ms from the latency Pareto frontier (envs.profiling.BUDGET_RANGE_RULE).
 Existing profile.json / importance.json in --output_dir are not overwritten without --overwrite.
 """
@@ -33,18 +42,22 @@ PROFILE_JSON = "profile.json"
 
 
 def _lib():
-    """torch, VLMBackend and envs.profiling, imported on first use (so --help answers at once)."""
+    """torch and envs.profiling, imported on first use (so --help answers at once)."""
     import torch
     from envs import profiling
-    from envs.backends.vlm import VLMBackend
 
-    return torch, VLMBackend, profiling
+    return torch, profiling
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    _, _, P = _lib()
+    _, P = _lib()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_path", required=True, help="model dir (config.json, model.safetensors, tokenizer.json)")
+    ap.add_argument("--backend", default="vlm", help=f"one of {P.PROFILE_BACKENDS}: the embedded model or MolmoE")
+    ap.add_argument("--model_path", required=True,
+                    help="model dir (vlm: config.json, model.safetensors, tokenizer.json; molmoe: as published)")
+    ap.add_argument("--dtype", default="float32", help="weights' dtype (float32, bfloat16; molmoe also float16)")
+    ap.add_argument("--image_size", type=int, nargs=2, metavar=("W", "H"), default=None,
+                    help="molmoe: resize every image to W x H first (the backend's image_size)")
     ap.add_argument("--output_dir", required=True, help="where profile.json and importance*.json go")
     ap.add_argument("--num_samples", type=int, default=500, help="samples for accuracy (batched)")
     ap.add_argument("--latency_samples", type=int, default=20, help="samples timed at batch size 1 per config")
@@ -59,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num_blocks", nargs="+", type=int, default=None, help="subset of num_blocks values (default all)")
     ap.add_argument("--dataset_names", nargs="+", default=["synthvqa"])
     ap.add_argument("--data_root", default=None)
-    ap.add_argument("--max_new_tokens", type=int, default=4, help="greedy decode limit (VLMBackend's default)")
+    ap.add_argument("--max_new_tokens", type=int, default=4, help="greedy decode limit (the backends' default)")
     ap.add_argument("--batch_size", type=int, default=64, help="batch of the accuracy evaluator")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds over all configs before timing")
     ap.add_argument("--threads", type=int, default=1,
@@ -75,8 +88,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def validate(args: argparse.Namespace) -> None:
-    _, _, P = _lib()
-    args.model_path = P.check_model_dir(args.model_path, "--model_path")
+    _, P = _lib()
+    if args.backend not in P.PROFILE_BACKENDS:
+        raise ValueError(f"--backend={args.backend!r} is not known; expected one of {P.PROFILE_BACKENDS}")
+    args.model_path = P.check_model_dir(args.model_path, "--model_path", args.backend)
+    if args.image_size is not None and args.backend != "molmoe":
+        raise ValueError(f"--image_size is an option of --backend molmoe, not of --backend {args.backend}")
+    from envs.backends import backend_class
+
+    dtypes = backend_class(args.backend).DTYPES
+    if args.dtype not in dtypes:
+        raise ValueError(f"--dtype={args.dtype!r} is not supported by --backend {args.backend}; "
+                         f"expected one of {tuple(dtypes)}")
     P.check_positive_int("--num_samples", args.num_samples)
     P.check_positive_int("--latency_samples", args.latency_samples)
     if args.latency_samples > args.num_samples:
@@ -152,7 +175,7 @@ def reused_accuracy(path: Path, weights_sha256: str, split: str, num_samples: in
 
 
 def main(argv=None) -> dict:
-    torch, VLMBackend, P = _lib()
+    torch, P = _lib()
     from envs.machine import load_average, machine_info
     args = parse_args(argv)
     validate(args)
@@ -167,30 +190,32 @@ def main(argv=None) -> dict:
     sizes[args.importance_split] = max(sizes.get(args.importance_split, 0), args.importance_samples)
     backend_kwargs = dict(
         dataset_names=tuple(args.dataset_names), data_root=args.data_root, num_samples=sizes, seed=args.seed,
-        device=args.device, max_new_tokens=args.max_new_tokens,
+        device=args.device, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
     )
+    if args.image_size is not None:
+        backend_kwargs["image_size"] = tuple(args.image_size)
     timing = {}
-    with P.evaluation_backend(args.model_path, **backend_kwargs) as eb:
-        ks, cfg = eb.knob_space, eb.cfg
+    with P.evaluation_backend(args.model_path, args.backend, **backend_kwargs) as backend:
+        ks, cfg = backend.knob_space, backend.cfg
         configs = P.static_configs(ks, args.tiers, args.top_k, args.num_blocks)
-        samples, skipped = P.load_samples(eb, args.split, args.num_samples)
+        samples, skipped = P.load_samples(backend, args.split, args.num_samples)
         if len(samples) < args.num_samples:
             raise ValueError(
                 f"--num_samples={args.num_samples}: split {args.split!r} has only {len(samples)} loadable samples"
             )
         log(f"{len(configs)} configs, {len(samples)} {args.split} samples ({skipped} skipped), "
             f"torch threads {torch.get_num_threads()}, load {load_start}")
-        evaluator = P.BatchedEvaluator(eb, samples, args.batch_size, args.max_new_tokens)
+        evaluator = P.BatchedEvaluator(backend, samples, args.batch_size, args.max_new_tokens)
 
         # 1. importance
         t0 = time.perf_counter()
         records = {}
         if not args.skip_importance:
             if args.importance_split == args.split and args.importance_samples <= args.num_samples:
-                imp_eval = P.BatchedEvaluator(eb, samples[: args.importance_samples], args.batch_size, args.max_new_tokens)
+                imp_eval = P.BatchedEvaluator(backend, samples[: args.importance_samples], args.batch_size, args.max_new_tokens)
             else:
-                imp_samples, _ = P.load_samples(eb, args.importance_split, args.importance_samples)
-                imp_eval = P.BatchedEvaluator(eb, imp_samples, args.batch_size, args.max_new_tokens)
+                imp_samples, _ = P.load_samples(backend, args.importance_split, args.importance_samples)
+                imp_eval = P.BatchedEvaluator(backend, imp_samples, args.batch_size, args.max_new_tokens)
             records = P.compute_importance(imp_eval, ks, cfg.top_k)
             for rec in records.values():
                 rec["split"] = args.importance_split
@@ -241,26 +266,27 @@ def main(argv=None) -> dict:
         timing["accuracy_s"] = time.perf_counter() - t0
         del evaluator
 
-    # 3. latency at batch size 1, through the backend reading the importance.json just written
-    t0 = time.perf_counter()
-    backend = VLMBackend(model_path=args.model_path, results_dir=out, budget_range_ms=(1.0, 2.0), **backend_kwargs)
-    if backend.importance != scores:
-        raise RuntimeError(f"{out / IMPORTANCE_JSON} does not hold the importance the profile used")
-    for row, c in zip(rows, configs):
-        assert [b for b, _ in c.plan(backend.importance, ks, cfg.top_k)] == row["blocks"]
-    if P.weights_sha256(args.model_path) != sha_start:
-        raise RuntimeError(
-            f"{args.model_path}/model.safetensors changed during profiling (sha256 {sha_start[:12]}... at the start); "
-            f"accuracy and latency would describe different weights - rerun once the checkpoint is final"
-        )
-    lat_samples = samples[: args.latency_samples]
-    table = P.measure_latency(backend, lat_samples, configs, warmup=args.warmup, seed=args.seed, progress=log)
-    timing["latency_s"] = time.perf_counter() - t0
+        # 3. latency at batch size 1, through the same backend reading the importance.json just written
+        t0 = time.perf_counter()
+        backend.read_results(out, budget_range_ms=(1.0, 2.0))
+        if backend.importance != scores:
+            raise RuntimeError(f"{out / IMPORTANCE_JSON} does not hold the importance the profile used")
+        for row, c in zip(rows, configs):
+            assert [b for b, _ in c.plan(backend.importance, ks, cfg.top_k)] == row["blocks"]
+        if P.weights_sha256(args.model_path) != sha_start:
+            raise RuntimeError(
+                f"the weights in {args.model_path} changed during profiling (sha256 {sha_start[:12]}... at the "
+                f"start); accuracy and latency would describe different weights - rerun once the checkpoint is final"
+            )
+        lat_samples = samples[: args.latency_samples]
+        table = P.measure_latency(backend, lat_samples, configs, warmup=args.warmup, seed=args.seed, progress=log)
+        timing["latency_s"] = time.perf_counter() - t0
     for row, c in zip(rows, configs):
         runs = table.timings(c)
         row.update(P.latency_stats(table.totals(c)))
         for phase in ("preprocess", "vision", "prefill", "decode"):
             row[f"{phase}_ms"] = sum(t[phase] for t in runs) / len(runs)
+        row.update(request_shape(table.results[c]))
         row["num_samples"] = len(samples)
         row["latency_samples"] = len(runs)
 
@@ -286,8 +312,11 @@ def main(argv=None) -> dict:
         "latency_samples": args.latency_samples,
         "machine": machine_info(),
         "meta": {
+            "backend": args.backend,
             "model_path": str(args.model_path),
             "weights_sha256": sha_start,
+            "dtype": args.dtype,
+            "image_size": args.image_size,
             "split": args.split,
             "seed": args.seed,
             "dataset_names": list(args.dataset_names),
@@ -299,10 +328,12 @@ def main(argv=None) -> dict:
             "accuracy_method": "batched greedy decoding through the executor, the same block calls as a batch-1 "
                                "episode (envs.profiling.BatchedEvaluator), on num_samples samples; fractions in [0, 1]",
             "accuracy_by_family": "SynthVQA question family (dataset name for real datasets)",
-            "latency_method": "batch-1 VLMBackend episodes timed by the backend's hook meter, total = preprocess + "
+            "latency_method": f"batch-1 {type(backend).__name__} episodes timed by the backend's hook meter, "
+                              "total = preprocess + "
                               "vision + prefill + decode (ms), configs interleaved per sample in shuffled order, "
                               f"after {args.warmup} untimed warm-up round(s) over all configs",
-            "phase_ms": "vision_ms / prefill_ms / decode_ms / preprocess_ms are per-phase means",
+            "phase_ms": "vision_ms / prefill_ms / decode_ms / preprocess_ms are per-phase means; "
+                        "decode_ms_per_token = decode time over the decode steps after the first token",
             "importance": {"method": method, "source": source,
                            "split": None if source != "computed" else args.importance_split,
                            "files": sorted(p.name for p in out.glob("importance*.json"))},
@@ -325,6 +356,18 @@ def main(argv=None) -> dict:
     log(f"wrote {out / PROFILE_JSON}: budget_range_ms [{lo:.1f}, {hi:.1f}] ({rule}), "
         f"{len(front)} frontier configs, total {timing['total_s']:.0f}s")
     return profile
+
+
+def request_shape(results) -> dict:
+    """Decode ms per token and the request's size (vision tokens, MolmoE's crops) over a config's episodes."""
+    steps = sum(r.extras["decode_steps"] for r in results)
+    shape = {
+        "decode_ms_per_token": sum(r.timings_ms["decode"] for r in results) / steps if steps else None,
+        "vision_tokens_mean": sum(r.extras["vision_tokens"] for r in results) / len(results),
+    }
+    if "crops" in results[0].extras:
+        shape["crops_mean"] = sum(r.extras["crops"] for r in results) / len(results)
+    return shape
 
 
 def cli(argv=None) -> int:

@@ -171,7 +171,7 @@ def test_bad_input_is_named(backend, results_dir):
         make_backend("molmoe", results_dir=results_dir)
     with pytest.raises(FileNotFoundError, match=r"block importance file .*importance\.json does not exist"):
         MolmoEBackend(model_path=FIXTURE, results_dir=FIXTURE / "images")
-    with pytest.raises(ValueError, match=r"dtype='int8' is not known"):
+    with pytest.raises(ValueError, match=r"dtype='int8' is not supported"):
         make_backend("molmoe", model_path=FIXTURE, results_dir=results_dir, dtype="int8")
 
 
@@ -221,3 +221,21 @@ def test_official_okvqa_files_in_molmoe_prompt_format(tmp_path, results_dir):
     backend.run_to(ep, 1)
     result = backend.finish(ep, 2, 4)
     assert result.accuracy == vqa_accuracy(extract_answer(result.answer), s.answers)
+
+
+def test_static_decode_answers_what_eager_decode_answers(backend, results_dir):
+    """decode_mode 'static' is the CUDA graph's step run eagerly (envs.backends.vlm.executor): on the
+    MolmoE port it must generate the eager decoder's ids, with a fixed number of decode steps."""
+    static = MolmoEBackend(model_path=FIXTURE, results_dir=results_dir, tier_max_crops=FIXTURE_TIERS,
+                           prompt_templates={"synthvqa": "{question}"}, max_new_tokens=3, decode_mode="static")
+    assert static.describe()["executor"]["decode"] == "static"
+    for name in ("c00", "c07"):  # landscape and tall portrait
+        for insertion, top_k, num_blocks in ((1, 1, 3), (2, 2, 4)):
+            ids = []
+            for b in (backend, static):
+                ep = b.start_episode(sample_of(case(name)), "high", budget())
+                b.run_to(ep, insertion)
+                result = b.finish(ep, top_k, num_blocks)
+                ids.append(result.extras["generated_ids"])
+            assert ids[0] == ids[1], (name, insertion, top_k, num_blocks)
+            assert result.extras["decode_steps"] == 2

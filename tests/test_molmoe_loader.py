@@ -134,3 +134,16 @@ def test_molmoe_1b_sizes_give_the_published_shapes(tmp_path):
     assert shapes["model.vision_backbone.image_vit.transformer.resblocks.22.feed_forward.w1.weight"] == (4096, 1024)
     total = sum(math.prod(s) for s in shapes.values())
     assert 7.0e9 < total < 7.5e9  # OLMoE-1B-7B (6.9B) + the ViT-L/14 tower + connector
+
+
+def test_build_random_checkpoint_takes_the_template_files(tmp_path):
+    """The random-checkpoint builder (at the fixture's sizes here; MolmoE-1B's are 14 GB)."""
+    from envs.backends.molmoe import build_random_checkpoint, load
+
+    build_random_checkpoint(tmp_path / "random", FIXTURE, full_size=False)
+    for name in ("config.json", "preprocessor_config.json", "tokenizer.json", "generation_config.json"):
+        assert (tmp_path / "random" / name).read_bytes() == (FIXTURE / name).read_bytes()
+    model, tokenizer = load(tmp_path / "random")
+    assert model.cfg.n_layers == 4 and tokenizer.eos_id == 50279
+    fixture, _ = load(FIXTURE)
+    assert not torch.equal(model.layers[0].mlp.gate.weight, fixture.layers[0].mlp.gate.weight)

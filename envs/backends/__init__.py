@@ -6,7 +6,8 @@ import inspect
 from envs.backends.base import BACKEND_PHASES, SPLITS, Backend, EpisodeResult
 
 
-def _backend_class(name: str):
+def backend_class(name: str):
+    """The class of the named backend."""
     # Imported lazily: the VLM backend pulls in transformers, which the dummy backend never needs.
     if name == "dummy":
         from envs.backends.dummy import DummyBackend
@@ -28,12 +29,12 @@ BACKEND_NAMES = ("dummy", "vlm", "molmoe")
 
 def backend_parameters(name: str) -> set[str]:
     """Keyword arguments the named backend accepts."""
-    return set(inspect.signature(_backend_class(name)).parameters)
+    return set(inspect.signature(backend_class(name)).parameters)
 
 
 def make_backend(name: str, **kwargs) -> Backend:
     """Build a backend by name; unknown keyword arguments are an error naming them."""
-    cls = _backend_class(name)
+    cls = backend_class(name)
     unknown = set(kwargs) - backend_parameters(name)
     if unknown:
         raise ValueError(
@@ -43,4 +44,4 @@ def make_backend(name: str, **kwargs) -> Backend:
     return cls(**kwargs)
 
 
-__all__ = ["BACKEND_NAMES", "BACKEND_PHASES", "SPLITS", "Backend", "EpisodeResult", "make_backend"]
+__all__ = ["BACKEND_NAMES", "BACKEND_PHASES", "SPLITS", "Backend", "EpisodeResult", "backend_class", "make_backend"]

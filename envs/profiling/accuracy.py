@@ -1,12 +1,13 @@
 """Batched greedy accuracy of many samples under any block plan, through the executor.
 
-`BatchedEvaluator` calls the executor's pieces in the order of a batch-1 episode (VLMBackend
-start_episode / run_to / finish): encode_vision -> prefill_sequence [vision][prompt][budget] ->
-run_blocks over the plan with a KV cache -> first token -> Executor.decode with the same plan,
-stopping at <eos> or max_new_tokens. Rows of a batch share one sequence length (samples are
-grouped per tier by vision-token count and prompt length), so no padding or mask enters and every
-row computes what its batch-1 episode computes (tests check the generated ids against VLMBackend
-episodes). Vision tokens are computed once per (sample, tier) and reused by every plan of that tier.
+`BatchedEvaluator` calls the executor's pieces in the order of a batch-1 episode (start_episode /
+run_to / finish of an envs.backends.vlm.ExecutorBackend: VLMBackend or MolmoEBackend): the
+backend's prefill_prefixes (its input embeddings of image and prompt) -> with_budget_token ->
+run_blocks over the plan with a KV cache -> the backend's first_tokens -> Executor.decode with the
+same plan, stopping at <eos> or max_new_tokens. Rows of a batch share one sequence length (samples
+are grouped per tier by prefix length), so no padding or mask enters and every row computes what
+its batch-1 episode computes (tests check the generated ids against the backends' episodes).
+Prefixes are computed once per (sample, tier) and reused by every plan of that tier.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from envs.backends.vlm import VLMBackend
+from envs.backends.vlm import ExecutorBackend
 from envs.backends.vlm.backend import load_image
-from envs.backends.vlm.executor import Executor, encode_vision, first_tokens, prefill_sequence, run_blocks, trim_at_eos
+from envs.backends.vlm.executor import Executor, run_blocks, trim_at_eos, with_budget_token
 from envs.data.accuracy import extract_answer, score_answer
 from envs.data.sample import VQASample
 from envs.profiling.checks import check_positive_int
@@ -38,7 +39,7 @@ def summarize_accuracy(samples: Sequence[VQASample], accs: Sequence[float]) -> t
 class BatchedEvaluator:
     """Greedy answers of many samples under any block plan, batched (see the module docstring)."""
 
-    def __init__(self, backend: VLMBackend, samples: Sequence[VQASample], batch_size: int = 64,
+    def __init__(self, backend: ExecutorBackend, samples: Sequence[VQASample], batch_size: int = 64,
                  max_new_tokens: int | None = None):
         self.backend = backend
         self.model = backend.model
@@ -53,50 +54,37 @@ class BatchedEvaluator:
         self.eos = backend.tokenizer.eos_id
         self.prompt_ids = [backend.prompt_ids(s) for s in self.samples]
         self._images: list[torch.Tensor] | None = [load_image(s) for s in self.samples]
-        self._vision: dict[str, list[torch.Tensor]] = {}
+        self._prefixes: dict[str, list[torch.Tensor]] = {}
 
-    @torch.inference_mode()
-    def vision_tokens(self, tier: str) -> list[torch.Tensor]:
-        """Per-sample vision tokens (V, d) at `tier`, computed once (batched by image size)."""
-        if tier not in self._vision:
+    def prefixes(self, tier: str) -> list[torch.Tensor]:
+        """Per-sample input embeddings (T, d) of image and prompt at `tier`, computed once."""
+        if tier not in self._prefixes:
             if self._images is None:
-                raise RuntimeError("images were released; vision tokens of a new tier cannot be computed")
-            out: list[torch.Tensor | None] = [None] * len(self.samples)
-            by_size: dict[tuple, list[int]] = {}
-            for i, image in enumerate(self._images):
-                by_size.setdefault(tuple(image.shape), []).append(i)
-            for idx in by_size.values():
-                for j in range(0, len(idx), self.batch_size):
-                    chunk = idx[j : j + self.batch_size]
-                    images = torch.stack([self._images[i] for i in chunk]).to(self.device)
-                    vision = encode_vision(self.model, images, tier)
-                    for row, i in enumerate(chunk):
-                        out[i] = vision[row]
-            self._vision[tier] = out
-        return self._vision[tier]
+                raise RuntimeError("images were released; prefixes of a new tier cannot be computed")
+            self._prefixes[tier] = self.backend.prefill_prefixes(self._images, self.prompt_ids, tier, self.batch_size)
+        return self._prefixes[tier]
 
     def release_images(self, keep_tiers: Iterable[str]) -> None:
-        """Compute vision tokens of `keep_tiers` and drop the decoded images (memory)."""
+        """Compute the prefixes of `keep_tiers` and drop the decoded images (memory)."""
         for tier in keep_tiers:
-            self.vision_tokens(tier)
+            self.prefixes(tier)
         self._images = None
 
     def batches(self, tier: str) -> list[list[int]]:
-        """Sample indices grouped by (vision tokens at `tier`, prompt length): one sequence length each."""
-        vision = self.vision_tokens(tier)
-        by_length: dict[tuple[int, int], list[int]] = {}
-        for i, ids in enumerate(self.prompt_ids):
-            by_length.setdefault((vision[i].shape[0], len(ids)), []).append(i)
+        """Sample indices grouped by prefix length at `tier`: one sequence length each."""
+        by_length: dict[int, list[int]] = {}
+        for i, prefix in enumerate(self.prefixes(tier)):
+            by_length.setdefault(prefix.shape[0], []).append(i)
         return [idx[j : j + self.batch_size] for _, idx in sorted(by_length.items())
                 for j in range(0, len(idx), self.batch_size)]
 
     @torch.inference_mode()
     def generate(self, tier: str, plan: Sequence[tuple[int, int]], budget: torch.Tensor | None = None,
                  influence: dict | None = None) -> list[list[int]]:
-        """Generated ids per sample (up to and including <eos>), as VLMBackend.finish would produce.
+        """Generated ids per sample (up to and including <eos>), as the backend's finish would produce.
 
         budget: the (d_model,) budget token of every row (default zeros), entering the sequence as
-        model.embed_budget(budget) like an episode's.
+        backend.embed_budget(budget) like an episode's.
 
         influence: if a dict is given, per-block sums of 1 - cos(input, output) over prefill tokens
         are accumulated into it as {block: [sum, count]}.
@@ -116,23 +104,21 @@ class BatchedEvaluator:
         """
         if influence is not None and len(plans) != 1:
             raise ValueError("influence statistics need exactly one plan")
-        model = self.model
+        model, backend = self.model, self.backend
         budget = (torch.zeros(self.cfg.d_model) if budget is None else budget).to(self.device)
-        vision = self.vision_tokens(tier)
+        prefixes = self.prefixes(tier)
         plans = {name: tuple((int(b), int(k)) for b, k in plan) for name, plan in plans.items()}
         generated: dict[Any, list] = {name: [None] * len(self.samples) for name in plans}
         for idx in self.batches(tier):
-            seq, cos, sin = prefill_sequence(
-                model, torch.stack([vision[i] for i in idx]), torch.stack([self.prompt_ids[i] for i in idx]),
-                budget.expand(len(idx), -1),
-            )
+            seq, cos, sin = with_budget_token(model, torch.stack([prefixes[i] for i in idx]),
+                                              backend.embed_budget(budget).expand(len(idx), -1))
 
             def descend(depth: int, hidden: torch.Tensor, cache: dict, names: list) -> None:
                 children: dict[tuple[int, int], list] = {}
                 for name in names:
                     plan = plans[name]
                     if len(plan) == depth:
-                        ids = self.executor.decode(first_tokens(model, hidden), dict(cache), plan, hidden.shape[1],
+                        ids = self.executor.decode(backend.first_tokens(hidden), dict(cache), plan, hidden.shape[1],
                                                    self.max_new_tokens)
                         for row, i in enumerate(idx):
                             generated[name][i] = ids[row]
@@ -152,7 +138,7 @@ class BatchedEvaluator:
         return {name: [trim_at_eos(ids[None], self.eos)[0] for ids in rows] for name, rows in generated.items()}
 
     def score(self, generated: Sequence[Sequence[int]]) -> list[float]:
-        """Per-sample accuracy of generated ids (the dataset's metric, as VLMBackend.finish scores it)."""
+        """Per-sample accuracy of generated ids (the dataset's metric, as the backend's finish scores it)."""
         tok = self.backend.tokenizer
         return [score_answer(extract_answer(tok.decode(ids)), s) for ids, s in zip(generated, self.samples)]
 

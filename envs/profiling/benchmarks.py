@@ -10,20 +10,20 @@ from typing import Mapping, Sequence
 import torch
 
 from envs.backends.base import BACKEND_PHASES
-from envs.backends.vlm import VLMBackend
+from envs.backends.vlm import ExecutorBackend
 from envs.data.sample import VQASample
 from envs.latency import LatencyMeter, PhaseTimer
 from envs.profiling.configs import StaticConfig
 from envs.profiling.latency_table import measure_latency, run_episode, total_ms
 
 
-def meter_modules(backend: VLMBackend) -> list:
-    """The modules VLMBackend hooks (vision encoder, every decoder block, LM head)."""
+def meter_modules(backend: ExecutorBackend) -> list:
+    """The modules the backend's meter hooks (vision encoder, every decoder block, LM head)."""
     return [backend.model.vision, *backend.model.blocks, backend.model.lm_head]
 
 
 def meter_overhead(
-    backend: VLMBackend, samples: Sequence[VQASample], config: StaticConfig, pairs: int, warmup: int = 3,
+    backend: ExecutorBackend, samples: Sequence[VQASample], config: StaticConfig, pairs: int, warmup: int = 3,
     seed: int = 0,
 ) -> dict:
     """Wall-clock episode latency with the meter's hooks attached vs detached, interleaved.
@@ -105,7 +105,7 @@ def hook_cost_us(calls: int = 20000) -> dict:
 
 
 def knob_latency(
-    backend: VLMBackend, samples: Sequence[VQASample], configs: Mapping[str, StaticConfig], repeats: int = 1,
+    backend: ExecutorBackend, samples: Sequence[VQASample], configs: Mapping[str, StaticConfig], repeats: int = 1,
     warmup: int = 2, seed: int = 0,
 ) -> dict:
     """Median / IQR / std of metered total latency for named configs, interleaved; plus the

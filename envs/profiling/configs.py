@@ -33,7 +33,7 @@ class StaticConfig:
         return f"{self.tier}/k{self.top_k}/N{self.num_blocks}"
 
     def plan(self, importance: Mapping[int, float], knob_space: KnobSpace, model_top_k: int) -> tuple[Step, ...]:
-        """The (block, top-k) steps this configuration runs (as VLMBackend.run_to + finish do)."""
+        """The (block, top-k) steps this configuration runs (as the backend's run_to + finish do)."""
         return block_plan(importance, self.insertion, self.top_k, self.num_blocks, knob_space.num_layers,
                           model_top_k, knob_space.first_block_top_k)
 

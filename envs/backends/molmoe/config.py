@@ -109,6 +109,24 @@ class MolmoEConfig:
     mlp_hidden_size: int | None = None
     source: str = field(default="config", compare=False)
 
+    # The embedded model's config names (envs.backends.vlm.VLMConfig), so the executor, the
+    # shared backend code and the profiler read either config alike.
+    @property
+    def num_layers(self) -> int:
+        return self.n_layers
+
+    @property
+    def top_k(self) -> int:
+        return self.moe_top_k
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe_num_experts
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads

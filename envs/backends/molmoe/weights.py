@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from envs.backends.molmoe.config import MolmoEConfig
+from envs.backends.molmoe.config import CONFIG_FILE, PREPROCESSOR_FILE, TOKENIZER_FILE, MolmoEConfig, molmoe_1b_config
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -224,3 +225,26 @@ def write_random_checkpoint(cfg: MolmoEConfig, out_dir: str | Path, seed: int = 
         weight_map = {key: name for name, shard in zip(names, shards) for key, _ in shard}
         (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1) + "\n")
     return out_dir
+
+
+# What a random checkpoint takes from its template beside config.json (tokenizer and processor).
+TEMPLATE_FILES = (PREPROCESSOR_FILE, TOKENIZER_FILE, "generation_config.json", "tokenizer_config.json",
+                  "special_tokens_map.json")
+
+
+def build_random_checkpoint(model_dir: str | Path, template_dir: str | Path, device: str = "cpu",
+                            full_size: bool = True, seed: int = 0) -> Path:
+    """A random-weight checkpoint directory in the published layout: the template's config.json
+    (with MolmoE-1B's published sizes, config.MOLMOE_1B_SIZES, unless full_size=False), its
+    tokenizer and processor files (e.g. the reference fixture's, which are the real ones), and
+    random weights (write_random_checkpoint; 14.4 GB in bfloat16 at full size). For latency
+    measurements of the real model's shapes where its weights are not available."""
+    model_dir, template_dir = Path(model_dir), Path(template_dir)
+    template = json.loads((template_dir / CONFIG_FILE).read_text())
+    model_dir.mkdir(parents=True, exist_ok=True)
+    data = molmoe_1b_config(template) if full_size else template
+    (model_dir / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
+    for name in TEMPLATE_FILES:
+        if (template_dir / name).is_file():
+            shutil.copy(template_dir / name, model_dir / name)
+    return write_random_checkpoint(MolmoEConfig.load(model_dir), model_dir, seed=seed, device=device)

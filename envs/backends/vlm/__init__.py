@@ -31,7 +31,7 @@ VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_
   Attributes: knob_space (tiers from the model config; p 1..5, k top_k-4..top_k, N L-4..L),
   d_model = language_dim, budget_range_ms, importance ({block: score}), model, tokenizer, cfg.
   Methods (the envs.backends.base protocol): dataset(split), language_feature(sample),
-  start_episode(sample, tier, budget_token) -> VLMEpisode, run_to(ep, p) -> latency token
+  start_episode(sample, tier, budget_token) -> ModelEpisode, run_to(ep, p) -> latency token
   (d_model,), finish(ep, top_k, num_blocks) -> EpisodeResult with timings_ms keys
   preprocess / vision / prefill / decode (ms) and extras (tier, insertion, top_k, num_blocks,
   blocks, vision_tokens, prefill_tokens, generated_tokens, generated_ids). Returned tensors are
@@ -43,6 +43,12 @@ VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_
   Latency: on a shared 2-core CPU use torch.set_num_threads(1): batch-1 episodes of this model
   are overhead-bound, and a second thread competing with other processes inflates and scatters
   the timings.
+
+ExecutorBackend           the base of VLMBackend and envs.backends.molmoe.MolmoEBackend: options,
+                          results files (read_results(dir) re-reads them), data, knob space,
+                          latency meter, executor, run_to and finish; for the profiler's batched
+                          evaluator prefill_prefixes(images, prompt_ids, tier, batch_size) (the
+                          input embeddings before the budget token), embed_budget, first_tokens.
 
 Model pieces (for the profiler, benchmarks and pretraining)
 -----------------------------------------------------------
@@ -57,7 +63,7 @@ forward) runs its plans through envs.backends.vlm.executor: one block-plan build
 greedy decoder (Executor.decode). Design notes (execution honesty, cache, budget token) are in
 elastic.py, executor.py and backend.py.
 """
-from envs.backends.vlm.backend import DEFAULT_MODEL_PATH, VLMBackend, VLMEpisode, load_importance
+from envs.backends.vlm.backend import DEFAULT_MODEL_PATH, ExecutorBackend, ModelEpisode, VLMBackend, load_importance
 from envs.backends.vlm.config import VLMConfig
 from envs.backends.vlm.model import BudgetVLM, build_model, load_model
 from envs.backends.vlm.preprocess import make_crops
@@ -66,9 +72,10 @@ from envs.backends.vlm.tokenizer import WordTokenizer
 __all__ = [
     "DEFAULT_MODEL_PATH",
     "BudgetVLM",
+    "ExecutorBackend",
+    "ModelEpisode",
     "VLMBackend",
     "VLMConfig",
-    "VLMEpisode",
     "WordTokenizer",
     "build_model",
     "load_importance",

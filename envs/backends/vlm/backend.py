@@ -35,7 +35,15 @@ import torch
 from envs.backends.base import BACKEND_PHASES, SPLITS, Backend, EpisodeResult, check_split
 from envs.backends.vlm.config import read_json_object
 from envs.backends.vlm.elastic import KVCache, expert_kernel
-from envs.backends.vlm.executor import Executor, block_plan, first_tokens, prefill_sequence, run_blocks, trim_at_eos
+from envs.backends.vlm.executor import (
+    Executor,
+    block_plan,
+    encode_vision,
+    first_tokens,
+    prefill_sequence,
+    run_blocks,
+    trim_at_eos,
+)
 from envs.backends.vlm.model import load_model
 from envs.backends.vlm.preprocess import check_tier, image_to_tensor, make_crops
 from envs.data.sample import ImageLoadError, VQASample
@@ -47,12 +55,11 @@ PROFILE_FILE = "profile.json"
 IMPORTANCE_FILE = "importance.json"
 SYNTHVQA = "synthvqa"
 DEFAULT_NUM_SAMPLES = {"train": 4096, "val": 512, "test": 1024}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
-class VLMEpisode:
-    """State of one open episode (several may be open at once)."""
+class ModelEpisode:
+    """State of one open episode of an ExecutorBackend (several may be open at once)."""
 
     sample: VQASample
     tier: str
@@ -61,56 +68,36 @@ class VLMEpisode:
     sin: torch.Tensor
     timer: PhaseTimer
     vision_tokens: int
+    facts: dict[str, Any] = field(default_factory=dict)  # backend-specific facts reported in the extras
     cache: KVCache = field(default_factory=dict)
     insertion: int | None = None
     finished: bool = False
 
 
-class VLMBackend(Backend):
-    """See the module docstring; keyword config documented in envs.backends.vlm."""
+class ExecutorBackend(Backend):
+    """What every backend running a model's episodes through the executor shares (VLMBackend,
+    MolmoEBackend): the options, the results files (importance.json, profile.json), the data, the
+    knob space, the latency meter, the executor, run_to and finish. A subclass loads its model
+    (whose cfg names num_layers, top_k, num_experts, max_positions, d_model), builds the prefill
+    of an episode (start_episode) and of many samples (prefill_prefixes, for the batched
+    evaluator), and says where the first answer token is read (first_tokens)."""
 
-    def __init__(
-        self,
-        model_path: str | Path | None = None,
-        results_dir: str | Path | None = None,
-        dataset_names: Sequence[str] = (SYNTHVQA,),
-        data_root: str | Path | None = None,
-        num_samples: Mapping[str, int] | int | None = None,
-        seed: int = 0,
-        device: str = "cpu",
-        importance_method: str | None = None,
-        max_new_tokens: int = 4,
-        budget_range_ms: Sequence[float] | None = None,
-        dataset_weights: Mapping[str, float] | None = None,
-        prompt_templates: Mapping[str, str] | None = None,
-        dtype: str = "float32",
-        decode_mode: str | None = None,
-        max_graphs: int | None = None,
-    ):
-        self.model_path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATH
-        self.results_dir = Path(results_dir) if results_dir is not None else self.model_path
+    DTYPES: Mapping[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+    def _set_options(self, model_path: Path, results_dir, device, dtype: str, max_new_tokens: int,
+                     dataset_names, data_root, num_samples, seed: int, dataset_weights, prompt_templates) -> None:
+        """Every option that needs no model, checked before any weight is read."""
         from envs.machine import resolve_device
 
+        self.model_path = Path(model_path)
+        self.results_dir = Path(results_dir) if results_dir is not None else self.model_path
         self.device = resolve_device(device, "device")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; expected one of {tuple(DTYPES)}")
+        if dtype not in self.DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; expected one of {tuple(self.DTYPES)}")
         self.dtype = dtype
-        self.model, self.tokenizer = load_model(self.model_path, self.device, DTYPES[dtype])
-        cfg = self.model.cfg
-        self.cfg = cfg
-        self.d_model = cfg.d_model
-        self.language_dim = cfg.d_model
-        self.knob_space = KnobSpace(tiers=cfg.tiers, num_layers=cfg.num_layers,
-                                    **_knob_ranges(cfg.num_layers, cfg.top_k))
         if not 1 <= int(max_new_tokens):
             raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
         self.max_new_tokens = int(max_new_tokens)
-        self.importance_method, self.importance = load_importance(self.results_dir, cfg.num_layers, importance_method)
-        self.budget_range_ms = (
-            _check_budget_range(budget_range_ms, "budget_range_ms argument")
-            if budget_range_ms is not None
-            else load_budget_range(self.results_dir)
-        )
         self.dataset_names = _check_dataset_names(dataset_names)
         self.data_root = data_root
         self.num_samples = _check_num_samples(num_samples)
@@ -118,6 +105,29 @@ class VLMBackend(Backend):
         self.dataset_weights = dict(dataset_weights) if dataset_weights is not None else None
         self.prompt_templates = dict(prompt_templates) if prompt_templates is not None else None
         self._datasets: dict[str, Sequence[VQASample]] = {}
+
+    def read_results(self, results_dir: str | Path, num_layers: int | None = None, importance_method: str | None = None,
+                     budget_range_ms: Sequence[float] | None = None) -> None:
+        """(Re)read block importance (results_dir/importance.json) and the budget range (budget_range_ms,
+        else results_dir/profile.json); num_layers defaults to the loaded model's."""
+        self.results_dir = Path(results_dir)
+        num_layers = self.cfg.num_layers if num_layers is None else num_layers
+        self.importance_method, self.importance = load_importance(self.results_dir, num_layers, importance_method)
+        self.budget_range_ms = (
+            _check_budget_range(budget_range_ms, "budget_range_ms argument")
+            if budget_range_ms is not None
+            else load_budget_range(self.results_dir)
+        )
+
+    def _set_model(self, model, tokenizer, tiers: Sequence[str], decode_mode: str | None,
+                   max_graphs: int | None) -> None:
+        """The loaded model: knob space, latency meter (hooks on the vision encoder, every block and
+        the LM head) and executor."""
+        self.model, self.tokenizer = model, tokenizer
+        cfg = self.cfg = model.cfg
+        self.d_model = self.language_dim = cfg.d_model
+        self.knob_space = KnobSpace(tiers=tuple(tiers), num_layers=cfg.num_layers,
+                                    **_knob_ranges(cfg.num_layers, cfg.top_k))
         self.meter = LatencyMeter(self.device, BACKEND_PHASES).attach(
             [self.model.vision, *self.model.blocks, self.model.lm_head]
         )
@@ -154,6 +164,136 @@ class VLMBackend(Backend):
                 self._datasets[split] = samples
         return self._datasets[split]
 
+    @torch.inference_mode()
+    def language_feature(self, sample: VQASample) -> torch.Tensor:
+        """Mean of the frozen decoder token embeddings of the prompt's tokens, (d_model,) float32."""
+        ids = torch.as_tensor(self.prompt_ids(sample), dtype=torch.long, device=self.device)
+        return self.model.embed(ids).mean(dim=0).float()
+
+    def _check_budget_token(self, budget_token: torch.Tensor) -> torch.Tensor:
+        budget = torch.as_tensor(budget_token)
+        if budget.shape != (self.d_model,):
+            raise ValueError(f"budget_token has shape {tuple(budget.shape)}, expected ({self.d_model},)")
+        if not torch.isfinite(budget).all():
+            raise ValueError("budget_token contains NaN or infinite values")
+        return budget.to(self.device)
+
+    # ------------------------------------------------------------- model pieces
+    def embed_budget(self, budget: torch.Tensor) -> torch.Tensor:
+        """The budget token's input embedding (..., d_model) in the model's dtype."""
+        return self.model.embed_budget(budget.to(self.DTYPES[self.dtype]))
+
+    def first_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy first answer token (batch, 1) of prefill outputs (batch, T, d): at the last position."""
+        return first_tokens(self.model, hidden)
+
+    # ------------------------------------------------------------- episode
+    @torch.inference_mode()
+    def run_to(self, episode: ModelEpisode, insertion: int) -> torch.Tensor:
+        if episode.insertion is not None:
+            raise RuntimeError(f"run_to was already called for this episode (insertion={episode.insertion})")
+        if not 1 <= insertion <= self.cfg.num_layers:
+            raise ValueError(f"insertion={insertion}: expected 1..{self.cfg.num_layers}")
+        prefix = self._plan(insertion, self.cfg.top_k, insertion)
+        with self.meter.section(episode.timer, "prefill"):
+            hidden = run_blocks(self.model, episode.hidden, episode.cos, episode.sin, prefix, episode.cache)
+        episode.hidden, episode.insertion = hidden, insertion
+        return hidden[0, -1].float().clone()
+
+    @torch.inference_mode()
+    def finish(self, episode: ModelEpisode, top_k: int, num_blocks: int) -> EpisodeResult:
+        p = episode.insertion
+        if p is None:
+            raise RuntimeError("finish called before run_to for this episode")
+        if episode.finished:
+            raise RuntimeError("finish was already called for this episode")
+        if not 1 <= top_k <= self.cfg.num_experts:
+            raise ValueError(f"top_k={top_k}: expected 1..{self.cfg.num_experts}")
+        plan = self._plan(p, top_k, num_blocks)
+        model, timer = self.model, episode.timer
+        with self.meter.section(timer, "prefill"):
+            hidden = run_blocks(model, episode.hidden, episode.cos, episode.sin, plan[p:], episode.cache)
+            first = self.first_tokens(hidden)
+        prefill_tokens = hidden.shape[1]
+        self.executor.prepare(plan, 1, episode.cache)  # a first-use graph capture is not the request's time
+        # A replayed graph calls no module: bracket the phase so its events time it.
+        with self.meter.section(timer, "decode", bracket=self.executor.graphs):
+            ids = self.executor.decode(first, episode.cache, plan, prefill_tokens, self.max_new_tokens)
+        timings = self.meter.timings_ms(timer)  # the episode's one synchronisation
+        generated = trim_at_eos(ids, self.tokenizer.eos_id)[0]
+        episode.cache.clear()  # the episode is over: free its KV cache
+        episode.finished = True
+        from envs.data.accuracy import extract_answer, score_answer
+
+        answer = extract_answer(self.tokenizer.decode(generated))
+        return EpisodeResult(
+            answer=answer,
+            accuracy=score_answer(answer, episode.sample),
+            timings_ms=timings,
+            extras={
+                "tier": episode.tier,
+                **episode.facts,
+                "insertion": p,
+                "top_k": top_k,
+                "num_blocks": num_blocks,
+                "blocks": [b for b, _ in plan],
+                "vision_tokens": episode.vision_tokens,
+                "prefill_tokens": prefill_tokens,
+                "generated_tokens": len(generated),
+                "decode_steps": ids.shape[1] - 1,
+                "generated_ids": generated,
+            },
+        )
+
+    def _plan(self, insertion: int, top_k: int, num_blocks: int):
+        """The executor's block_plan (the one plan builder of every backend)."""
+        return block_plan(self.importance, insertion, top_k, num_blocks, self.cfg.num_layers, self.cfg.top_k,
+                          self.knob_space.first_block_top_k)
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "model_path": str(self.model_path),
+            "results_dir": str(self.results_dir),
+            "importance_method": self.importance_method,
+            "dataset_names": list(self.dataset_names),
+            "max_new_tokens": self.max_new_tokens,
+            "device": str(self.device),
+            "dtype": self.dtype,
+            "expert_kernel": expert_kernel(self.device, self.DTYPES[self.dtype], training=False),
+            "executor": self.executor.describe(),
+        }
+
+
+class VLMBackend(ExecutorBackend):
+    """See the module docstring; keyword config documented in envs.backends.vlm."""
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        results_dir: str | Path | None = None,
+        dataset_names: Sequence[str] = (SYNTHVQA,),
+        data_root: str | Path | None = None,
+        num_samples: Mapping[str, int] | int | None = None,
+        seed: int = 0,
+        device: str = "cpu",
+        importance_method: str | None = None,
+        max_new_tokens: int = 4,
+        budget_range_ms: Sequence[float] | None = None,
+        dataset_weights: Mapping[str, float] | None = None,
+        prompt_templates: Mapping[str, str] | None = None,
+        dtype: str = "float32",
+        decode_mode: str | None = None,
+        max_graphs: int | None = None,
+    ):
+        self._set_options(model_path if model_path is not None else DEFAULT_MODEL_PATH, results_dir, device, dtype,
+                          max_new_tokens, dataset_names, data_root, num_samples, seed, dataset_weights,
+                          prompt_templates)
+        model, tokenizer = load_model(self.model_path, self.device, self.DTYPES[dtype])
+        self.read_results(self.results_dir, model.cfg.num_layers, importance_method, budget_range_ms)
+        self._set_model(model, tokenizer, model.cfg.tiers, decode_mode, max_graphs)
+
+    # ----------------------------------------------------------------- data
     def prompt(self, sample: VQASample) -> str:
         """SynthVQA questions go in as they are (the model's training format); real datasets get
         their dataset's prompt template."""
@@ -178,20 +318,11 @@ class VLMBackend(Backend):
             )
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
-    @torch.inference_mode()
-    def language_feature(self, sample: VQASample) -> torch.Tensor:
-        """Mean of the frozen decoder token embeddings of the prompt's tokens, (d_model,) float32."""
-        return self.model.embed(self.prompt_ids(sample)).mean(dim=0).float()
-
     # ------------------------------------------------------------- episode
     @torch.inference_mode()
-    def start_episode(self, sample: VQASample, tier: str, budget_token: torch.Tensor) -> VLMEpisode:
+    def start_episode(self, sample: VQASample, tier: str, budget_token: torch.Tensor) -> ModelEpisode:
         check_tier(self.cfg, tier)
-        budget = torch.as_tensor(budget_token)
-        if budget.shape != (self.d_model,):
-            raise ValueError(f"budget_token has shape {tuple(budget.shape)}, expected ({self.d_model},)")
-        if not torch.isfinite(budget).all():
-            raise ValueError("budget_token contains NaN or infinite values")
+        budget = self._check_budget_token(budget_token)
         ids = self.prompt_ids(sample)
         timer = PhaseTimer()
         with self.meter.section(timer, "preprocess", bracket=True):
@@ -200,83 +331,29 @@ class VLMBackend(Backend):
         self.executor.prepare_vision(crops, slots)  # a first-use capture is not the request's time
         with self.meter.section(timer, "vision", bracket=self.executor.graphs):
             vision = self.executor.encode(crops, slots)
-        sequence, cos, sin = prefill_sequence(self.model, vision, ids[None], budget.to(self.device)[None])
-        return VLMEpisode(sample, tier, sequence, cos, sin, timer, vision_tokens=vision.shape[1])
+        sequence, cos, sin = prefill_sequence(self.model, vision, ids[None], budget[None])
+        return ModelEpisode(sample, tier, sequence, cos, sin, timer, vision_tokens=vision.shape[1])
 
     @torch.inference_mode()
-    def run_to(self, episode: VLMEpisode, insertion: int) -> torch.Tensor:
-        if episode.insertion is not None:
-            raise RuntimeError(f"run_to was already called for this episode (insertion={episode.insertion})")
-        if not 1 <= insertion <= self.cfg.num_layers:
-            raise ValueError(f"insertion={insertion}: expected 1..{self.cfg.num_layers}")
-        prefix = self._plan(insertion, self.cfg.top_k, insertion)
-        with self.meter.section(episode.timer, "prefill"):
-            hidden = run_blocks(self.model, episode.hidden, episode.cos, episode.sin, prefix, episode.cache)
-        episode.hidden, episode.insertion = hidden, insertion
-        return hidden[0, -1].float().clone()
-
-    @torch.inference_mode()
-    def finish(self, episode: VLMEpisode, top_k: int, num_blocks: int) -> EpisodeResult:
-        p = episode.insertion
-        if p is None:
-            raise RuntimeError("finish called before run_to for this episode")
-        if episode.finished:
-            raise RuntimeError("finish was already called for this episode")
-        if not 1 <= top_k <= self.cfg.num_experts:
-            raise ValueError(f"top_k={top_k}: expected 1..{self.cfg.num_experts}")
-        plan = self._plan(p, top_k, num_blocks)
-        model, timer = self.model, episode.timer
-        with self.meter.section(timer, "prefill"):
-            hidden = run_blocks(model, episode.hidden, episode.cos, episode.sin, plan[p:], episode.cache)
-            first = first_tokens(model, hidden)
-        prefill_tokens = hidden.shape[1]
-        self.executor.prepare(plan, 1, episode.cache)  # a first-use graph capture is not the request's time
-        # A replayed graph calls no module: bracket the phase so its events time it.
-        with self.meter.section(timer, "decode", bracket=self.executor.graphs):
-            ids = self.executor.decode(first, episode.cache, plan, prefill_tokens, self.max_new_tokens)
-        timings = self.meter.timings_ms(timer)  # the episode's one synchronisation
-        generated = trim_at_eos(ids, self.tokenizer.eos_id)[0]
-        episode.cache.clear()  # the episode is over: free its KV cache
-        episode.finished = True
-        from envs.data.accuracy import extract_answer, score_answer
-
-        answer = extract_answer(self.tokenizer.decode(generated))
-        return EpisodeResult(
-            answer=answer,
-            accuracy=score_answer(answer, episode.sample),
-            timings_ms=timings,
-            extras={
-                "tier": episode.tier,
-                "insertion": p,
-                "top_k": top_k,
-                "num_blocks": num_blocks,
-                "blocks": [b for b, _ in plan],
-                "vision_tokens": episode.vision_tokens,
-                "prefill_tokens": prefill_tokens,
-                "generated_tokens": len(generated),
-                "decode_steps": ids.shape[1] - 1,
-                "generated_ids": generated,
-            },
-        )
-
-    def _plan(self, insertion: int, top_k: int, num_blocks: int):
-        return block_plan(self.importance, insertion, top_k, num_blocks, self.cfg.num_layers, self.cfg.top_k,
-                          self.knob_space.first_block_top_k)
+    def prefill_prefixes(self, images: Sequence[torch.Tensor], prompt_ids: Sequence[torch.Tensor], tier: str,
+                         batch_size: int) -> list[torch.Tensor]:
+        """[vision][prompt] input embeddings (T_i, d_model) per sample at `tier`, as start_episode
+        builds them before the budget token; the vision encoder runs batched per image size."""
+        check_tier(self.cfg, tier)
+        vision: list[torch.Tensor | None] = [None] * len(images)
+        by_size: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape), []).append(i)
+        for idx in by_size.values():
+            for j in range(0, len(idx), batch_size):
+                chunk = idx[j : j + batch_size]
+                batch = torch.stack([images[i] for i in chunk]).to(self.device)
+                for row, i in zip(encode_vision(self.model, batch, tier), chunk):
+                    vision[i] = row
+        return [torch.cat([v, self.model.embed(ids.to(self.device))]) for v, ids in zip(vision, prompt_ids)]
 
     def describe(self) -> dict:
-        return {
-            **super().describe(),
-            "model_path": str(self.model_path),
-            "results_dir": str(self.results_dir),
-            "importance_method": self.importance_method,
-            "dataset_names": list(self.dataset_names),
-            "max_new_tokens": self.max_new_tokens,
-            "device": str(self.device),
-            "dtype": self.dtype,
-            "expert_kernel": expert_kernel(self.device, DTYPES[self.dtype], training=False),
-            "executor": self.executor.describe(),
-            "tier_max_crops": dict(self.cfg.tier_max_crops),
-        }
+        return {**super().describe(), "tier_max_crops": dict(self.cfg.tier_max_crops)}
 
 
 # ------------------------------------------------------------------- helpers

@@ -73,7 +73,14 @@ def prefill_sequence(model, vision: torch.Tensor, prompt_ids: torch.Tensor, budg
 
     vision (batch, V, d); prompt_ids (batch, P); budget (batch, d_model), entering as
     model.embed_budget(budget)."""
-    seq = torch.cat([vision, model.embed(prompt_ids), model.embed_budget(budget.to(vision.dtype))[:, None]], dim=1)
+    prefix = torch.cat([vision, model.embed(prompt_ids)], dim=1)
+    return with_budget_token(model, prefix, model.embed_budget(budget.to(vision.dtype)))
+
+
+def with_budget_token(model, prefix: torch.Tensor, budget_embedding: torch.Tensor):
+    """[prefix][budget token] (batch, T + 1, d_model) and its rotary cos, sin: prefix (batch, T, d) is
+    the model's input embeddings of image and prompt, budget_embedding (batch, d) already scaled."""
+    seq = torch.cat([prefix, budget_embedding.to(prefix.dtype)[:, None]], dim=1)
     if seq.shape[1] > model.cfg.max_positions:
         raise ValueError(
             f"prefill of {seq.shape[1]} positions exceeds the model's max_positions={model.cfg.max_positions}"
@@ -160,12 +167,9 @@ class Executor:
     """
 
     def __init__(self, model, eos_id: int, mode: str | None = None, max_graphs: int = 64,
-                 quiet: Callable[[], ContextManager] | None = None, num_layers: int | None = None,
-                 max_positions: int | None = None):
+                 quiet: Callable[[], ContextManager] | None = None):
         self.model, self.eos_id = model, int(eos_id)
-        # a model whose config names these differently (MolmoE) passes them
-        self.num_layers = model.cfg.num_layers if num_layers is None else int(num_layers)
-        self.max_positions = model.cfg.max_positions if max_positions is None else int(max_positions)
+        self.num_layers, self.max_positions = model.cfg.num_layers, model.cfg.max_positions
         self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
         mode = ("graphs" if cuda else "eager") if mode is None else mode
