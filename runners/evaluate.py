@@ -145,7 +145,7 @@ def resolve_config(args, ckpt: dict):
 def check_checkpoint_fits(ckpt: dict, cfg, backend) -> list[str]:
     """check_compatible plus the backend/model it was trained on; returns warnings."""
     meta = ckpt["policy_meta"]
-    check_compatible(meta, actor_meta(backend, cfg.policy.hidden_dim, cfg.policy.sinusoidal_dim), ckpt["path"])
+    check_compatible(meta, actor_meta(backend, cfg.policy.hidden_dim, cfg.policy.sinusoidal_dim, cfg.policy.stage2_inputs), ckpt["path"])
     trained = meta.get("backend") or {}
     now = backend.describe()
     if trained.get("backend") and trained["backend"] != now["backend"]:
