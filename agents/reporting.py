@@ -29,6 +29,10 @@ def flat_row(row: Mapping) -> dict:
     flat = {k: v for k, v in row.items() if not isinstance(v, Mapping)}
     for fam, v in (row.get("accuracy_by_family") or {}).items():
         flat[f"accuracy_family_{fam}"] = v
+    for fam, v in (row.get("violation_rate_by_family") or {}).items():
+        flat[f"violation_family_{fam}"] = v
+    for fam, v in (row.get("family_choice") or {}).items():
+        flat[f"config_family_{fam}"] = v
     for head, dist in (row.get("choices") or {}).items():
         for value, frac in dist.items():
             flat[f"choice_{head}_{value}"] = frac
@@ -47,13 +51,22 @@ def write_csv(rows: Sequence[Mapping], path: Path) -> None:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in f.items()})
 
 
-def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path) -> dict[str, Path]:
-    """eval.json, eval.csv and the PNG plots in output_dir; returns the paths written."""
+def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path,
+                  rows_outside_training_range: Sequence[Mapping] = ()) -> dict[str, Path]:
+    """eval.json, eval.csv and the PNG plots of `rows` in output_dir, and the rows of budgets outside
+    the training range apart (eval.json's rows_outside_training_range, eval_outside_range.csv);
+    returns the paths written."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "eval.json", "csv": out / "eval.csv"}
-    write_json(paths["json"], {"rows": list(rows), "meta": dict(meta)})
+    write_json(paths["json"], {"rows": list(rows), "rows_outside_training_range": list(rows_outside_training_range),
+                               "meta": dict(meta)})
     write_csv(rows, paths["csv"])
+    if rows_outside_training_range:
+        paths["csv_outside_range"] = out / "eval_outside_range.csv"
+        write_csv(rows_outside_training_range, paths["csv_outside_range"])
+    if not rows:
+        return paths
     for key, fig in (
         ("accuracy", accuracy_vs_budget_figure(rows)),
         ("latency", latency_vs_budget_figure(rows)),
@@ -78,8 +91,8 @@ def _by_policy(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
 def _style(policy: str) -> dict:
     if policy == "controller":
         return {"linewidth": 2.4, "marker": "o", "zorder": 5}
-    if policy == "oracle":
-        return {"linewidth": 1.6, "marker": "^", "linestyle": "--"}
+    if policy in ("oracle", "family-oracle"):
+        return {"linewidth": 1.6, "marker": "^" if policy == "oracle" else "v", "linestyle": "--"}
     if policy.startswith("static:"):
         return {"linewidth": 1.0, "marker": ".", "alpha": 0.7, "linestyle": ":"}
     return {"linewidth": 1.5, "marker": "s", "markersize": 4}
