@@ -302,7 +302,8 @@ def _run(args, log) -> dict:
     env, env_policies = None, []
     for spec in specs:
         if spec.kind in ENV_POLICIES:
-            env = env or make_env(cfg, backend, split, 1, 1)
+            if env is None:
+                env = make_env(cfg, backend, split, 1, 1)
             env_policies.append(EnvPolicy(spec.name, *_env_policy(spec, ckpt, cfg, backend)))
     log(f"interleaved run: {n} {split} samples x ({len(configs)} static configurations + {len(env_policies)} env "
         f"policies x {len(budgets)} budgets) + {len(calibration_index)} {calibration_split} calibration samples x "
