@@ -173,3 +173,57 @@ def knob_choices_figure(rows: Sequence[Mapping], policy: str = "controller"):
         ax.set_ylim(0, 1.25)
     fig.suptitle(f"{policy}: knob choices vs budget")
     return fig
+
+
+# --------------------------------------------------------------------------- seeds and spread
+SPREAD_METRICS = ("accuracy_mean", "violation_rate")
+
+
+def seed_spread(groups: Mapping[str, Sequence[Mapping]], reference: str | None = None,
+                policy: str = "controller") -> dict:
+    """Mean and standard deviation over seeds of each group's eval.json rows, per (policy, budget).
+
+    groups: group name (e.g. a stage2_inputs option) -> the eval.json objects of its seeds, which
+    must share their budgets. With `reference`, each other group's `policy` rows also get the
+    difference of means to the reference group and whether it is a tie (|difference| <= the larger
+    of the two standard deviations).
+    """
+    import statistics
+
+    if not groups or any(len(evals) == 0 for evals in groups.values()):
+        raise ValueError("seed_spread: every group needs at least one eval.json")
+    out = {}
+    for name, evals in groups.items():
+        cells: dict[tuple, list[Mapping]] = {}
+        budgets = None
+        for e in evals:
+            these = sorted({r["budget_ms"] for r in e["rows"]})
+            if budgets is not None and these != budgets:
+                raise ValueError(f"group {name!r}: evaluations at different budgets ({budgets} vs {these}); "
+                                 f"evaluate every seed at the same --budgets")
+            budgets = these
+            for r in e["rows"]:
+                cells.setdefault((r["policy"], r["budget_ms"]), []).append(r)
+        rows = []
+        for (pol, budget), rs in sorted(cells.items()):
+            row = {"policy": pol, "budget_ms": budget, "num_seeds": len(rs)}
+            for m in SPREAD_METRICS:
+                values = [float(r[m]) for r in rs]
+                row[m] = statistics.fmean(values)
+                row[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            rows.append(row)
+        out[name] = rows
+    if reference is not None:
+        if reference not in out:
+            raise ValueError(f"reference group {reference!r} is not one of {sorted(out)}")
+        ref = {(r["policy"], r["budget_ms"]): r for r in out[reference]}
+        for name, rows in out.items():
+            for row in rows:
+                base = ref.get((row["policy"], row["budget_ms"]))
+                if name == reference or row["policy"] != policy or base is None:
+                    continue
+                for m in SPREAD_METRICS:
+                    diff = row[m] - base[m]
+                    row[f"{m}_minus_{reference}"] = diff
+                    row[f"{m}_tie_with_{reference}"] = abs(diff) <= max(row[f"{m}_std"], base[f"{m}_std"])
+    return out
