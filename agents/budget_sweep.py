@@ -127,10 +127,16 @@ def summarize_choices(
     values = {"tier": knob_space.tiers, "insertion": knob_space.insertion_positions,
               "top_k": knob_space.top_k_values, "num_blocks": knob_space.num_blocks_values}
     n = acc.numel()
-    choices = {}
-    for h in ACTION_HEADS:
-        counts = torch.bincount(actions[h].reshape(-1).long(), minlength=len(values[h]))
-        choices[h] = {str(v): float(counts[i]) / n for i, v in enumerate(values[h])}
+
+    def fractions(mask: torch.Tensor) -> dict:
+        """Per head, the fraction of the masked episodes that chose each value."""
+        out = {}
+        for h in ACTION_HEADS:
+            counts = torch.bincount(actions[h].reshape(-1).long()[mask], minlength=len(values[h]))
+            out[h] = {str(v): float(counts[i]) / int(mask.sum()) for i, v in enumerate(values[h])}
+        return out
+
+    choices = fractions(torch.ones(n, dtype=torch.bool))
     row = {
         "policy": policy,
         "budget_ms": float(budget),
@@ -148,6 +154,7 @@ def summarize_choices(
         row["accuracy_by_family"] = {f: float(acc[m].mean()) for f, m in masks.items()}
         row["violation_rate_by_family"] = {f: float(viol[m].mean()) for f, m in masks.items()}
         row["num_episodes_by_family"] = {f: int(m.sum()) for f, m in masks.items()}
+        row["choices_by_family"] = {f: fractions(m) for f, m in masks.items()}
     row.update(extra)
     return row
 

@@ -301,3 +301,9 @@ def test_rows_split_violations_by_family():
                             RewardWeights(), ["x", "y", "y", "x"])[0]
     assert row["violation_rate"] == 0.5
     assert row["violation_rate_by_family"] == {"x": 0.0, "y": 1.0} and row["num_episodes_by_family"] == {"x": 2, "y": 2}
+    # knob choices per family: the family oracle's detail questions take another tier than coarse ones
+    configs, calibration, test, fam = _calibration_and_test()
+    at_200 = table_policy_rows(parse_policies(["family-oracle"], KS)[0], test, [200.0], KS, RewardWeights(), fam,
+                               calibration=calibration)[0]
+    assert at_200["choices_by_family"]["a"]["tier"] == {"low": 1.0, "medium": 0.0, "high": 0.0}
+    assert at_200["choices_by_family"]["b"]["tier"] == {"low": 0.0, "medium": 1.0, "high": 0.0}
