@@ -203,7 +203,8 @@ def family_oracle_choice(calibration: Calibration, test: ConfigTable, test_famil
                          f"pass a larger --calibration_samples")
     cols = static_columns(calibration.table, knob_space)
     by_name = {calibration.table.configs[j].name: calibration.table.configs[j] for j in cols}
-    p95 = {calibration.table.configs[j].name: float(torch.quantile(calibration.table.latency[:, j], 0.95)) for j in cols}
+    latency = calibration.table.latency
+    p95 = {calibration.table.configs[j].name: float(torch.quantile(latency[:, j], 0.95)) for j in cols}
     shares = {f: sum(g == f for g in test_families) / len(test_families) for f in sorted(set(test_families))}
     read = family_accuracy(test, test_families, [test.column(by_name[name]) for name in by_name])
     report = budget_headroom(family_accuracy(calibration.table, calibration.families, cols), read, p95, shares, budget)

@@ -174,7 +174,8 @@ def resolve_config(args, ckpt: dict):
 def check_checkpoint_fits(ckpt: dict, cfg, backend) -> list[str]:
     """check_compatible plus the backend/model it was trained on; returns warnings."""
     meta = ckpt["policy_meta"]
-    check_compatible(meta, actor_meta(backend, cfg.policy.hidden_dim, cfg.policy.sinusoidal_dim, cfg.policy.stage2_inputs), ckpt["path"])
+    policy = cfg.policy
+    check_compatible(meta, actor_meta(backend, policy.hidden_dim, policy.sinusoidal_dim, policy.stage2_inputs), ckpt["path"])
     trained = meta.get("backend") or {}
     now = backend.describe()
     if trained.get("backend") and trained["backend"] != now["backend"]:
@@ -317,7 +318,8 @@ def _run(args, log) -> dict:
     families = families_of(samples, sample_index.tolist())
     calibration = None
     if run.calibration is not None:
-        calibration = Calibration(run.calibration, families_of(calibration_samples, run.calibration.sample_index.tolist()))
+        calibration_families = families_of(calibration_samples, run.calibration.sample_index.tolist())
+        calibration = Calibration(run.calibration, calibration_families)
 
     rows = []
     reference = backend.has_closed_form
