@@ -6,8 +6,11 @@ from tensordict import TensorDict
 
 from agents.rollout import collect_rollouts
 from envs import make_env, reset_to
+from envs.backends.molmoe import MolmoEBackend
 from envs.backends.vlm import VLMBackend
+from envs.data.sample import VQASample
 from helpers import make_tiny_model_dir
+from molmoe_fixture import FIXTURE, cases, image, requires_fixture, write_results
 from policies import STAGE2_INPUTS, ElapsedCode, HierarchicalController
 
 
@@ -131,3 +134,18 @@ def test_a_checkpoint_of_another_stage2_input_is_refused():
     check_compatible(older, token, "old.pt")
     with pytest.raises(ValueError, match=r"old.pt does not match the policy: stage2_inputs='token', expected 'elapsed'"):
         check_compatible(older, actor_meta(backend, 32, 32, "elapsed"), "old.pt")
+
+
+@requires_fixture
+def test_molmoe_elapsed_is_the_meter_time_before_stage2(tmp_path):
+    backend = MolmoEBackend(model_path=FIXTURE, results_dir=write_results(tmp_path), tier_max_crops={"low": 1},
+                            prompt_templates={"synthvqa": "{question}"}, max_new_tokens=2)
+    c = cases()[0]
+    sample = VQASample(question=c["prompt"], answers=["red"] * 10, question_id=c["id"], dataset="synthvqa",
+                       image_loader=lambda: image(c))
+    ep = backend.start_episode(sample, "low", torch.zeros(backend.d_model))
+    backend.run_to(ep, 2)
+    elapsed = backend.elapsed_ms(ep)
+    assert backend.elapsed_ms(ep) == elapsed  # reading it leaves the episode's timer as it was
+    t = backend.finish(ep, 4, 4).timings_ms
+    assert t["preprocess"] + t["vision"] < elapsed < t["preprocess"] + t["vision"] + t["prefill"]
