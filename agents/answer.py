@@ -51,8 +51,9 @@ def load_controller(run: str | Path, device: str | None = None):
         # The run's CPU threads: its latencies (and so its budgets) were measured with them.
         torch.set_num_threads(cfg.train.num_threads)
     backend = make_backend_from_config(cfg)
-    check_compatible(ckpt["policy_meta"], actor_meta(backend, cfg.policy.hidden_dim, cfg.policy.sinusoidal_dim),
-                     ckpt["path"])
+    policy = cfg.policy
+    expected = actor_meta(backend, policy.hidden_dim, policy.sinusoidal_dim, policy.stage2_inputs)
+    check_compatible(ckpt["policy_meta"], expected, ckpt["path"])
     actor = build_actor(ckpt["policy_meta"]).to(cfg.train.device)
     actor.load_state_dict(ckpt["policy"])
     actor.eval()

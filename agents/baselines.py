@@ -6,12 +6,20 @@ Policies (names as `runners/evaluate.py --policies` takes them):
   lookup-mean                     per budget: the most accurate profiled configuration whose profiled
                                   mean latency <= LOOKUP_MEAN_FACTOR x budget (the original baseline)
   lookup-p95                      per budget: the same with profiled p95 latency <= budget
+  lookup-calibrated               per budget: the configuration with the best accuracy on the calibration
+                                  set (samples disjoint from the test samples, measured in the same run,
+                                  interleaved with everything else) whose calibration p95 latency <= budget
+  family-oracle                   per budget and question family: the configuration with the best
+                                  calibration accuracy on that family whose calibration p95 <= budget
+                                  (envs.headroom's rule; chosen on calibration, read on test)
   oracle                          per sample: the most accurate configuration whose measured latency on
                                   that very sample fits the budget (ties: the faster); none fits: the fastest
   random                          uniform over every action of every head (run through the env)
 
 Static configurations are tier x top-k x num_blocks at the smallest insertion position, as in
-profile.json (runners/profile_configs.py profiles them at p = 1 with a zero budget token).
+profile.json (runners/profile_configs.py profiles them at p = 1 with a zero budget token). Where no
+configuration fits a budget, the lookups and the family oracle take the one with the lowest latency
+statistic (fallback_rate 1 in the report).
 """
 from __future__ import annotations
 
@@ -31,9 +39,12 @@ LOOKUP_MEAN_FACTOR = 1.05  # the original project's slack on the profiled mean l
 PROFILE_FILE = "profile.json"
 PROFILE_CONFIG_FIELDS = ("tier", "top_k", "num_blocks", "accuracy_mean", "latency_mean_ms", "latency_p95_ms")
 ENV_POLICIES = ("controller", "random")
-TABLE_POLICIES = ("lookup-mean", "lookup-p95", "oracle")
+PROFILE_POLICIES = ("lookup-mean", "lookup-p95")  # choose on a profile (profile.json or closed form)
+CALIBRATED_POLICIES = ("lookup-calibrated", "family-oracle")  # choose on this run's calibration set
+TABLE_POLICIES = PROFILE_POLICIES + CALIBRATED_POLICIES + ("oracle",)
 FIXED_POLICY_NAMES = ENV_POLICIES + TABLE_POLICIES
-DEFAULT_POLICIES = ("controller", "lookup-mean", "lookup-p95", "oracle", "random")
+DEFAULT_POLICIES = ("controller", "lookup-calibrated", "family-oracle", "lookup-mean", "lookup-p95", "oracle",
+                    "random")
 
 
 # --------------------------------------------------------------------------- configurations
@@ -114,7 +125,7 @@ def parse_static_spec(spec: str, knob_space: KnobSpace) -> StaticChoice:
 @dataclass(frozen=True)
 class PolicySpec:
     name: str  # as given on the command line, e.g. "static:low,4,12"
-    kind: str  # "controller", "random", "static", "lookup-mean", "lookup-p95", "oracle"
+    kind: str  # "static" or one of FIXED_POLICY_NAMES
     config: StaticChoice | None = None  # static only
 
     @property
@@ -123,7 +134,11 @@ class PolicySpec:
 
     @property
     def needs_profile(self) -> bool:
-        return self.kind.startswith("lookup-")
+        return self.kind in PROFILE_POLICIES
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.kind in CALIBRATED_POLICIES
 
 
 def parse_policies(names: Sequence[str], knob_space: KnobSpace) -> list[PolicySpec]:

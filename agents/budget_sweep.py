@@ -1,10 +1,12 @@
 """Evaluation over a sweep of latency budgets: the per-(policy, budget) rows (written and plotted by
 agents.reporting).
 
-Static configurations, the lookup tables and the oracle are derived from one measured
+Static configurations, the lookup tables and the oracles are derived from one measured
 (sample x configuration) table of accuracy and latency: latency does not depend on the budget,
-so every configuration runs once per sample and every budget reuses the table. The controller
+so every configuration runs once per sample and every budget reuses the table; lookup-calibrated
+and family-oracle choose on a second table, the calibration set's (`Calibration`). The controller
 and the random policy act on the budget, so they run through the env once per (sample, budget).
+runners/evaluate.py measures all of it interleaved in time (agents.sweep_schedule).
 
 Training hook (cheap, controller only):
     rows = controller_budget_sweep(val_env, actor, sample_index, budgets)
@@ -18,12 +20,13 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from agents.baselines import (
+    CALIBRATED_POLICIES,
     PolicySpec,
     ProfileEntry,
-    RandomPolicy,
     StaticChoice,
     lookup_select,
     oracle_select,
+    profile_from_table,
 )
 from agents.evaluation import dummy_reference_rewards, run_episodes
 from envs.budget_env import ACTION_HEADS
@@ -31,13 +34,13 @@ from envs.knobs import KnobSpace
 from envs.reward import RewardWeights, check_budget, compute_reward
 
 # --------------------------------------------------------------------------- budgets
-def check_budgets(budgets: Iterable[float]) -> list[float]:
-    """Budgets as floats; each must be finite and > 0 (the error names the first bad one)."""
+def check_budgets(budgets: Iterable[float], field: str = "budget") -> list[float]:
+    """Budgets as floats; each must be finite and > 0 (the error names `field` and the first bad one)."""
     values = [float(b) for b in budgets]
     if not values:
-        raise ValueError("budgets is empty; expected at least one latency budget in ms")
+        raise ValueError(f"{field} is empty; expected at least one latency budget in ms")
     for b in values:
-        check_budget(b, "budget")
+        check_budget(b, field)
     return values
 
 
@@ -100,7 +103,7 @@ def configs_needed(specs: Sequence[PolicySpec], all_configs: Sequence[StaticChoi
                    profile: Sequence[ProfileEntry] | None, budgets: Sequence[float]) -> list[StaticChoice]:
     """The configurations the table-based policies need (all of them for the oracle)."""
     kinds = {s.kind for s in specs}
-    if "oracle" in kinds:  # every config, plus any profiled at another insertion that a lookup picks
+    if kinds & {"oracle", *CALIBRATED_POLICIES}:  # every config, plus any profiled at another p a lookup picks
         extra = {lookup_select(profile, b, rule)[0] for rule in ("mean", "p95") if f"lookup-{rule}" in kinds
                  for b in budgets} - set(all_configs)
         return list(all_configs) + sorted(extra, key=lambda c: c.name)
@@ -115,17 +118,25 @@ def configs_needed(specs: Sequence[PolicySpec], all_configs: Sequence[StaticChoi
 def summarize_choices(
     policy: str, budget: float, accuracy: torch.Tensor, latency: torch.Tensor, reward: torch.Tensor,
     actions: Mapping[str, torch.Tensor], knob_space: KnobSpace, families: Sequence | None = None,
-    **extra,
+    violation: torch.Tensor | None = None, **extra,
 ) -> dict:
-    """One (policy, budget) row from per-episode values; `actions` are index tensors per head."""
+    """One (policy, budget) row from per-episode values; `actions` are index tensors per head.
+    violation: per-episode flags when the caller has its own count (default latency > budget)."""
     acc, lat, rew = (t.double().reshape(-1) for t in (accuracy, latency, reward))
+    viol = (lat > budget).double() if violation is None else violation.double().reshape(-1)
     values = {"tier": knob_space.tiers, "insertion": knob_space.insertion_positions,
               "top_k": knob_space.top_k_values, "num_blocks": knob_space.num_blocks_values}
     n = acc.numel()
-    choices = {}
-    for h in ACTION_HEADS:
-        counts = torch.bincount(actions[h].reshape(-1).long(), minlength=len(values[h]))
-        choices[h] = {str(v): float(counts[i]) / n for i, v in enumerate(values[h])}
+
+    def fractions(mask: torch.Tensor) -> dict:
+        """Per head, the fraction of the masked episodes that chose each value."""
+        out = {}
+        for h in ACTION_HEADS:
+            counts = torch.bincount(actions[h].reshape(-1).long()[mask], minlength=len(values[h]))
+            out[h] = {str(v): float(counts[i]) / int(mask.sum()) for i, v in enumerate(values[h])}
+        return out
+
+    choices = fractions(torch.ones(n, dtype=torch.bool))
     row = {
         "policy": policy,
         "budget_ms": float(budget),
@@ -133,17 +144,17 @@ def summarize_choices(
         "latency_mean_ms": float(lat.mean()),
         "latency_p50_ms": float(torch.quantile(lat, 0.5)),
         "latency_p95_ms": float(torch.quantile(lat, 0.95)),
-        "violation_rate": float((lat > budget).double().mean()),
+        "violation_rate": float(viol.mean()),
         "reward_mean": float(rew.mean()),
         "num_episodes": n,
         "choices": choices,
     }
     if families is not None and any(f is not None for f in families):
-        by = {}
-        for f in sorted({f for f in families if f is not None}):
-            mask = torch.tensor([g == f for g in families])
-            by[f] = float(acc[mask].mean())
-        row["accuracy_by_family"] = by
+        masks = {f: torch.tensor([g == f for g in families]) for f in sorted({f for f in families if f is not None})}
+        row["accuracy_by_family"] = {f: float(acc[m].mean()) for f, m in masks.items()}
+        row["violation_rate_by_family"] = {f: float(viol[m].mean()) for f, m in masks.items()}
+        row["num_episodes_by_family"] = {f: int(m.sum()) for f, m in masks.items()}
+        row["choices_by_family"] = {f: fractions(m) for f, m in masks.items()}
     row.update(extra)
     return row
 
@@ -153,29 +164,95 @@ def families_of(samples: Sequence, sample_index: Iterable[int]) -> list | None:
     return fam if any(f is not None for f in fam) else None
 
 
+# --------------------------------------------------------------------------- calibration
+@dataclass
+class Calibration:
+    """The calibration set of one evaluation run: its measured config table (samples disjoint from
+    the test samples, measured in the same run) and each row's question family."""
+
+    table: ConfigTable
+    families: list | None
+
+
+def static_columns(table: ConfigTable, knob_space: KnobSpace) -> list[int]:
+    """Columns of the static configurations (smallest insertion position), the oracles' choices."""
+    p = min(knob_space.insertion_positions)
+    return [j for j, c in enumerate(table.configs) if c.insertion == p]
+
+
+def family_accuracy(table: ConfigTable, families: Sequence, columns: Sequence[int]) -> dict[str, dict[str, float]]:
+    """{config name: {family: mean accuracy over the family's rows}} (envs.headroom's table form)."""
+    masks = {f: torch.tensor([g == f for g in families]) for f in sorted(set(families))}
+    return {table.configs[j].name: {f: float(table.accuracy[m, j].mean()) for f, m in masks.items()} for j in columns}
+
+
+def family_oracle_choice(calibration: Calibration, test: ConfigTable, test_families: Sequence, budget: float,
+                         knob_space: KnobSpace) -> tuple[dict[str, StaticChoice], bool, dict | None]:
+    """Per question family, the static configuration with the best calibration accuracy on that
+    family among those whose calibration p95 latency fits the budget (envs.headroom.budget_headroom;
+    its accuracies are read on the test table). None fits: every family takes the configuration
+    with the lowest calibration p95. Returns (family -> config, fits, the headroom report or None)."""
+    from envs.headroom import budget_headroom
+
+    if calibration.families is None or test_families is None:
+        raise ValueError("policy 'family-oracle' needs question families; these samples carry none "
+                         "(SynthVQA and the dummy have them, real VQA datasets do not)")
+    missing = sorted(set(test_families) - set(calibration.families))
+    if missing:
+        raise ValueError(f"policy 'family-oracle': the calibration set has no question of family {missing}; "
+                         f"pass a larger --calibration_samples")
+    cols = static_columns(calibration.table, knob_space)
+    by_name = {calibration.table.configs[j].name: calibration.table.configs[j] for j in cols}
+    latency = calibration.table.latency
+    p95 = {calibration.table.configs[j].name: float(torch.quantile(latency[:, j], 0.95)) for j in cols}
+    shares = {f: sum(g == f for g in test_families) / len(test_families) for f in sorted(set(test_families))}
+    read = family_accuracy(test, test_families, [test.column(by_name[name]) for name in by_name])
+    report = budget_headroom(family_accuracy(calibration.table, calibration.families, cols), read, p95, shares, budget)
+    if report is None:
+        fastest = min(p95, key=p95.get)
+        return {f: by_name[fastest] for f in shares}, False, None
+    return {f: by_name[name] for f, name in report["family_choice"].items()}, True, report
+
+
+def calibrated_profile(calibration: Calibration, knob_space: KnobSpace) -> list[ProfileEntry]:
+    """The calibration table as a profile of the static configurations (mean accuracy, mean / p95 latency)."""
+    t, cols = calibration.table, static_columns(calibration.table, knob_space)
+    return profile_from_table([t.configs[j] for j in cols], t.accuracy[:, cols], t.latency[:, cols])
+
+
 # --------------------------------------------------------------------------- table policies
 def table_policy_rows(
     spec: PolicySpec, table: ConfigTable, budgets: Sequence[float], knob_space: KnobSpace,
     weights: RewardWeights, families: Sequence | None = None, profile: Sequence[ProfileEntry] | None = None,
+    calibration: Calibration | None = None,
 ) -> list[dict]:
-    """Rows of a static / lookup / oracle policy for every budget, from the measured table."""
+    """Rows of a static / lookup / oracle policy for every budget, from the measured (test) table;
+    lookup-calibrated and family-oracle choose on `calibration` and are read on the table."""
     s = table.accuracy.shape[0]
     complexity = torch.tensor([c.complexity(knob_space) for c in table.configs], dtype=torch.float64)
     head_index = {h: torch.tensor([c.indices(knob_space)[h] for c in table.configs]) for h in ACTION_HEADS}
+    if spec.kind in CALIBRATED_POLICIES and calibration is None:
+        raise ValueError(f"policy {spec.name!r} needs a calibration set (calibration samples measured in this run)")
+    calibrated = calibrated_profile(calibration, knob_space) if spec.kind == "lookup-calibrated" else None
     rows = []
     for budget in budgets:
         extra = {}
         if spec.kind == "static":
             col = torch.full((s,), table.column(spec.config), dtype=torch.long)
             extra["config"] = spec.config.name
-        elif spec.kind in ("lookup-mean", "lookup-p95"):
-            if profile is None:
+        elif spec.kind in ("lookup-mean", "lookup-p95", "lookup-calibrated"):
+            if spec.kind != "lookup-calibrated" and profile is None:
                 raise ValueError(f"policy {spec.name!r} needs a profile")
-            config, fits = lookup_select(profile, budget, spec.kind.split("-")[1])
+            rule = "mean" if spec.kind == "lookup-mean" else "p95"
+            config, fits = lookup_select(calibrated or profile, budget, rule)
             col = torch.full((s,), table.column(config), dtype=torch.long)
             extra.update(config=config.name, fallback_rate=0.0 if fits else 1.0)
+        elif spec.kind == "family-oracle":
+            choice, fits, _ = family_oracle_choice(calibration, table, families, budget, knob_space)
+            col = torch.tensor([table.column(choice[f]) for f in families], dtype=torch.long)
+            extra.update(family_choice={f: c.name for f, c in choice.items()}, fallback_rate=0.0 if fits else 1.0)
         elif spec.kind == "oracle":  # over the static configs (smallest p), as measured on each sample
-            cols = torch.tensor([j for j, c in enumerate(table.configs) if c.insertion == min(knob_space.insertion_positions)])
+            cols = torch.tensor(static_columns(table, knob_space))
             sub, fits = oracle_select(table.accuracy[:, cols], table.latency[:, cols], budget)
             col = cols[sub]
             extra["fallback_rate"] = float((~fits).double().mean())
@@ -195,13 +272,23 @@ def env_policy_rows(
     reference: bool = False,
 ) -> list[dict]:
     """Run `policy` (the controller or RandomPolicy) through the env on every (sample, budget)
-    pair (one run_episodes call over all pairs) and summarize per budget. With reference=True on
-    a backend with expected_rewards (the dummy), rows also get the expected/optimal/random rewards."""
+    pair (one run_episodes call over all pairs) and summarize per budget (episode_rows)."""
     budgets = check_budgets(budgets)
     s = sample_index.numel()
     idx = sample_index.reshape(-1).repeat(len(budgets))
     bud = torch.tensor(budgets, dtype=torch.float32).repeat_interleave(s)
     episodes = run_episodes(env, policy, idx, bud, greedy=greedy)
+    return episode_rows(env, name, episodes, sample_index, budgets, reference)
+
+
+def episode_rows(env, name: str, episodes, sample_index: torch.Tensor, budgets: Sequence[float],
+                 reference: bool = False) -> list[dict]:
+    """One row per budget from terminal steps ordered budget-major (budget, sample). With
+    reference=True on a backend with expected_rewards (the dummy), rows also get the
+    expected/optimal/random rewards."""
+    s = sample_index.numel()
+    if episodes.shape[0] != s * len(budgets):
+        raise ValueError(f"{episodes.shape[0]} episodes for {s} samples x {len(budgets)} budgets")
     families = families_of(env.samples, sample_index.tolist())
     rows = []
     for b_i, budget in enumerate(budgets):
@@ -213,13 +300,12 @@ def env_policy_rows(
             extra = {"expected_reward_mean": ref["expected_reward_mean"],
                      "optimal_expected_reward_mean": ref["optimal_reward_mean"],
                      "random_expected_reward_mean": ref["random_reward_mean"]}
-        row = summarize_choices(
+        rows.append(summarize_choices(
             name, budget, info["accuracy"], info["latency_ms"], ep["reward"],
-            {h: ep["action", h] for h in ACTION_HEADS}, env.knob_space, families, **extra,
-        )
-        # The env's own count (against the float32 budget it stores).
-        row["violation_rate"] = float(info["violation"].double().mean())
-        rows.append(row)
+            {h: ep["action", h] for h in ACTION_HEADS}, env.knob_space, families,
+            violation=info["violation"],  # the env's own count (against the float32 budget it stores)
+            **extra,
+        ))
     return rows
 
 
@@ -235,9 +321,3 @@ def controller_budget_sweep(env, actor, sample_index: torch.Tensor, budgets: Seq
     finally:
         if was_training:
             actor.train()
-
-
-def random_policy_rows(env, sample_index: torch.Tensor, budgets: Sequence[float], seed: int = 0,
-                       reference: bool = False) -> list[dict]:
-    policy = RandomPolicy(env.knob_space, env.backend.d_model, seed=seed)
-    return env_policy_rows(env, policy, "random", sample_index, budgets, greedy=False, reference=reference)

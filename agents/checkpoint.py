@@ -18,9 +18,10 @@ from envs.knobs import KnobSpace
 from policies.controller import HierarchicalController
 
 
-def actor_meta(backend, hidden_dim: int, sinusoidal_dim: int) -> dict:
+def actor_meta(backend, hidden_dim: int, sinusoidal_dim: int, stage2_inputs: str = "token") -> dict:
     """Everything needed to build an actor for a backend, and to check a checkpoint fits it."""
     return {
+        "stage2_inputs": stage2_inputs,
         "knob_space": backend.knob_space.to_dict(),
         "language_dim": backend.language_dim,
         "d_model": backend.d_model,
@@ -42,16 +43,17 @@ def build_actor(meta: dict, fixed_controller_ms: float | None = None) -> Hierarc
         hidden_dim=meta["hidden_dim"],
         sinusoidal_dim=meta["sinusoidal_dim"],
         fixed_controller_ms=fixed_controller_ms,
+        stage2_inputs=meta.get("stage2_inputs", "token"),  # checkpoints before the option: the token
     )
 
 
 def check_compatible(meta: dict, expected: dict, path: str | Path) -> None:
     """Raise a ValueError naming the first field where a checkpoint does not fit the policy."""
-    for key in ("knob_space", "language_dim", "d_model", "hidden_dim", "sinusoidal_dim"):
-        if meta.get(key) != expected.get(key):
-            raise ValueError(
-                f"checkpoint {path} does not match the policy: {key}={meta.get(key)!r}, expected {expected.get(key)!r}"
-            )
+    defaults = {"stage2_inputs": "token"}  # fields older checkpoints do not store
+    for key in ("knob_space", "language_dim", "d_model", "hidden_dim", "sinusoidal_dim", "stage2_inputs"):
+        value, want = meta.get(key, defaults.get(key)), expected.get(key, defaults.get(key))
+        if value != want:
+            raise ValueError(f"checkpoint {path} does not match the policy: {key}={value!r}, expected {want!r}")
 
 
 def seed_everything(seed: int) -> None:

@@ -29,6 +29,9 @@ class PolicyConfig:
     hidden_dim: int = 256  # width of both predictors' MLPs
     sinusoidal_dim: int = 256  # size of the fixed sinusoidal budget code
     fixed_controller_ms: Optional[float] = None  # replaces the measured controller time (bit-reproducible runs)
+    # what Stage 2 reads besides p: "token" (the latency token, the design's), "token+elapsed" (and the
+    # request's measured elapsed / remaining time), "elapsed" (those times, no token)
+    stage2_inputs: str = "token"
 
 
 @dataclass

@@ -59,7 +59,7 @@ def make_env(cfg: Config, backend, split: str, batch_size: int, group_size: int,
 
 def make_actor(cfg: Config, backend):
     """The controller for a backend and its metadata (stored with checkpoints)."""
-    meta = actor_meta(backend, cfg.policy.hidden_dim, cfg.policy.sinusoidal_dim)
+    meta = actor_meta(backend, cfg.policy.hidden_dim, cfg.policy.sinusoidal_dim, cfg.policy.stage2_inputs)
     return build_actor(meta, cfg.policy.fixed_controller_ms).to(cfg.train.device), meta
 
 

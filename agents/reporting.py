@@ -29,6 +29,10 @@ def flat_row(row: Mapping) -> dict:
     flat = {k: v for k, v in row.items() if not isinstance(v, Mapping)}
     for fam, v in (row.get("accuracy_by_family") or {}).items():
         flat[f"accuracy_family_{fam}"] = v
+    for fam, v in (row.get("violation_rate_by_family") or {}).items():
+        flat[f"violation_family_{fam}"] = v
+    for fam, v in (row.get("family_choice") or {}).items():
+        flat[f"config_family_{fam}"] = v
     for head, dist in (row.get("choices") or {}).items():
         for value, frac in dist.items():
             flat[f"choice_{head}_{value}"] = frac
@@ -47,13 +51,22 @@ def write_csv(rows: Sequence[Mapping], path: Path) -> None:
             writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in f.items()})
 
 
-def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path) -> dict[str, Path]:
-    """eval.json, eval.csv and the PNG plots in output_dir; returns the paths written."""
+def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path,
+                  rows_outside_training_range: Sequence[Mapping] = ()) -> dict[str, Path]:
+    """eval.json, eval.csv and the PNG plots of `rows` in output_dir, and the rows of budgets outside
+    the training range apart (eval.json's rows_outside_training_range, eval_outside_range.csv);
+    returns the paths written."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "eval.json", "csv": out / "eval.csv"}
-    write_json(paths["json"], {"rows": list(rows), "meta": dict(meta)})
+    write_json(paths["json"], {"rows": list(rows), "rows_outside_training_range": list(rows_outside_training_range),
+                               "meta": dict(meta)})
     write_csv(rows, paths["csv"])
+    if rows_outside_training_range:
+        paths["csv_outside_range"] = out / "eval_outside_range.csv"
+        write_csv(rows_outside_training_range, paths["csv_outside_range"])
+    if not rows:
+        return paths
     for key, fig in (
         ("accuracy", accuracy_vs_budget_figure(rows)),
         ("latency", latency_vs_budget_figure(rows)),
@@ -78,8 +91,8 @@ def _by_policy(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
 def _style(policy: str) -> dict:
     if policy == "controller":
         return {"linewidth": 2.4, "marker": "o", "zorder": 5}
-    if policy == "oracle":
-        return {"linewidth": 1.6, "marker": "^", "linestyle": "--"}
+    if policy in ("oracle", "family-oracle"):
+        return {"linewidth": 1.6, "marker": "^" if policy == "oracle" else "v", "linestyle": "--"}
     if policy.startswith("static:"):
         return {"linewidth": 1.0, "marker": ".", "alpha": 0.7, "linestyle": ":"}
     return {"linewidth": 1.5, "marker": "s", "markersize": 4}
@@ -160,3 +173,57 @@ def knob_choices_figure(rows: Sequence[Mapping], policy: str = "controller"):
         ax.set_ylim(0, 1.25)
     fig.suptitle(f"{policy}: knob choices vs budget")
     return fig
+
+
+# --------------------------------------------------------------------------- seeds and spread
+SPREAD_METRICS = ("accuracy_mean", "violation_rate")
+
+
+def seed_spread(groups: Mapping[str, Sequence[Mapping]], reference: str | None = None,
+                policy: str = "controller") -> dict:
+    """Mean and standard deviation over seeds of each group's eval.json rows, per (policy, budget).
+
+    groups: group name (e.g. a stage2_inputs option) -> the eval.json objects of its seeds, which
+    must share their budgets. With `reference`, each other group's `policy` rows also get the
+    difference of means to the reference group and whether it is a tie (|difference| <= the larger
+    of the two standard deviations).
+    """
+    import statistics
+
+    if not groups or any(len(evals) == 0 for evals in groups.values()):
+        raise ValueError("seed_spread: every group needs at least one eval.json")
+    out = {}
+    for name, evals in groups.items():
+        cells: dict[tuple, list[Mapping]] = {}
+        budgets = None
+        for e in evals:
+            these = sorted({r["budget_ms"] for r in e["rows"]})
+            if budgets is not None and these != budgets:
+                raise ValueError(f"group {name!r}: evaluations at different budgets ({budgets} vs {these}); "
+                                 f"evaluate every seed at the same --budgets")
+            budgets = these
+            for r in e["rows"]:
+                cells.setdefault((r["policy"], r["budget_ms"]), []).append(r)
+        rows = []
+        for (pol, budget), rs in sorted(cells.items()):
+            row = {"policy": pol, "budget_ms": budget, "num_seeds": len(rs)}
+            for m in SPREAD_METRICS:
+                values = [float(r[m]) for r in rs]
+                row[m] = statistics.fmean(values)
+                row[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            rows.append(row)
+        out[name] = rows
+    if reference is not None:
+        if reference not in out:
+            raise ValueError(f"reference group {reference!r} is not one of {sorted(out)}")
+        ref = {(r["policy"], r["budget_ms"]): r for r in out[reference]}
+        for name, rows in out.items():
+            for row in rows:
+                base = ref.get((row["policy"], row["budget_ms"]))
+                if name == reference or row["policy"] != policy or base is None:
+                    continue
+                for m in SPREAD_METRICS:
+                    diff = row[m] - base[m]
+                    row[f"{m}_minus_{reference}"] = diff
+                    row[f"{m}_tie_with_{reference}"] = abs(diff) <= max(row[f"{m}_std"], base[f"{m}_std"])
+    return out

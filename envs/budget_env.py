@@ -3,7 +3,9 @@
 Episode (per batch row; rows are B samples x G group members, each executed alone):
   reset  -> Stage-1 observation: language feature, budget (ms), stage = 0
   step 1 -> action (tier, insertion, budget_token, controller_ms): preprocess + vision + blocks
-            0..p-1; Stage-2 observation: latency token, insertion, stage = 1; reward 0
+            0..p-1; Stage-2 observation: latency token, insertion, elapsed_ms (the measured time
+            this request has spent: preprocess + vision + prefill of blocks 0..p-1 + Stage 1's
+            controller time), remaining_ms (budget - elapsed, < 0 once over), stage = 1; reward 0
   step 2 -> action (top_k, num_blocks, controller_ms): rest of prefill + decode;
             terminal reward, done, and the episode's info under "episode"
 Each stage's controller time for the request is measured by the policy (at batch size 1) and
@@ -101,6 +103,7 @@ class BudgetVLMEnv(EnvBase):
         self._tier_index = torch.zeros(n, dtype=torch.long)
         self._insertion_index = torch.zeros(n, dtype=torch.long)
         self._stage1_controller_ms = torch.zeros(n)
+        self._elapsed_ms = torch.zeros(n)  # measured at the end of Stage 1, Stage 2's elapsed input
         self._group_id = torch.arange(n) // self.group_size
         self._language = torch.zeros(n, backend.language_dim)
         self._next_group_id = 0
@@ -119,6 +122,8 @@ class BudgetVLMEnv(EnvBase):
             stage=Categorical(2, shape=(*n, 1)),
             latency_token=Unbounded(shape=(*n, d)),
             insertion=Categorical(len(ks.insertion_positions), shape=(*n, 1)),
+            elapsed_ms=Bounded(low=0.0, high=float("inf"), shape=(*n, 1)),
+            remaining_ms=Unbounded(shape=(*n, 1)),
             group_id=Unbounded(shape=(*n, 1), dtype=torch.long),
             sample_index=Unbounded(shape=(*n, 1), dtype=torch.long),
             episode=Composite(
@@ -182,6 +187,7 @@ class BudgetVLMEnv(EnvBase):
             self._budget[i] = budgets[i]
             self._insertion_index[i] = 0
             self._stage1_controller_ms[i] = 0.0
+            self._elapsed_ms[i] = 0.0
             self._language[i] = self._load_language(i)
         return self._observation(stage=torch.zeros(n, 1, dtype=torch.long))
 
@@ -215,9 +221,12 @@ class BudgetVLMEnv(EnvBase):
     def _observation(self, stage, latency_token=None, insertion=None, info=None) -> TensorDict:
         n = self.batch_size[0]
         budget = self._budget.reshape(n, 1)
+        elapsed = self._elapsed_ms.reshape(n, 1)
         return TensorDict(
             language_feature=self._language.clone(),
             budget_ms=budget.clone(),
+            elapsed_ms=elapsed.clone(),
+            remaining_ms=budget - elapsed,
             stage=stage,
             latency_token=latency_token if latency_token is not None else torch.zeros(n, self.backend.d_model),
             insertion=insertion if insertion is not None else torch.zeros(n, 1, dtype=torch.long),
@@ -291,7 +300,9 @@ class BudgetVLMEnv(EnvBase):
         self._tier_index[row] = ks.tiers.index(tier)
         self._insertion_index[row] = p_index
         token = self.backend.run_to(episode, ks.insertion_positions[p_index])
-        return token.detach().float().cpu()
+        token = token.detach().float().cpu()  # the copy waits for the device, so elapsed is complete
+        self._elapsed_ms[row] = self.backend.elapsed_ms(episode) + self._stage1_controller_ms[row]
+        return token
 
     def _skip_sample(self, row: int, err: Exception) -> None:
         """Replace an unreadable sample by another one; counted (env.skipped_samples and the

@@ -8,6 +8,8 @@ the observation, and the finished episode's measurements go to `info`.
 The episode has two steps: the first action's tier, insertion, budget_token and controller_ms (the
 caller's own Stage-1 time) are used, the second's top_k, num_blocks and controller_ms (its Stage-2
 time); both times count in the request's latency. Fields that do not act at a step are ignored.
+The second observation's elapsed_ms / remaining_ms are the request's measured time so far (the
+first action's controller_ms included) and the budget left.
 """
 from __future__ import annotations
 

@@ -86,6 +86,16 @@ class LatencyMeter:
 
     def timings_ms(self, timer: PhaseTimer) -> dict[str, float]:
         """Milliseconds per phase of `timer`'s sections (one sync on CUDA); recycles its events."""
+        totals = self.phase_totals_ms(timer)
+        if self.cuda:
+            self._free_events.extend(timer.stamps)
+        timer.stamps, timer.sections = [], []
+        return totals
+
+    def phase_totals_ms(self, timer: PhaseTimer) -> dict[str, float]:
+        """Milliseconds per phase of the sections so far, leaving the timer as it is: what an open
+        episode has spent up to now (on CUDA a sync on its last stamp, which a caller that copies
+        the episode's output to the host has waited for anyway)."""
         totals = {phase: 0.0 for phase in self.phases}
         if self.cuda and timer.stamps:
             timer.stamps[-1].synchronize()
@@ -94,9 +104,6 @@ class LatencyMeter:
             if end - first >= 2:
                 start, stop = timer.stamps[first], timer.stamps[end - 1]
                 totals[phase] += start.elapsed_time(stop) if self.cuda else (stop - start) * 1e3
-        if self.cuda:
-            self._free_events.extend(timer.stamps)
-        timer.stamps, timer.sections = [], []
         return totals
 
     def _stamp(self, timer: PhaseTimer) -> None:

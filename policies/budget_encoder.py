@@ -52,3 +52,26 @@ class LatencyBudgetEncoder(nn.Module):
     def forward(self, budget_ms: torch.Tensor) -> torch.Tensor:
         """(..., 1) budget in ms -> (..., d_model)."""
         return self.mlp(sinusoidal_code(self.normalise(budget_ms), self.sinusoidal_dim))
+
+
+class ElapsedCode(nn.Module):
+    """(elapsed_ms, remaining_ms) -> fixed sinusoidal code, no parameters (Stage 2's elapsed input).
+
+    Both times are divided by the top of the budget range (elapsed in [0, ~1], remaining in
+    [-1, 1] and below 0 once the request is over budget) and coded by `sinusoidal_code`, like the
+    budget, with `dim_per_value` components each; Stage 2's trunk learns what to make of them.
+    """
+
+    def __init__(self, budget_range_ms: Sequence[float], dim_per_value: int = 32):
+        super().__init__()
+        lo, hi = (float(v) for v in budget_range_ms)
+        if not (0 < lo < hi):
+            raise ValueError(f"budget_range_ms={list(budget_range_ms)}: expected 0 < lo < hi")
+        self.register_buffer("scale_ms", torch.tensor(hi))
+        self.dim_per_value = int(dim_per_value)
+        self.dim = 2 * self.dim_per_value
+
+    def forward(self, elapsed_ms: torch.Tensor, remaining_ms: torch.Tensor) -> torch.Tensor:
+        """(..., 1) and (..., 1) in ms -> (..., dim)."""
+        return torch.cat([sinusoidal_code(t / self.scale_ms, self.dim_per_value) for t in (elapsed_ms, remaining_ms)],
+                         dim=-1)

@@ -2,8 +2,9 @@
 
 `stage1_actor` (budget encoder -> Knob1PredictorBudgetLanguage -> one categorical per head) writes
 ("action", "tier"), ("action", "insertion") and the budget token ("action", "budget_token");
-`stage2_actor` (Knob2Knob3Predictor -> one categorical per head) writes ("action", "top_k") and
-("action", "num_blocks"). Both are tensordict `ProbabilisticTensorDictSequential`s over a
+`stage2_actor` (Knob2Knob3Predictor -> one categorical per head) reads the latency token and/or
+the request's measured elapsed and remaining time (`stage2_inputs`) and writes ("action", "top_k")
+and ("action", "num_blocks"). Both are tensordict `ProbabilisticTensorDictSequential`s over a
 `CompositeDistribution`, so sampling, the per-head log-prob keys ("action", "<head>_log_prob"),
 entropies and the greedy switch (torchrl's `set_exploration_type(DETERMINISTIC or MODE)`) are
 tensordict's. `HierarchicalController` dispatches each env row to the actor of its `stage`.
@@ -59,30 +60,32 @@ def _categorical_heads(heads: Sequence[str]) -> ProbabilisticTensorDictModule:
 
 
 class _StageNetwork(TensorDictModuleBase):
-    """A stage's networks as a tensordict module: reads in_keys, writes each head's (n, 1, K)
-    logits under ("logits", head, "logits") (so that actions have the env's (n, 1) shape) and, for
-    Stage 1, the budget feature as ("action", "budget_token"). `compute` is the same on plain
-    tensors: the part the controller times per request.
+    """A stage's networks as a tensordict module: reads in_keys (passed to the predictor as the
+    keyword arguments `inputs` maps them to), writes each head's (n, 1, K) logits under
+    ("logits", head, "logits") (so that actions have the env's (n, 1) shape) and, for Stage 1, the
+    budget feature as ("action", "budget_token"). `compute` is the same on plain tensors: the part
+    the controller times per request.
     """
 
-    def __init__(self, predictor: torch.nn.Module, heads: Sequence[str], in_keys: Sequence,
+    def __init__(self, predictor: torch.nn.Module, heads: Sequence[str], inputs: dict[str, str],
                  budget_encoder: LatencyBudgetEncoder | None = None):
         super().__init__()
         self.predictor = predictor
         self.budget_encoder = budget_encoder
         self.heads = tuple(heads)
-        self.in_keys = list(in_keys)
+        self.in_keys = list(inputs)
+        self.argument_names = list(inputs.values())
         self.out_keys = [("logits", h, "logits") for h in self.heads]
         if budget_encoder is not None:
             self.out_keys.append((ACTION_KEY, "budget_token"))
 
     def compute(self, *inputs: torch.Tensor) -> dict:
         """in_keys' tensors -> {out_key: tensor}."""
-        inputs = list(inputs)
+        kwargs = dict(zip(self.argument_names, inputs))
         out = {}
-        if self.budget_encoder is not None:  # Stage 1: (language_feature, budget_ms)
-            inputs[1] = out[(ACTION_KEY, "budget_token")] = self.budget_encoder(inputs[1])
-        logits = self.predictor(*inputs)
+        if self.budget_encoder is not None:  # Stage 1: the budget token is its budget feature
+            kwargs["budget_feature"] = out[(ACTION_KEY, "budget_token")] = self.budget_encoder(kwargs["budget_feature"])
+        logits = self.predictor(**kwargs)
         for h in self.heads:
             out[("logits", h, "logits")] = logits[h].unsqueeze(-2)
         return out
@@ -105,7 +108,9 @@ class HierarchicalController(TensorDictModuleBase):
         hidden_dim: int = 256,
         sinusoidal_dim: int = 256,
         fixed_controller_ms: float | None = None,
+        stage2_inputs: str = "token",
     ):
+        """stage2_inputs: what Stage 2 reads besides the insertion (see Knob2Knob3Predictor)."""
         super().__init__()
         if fixed_controller_ms is not None and not float(fixed_controller_ms) >= 0:
             raise ValueError(f"fixed_controller_ms={fixed_controller_ms}: expected None or a time >= 0")
@@ -115,20 +120,27 @@ class HierarchicalController(TensorDictModuleBase):
         self.fixed_controller_ms = None if fixed_controller_ms is None else float(fixed_controller_ms)
         self.budget_encoder = LatencyBudgetEncoder(d_model, budget_range_ms, sinusoidal_dim)
         self.stage1 = Knob1PredictorBudgetLanguage(language_dim, d_model, hidden_dim, sizes["tier"], sizes["insertion"])
-        self.stage2 = Knob2Knob3Predictor(d_model, hidden_dim, sizes["insertion"], sizes["top_k"], sizes["num_blocks"])
+        self.stage2 = Knob2Knob3Predictor(d_model, hidden_dim, sizes["insertion"], sizes["top_k"], sizes["num_blocks"],
+                                          inputs=stage2_inputs, budget_range_ms=budget_range_ms)
+        self.stage2_inputs = stage2_inputs
         s1, s2 = STAGE_HEADS
         stage1_actor = ProbabilisticTensorDictSequential(
-            _StageNetwork(self.stage1, s1, ["language_feature", "budget_ms"], self.budget_encoder),
+            _StageNetwork(self.stage1, s1, {"language_feature": "language_feature", "budget_ms": "budget_feature"},
+                          self.budget_encoder),
             _categorical_heads(s1),
         )
+        stage2_keys = {"latency_token": "latency_token"} if self.stage2.reads_token else {}
+        stage2_keys["insertion"] = "insertion_index"
+        if self.stage2.elapsed_code is not None:
+            stage2_keys.update(elapsed_ms="elapsed_ms", remaining_ms="remaining_ms")
         stage2_actor = ProbabilisticTensorDictSequential(
-            _StageNetwork(self.stage2, s2, ["latency_token", "insertion"]),
+            _StageNetwork(self.stage2, s2, stage2_keys),
             _categorical_heads(s2),
         )
         # A plain tuple: the actors are views over the predictors registered above, so every
         # parameter (and state_dict key) appears once, under stage1. / stage2. / budget_encoder.
         self.stage_actors = (stage1_actor, stage2_actor)
-        self.in_keys = ["stage", "language_feature", "budget_ms", "latency_token", "insertion"]
+        self.in_keys = ["stage", *dict.fromkeys(k for actor in self.stage_actors for k in actor.in_keys)]
         self.out_keys = self.action_keys + [(ACTION_KEY, "budget_token"), (ACTION_KEY, "controller_ms")] + self.log_prob_keys
 
     @property

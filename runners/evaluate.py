@@ -1,14 +1,23 @@
-"""Evaluate a trained controller against static configurations, lookup tables and the oracle.
+"""Evaluate a trained controller against static configurations, lookup tables and the oracles,
+all measured in the same run, interleaved in time.
 
     python runners/evaluate.py --checkpoint RUN_DIR_OR_CKPT --output_dir DIR [--split test]
         [--num_samples N] [--budgets B1 B2 ... | --num_budgets K] [--policies P ...]
-        [--backend dummy|vlm] [--model_path DIR] [--results_dir DIR] [--config YAML]
+        [--calibration_samples M] [--calibration_split val]
+        [--backend dummy|vlm|molmoe] [--model_path DIR] [--results_dir DIR] [--config YAML]
 
-Policies (default: controller lookup-mean lookup-p95 oracle random):
+Policies (default: controller lookup-calibrated family-oracle lookup-mean lookup-p95 oracle random;
+family-oracle is left out when the samples carry no question family):
   controller                  the checkpoint's controller, greedy actions
   static:<tier>,<top_k>,<N>   one fixed configuration (insertion = the smallest p)
+  lookup-calibrated           per budget, the configuration with the best accuracy on the calibration
+                              set (the first M samples of --calibration_split, disjoint from the test
+                              samples, measured in this run) whose calibration p95 latency <= budget
+  family-oracle               per budget and question family, the same choice made per family
+                              (envs.headroom's rule): chosen on calibration, accuracy read on test
   lookup-mean / lookup-p95    per budget, the most accurate profiled configuration whose profiled
-                              mean latency <= 1.05 x budget / p95 latency <= budget
+                              mean latency <= 1.05 x budget / p95 latency <= budget (profile.json:
+                              measured on another day, so latency drift is not accounted for)
   oracle                      per sample, the most accurate configuration whose measured latency
                               on that sample fits the budget (ties: the faster; none fits: the fastest)
   random                      uniform over all actions
@@ -16,6 +25,16 @@ Every policy sees the same samples (the first N of --split) and budgets (default
 training budget range). Static configurations run once per sample (a sample x config table of
 accuracy and measured latency) and static / lookup / oracle rows for every budget come from that
 table; controller and random run through the env at every budget.
+
+Interleaving (agents.sweep_schedule): the run is one round per test sample; a round holds that
+sample's static configurations, every env policy at every budget, and the configurations of the
+calibration samples spread evenly over the rounds, in an order shuffled per round by --seed; every
+unit is one batch-1 request. Drift in machine speed during the run hits every policy alike.
+
+Budgets outside the training range are evaluated like the others and reported separately
+(`rows_outside_training_range` in eval.json, eval_outside_range.csv); a NaN, infinite, zero or
+negative budget is an error naming --budgets. meta.structural_headroom gives, per budget,
+family-oracle minus lookup-calibrated accuracy and the controller's share of it.
 
 The env and backend are rebuilt from the checkpoint's stored config; --config YAML keys override
 it key by key, and the flags override both.
@@ -26,14 +45,14 @@ from the dummy's closed-form model over the val split (expected accuracy, exact 
 the latency); `val` measures the config table on --profile_samples val samples. `auto` (default):
 --results_dir if given, else the VLM's results dir, else closed_form on the dummy.
 
-Writes to --output_dir: eval.json ({"rows": [...], "meta": {...}}), eval.csv, and PNG plots
-(accuracy / latency / violation rate vs budget, the controller's knob choices vs budget).
+Writes to --output_dir: eval.json ({"rows": [...], "rows_outside_training_range": [...],
+"meta": {...}}), eval.csv, and PNG plots (accuracy / latency / violation rate vs budget, the
+controller's knob choices vs budget) of the budgets in the training range.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,7 +60,9 @@ import yaml
 
 from agents.baselines import (
     DEFAULT_POLICIES,
+    ENV_POLICIES,
     LOOKUP_MEAN_FACTOR,
+    RandomPolicy,
     all_static_configs,
     dummy_closed_form_profile,
     load_profile,
@@ -50,13 +71,13 @@ from agents.baselines import (
     profile_to_json,
 )
 from agents.budget_sweep import (
+    Calibration,
     check_budgets,
     configs_needed,
     default_budgets,
-    env_policy_rows,
+    episode_rows,
     families_of,
     measure_config_table,
-    random_policy_rows,
     table_policy_rows,
 )
 from agents.checkpoint import actor_meta, build_actor, check_compatible, load_checkpoint
@@ -64,6 +85,7 @@ from agents.cli import user_input
 from agents.config import config_from_dict
 from agents.factory import make_backend_from_config, make_env
 from agents.reporting import write_outputs
+from agents.sweep_schedule import EnvPolicy, run_interleaved
 from envs.backends.base import check_split
 from envs.machine import machine_info
 from envs.reward import RewardWeights
@@ -84,15 +106,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     budgets = p.add_mutually_exclusive_group()
     budgets.add_argument("--budgets", type=float, nargs="+", help="latency budgets in ms")
     budgets.add_argument("--num_budgets", type=int, default=8, help="K budgets evenly over the training range (default 8)")
-    p.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES),
-                   help="controller, static:<tier>,<top_k>,<num_blocks>, lookup-mean, lookup-p95, oracle, random")
+    p.add_argument("--policies", nargs="+",
+                   help="controller, static:<tier>,<top_k>,<num_blocks>, lookup-calibrated, family-oracle, "
+                        "lookup-mean, lookup-p95, oracle, random (default: " + " ".join(DEFAULT_POLICIES) + ")")
+    p.add_argument("--calibration_samples", type=int, default=64,
+                   help="first N samples of --calibration_split that lookup-calibrated and family-oracle choose on "
+                        "(default 64)")
+    p.add_argument("--calibration_split", default="val", help="split of the calibration samples (default val; "
+                                                              "must differ from --split)")
     p.add_argument("--profile_source", choices=PROFILE_SOURCES, default="auto", help="where the lookup profile comes from")
     p.add_argument("--profile_samples", type=int, default=64, help="val samples measured for --profile_source val")
-    p.add_argument("--batch_size", type=int, help="env rows per evaluation chunk (default: config eval.batch_size)")
     p.add_argument("--device", help="cpu or cuda (default: the checkpoint's)")
-    p.add_argument("--seed", type=int, help="seed of the env and the random policy (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, help="seed of the env, the random policy and the interleaving order "
+                                            "(default: the checkpoint's)")
     p.add_argument("--num_threads", type=int, help="torch CPU threads (default: config train.num_threads)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds over all configs before the table (default 1)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds over all configs (and one episode per env "
+                                                        "policy) before anything is timed (default 1)")
     p.add_argument("--overwrite", action="store_true", help="write over an existing eval.json in --output_dir")
     return p.parse_args(argv)
 
@@ -145,7 +174,8 @@ def resolve_config(args, ckpt: dict):
 def check_checkpoint_fits(ckpt: dict, cfg, backend) -> list[str]:
     """check_compatible plus the backend/model it was trained on; returns warnings."""
     meta = ckpt["policy_meta"]
-    check_compatible(meta, actor_meta(backend, cfg.policy.hidden_dim, cfg.policy.sinusoidal_dim), ckpt["path"])
+    policy = cfg.policy
+    check_compatible(meta, actor_meta(backend, policy.hidden_dim, policy.sinusoidal_dim, policy.stage2_inputs), ckpt["path"])
     trained = meta.get("backend") or {}
     now = backend.describe()
     if trained.get("backend") and trained["backend"] != now["backend"]:
@@ -207,11 +237,18 @@ def _run(args, log) -> dict:
     if (out / "eval.json").exists() and not args.overwrite:
         raise ValueError(f"output_dir {out} already holds eval.json; pass --overwrite or choose another --output_dir")
     if args.budgets is not None:
-        budgets = check_budgets(args.budgets)
+        budgets = check_budgets(args.budgets, "--budgets")
     elif args.num_budgets < 1:
         raise ValueError(f"--num_budgets={args.num_budgets}: expected >= 1")
     if args.num_samples is not None and args.num_samples < 1:
         raise ValueError(f"--num_samples={args.num_samples}: expected >= 1")
+    if args.calibration_samples < 1:
+        raise ValueError(f"--calibration_samples={args.calibration_samples}: expected >= 1")
+    split = check_split(args.split, "--split")
+    calibration_split = check_split(args.calibration_split, "--calibration_split")
+    if calibration_split == split:
+        raise ValueError(f"--calibration_split={calibration_split!r} is the evaluated --split; the calibration "
+                         f"samples must be disjoint from the test samples: pass another split")
 
     ckpt = load_checkpoint(args.checkpoint)
     cfg = resolve_config(args, ckpt)
@@ -223,7 +260,7 @@ def _run(args, log) -> dict:
     torch.manual_seed(cfg.train.seed)
     backend = make_backend_from_config(cfg)
     ks = backend.knob_space
-    specs = parse_policies(args.policies, ks)  # before the checkpoint check: a typo fails first
+    specs = parse_policies(args.policies or DEFAULT_POLICIES, ks)  # before the checkpoint check: a typo fails first
     warnings = check_checkpoint_fits(ckpt, cfg, backend)
     for w in warnings:
         log(f"warning: {w}")
@@ -232,52 +269,67 @@ def _run(args, log) -> dict:
     lo, hi = backend.budget_range_ms
     outside = [b for b in budgets if not lo <= b <= hi]
     if outside:
-        log(f"warning: budgets {outside} lie outside the training range [{lo}, {hi}] ms")
+        log(f"budgets {outside} lie outside the training range [{lo}, {hi}] ms: evaluated, reported separately")
+
+    samples = backend.dataset(split)
+    n = min(args.num_samples or cfg.eval.test_samples, len(samples))
+    test_index = list(range(n))
+    families = families_of(samples, test_index)
+    if families is None and any(s.kind == "family-oracle" for s in specs):
+        if args.policies:
+            raise ValueError(f"--policies family-oracle needs question families; the {split} samples carry none "
+                             f"(SynthVQA and the dummy have them, real VQA datasets do not)")
+        log("family-oracle left out: these samples carry no question families")
+        specs = [s for s in specs if s.kind != "family-oracle"]
+    calibration_samples, calibration_index = None, []
+    if any(s.needs_calibration for s in specs):
+        calibration_samples = backend.dataset(calibration_split)
+        calibration_index = list(range(min(args.calibration_samples, len(calibration_samples))))
+        if len(calibration_index) < args.calibration_samples:
+            log(f"warning: --calibration_samples={args.calibration_samples}, but split {calibration_split!r} has "
+                f"{len(calibration_index)}; calibrating on those")
+        missing = sorted(set(families or []) - set(families_of(calibration_samples, calibration_index) or []))
+        if missing and any(s.kind == "family-oracle" for s in specs):
+            raise ValueError(f"--calibration_samples={args.calibration_samples}: the calibration set has no question "
+                             f"of family {missing}; pass a larger --calibration_samples")
 
     weights = RewardWeights.from_dict(cfg.env.reward)
     profile, profile_info = None, None
     if any(s.needs_profile for s in specs):
         profile, profile_info = resolve_profile(args, backend, ks, log)
 
-    split = check_split(args.split)
-    samples = backend.dataset(split)
-    n = min(args.num_samples or cfg.eval.test_samples, len(samples))
-    sample_index = torch.arange(n)
-    timings = {}
-
-    table = None
-    if any(s.needs_table for s in specs):
-        configs = configs_needed(specs, all_static_configs(ks), profile, budgets)
-        log(f"config table: {n} {split} samples x {len(configs)} static configurations")
-        table = measure_config_table(backend, samples, sample_index.tolist(), configs, warmup=args.warmup,
-                                     seed=cfg.train.seed, progress=log)
-        timings["config_table"] = round(table.seconds, 2)
-        if table.skipped:
-            log(f"warning: {len(table.skipped)} samples skipped (unreadable images); all policies use the rest")
-        sample_index = table.sample_index
+    configs = (configs_needed(specs, all_static_configs(ks), profile, budgets)
+               if any(s.needs_table for s in specs) else [])
+    env, env_policies = None, []
+    for spec in specs:
+        if spec.kind in ENV_POLICIES:
+            if env is None:
+                env = make_env(cfg, backend, split, 1, 1)
+            env_policies.append(EnvPolicy(spec.name, *_env_policy(spec, ckpt, cfg, backend)))
+    log(f"interleaved run: {n} {split} samples x ({len(configs)} static configurations + {len(env_policies)} env "
+        f"policies x {len(budgets)} budgets) + {len(calibration_index)} {calibration_split} calibration samples x "
+        f"{len(configs)} configurations")
+    run = run_interleaved(backend, samples, test_index, configs, budgets, env=env, env_policies=env_policies,
+                          calibration_samples=calibration_samples, calibration_index=calibration_index,
+                          seed=cfg.train.seed, warmup=args.warmup, progress=log)
+    if run.test.skipped:
+        log(f"warning: {len(run.test.skipped)} test samples skipped (unreadable images); all policies use the rest")
+    sample_index = run.test.sample_index
+    families = families_of(samples, sample_index.tolist())
+    calibration = None
+    if run.calibration is not None:
+        calibration_families = families_of(calibration_samples, run.calibration.sample_index.tolist())
+        calibration = Calibration(run.calibration, calibration_families)
 
     rows = []
-    env = None
     reference = backend.has_closed_form
     for spec in specs:
-        start = time.perf_counter()
         if spec.needs_table:
-            fam = families_of(samples, table.sample_index.tolist())
-            rows += table_policy_rows(spec, table, budgets, ks, weights, fam, profile)
+            rows += table_policy_rows(spec, run.test, budgets, ks, weights, families, profile, calibration)
         else:
-            if env is None:
-                env = make_env(cfg, backend, split, args.batch_size or cfg.eval.batch_size, 1)
-            if spec.kind == "controller":
-                actor = build_actor(ckpt["policy_meta"]).to(cfg.train.device)
-                actor.load_state_dict(ckpt["policy"])
-                actor.eval()
-                rows += env_policy_rows(env, actor, "controller", sample_index, budgets, greedy=True,
-                                        reference=reference)
-            else:
-                rows += random_policy_rows(env, sample_index, budgets, seed=cfg.train.seed, reference=reference)
-            log(f"{spec.name}: {len(budgets)} budgets x {sample_index.numel()} episodes, "
-                f"{time.perf_counter() - start:.1f}s")
-        timings[spec.name] = round(time.perf_counter() - start, 3)
+            rows += episode_rows(env, spec.name, run.episodes[spec.name], sample_index, budgets, reference)
+    for r in rows:
+        r["in_training_range"] = lo <= r["budget_ms"] <= hi
 
     meta = {
         "machine": machine_info(),
@@ -287,11 +339,19 @@ def _run(args, log) -> dict:
         "split": split,
         "num_samples": int(sample_index.numel()),
         "sample_index": sample_index.tolist(),
-        "skipped_samples": table.skipped if table is not None else [],
+        "skipped_samples": run.test.skipped,
         "budgets": budgets,
         "budget_source": "given" if args.budgets is not None else f"{len(budgets)} evenly over the training range",
         "budget_range_ms": [lo, hi],
+        "budgets_outside_training_range": outside,
         "policies": [s.name for s in specs],
+        "calibration": None if calibration is None else {
+            "split": calibration_split, "num_samples": int(run.calibration.sample_index.numel()),
+            "sample_index": run.calibration.sample_index.tolist(), "skipped_samples": run.calibration.skipped,
+            "rule": "lookup-calibrated: best calibration accuracy with calibration p95 <= budget; family-oracle: "
+                    "the same per question family (envs.headroom); chosen on calibration, read on the test samples"},
+        "structural_headroom": structural_headroom(rows),
+        "interleaving": run.schedule,
         "profile_source": profile_info,
         "profile": profile_to_json(profile) if profile is not None else None,
         "lookup_mean_factor": LOOKUP_MEAN_FACTOR,
@@ -299,25 +359,60 @@ def _run(args, log) -> dict:
         "latency_note": "static/lookup/oracle: measured batch-1 preprocess+vision+prefill+decode with a zero budget "
                         "token, one run per (sample, config) shared by all budgets; controller: the env's latency, "
                         "which includes both controller stages' own time, each measured for the request at batch 1",
-        "num_configs_measured": len(table.configs) if table is not None else 0,
-        "timings_s": timings,
+        "num_configs_measured": len(configs),
+        "timings_s": {"interleaved_run": run.schedule["seconds"]},
         "warnings": warnings,
         "backend": backend.describe(),
         "reward_weights": weights.to_dict(),
         "config": cfg.to_dict(),
         "command": sys.argv,
     }
-    paths = write_outputs(rows, meta, out)
+    inside = [r for r in rows if r["in_training_range"]]
+    beyond = [r for r in rows if not r["in_training_range"]]
+    paths = write_outputs(inside, meta, out, rows_outside_training_range=beyond)
     log(f"wrote {', '.join(str(p) for p in paths.values())}")
-    _print_table(rows)
-    return {"rows": rows, "meta": meta}
+    _print_table(inside, "budgets in the training range")
+    if beyond:
+        _print_table(beyond, "budgets outside the training range (extrapolation)")
+    return {"rows": inside, "rows_outside_training_range": beyond, "meta": meta}
 
 
-def _print_table(rows) -> None:
+def _env_policy(spec, ckpt, cfg, backend) -> tuple:
+    """(policy, greedy) of an env policy: the checkpoint's controller, or the seeded random policy."""
+    if spec.kind == "controller":
+        actor = build_actor(ckpt["policy_meta"]).to(cfg.train.device)
+        actor.load_state_dict(ckpt["policy"])
+        actor.eval()
+        return actor, True
+    return RandomPolicy(backend.knob_space, backend.d_model, seed=cfg.train.seed), False
+
+
+def structural_headroom(rows) -> list[dict]:
+    """Per budget measured in this run: family-oracle minus lookup-calibrated accuracy (the headroom
+    a question-aware controller can close), and the controller's share of it."""
+    by = {(r["policy"], r["budget_ms"]): r for r in rows}
+    out = []
+    for (policy, budget), row in by.items():
+        if policy != "family-oracle" or ("lookup-calibrated", budget) not in by:
+            continue
+        base = by["lookup-calibrated", budget]["accuracy_mean"]
+        entry = {"budget_ms": budget, "in_training_range": row["in_training_range"], "lookup_calibrated": base,
+                 "family_oracle": row["accuracy_mean"], "headroom": row["accuracy_mean"] - base}
+        if ("controller", budget) in by:
+            gain = by["controller", budget]["accuracy_mean"] - base
+            entry["controller_gain"] = gain
+            entry["controller_share_of_headroom"] = gain / entry["headroom"] if entry["headroom"] > 0 else None
+        out.append(entry)
+    return out
+
+
+def _print_table(rows, title: str) -> None:
+    print(f"{title}:")
     print(f"{'policy':<22}{'budget':>8}{'acc':>7}{'lat':>8}{'p95':>8}{'viol':>6}{'reward':>8}  config")
     for r in rows:
         print(f"{r['policy']:<22}{r['budget_ms']:>8.1f}{r['accuracy_mean']:>7.3f}{r['latency_mean_ms']:>8.1f}"
-              f"{r['latency_p95_ms']:>8.1f}{r['violation_rate']:>6.2f}{r['reward_mean']:>8.3f}  {r.get('config', '')}")
+              f"{r['latency_p95_ms']:>8.1f}{r['violation_rate']:>6.2f}{r['reward_mean']:>8.3f}  "
+              f"{r.get('config') or ' '.join(f'{f}:{c}' for f, c in r.get('family_choice', {}).items())}")
 
 
 if __name__ == "__main__":

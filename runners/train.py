@@ -50,6 +50,7 @@ from agents.rollout import collect_rollouts
 from envs import ACTION_HEADS
 from envs.files import OutputWriteError, check_writable, write_error, write_json, write_text
 from envs.machine import resolve_device
+from policies import STAGE2_INPUTS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -72,6 +73,7 @@ FLAG_TO_FIELD = {
     "seed": "train.seed",
     "load_stage1_checkpoint": "train.load_stage1_checkpoint",
     "backend": "env.backend",
+    "stage2_inputs": "policy.stage2_inputs",
 }
 # Updates skipped in a row (non-finite loss or gradient) that stop the run.
 MAX_SKIPPED_IN_A_ROW = 3
@@ -107,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--use_multi_gpu", action="store_true", help="data-parallel rollouts (not available yet)")
     p.add_argument("--load_stage1_checkpoint", help="initialise Stage 1 from this checkpoint")
     p.add_argument("--backend", choices=("dummy", "vlm", "molmoe"), help="env backend")
+    p.add_argument("--stage2_inputs", choices=STAGE2_INPUTS,
+                   help="what Stage 2 reads besides p: the latency token (default), token+elapsed, or elapsed")
     return p.parse_args(argv)
 
 

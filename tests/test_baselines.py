@@ -22,6 +22,7 @@ from agents.baselines import (
     profile_from_table,
 )
 from agents.budget_sweep import (
+    Calibration,
     ConfigTable,
     check_budgets,
     configs_needed,
@@ -237,3 +238,72 @@ def test_profile_insertion_is_kept_and_checked():
     assert check_profile({"configs": [good]}, KS, "p.json")[0].config.insertion == 1
     with pytest.raises(ValueError, match="insertion 9 is not in the knob space"):
         check_profile({"configs": [{**good, "insertion": 9}]}, KS, "p.json")
+
+
+# ------------------------------------------------------------------ calibrated baselines
+def _calibration_and_test():
+    """Three configs; calibration (choices) and test (reading) tables that disagree on purpose."""
+    configs = [StaticChoice("low", 4, 12, 1), StaticChoice("medium", 6, 14, 1), StaticChoice("high", 8, 16, 1)]
+    # calibration: families a, a, b, b. low is best on a, high on b; medium best overall; high's p95 ~ 150
+    cal_acc = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    cal_lat = torch.tensor([[30.0, 60.0, 150.0]] * 4, dtype=torch.float64)
+    calibration = Calibration(ConfigTable(torch.arange(4), configs, cal_acc, cal_lat), ["a", "a", "b", "b"])
+    # test: medium is useless here, high is perfect; latencies are what this run measured on test
+    test_acc = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    test_lat = torch.tensor([[30.0, 60.0, 140.0], [32.0, 61.0, 160.0], [31.0, 59.0, 150.0]], dtype=torch.float64)
+    return configs, calibration, ConfigTable(torch.arange(3), configs, test_acc, test_lat), ["a", "b", "b"]
+
+
+def test_lookup_calibrated_chooses_on_calibration_and_reads_test():
+    configs, calibration, test, fam = _calibration_and_test()
+    spec = parse_policies(["lookup-calibrated"], KS)[0]
+    assert spec.needs_calibration and not spec.needs_profile and spec.needs_table
+    rows = table_policy_rows(spec, test, [100.0, 200.0, 20.0], KS, RewardWeights(), fam, calibration=calibration)
+    assert [r["config"] for r in rows] == ["medium,6,14", "medium,6,14", "low,4,12"]
+    assert rows[0]["accuracy_mean"] == 0.0  # medium is read on test, where it fails
+    assert [r["fallback_rate"] for r in rows] == [0.0, 0.0, 1.0]  # 20 ms: nothing fits, the fastest
+    with pytest.raises(ValueError, match="needs a calibration set"):
+        table_policy_rows(spec, test, [100.0], KS, RewardWeights(), fam)
+
+
+def test_family_oracle_chooses_per_family_through_the_headroom_rule():
+    configs, calibration, test, fam = _calibration_and_test()
+    spec = parse_policies(["family-oracle"], KS)[0]
+    at_200, at_100, at_20 = table_policy_rows(spec, test, [200.0, 100.0, 20.0], KS, RewardWeights(), fam,
+                                              calibration=calibration)
+    assert at_200["family_choice"] == {"a": "low,4,12", "b": "medium,6,14"}  # ties: the faster
+    assert at_200["accuracy_by_family"] == {"a": 1.0, "b": 0.0}
+    assert at_200["choices"]["tier"] == {"low": 1 / 3, "medium": 2 / 3, "high": 0.0}
+    assert at_100["family_choice"] == {"a": "low,4,12", "b": "medium,6,14"}
+    assert at_20["family_choice"] == {"a": "low,4,12", "b": "low,4,12"} and at_20["fallback_rate"] == 1.0
+    # the same choice as envs.headroom's own report
+    from envs.headroom import budget_headroom
+
+    choose = {c.name: {"a": float(calibration.table.accuracy[:2, j].mean()),
+                       "b": float(calibration.table.accuracy[2:, j].mean())} for j, c in enumerate(configs)}
+    report = budget_headroom(choose, choose, {c.name: float(calibration.table.latency[0, j]) for j, c in enumerate(configs)},
+                             {"a": 1 / 3, "b": 2 / 3}, 200.0)
+    assert report["family_choice"] == at_200["family_choice"]
+    # per-family violations: high is not chosen, nothing exceeds 200 ms
+    assert at_200["violation_rate_by_family"] == {"a": 0.0, "b": 0.0}
+    missing = Calibration(calibration.table, ["a"] * 4)
+    with pytest.raises(ValueError, match=r"calibration set has no question of family \['b'\]"):
+        table_policy_rows(spec, test, [100.0], KS, RewardWeights(), fam, calibration=missing)
+    with pytest.raises(ValueError, match="needs question families"):
+        table_policy_rows(spec, test, [100.0], KS, RewardWeights(), None, calibration=calibration)
+
+
+def test_rows_split_violations_by_family():
+    configs = [StaticChoice("high", 8, 16, 1)]
+    table = ConfigTable(torch.arange(4), configs, torch.ones(4, 1, dtype=torch.float64),
+                        torch.tensor([[90.0], [110.0], [120.0], [80.0]], dtype=torch.float64))
+    row = table_policy_rows(PolicySpec("static:high,8,16", "static", configs[0]), table, [100.0], KS,
+                            RewardWeights(), ["x", "y", "y", "x"])[0]
+    assert row["violation_rate"] == 0.5
+    assert row["violation_rate_by_family"] == {"x": 0.0, "y": 1.0} and row["num_episodes_by_family"] == {"x": 2, "y": 2}
+    # knob choices per family: the family oracle's detail questions take another tier than coarse ones
+    configs, calibration, test, fam = _calibration_and_test()
+    at_200 = table_policy_rows(parse_policies(["family-oracle"], KS)[0], test, [200.0], KS, RewardWeights(), fam,
+                               calibration=calibration)[0]
+    assert at_200["choices_by_family"]["a"]["tier"] == {"low": 1.0, "medium": 0.0, "high": 0.0}
+    assert at_200["choices_by_family"]["b"]["tier"] == {"low": 0.0, "medium": 1.0, "high": 0.0}

@@ -13,8 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "runners" / "train.py"
 EVALUATE = REPO / "runners" / "evaluate.py"
 ROW_KEYS = ("policy", "budget_ms", "accuracy_mean", "latency_mean_ms", "latency_p50_ms", "latency_p95_ms",
-            "violation_rate", "reward_mean", "num_episodes", "choices", "accuracy_by_family")
-META_KEYS = ("machine", "checkpoint", "split", "num_samples", "budgets", "profile_source", "policies")
+            "violation_rate", "reward_mean", "num_episodes", "choices", "accuracy_by_family", "violation_rate_by_family",
+            "in_training_range")
+META_KEYS = ("machine", "checkpoint", "split", "num_samples", "budgets", "profile_source", "policies", "calibration",
+             "interleaving", "structural_headroom")
 
 
 def _tiny_config(path: Path) -> Path:
@@ -44,10 +46,11 @@ def evaluate_main():
 
 def test_end_to_end_subprocess_writes_json_csv_and_plots(run_dir, tmp_path, evaluate_main):
     out = tmp_path / "eval"
-    policies = ["controller", "static:low,4,12", "static:high,8,16", "lookup-mean", "lookup-p95", "oracle", "random"]
+    policies = ["controller", "static:low,4,12", "static:high,8,16", "lookup-calibrated", "family-oracle",
+                "lookup-mean", "lookup-p95", "oracle", "random"]
     proc = subprocess.run(
         [sys.executable, str(EVALUATE), "--checkpoint", str(run_dir), "--output_dir", str(out), "--num_samples", "12",
-         "--num_budgets", "3", "--policies", *policies],
+         "--num_budgets", "3", "--calibration_samples", "16", "--policies", *policies],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,  # another cwd: the runner finds the repo itself
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -58,6 +61,9 @@ def test_end_to_end_subprocess_writes_json_csv_and_plots(run_dir, tmp_path, eval
     assert meta["checkpoint"].endswith("best.pt") and meta["split"] == "test" and meta["num_samples"] == 12
     assert meta["budgets"] == [50.0, 115.0, 180.0]  # 3 evenly over the dummy's training range
     assert meta["profile_source"]["source"] == "closed_form"
+    assert meta["calibration"]["split"] == "val" and meta["calibration"]["num_samples"] == 16
+    assert meta["interleaving"]["rounds"] == 12 and data["rows_outside_training_range"] == []
+    headroom = {h["budget_ms"]: h for h in meta["structural_headroom"]}
     assert len(rows) == len(policies) * 3
     assert {(r["policy"], r["budget_ms"]) for r in rows} == {(p, b) for p in policies for b in meta["budgets"]}
     for r in rows:
@@ -76,9 +82,14 @@ def test_end_to_end_subprocess_writes_json_csv_and_plots(run_dir, tmp_path, eval
                 assert by["oracle", b]["accuracy_mean"] >= by[p, b]["accuracy_mean"]
         assert by["static:high,8,16", b]["choices"]["tier"]["high"] == 1.0
         assert "optimal_expected_reward_mean" in by["controller", b]
+        # the family oracle may pick the lookup's configuration for every family, never worse on calibration
+        fam = by["family-oracle", b]
+        assert set(fam["family_choice"]) == set(fam["accuracy_by_family"])
+        assert headroom[b]["headroom"] == pytest.approx(fam["accuracy_mean"] - by["lookup-calibrated", b]["accuracy_mean"])
     with open(out / "eval.csv") as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == len(rows) and "choice_top_k_8" in table[0] and "accuracy_family_detail" in table[0]
+    assert "violation_family_detail" in table[0]
     for name in ("accuracy_vs_budget", "latency_vs_budget", "violation_vs_budget", "controller_knobs_vs_budget"):
         assert (out / f"{name}.png").stat().st_size > 1000
     # a second run does not overwrite the first
@@ -115,9 +126,12 @@ def _error(evaluate_main, *argv) -> str:
 
 def test_bad_input_fails_clearly(run_dir, tmp_path, evaluate_main):
     base = ["--checkpoint", run_dir, "--output_dir", tmp_path / "bad", "--num_samples", "2"]
-    assert "budget=0.0 is invalid" in _error(evaluate_main, *base, "--budgets", "100", "0")
-    assert "budget=inf is invalid" in _error(evaluate_main, *base, "--budgets", "inf")
-    assert "budget=-5.0 is invalid" in _error(evaluate_main, *base, "--budgets", "-5")
+    assert "--budgets=0.0 is invalid" in _error(evaluate_main, *base, "--budgets", "100", "0")
+    assert "--budgets=inf is invalid" in _error(evaluate_main, *base, "--budgets", "inf")
+    assert "--budgets=-5.0 is invalid" in _error(evaluate_main, *base, "--budgets", "-5")
+    assert "--budgets=nan is invalid" in _error(evaluate_main, *base, "--budgets", "nan")
+    assert "must be disjoint from the test samples" in _error(evaluate_main, *base, "--calibration_split", "test")
+    assert "--calibration_samples=0: expected >= 1" in _error(evaluate_main, *base, "--calibration_samples", "0")
     assert "unknown policy 'greedy'" in _error(evaluate_main, *base, "--policies", "controller", "greedy")
     assert "got 2 comma-separated" in _error(evaluate_main, *base, "--policies", "static:low,4")
     assert "tier 'huge' is not in the knob space" in _error(evaluate_main, *base, "--policies", "static:huge,4,12")
@@ -134,3 +148,20 @@ def test_bad_input_fails_clearly(run_dir, tmp_path, evaluate_main):
     other.write_text(yaml.safe_dump({"env": {"backend_options": {"d_model": 32}}}))
     assert "d_model=64, expected 32" in _error(evaluate_main, *base, "--config", other)
     assert not (tmp_path / "bad" / "eval.json").exists()
+
+
+def test_budgets_outside_the_training_range_are_reported_apart(run_dir, tmp_path, evaluate_main):
+    out = tmp_path / "e"
+    result = evaluate_main(["--checkpoint", str(run_dir), "--output_dir", str(out), "--num_samples", "4",
+                            "--budgets", "30", "100", "400", "--policies", "controller", "lookup-calibrated",
+                            "--calibration_samples", "4"])
+    assert {r["budget_ms"] for r in result["rows"]} == {100.0}
+    beyond = result["rows_outside_training_range"]
+    assert {(r["policy"], r["budget_ms"]) for r in beyond} == {(p, b) for p in ("controller", "lookup-calibrated")
+                                                                for b in (30.0, 400.0)}
+    assert all(not r["in_training_range"] and r["num_episodes"] == 4 for r in beyond)  # the controller answered
+    assert result["meta"]["budgets_outside_training_range"] == [30.0, 400.0]
+    data = json.loads((out / "eval.json").read_text())
+    assert len(data["rows"]) == 2 and len(data["rows_outside_training_range"]) == 4
+    with open(out / "eval_outside_range.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 4

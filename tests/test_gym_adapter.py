@@ -23,7 +23,9 @@ def test_spaces_are_the_torchrl_specs():
     assert float(act["controller_ms"].high[0]) == float(spec["controller_ms"].space.high[0])
     assert act["budget_token"].shape == (gym_env.env.backend.d_model,) and np.isinf(act["budget_token"].high).all()
     obs = gym_env.observation_space
-    assert set(obs.spaces) == {"language_feature", "budget_ms", "stage", "latency_token", "insertion"}
+    assert set(obs.spaces) == {"language_feature", "budget_ms", "stage", "latency_token", "insertion", "elapsed_ms",
+                               "remaining_ms"}
+    assert obs["elapsed_ms"].low[0] == 0 and np.isinf(obs["remaining_ms"].low[0])  # over budget: remaining < 0
     assert obs["budget_ms"].low[0] == 0 and obs["insertion"].n == len(gym_env.env.knob_space.insertion_positions)
 
 
@@ -43,6 +45,9 @@ def test_two_step_episode_through_gym():
     first = env.action_space.sample()
     obs, reward, terminated, truncated, info = env.step(first)
     assert obs["stage"] == 1 and reward == 0.0 and not terminated
+    # Stage 2 sees the time this request has spent, the caller's Stage-1 time included
+    assert obs["elapsed_ms"][0] > float(first["controller_ms"][0])
+    assert obs["remaining_ms"][0] == pytest.approx(100.0 - obs["elapsed_ms"][0], abs=1e-4)
     second = env.action_space.sample()
     obs, reward, terminated, truncated, info = env.step(second)
     assert terminated and not truncated

@@ -96,7 +96,8 @@ def test_each_request_runs_alone_at_batch_size_one():
     env = make_env("dummy", batch_size=3, group_size=2)
     actor = _actor(env)
     batch_sizes = []
-    handle = actor.stage1.register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
+    handle = actor.stage1.register_forward_pre_hook(
+        lambda m, args, kwargs: batch_sizes.append(kwargs["language_feature"].shape[0]), with_kwargs=True)
     with torch.no_grad():
         actor(env.reset())
     handle.remove()

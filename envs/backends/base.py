@@ -6,6 +6,7 @@ An episode on a backend is, in order:
                                                preprocess + vision encode + build the prefill
                                                sequence, with the budget token appended at its end
     run_to(ep, insertion)                      decoder blocks 0..p-1; returns the latency token
+    elapsed_ms(ep)                             measured time spent so far (Stage 2's elapsed input)
     finish(ep, top_k, num_blocks)              remaining blocks (reusing the first p blocks' KV
                                                cache) + greedy decode with the same config, no
                                                budget token in decode; frees the episode's state
@@ -70,6 +71,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run_to(self, episode: Any, insertion: int) -> torch.Tensor:
         """Run blocks 0..insertion-1; return the last position's hidden state, shape (d_model,)."""
+
+    @abc.abstractmethod
+    def elapsed_ms(self, episode: Any) -> float:
+        """Measured time the episode has spent so far (after run_to: preprocess + vision + prefill
+        of blocks 0..p-1), on the same meter as finish's timings; Stage 2 may read it."""
 
     @abc.abstractmethod
     def finish(self, episode: Any, top_k: int, num_blocks: int) -> EpisodeResult:

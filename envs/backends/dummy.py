@@ -56,6 +56,7 @@ class _DummyEpisode:
     tier_index: int
     budget_token: torch.Tensor
     insertion: int | None = None
+    latency_factor: float = 1.0  # the episode's latency noise, drawn at run_to (elapsed_ms reads it)
 
 
 class DummyBackend(Backend):
@@ -224,7 +225,18 @@ class DummyBackend(Backend):
             [s.detail, s.reasoning, (s.answer_tokens - 3.5) / 2.5, self._tier_fraction(episode.tier_index), insertion / p_max]
         )
         noise = torch.randn(self.d_model, generator=self.rng) * (0.3 / insertion)
+        episode.latency_factor = float(torch.exp(self.latency_noise * torch.randn((), generator=self.rng)))
         return self._latency_proj @ hidden + episode.budget_token + noise
+
+    def elapsed_ms(self, episode: _DummyEpisode) -> float:
+        """Preprocess + vision + prefill of blocks 0..p-1 (full top-k), with the episode's noise."""
+        if episode.insertion is None:
+            raise RuntimeError("elapsed_ms() called before run_to()")
+        p = float(episode.insertion)
+        # The model's phases with the first p blocks as the whole run (num_blocks = p).
+        knobs = (self._tier_fraction(episode.tier_index), p, float(self.knob_space.first_block_top_k), p)
+        _, parts = self._model(episode.sample, *(torch.tensor(v, dtype=torch.float64) for v in knobs))
+        return float(parts["preprocess"] + parts["vision"] + parts["prefill"]) * episode.latency_factor
 
     def finish(self, episode: _DummyEpisode, top_k: int, num_blocks: int) -> EpisodeResult:
         ks = self.knob_space
@@ -236,13 +248,12 @@ class DummyBackend(Backend):
             raise ValueError(f"num_blocks={num_blocks} is not allowed; expected one of {ks.num_blocks_values}")
         knobs = (self._tier_fraction(episode.tier_index), episode.insertion, top_k, num_blocks)
         accuracy, parts = self._model(episode.sample, *(torch.tensor(float(v), dtype=torch.float64) for v in knobs))
-        factor = float(torch.exp(self.latency_noise * torch.randn((), generator=self.rng)))
         expected_accuracy = float(accuracy)
         correct = float(torch.rand((), generator=self.rng) < expected_accuracy)
         return EpisodeResult(
             answer="correct" if correct else "wrong",
             accuracy=correct,
-            timings_ms={name: float(t) * factor for name, t in parts.items()},
+            timings_ms={name: float(t) * episode.latency_factor for name, t in parts.items()},
             extras={"expected_accuracy": expected_accuracy},
         )
 

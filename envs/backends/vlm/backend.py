@@ -200,6 +200,9 @@ class ExecutorBackend(Backend):
         episode.hidden, episode.insertion = hidden, insertion
         return hidden[0, -1].float().clone()
 
+    def elapsed_ms(self, episode: ModelEpisode) -> float:
+        return sum(self.meter.phase_totals_ms(episode.timer).values())
+
     @torch.inference_mode()
     def finish(self, episode: ModelEpisode, top_k: int, num_blocks: int) -> EpisodeResult:
         p = episode.insertion
