@@ -17,7 +17,7 @@ from agents.distributed import RankContext, init_distributed, shard, wrap_ddp
 from agents.factory import make_actor, make_backend_from_config, make_env, make_loss
 from agents.grpo import grpo_update, make_optimizer
 from agents.rollout import collect_rollouts
-from helpers import load_runner
+from helpers import load_runner, tiny_model
 from train_runs import TINY, metrics_rows, tiny_config
 
 FORK = multiprocessing.get_context("fork")
@@ -208,6 +208,65 @@ def test_a_killed_or_stalled_rank_stops_the_run_with_a_clear_error(tmp_path, sig
     assert procs[0].exitcode == 1, log[-3000:]
     assert "error: rank 0 of 2: " in log and message in log and f"--resume --output_dir {run}" in log, log[-3000:]
     assert "Traceback" not in log
+
+
+# ------------------------------------------------------------ pretraining
+pretrain = load_runner("pretrain_vlm")
+TIERS = ("low", "medium")  # of rank 0's and rank 1's batch
+
+
+def _pretrain_batches():
+    """A tiny model, a glyph head and two batches of 3 SynthVQA samples (one image size each)
+    with their per-row knob plans."""
+    from envs.data import synthvqa
+
+    model, tokenizer = tiny_model()
+    data = synthvqa.SynthVQA("train", 64, seed=0)
+    encoded = pretrain.EncodedSynthVQA(data, tokenizer)
+    batches = [pretrain.collate([encoded[i] for i in b[:3]], tokenizer.pad_id)
+               for b in pretrain.size_batches(data.size_index, 3)[:2]]
+    generator = torch.Generator().manual_seed(0)
+    elastic = torch.tensor([True, True, False])
+    plans = [pretrain.sample_row_plans(generator, b[4], elastic, model.cfg.num_layers, model.cfg.top_k, 0.0)
+             for b in batches]
+    head = torch.nn.Linear(model.cfg.d_model, len(pretrain.GLYPH_CLASSES))
+    return model, head, batches, plans
+
+
+def _pretrain_gradients(out):
+    ranks = init_distributed("cpu", timeout_s=30)
+    model, head, batches, plans = _pretrain_batches()
+    objective = wrap_ddp(ranks, pretrain.PretrainLoss(model, head, 1.0), find_unused_parameters=True)
+    torch.manual_seed(ranks.rank)  # the random budget vectors of this rank's batch
+    objective(batches[ranks.rank], TIERS[ranks.rank], plans[ranks.rank], torch.device("cpu")).backward()
+    if ranks.is_main:
+        torch.save({n: p.grad for n, p in objective.module.named_parameters()}, out)
+
+
+def test_pretraining_averages_the_ranks_gradients_through_ddp(tmp_path):
+    """Each rank's batch runs other blocks and experts (per-row plans), and here another tier; the
+    DDP gradient of every parameter is the mean of the two batches' gradients (a parameter one rank
+    did not use counts as zero there)."""
+    model, head, batches, plans = _pretrain_batches()
+    objective = pretrain.PretrainLoss(model, head, 1.0)
+    grads = []
+    for r in range(2):
+        objective.zero_grad(set_to_none=True)
+        torch.manual_seed(r)
+        objective(batches[r], TIERS[r], plans[r], torch.device("cpu")).backward()
+        grads.append({n: p.grad for n, p in objective.named_parameters()})
+    run_ranks(tmp_path, _pretrain_gradients, tmp_path / "grads.pt")
+    averaged = torch.load(tmp_path / "grads.pt", weights_only=True)
+    # The glyph head reads medium and high tiers only: rank 0 leaves it without a gradient.
+    assert [n for n in grads[0] if grads[0][n] is None and grads[1][n] is not None] == ["glyph_head.weight",
+                                                                                        "glyph_head.bias"]
+    for name, synced in averaged.items():
+        a, b = grads[0][name], grads[1][name]
+        if a is None and b is None:
+            assert synced is None, name
+            continue
+        expected = ((a if a is not None else 0) + (b if b is not None else 0)) / 2
+        torch.testing.assert_close(synced, expected, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ------------------------------------------------------------ launching
