@@ -538,11 +538,16 @@ def restore_rank_state(ckpt: dict, ranks: RankContext, cfg: Config, generators: 
     if saved_world == ranks.world_size:
         return history
     if ranks.is_main:
+        kept, more = min(saved_world, ranks.world_size), max(saved_world, ranks.world_size)
         print(f"resume: the checkpoint of step {ckpt['step']} comes from {saved_world} rank(s), this run has "
-              f"{ranks.world_size}: ranks 0..{min(saved_world, ranks.world_size) - 1} continue their streams"
-              + (f", ranks {saved_world}..{ranks.world_size - 1} start their own" if ranks.world_size > saved_world
-                 else f", the streams of ranks {ranks.world_size}..{saved_world - 1} end"), file=sys.stderr)
+              f"{ranks.world_size}: each rank r < {kept} continues rank r's streams; "
+              + (f"{_ranks_text(kept, more)} draw(s) new ones" if ranks.world_size > saved_world
+                 else f"the streams of {_ranks_text(kept, more)} end"), file=sys.stderr)
     return history + [{"step": ckpt["step"], "field": "world_size", "old": saved_world, "new": ranks.world_size}]
+
+
+def _ranks_text(start: int, stop: int) -> str:
+    return f"rank {start}" if stop - start == 1 else f"ranks {start}..{stop - 1}"
 
 
 if __name__ == "__main__":
