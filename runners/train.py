@@ -30,7 +30,9 @@ from tqdm import tqdm
 from agents.checkpoint import (
     load_checkpoint,
     load_stage1_weights,
+    rank_states_payload,
     rng_state,
+    saved_rank_states,
     save_checkpoint,
     seed_everything,
     set_rng_state,
@@ -408,8 +410,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         save_checkpoint(output_dir / "checkpoints" / name, policy=actor.state_dict(), optimizer=optimizer.state_dict(),
                         step=step, epoch=epoch, epoch_step=epoch_step, best_val_reward=best_val,
                         skipped_updates=skipped_updates, skipped_in_a_row=skipped_in_a_row,
-                        rng=states[0]["rng"], env=states[0]["env"], other_ranks=states[1:],
-                        world_size=ranks.world_size, policy_meta=meta, config=cfg.to_dict())
+                        **rank_states_payload(states), policy_meta=meta, config=cfg.to_dict())
 
     def validate() -> dict:
         metrics, _ = evaluate(val_env, actor, val_index, val_budgets, ranks)
@@ -524,7 +525,7 @@ def restore_rank_state(ckpt: dict, ranks: RankContext, cfg: Config, generators: 
     """This rank's generators from a checkpoint of any number of ranks: rank r continues rank r's
     streams; a rank the checkpoint has no state for starts streams of its own (seeded by rank
     and step). Returns the resume history with a change of the number of ranks recorded."""
-    saved = [{"rng": ckpt["rng"], "env": ckpt["env"]}, *ckpt.get("other_ranks", [])]
+    saved = saved_rank_states(ckpt)
     if ranks.rank < len(saved):
         set_rng_state(saved[ranks.rank]["rng"], generators)
         train_env.load_resume_state(saved[ranks.rank]["env"]["train"])
@@ -534,7 +535,7 @@ def restore_rank_state(ckpt: dict, ranks: RankContext, cfg: Config, generators: 
         seed_everything(seed)
         train_env.set_seed(seed)
         val_env.set_seed(seed)
-    saved_world = ckpt.get("world_size", 1)
+    saved_world = len(saved)
     if saved_world == ranks.world_size:
         return history
     if ranks.is_main:
