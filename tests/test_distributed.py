@@ -134,6 +134,29 @@ def test_two_ranks_with_half_the_batch_make_the_update_of_one_rank_with_all_of_i
         torch.testing.assert_close(two_ranks[k], reference[k], rtol=1e-4, atol=2e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
+def _update_with_a_nan_on_rank_1(rollout, out):
+    ranks = init_distributed("cpu", timeout_s=30)
+    cfg, _, actor, loss, optimizer = _setup(4, "group")
+    mine = rollout[shard(4, ranks).start * 4 : shard(4, ranks).stop * 4].clone()
+    loss.compute_advantages(mine, ranks)
+    if ranks.rank == 1:  # a non-finite behaviour log-prob: rank 1's loss alone is NaN
+        mine["action", "tier_log_prob"][0] = float("nan")
+    before = {k: v.clone() for k, v in actor.state_dict().items()}
+    _, _, non_finite = grpo_update(wrap_ddp(ranks, loss), optimizer, mine, actor.parameters(), 3, 1.0, ranks)
+    unchanged = all(torch.equal(before[k], v) for k, v in actor.state_dict().items())
+    torch.save({"non_finite": non_finite, "unchanged": unchanged}, f"{out}.{ranks.rank}")
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_update_on_every_rank(tmp_path):
+    """Without the joint decision, rank 0 would wait in DDP's all-reduce for a rank that skipped."""
+    _, env, actor, _, _ = _setup(4, "group")
+    rollout = collect_rollouts(env, actor)
+    run_ranks(tmp_path, _update_with_a_nan_on_rank_1, rollout, tmp_path / "skip")
+    results = [torch.load(tmp_path / f"skip.{r}", weights_only=True) for r in range(2)]
+    assert all(r["unchanged"] for r in results)
+    assert results[1]["non_finite"] == "loss nan" and results[0]["non_finite"] is not None
+
+
 def test_each_rank_gets_its_share_of_an_uneven_split():
     parts = [shard(7, RankContext(rank=r, world_size=3)) for r in range(3)]
     assert [(p.start, p.stop) for p in parts] == [(0, 3), (3, 5), (5, 7)]
