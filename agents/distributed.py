@@ -54,6 +54,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_main_process() -> bool:
+    """Rank 0 (or no torchrun), known before the process group exists: who prints what every rank would."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_distributed(device: str | torch.device, timeout_s: float = DEFAULT_TIMEOUT_S,
                      field: str = "--device") -> RankContext:
     """Join the process group torchrun set up (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):

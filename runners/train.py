@@ -60,6 +60,7 @@ from agents.distributed import (
     broadcast_object,
     close_distributed,
     init_distributed,
+    is_main_process,
     launched_world_size,
     rank_seed,
     shard,
@@ -171,11 +172,6 @@ def resume_config(args: argparse.Namespace, run_cfg: Config, history: list, step
 
 
 # ---------------------------------------------------------------- ranks
-def is_main_process() -> bool:
-    """Rank 0 (or no torchrun), before the process group exists: who prints what every rank would."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def torchrun_command(cfg: Config, argv: list[str]) -> str:
     """The command that runs this one as one rank per GPU (per CPU share on --device cpu)."""
     # CPU ranks (gloo) are for smoke runs: two show the whole path.

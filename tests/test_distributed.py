@@ -301,8 +301,8 @@ def test_use_multi_gpu_without_torchrun_says_which_command_to_run(tmp_path, caps
         train_main("--config", cfg, "--output_dir", tmp_path / "run", "--use_multi_gpu")
     assert err.value.code == 2
     stderr = capsys.readouterr().err
-    assert (f"--use_multi_gpu runs one process per rank under torchrun, which starts them; run: torchrun "
-            f"--nproc_per_node 2 ") in stderr
+    assert ("--use_multi_gpu runs one process per rank under torchrun, which starts them; run: torchrun "
+            "--nproc_per_node 2 ") in stderr
     assert f"train.py --config {cfg} --output_dir {tmp_path / 'run'} --use_multi_gpu" in stderr
     assert not (tmp_path / "run").exists()
 
@@ -313,4 +313,15 @@ def test_ranks_without_use_multi_gpu_are_refused(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         train_main("--config", tiny_config(tmp_path), "--output_dir", tmp_path / "run")
     assert "without --use_multi_gpu: each rank would train alone into the same --output_dir" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_smaller_than_the_ranks_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit):
+        train_main("--config", tiny_config(tmp_path), "--output_dir", tmp_path / "run", "--use_multi_gpu",
+                   "--batch_size", "2")
+    assert "--batch_size 2 is smaller than the 3 ranks" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
