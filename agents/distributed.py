@@ -68,7 +68,8 @@ def init_distributed(device: str | torch.device, timeout_s: float = DEFAULT_TIME
     if world == 1:
         return RankContext(device=resolved, timeout_s=timeout_s)
     if not timeout_s > 0:
-        raise ValueError(f"collective timeout {timeout_s} s: expected > 0")
+        raise ValueError(f"train.collective_timeout_s={timeout_s}: expected a time > 0 (seconds a rank waits "
+                         f"for the others)")
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     if resolved.type == "cuda":
         count = torch.cuda.device_count()
