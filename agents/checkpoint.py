@@ -1,5 +1,8 @@
 """Controller checkpoints: policy, optimizer, step, RNG states and what the policy was built for.
 
+A multi-rank run saves every rank's RNG and env states (`rank_states_payload`); a resume on any
+number of ranks reads them back with `saved_rank_states`.
+
 A checkpoint holds tensors and plain Python values only (RNG states included), so it loads with
 `torch.load(weights_only=True)`: a file from someone else cannot run code when it is loaded.
 """
@@ -89,6 +92,18 @@ def set_rng_state(state: dict, generators: Mapping[str, torch.Generator] | None 
         if name not in state["generators"]:
             raise ValueError(f"checkpoint has no state for generator {name!r}; it holds {sorted(state['generators'])}")
         g.set_state(state["generators"][name])
+
+
+def rank_states_payload(states: list[dict]) -> dict:
+    """The checkpoint fields of every rank's {"rng", "env"} state, in rank order: rank 0's where a
+    one-rank checkpoint keeps them (`rng`, `env`), the other ranks' in `other_ranks`."""
+    return {"rng": states[0]["rng"], "env": states[0]["env"], "other_ranks": list(states[1:]),
+            "world_size": len(states)}
+
+
+def saved_rank_states(ckpt: Mapping[str, Any]) -> list[dict]:
+    """Every saved rank's {"rng", "env"} state, in rank order (one for a one-rank run's checkpoint)."""
+    return [{"rng": ckpt["rng"], "env": ckpt["env"]}, *ckpt.get("other_ranks", [])]
 
 
 def _as_tuples(value):

@@ -62,7 +62,8 @@ class TrainConfig:
     device: str = "cpu"  # device of the controller (and of the VLM backend)
     num_threads: Optional[int] = None  # torch CPU threads (None = torch's default)
     load_stage1_checkpoint: Optional[str] = None  # checkpoint whose Stage-1 weights initialise Stage 1
-    use_multi_gpu: bool = False  # data-parallel rollouts over several GPUs (not available yet)
+    use_multi_gpu: bool = False  # data-parallel training, one rank per GPU under torchrun (docs/DISTRIBUTED.md)
+    collective_timeout_s: float = 600.0  # a rank waiting longer than this for the others stops the run
 
 
 @dataclass
@@ -152,6 +153,7 @@ RESUME_HISTORY = "resume_changes"  # config.yaml's record of the fields a resume
 RESUMABLE_FIELDS = (
     "train.num_epochs",
     "train.num_threads",
+    "train.use_multi_gpu",  # how the run is launched (any number of ranks resumes it), not what it computes
     "optim.lr",
     "optim.max_grad_norm",
     "logging.log_every",

@@ -19,6 +19,8 @@ from tensordict import NestedKey, TensorDict, TensorDictBase, TensorDictParams
 from tensordict.nn import CompositeDistribution
 from torchrl.objectives import LossModule
 
+from agents.distributed import RankContext, all_gather_cat, any_rank, collective
+
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -112,12 +114,26 @@ class JointGRPOLoss(LossModule):
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         pass  # GRPO has no value estimator
 
-    def compute_advantages(self, rollout: TensorDictBase) -> TensorDictBase:
-        """Write the terminal reward's group advantage into both steps of every trajectory."""
+    def compute_advantages(self, rollout: TensorDictBase, ranks: RankContext | None = None) -> TensorDictBase:
+        """Write the terminal reward's group advantage into both steps of every trajectory.
+
+        ranks: with several ranks, each holding its own rows of the batch, the advantages are
+        those of the global batch (every rank's rewards gathered), so that "batch" scaling and
+        the statistics do not depend on how the batch is split.
+        """
         keys = self.tensor_keys
         reward = _read(rollout, keys.reward, "reward")[:, -1].reshape(-1)
-        group_id = _read(rollout, keys.group_id, "group_id")[:, 0]
-        adv, zero_std = group_advantages(reward, group_id, self.scale_rewards)
+        group_id = _read(rollout, keys.group_id, "group_id")[:, 0].reshape(-1)
+        if ranks is not None and ranks.distributed:
+            n = reward.shape[0]
+            # Each rank's env numbers its own groups: tag them with the rank to keep them apart.
+            global_id = group_id.to(reward.device).long() * ranks.world_size + ranks.rank
+            rewards, offset = all_gather_cat(ranks, reward.float(), "the rewards' gather (group advantages)")
+            group_ids, _ = all_gather_cat(ranks, global_id, "the group ids' gather (group advantages)")
+            adv, zero_std = group_advantages(rewards, group_ids, self.scale_rewards)
+            adv, zero_std = adv[offset : offset + n], zero_std[offset : offset + n]
+        else:
+            adv, zero_std = group_advantages(reward, group_id, self.scale_rewards)
         steps = rollout.shape[1]
         rollout.set(keys.advantage, adv[:, None, None].expand(-1, steps, 1).clone())
         rollout.set(keys.reward_zero_std, zero_std[:, None, None].expand(-1, steps, 1).clone())
@@ -192,6 +208,38 @@ def _entropy_key(sample_key) -> tuple:
     """CompositeDistribution.entropy writes a head's entropy beside its sample: ("action", "tier_entropy")."""
     key = sample_key if isinstance(sample_key, tuple) else (sample_key,)
     return (*key[:-1], f"{key[-1]}_entropy")
+
+
+def grpo_update(loss, optimizer: torch.optim.Optimizer, rollout: TensorDictBase, parameters, num_iterations: int,
+                max_grad_norm: float, ranks: RankContext | None = None,
+                rank_share: float = 1.0) -> tuple[TensorDictBase, torch.Tensor, str | None]:
+    """`num_iterations` clipped optimisation steps on one collected batch (advantages written).
+
+    loss: a JointGRPOLoss, or one wrapped in DistributedDataParallel (agents.distributed.wrap_ddp),
+    whose backward averages the ranks' gradients. rank_share: this rank's rows x world size / the
+    global batch's rows; each rank's loss is a mean over its own rows, so scaled by its share the
+    ranks' average gradient is that of the global batch's mean, for uneven splits too.
+    A non-finite loss (on any rank) or gradient norm stops before the step that would apply it:
+    returns (the last iteration's loss terms, the gradient norm, what was non-finite or None).
+    """
+    ranks = ranks or RankContext()
+    parameters = list(parameters)
+    losses, grad_norm = None, torch.tensor(math.nan)
+    for _ in range(num_iterations):
+        losses = loss(rollout)
+        total = losses["loss_objective"] + losses["loss_entropy"] + losses["loss_kl"]
+        optimizer.zero_grad()
+        # Every rank takes the same branch: a rank that skipped backward would leave DDP's all-reduce waiting.
+        if any_rank(ranks, not bool(torch.isfinite(total)), "the non-finite loss check"):
+            return losses, grad_norm, f"loss {float(total.detach())}"
+        with collective(ranks, "the gradient all-reduce (DDP backward)"):
+            (total * rank_share).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        if not bool(torch.isfinite(grad_norm)):  # of the averaged gradient: the same on every rank
+            optimizer.zero_grad()
+            return losses, grad_norm, f"gradient norm {float(grad_norm)}"
+        optimizer.step()
+    return losses, grad_norm, None
 
 
 def make_optimizer(actor, lr: float, stage1_lr_ratio: float = 1.0, weight_decay: float = 0.0) -> torch.optim.Optimizer:

@@ -30,7 +30,7 @@ read glyphs: a pretraining-only linear head classifies the glyph from the grid-c
 under it (medium and high tiers only). Without it the detail family stayed at chance.
 
 Multi-GPU: run under torchrun; every process takes --batch-size samples per step (gradients are
-averaged), so 4 GPUs at --batch-size 256 train on 1024 samples per step.
+averaged by DistributedDataParallel), so 4 GPUs at --batch-size 256 train on 1024 samples per step.
 
 Recipe of the shipped checkpoint envs/assets/budgetvlm-molmoe-tiny: docs/RESULTS.md section 1
 ("Recipe so far") lists every stage's command, GPU-minutes and numbers;
@@ -56,10 +56,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from agents.cli import user_input
+from agents.distributed import close_distributed, init_distributed, wrap_ddp
 from envs.backends.vlm import VLMConfig, WordTokenizer, build_model, load_model
 from envs.backends.vlm.config import PRESETS
 from envs.backends.vlm.executor import Executor, block_plan, encode_vision, full_plan, run_blocks
@@ -356,30 +356,16 @@ def static_grid(cfg: VLMConfig) -> dict[str, tuple[str, int, int, int]]:
             for k in range(max(1, K - 4), K + 1) for n in range(max(1, L - MAX_DROPPED), L + 1)}
 
 
-def init_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): NCCL with one GPU per process
-    (gloo on CPU, for smoke runs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, torch.device(device)
-    if torch.device(device).type == "cpu":
-        dist.init_process_group("gloo")
-        return dist.get_rank(), world, torch.device("cpu")
-    dist.init_process_group("nccl")
-    local = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(local)
-    return dist.get_rank(), world, torch.device("cuda", local)
+class PretrainLoss(torch.nn.Module):
+    """batch_loss as a module: what DistributedDataParallel wraps, so that the model's and the
+    glyph head's gradients are averaged over the ranks in backward."""
 
+    def __init__(self, model, glyph_head, glyph_weight: float):
+        super().__init__()
+        self.model, self.glyph_head, self.glyph_weight = model, glyph_head, glyph_weight
 
-def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """All-reduce the mean gradient in one flat buffer. Every rank draws the same knob plan
-    (same plan RNG seed), so the same parameters have gradients on every rank."""
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= world
-    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        grad.copy_(synced)
+    def forward(self, batch, tier, plan, device, generator=None):
+        return batch_loss(self.model, batch, tier, plan, device, generator, self.glyph_head, self.glyph_weight)
 
 
 def parse_weights(text: str, keys, flag: str) -> dict[str, float] | None:
@@ -441,7 +427,8 @@ def main(argv=None):
     train_weights = parse_weights(args.family_weights, synthvqa.FAMILIES, "--family-weights")
 
     resolve_device(args.device, "--device")  # a clear error before anything is built or written
-    rank, world, device = init_distributed(args.device)
+    ranks = init_distributed(args.device)
+    rank, world, device = ranks.rank, ranks.world_size, ranks.device
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -486,6 +473,9 @@ def main(argv=None):
     glyph_head = torch.nn.Linear(cfg.d_model, len(GLYPH_CLASSES)).to(device) if args.glyph_weight > 0 else None
     params = list(model.parameters()) + (list(glyph_head.parameters()) if glyph_head is not None else [])
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    # Each row's plan runs some blocks and experts only, and the glyph head reads medium and high
+    # tiers only: parameters a rank did not use this step get no gradient there.
+    objective = wrap_ddp(ranks, PretrainLoss(model, glyph_head, args.glyph_weight), find_unused_parameters=True)
     rng = random.Random(args.seed)  # the tier per batch: the same on every rank
     plan_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
     step, trained_s = 0, 0.0
@@ -546,11 +536,9 @@ def main(argv=None):
         data_wait += time.time() - fetched
         tier = sample_tier(rng, tier_weights)
         plan = sample_row_plans(plan_gen, batch[4], elastic, cfg.num_layers, cfg.top_k, args.full_prob)
-        loss = batch_loss(model, batch, tier, plan, device, glyph_head=glyph_head, glyph_weight=args.glyph_weight)
+        loss = objective(batch, tier, plan, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:
-            average_gradients(params, world)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
@@ -570,8 +558,7 @@ def main(argv=None):
             break
         fetched = time.time()
     save_state()
-    if world > 1:
-        dist.destroy_process_group()
+    close_distributed(ranks)
     if rank != 0:
         return None
     print(f"trained {step} steps, {trained_s / 60:.1f} min in all ({stop_reason})", flush=True)

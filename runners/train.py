@@ -6,6 +6,11 @@ One training step: reset B samples x G group members (same sample and budget wit
 run both controller stages against the env (each member executed alone), share each episode's
 terminal reward between the two stages through group-relative advantages, and update Stage 1,
 Stage 2 and the budget encoder together for `loss.num_iterations` epochs over the batch.
+
+Several GPUs: `torchrun --nproc_per_node N runners/train.py --use_multi_gpu ...` (docs/DISTRIBUTED.md):
+each rank runs its share of the batch's groups on its own backend and device, the advantages are
+those of the global batch, the gradients are averaged by DistributedDataParallel, and rank 0 alone
+writes outputs.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -23,7 +30,9 @@ from tqdm import tqdm
 from agents.checkpoint import (
     load_checkpoint,
     load_stage1_weights,
+    rank_states_payload,
     rng_state,
+    saved_rank_states,
     save_checkpoint,
     seed_everything,
     set_rng_state,
@@ -31,7 +40,7 @@ from agents.checkpoint import (
 )
 from agents.baselines import RandomPolicy
 from agents.budget_sweep import controller_budget_sweep, default_budgets
-from agents.cli import fail, user_input
+from agents.cli import UserError, fail, user_input
 from agents.config import (
     RESUMABLE_FIELDS,
     Config,
@@ -42,9 +51,25 @@ from agents.config import (
     read_run_config,
     run_config_text,
 )
+from agents.distributed import (
+    RankContext,
+    RankFailure,
+    all_gather_cat,
+    all_gather_objects,
+    broadcast_module_state,
+    broadcast_object,
+    close_distributed,
+    init_distributed,
+    is_main_process,
+    launched_world_size,
+    rank_seed,
+    shard,
+    weighted_mean_over_ranks,
+    wrap_ddp,
+)
 from agents.evaluation import dummy_reference_rewards, heldout_budgets, run_episodes, summarize
 from agents.factory import make_actor, make_backend_from_config, make_env, make_logger, make_loss
-from agents.grpo import make_optimizer, set_learning_rate
+from agents.grpo import grpo_update, make_optimizer, set_learning_rate
 from agents.reporting import accuracy_vs_budget_figure
 from agents.rollout import collect_rollouts
 from envs import ACTION_HEADS
@@ -106,7 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group_size", type=int, help="GRPO group size")
     p.add_argument("--device", help="cpu or cuda")
     p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--use_multi_gpu", action="store_true", help="data-parallel rollouts (not available yet)")
+    p.add_argument("--use_multi_gpu", action="store_true",
+                   help="data-parallel training, one rank per GPU: run under torchrun --nproc_per_node N")
     p.add_argument("--load_stage1_checkpoint", help="initialise Stage 1 from this checkpoint")
     p.add_argument("--backend", choices=("dummy", "vlm", "molmoe"), help="env backend")
     p.add_argument("--stage2_inputs", choices=STAGE2_INPUTS,
@@ -130,8 +156,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
 def resume_config(args: argparse.Namespace, run_cfg: Config, history: list, step: int) -> tuple[Config, list]:
     """The run's own config with the flags given to --resume: a flag that changes a field in
     RESUMABLE_FIELDS is applied and recorded with the step it takes effect; any other change is
-    refused, naming the flag (never silently ignored)."""
-    overrides = flag_overrides(args)
+    refused, naming the flag (never silently ignored). --use_multi_gpu says how this launch runs:
+    a run resumes on any number of ranks, with or without it."""
+    overrides = flag_overrides(args) | {"train.use_multi_gpu": bool(args.use_multi_gpu)}
     cfg = apply_overrides(run_cfg, overrides)
     changes = changed_fields(run_cfg, cfg)
     flag_of = {field: f"--{flag}" for flag, field in FLAG_TO_FIELD.items()} | {"train.use_multi_gpu": "--use_multi_gpu"}
@@ -142,16 +169,78 @@ def resume_config(args: argparse.Namespace, run_cfg: Config, history: list, step
                        f"{new!r}; a resumed run keeps its config.yaml except {allowed}. Drop the flag, or start "
                        f"a new run with another --output_dir")
     for field, (old, new) in changes.items():
-        print(f"resume: {flag_of[field]} changes {field} from {old!r} to {new!r} from step {step} on", file=sys.stderr)
+        if is_main_process():
+            print(f"resume: {flag_of[field]} changes {field} from {old!r} to {new!r} from step {step} on",
+                  file=sys.stderr)
     return cfg, history + [{"step": step, "field": f, "old": o, "new": n} for f, (o, n) in changes.items()]
 
 
+# ---------------------------------------------------------------- ranks
+def torchrun_command(cfg: Config, argv: list[str]) -> str:
+    """The command that runs this one as one rank per GPU (per CPU share on --device cpu)."""
+    # CPU ranks (gloo) are for smoke runs: two show the whole path.
+    ranks = str(torch.cuda.device_count()) if resolve_device(cfg.train.device).type == "cuda" else "2"
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0].endswith("train.py") else Path(__file__)
+    return shlex.join(["torchrun", "--nproc_per_node", ranks, str(script), *argv])
+
+
+def start_ranks(cfg: Config, argv: list[str]) -> RankContext:
+    """Join the ranks torchrun started; refuse a launch that does not match --use_multi_gpu."""
+    world = launched_world_size()
+    if cfg.train.use_multi_gpu and "LOCAL_RANK" not in os.environ:
+        raise ValueError(f"--use_multi_gpu runs one process per rank under torchrun, which starts them; run: "
+                         f"{torchrun_command(cfg, argv)}")
+    if world > 1 and not cfg.train.use_multi_gpu:
+        raise ValueError(f"runners/train.py runs as one of {world} ranks (WORLD_SIZE={world}) without "
+                         f"--use_multi_gpu: each rank would train alone into the same --output_dir; pass "
+                         f"--use_multi_gpu, or start one process")
+    if world > cfg.train.batch_size:
+        raise ValueError(f"--batch_size {cfg.train.batch_size} is smaller than the {world} ranks: each rank runs "
+                         f"at least one group of the batch; pass --batch_size >= {world} (it is the global batch)")
+    return init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
+
+
+def check_same_device_model(ranks: RankContext) -> None:
+    """Latency budgets hold for one kind of GPU: every rank must measure on the same model."""
+    name = torch.cuda.get_device_name(ranks.device) if ranks.device.type == "cuda" else "cpu"
+    names = all_gather_objects(ranks, name, "the device names' gather")
+    if len(set(names)) > 1:
+        listed = ", ".join(f"rank {r}: {n}" for r, n in enumerate(names))
+        raise ValueError(f"the ranks run on different devices ({listed}); "
+                         f"latency budgets and the measured latencies would mean different things per rank: "
+                         f"run on one GPU model (CUDA_VISIBLE_DEVICES)")
+
+
+def on_main_rank(ranks: RankContext, check) -> None:
+    """Run a check that touches the output directory on rank 0 alone; its refusal stops every rank
+    (rank 0 has printed it)."""
+    error = None
+    if ranks.is_main:
+        try:
+            check()
+        except UserError as err:
+            error = err
+    message = broadcast_object(ranks, error.message if error else None, "the output directory check's result")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise UserError(message)
+
+
 # ---------------------------------------------------------------- evaluation
-def evaluate(env, actor, sample_index, budgets) -> tuple[dict, object]:
+def sharded_episodes(env, policy, sample_index, budgets, ranks: RankContext, greedy: bool):
+    """The episodes of every (sample, budget) pair in order, each rank running its contiguous share."""
+    part = shard(sample_index.shape[0], ranks)
+    mine = (run_episodes(env, policy, sample_index[part], budgets[part], greedy=greedy).cpu()
+            if part.stop > part.start else None)
+    return torch.cat([e for e in all_gather_objects(ranks, mine, "the held-out episodes' gather") if e is not None])
+
+
+def evaluate(env, actor, sample_index, budgets, ranks: RankContext) -> tuple[dict, object]:
     """Greedy policy on fixed held-out samples and budgets; on the dummy backend also the
     expected, optimal and uniform-random rewards on the same pairs."""
     actor.eval()
-    episodes = run_episodes(env, actor, sample_index, budgets, greedy=True)
+    episodes = sharded_episodes(env, actor, sample_index, budgets, ranks, greedy=True)
     actor.train()
     metrics = summarize(episodes)
     if env.backend.has_closed_form:
@@ -211,13 +300,18 @@ def kept_metrics(path: Path, last_step: int) -> str:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parse_args(argv)
     try:
-        return train(parse_args(argv))
+        return train(args, argv)
     except OutputWriteError as err:  # a full disk or read-only dir at a write: the earlier file is intact
         raise fail(str(err)) from err
+    except RankFailure as err:  # another rank died or stalled: stop, never hang
+        raise SystemExit(f"error: {err}. The checkpoints written so far are intact: continue with --resume "
+                         f"--output_dir {args.output_dir or 'DIR (this run)'}") from err
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(args: argparse.Namespace, argv: list[str]) -> dict:
     # Bad input fails here, as one line naming the flag (agents.cli), before anything is written.
     with user_input():
         resume_ckpt, history = None, []
@@ -229,31 +323,46 @@ def train(args: argparse.Namespace) -> dict:
             config_name = Path(args.config or DEFAULT_CONFIG).stem
             output_dir = Path(args.output_dir or REPO / "runs" / f"{config_name}-{dt.datetime.now():%Y%m%d-%H%M%S}")
         resolve_device(cfg.train.device, "--device")  # a clear error before anything is built or written
-        if cfg.train.use_multi_gpu:
-            raise ValueError("--use_multi_gpu is not available yet: rollouts run one request at a time on one "
-                             "device (batch size 1 per execution, for honest latency); run without it")
+        ranks = start_ranks(cfg, argv)
+    try:
+        return train_ranks(args, cfg, ranks, output_dir, resume_ckpt, history)
+    finally:
+        close_distributed(ranks)
+
+
+def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_ckpt: dict | None,
+                history: list) -> dict:
+    """The run on this rank (the only one without torchrun)."""
+    with user_input():
+        check_same_device_model(ranks)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        seed_everything(cfg.train.seed)
-
-        backend = make_backend_from_config(cfg)
+        seed_everything(cfg.train.seed)  # the same initial policy (and KL anchor) on every rank
         tc, ec = cfg.train, cfg.eval
-        train_env = make_env(cfg, backend, "train", tc.batch_size, tc.group_size)
-        val_env = make_env(cfg, backend, "val", ec.batch_size, 1)
+        # This rank's device and seed; on one rank, the config itself. The config written stays the user's.
+        rank_cfg = apply_overrides(cfg, {"train.device": str(ranks.device),
+                                         "train.seed": rank_seed(tc.seed, ranks.rank)})
+        backend = make_backend_from_config(rank_cfg)
+        # The batch's groups are split over the ranks; their episodes run on this rank's backend.
+        local_groups = len(range(tc.batch_size)[shard(tc.batch_size, ranks)])
+        train_env = make_env(rank_cfg, backend, "train", local_groups, tc.group_size)
+        val_env = make_env(rank_cfg, backend, "val", ec.batch_size, 1)
         # Generators outside the envs that a resumed run must continue (the dummy backend's noise).
         generators = {"backend": backend.rng} if isinstance(getattr(backend, "rng", None), torch.Generator) else {}
-        actor, meta = make_actor(cfg, backend)
+        actor, meta = make_actor(rank_cfg, backend)
         if tc.load_stage1_checkpoint and resume_ckpt is None:  # a resumed run has its own weights
             load_stage1_weights(actor, tc.load_stage1_checkpoint, meta)
         loss_module = make_loss(cfg, actor)
         optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)
+        if ranks.rank > 0:  # from here on each rank draws its own actions
+            seed_everything(rank_cfg.train.seed)
         steps_per_epoch = tc.steps_per_epoch or max(1, len(train_env.samples) // tc.batch_size)
         # Where the next step goes (epoch, step within it), and the counters a resume continues.
         epoch, epoch_step, step, best_val = 0, 0, 0, -math.inf
         skipped_updates, skipped_in_a_row = 0, 0
         if resume_ckpt is not None:
             check_compatible(resume_ckpt["policy_meta"], meta, resume_ckpt["path"])
-        prepare_output_dir(output_dir, resume=args.resume is not None)
+        on_main_rank(ranks, lambda: prepare_output_dir(output_dir, resume=args.resume is not None))
     if resume_ckpt is not None:
         actor.load_state_dict(resume_ckpt["policy"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -261,17 +370,24 @@ def train(args: argparse.Namespace) -> dict:
         epoch, epoch_step, step = resume_ckpt["epoch"], resume_ckpt["epoch_step"], resume_ckpt["step"]
         best_val = resume_ckpt["best_val_reward"]
         skipped_updates, skipped_in_a_row = resume_ckpt["skipped_updates"], resume_ckpt["skipped_in_a_row"]
-        set_rng_state(resume_ckpt["rng"], generators)
-        train_env.load_resume_state(resume_ckpt["env"]["train"])
-        val_env.load_resume_state(resume_ckpt["env"]["val"])
-    if args.resume is not None:
-        write_text(output_dir / "metrics.jsonl", kept_metrics(output_dir / "metrics.jsonl", step if resume_ckpt else -1))
-    write_text(output_dir / "config.yaml", run_config_text(cfg, history))
-    writer = make_logger(output_dir, purge_step=step + 1 if resume_ckpt else (0 if args.resume else None))
-    metrics_file = open(output_dir / "metrics.jsonl", "a")
+        history = restore_rank_state(resume_ckpt, ranks, cfg, generators, train_env, val_env, history)
+    # The loss module holds the policy: its forward is where the policy runs under gradient, so it
+    # is what DistributedDataParallel wraps (the same module on one rank).
+    ddp_loss = wrap_ddp(ranks, loss_module)
+    # This rank's part of the global batch (see grpo_update).
+    rank_share = local_groups * ranks.world_size / tc.batch_size
+    writer = metrics_file = None
+    if ranks.is_main:
+        if args.resume is not None:
+            write_text(output_dir / "metrics.jsonl", kept_metrics(output_dir / "metrics.jsonl", step if resume_ckpt else -1))
+        write_text(output_dir / "config.yaml", run_config_text(cfg, history))
+        writer = make_logger(output_dir, purge_step=step + 1 if resume_ckpt else (0 if args.resume else None))
+        metrics_file = open(output_dir / "metrics.jsonl", "a")
     val_index, val_budgets = heldout_budgets(val_env, ec.val_samples, seed=cfg.train.seed + 1)
 
     def log(tag_values: dict, step: int) -> None:
+        if not ranks.is_main:
+            return
         for tag, value in tag_values.items():
             writer.add_scalar(tag, value, step)
         try:
@@ -280,21 +396,30 @@ def train(args: argparse.Namespace) -> dict:
         except OSError as err:  # a full disk: the checkpoints written so far are intact
             raise write_error(metrics_file.name, err) from err
 
+    def close_outputs() -> None:
+        if ranks.is_main:
+            writer.close()
+            metrics_file.close()
+
     def checkpoint(name: str) -> None:
+        # Every rank's generators, so that a resume continues each rank's stream.
+        states = all_gather_objects(ranks, {"rng": rng_state(generators), "env": {
+            "train": train_env.resume_state(), "val": val_env.resume_state()}}, "the RNG states' gather (checkpoint)")
+        if not ranks.is_main:
+            return
         save_checkpoint(output_dir / "checkpoints" / name, policy=actor.state_dict(), optimizer=optimizer.state_dict(),
                         step=step, epoch=epoch, epoch_step=epoch_step, best_val_reward=best_val,
-                        skipped_updates=skipped_updates, skipped_in_a_row=skipped_in_a_row, rng=rng_state(generators),
-                        env={"train": train_env.resume_state(), "val": val_env.resume_state()}, policy_meta=meta,
-                        config=cfg.to_dict())
+                        skipped_updates=skipped_updates, skipped_in_a_row=skipped_in_a_row,
+                        **rank_states_payload(states), policy_meta=meta, config=cfg.to_dict())
 
     def validate() -> dict:
-        metrics, _ = evaluate(val_env, actor, val_index, val_budgets)
+        metrics, _ = evaluate(val_env, actor, val_index, val_budgets, ranks)
         log({f"val/{k}": v for k, v in metrics.items()}, step)
-        if not sys.stdout.isatty():  # tqdm shows nothing in a log file: one line per validation instead
+        if ranks.is_main and not sys.stdout.isatty():  # tqdm shows nothing in a log file: one line per validation
             print(f"step {step}/{tc.num_epochs * steps_per_epoch} val reward {metrics['reward_mean']:.3f} "
                   f"accuracy {metrics['accuracy_mean']:.3f} latency {metrics['latency_mean_ms']:.1f} ms "
                   f"violations {metrics['violation_rate']:.3f}", flush=True)
-        if ec.sweep_budgets:
+        if ec.sweep_budgets and ranks.is_main:  # a figure only: rank 0 runs it while the others wait
             budgets = default_budgets(backend.budget_range_ms, ec.sweep_budgets)
             rows = controller_budget_sweep(val_env, actor, val_index[: ec.sweep_samples], budgets)
             writer.add_figure("val/accuracy_vs_budget", accuracy_vs_budget_figure(rows), step)
@@ -304,63 +429,55 @@ def train(args: argparse.Namespace) -> dict:
         validate()
 
     progress = tqdm(total=tc.num_epochs * steps_per_epoch, initial=min(step, tc.num_epochs * steps_per_epoch),
-                    desc="train", dynamic_ncols=True, disable=None)
+                    desc="train", dynamic_ncols=True, disable=None if ranks.is_main else True)
     while epoch < tc.num_epochs:
         while epoch_step < steps_per_epoch:
-            # Collect: B x G episodes, both stages, terminal reward per episode.
+            # Collect: this rank's groups x G episodes, both stages, terminal reward per episode.
             rollout = collect_rollouts(train_env, actor)
-            loss_module.compute_advantages(rollout)
+            loss_module.compute_advantages(rollout, ranks)
             # Update: several epochs over the batch with the clipped joint objective. A non-finite
             # loss or gradient skips the update (the batch's remaining epochs would see it again).
-            non_finite, grad_norm = None, torch.tensor(math.nan)
-            for _ in range(cfg.loss.num_iterations):
-                losses = loss_module(rollout)
-                total = losses["loss_objective"] + losses["loss_entropy"] + losses["loss_kl"]
-                optimizer.zero_grad()
-                if not bool(torch.isfinite(total)):
-                    non_finite = f"loss {float(total.detach())}"
-                    break
-                total.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(actor.parameters(), cfg.optim.max_grad_norm)
-                if not bool(torch.isfinite(grad_norm)):
-                    optimizer.zero_grad()
-                    non_finite = f"gradient norm {float(grad_norm)}"
-                    break
-                optimizer.step()
+            losses, grad_norm, non_finite = grpo_update(ddp_loss, optimizer, rollout, actor.parameters(),
+                                                        cfg.loss.num_iterations, cfg.optim.max_grad_norm, ranks,
+                                                        rank_share)
             step += 1
             epoch_step += 1
             if non_finite:
                 skipped_updates += 1
                 skipped_in_a_row += 1
-                print(f"step {step}: update skipped, non-finite {non_finite} ({skipped_in_a_row} in a row)",
-                      file=sys.stderr)
+                if ranks.is_main:
+                    print(f"step {step}: update skipped, non-finite {non_finite} ({skipped_in_a_row} in a row)",
+                          file=sys.stderr)
             else:
                 skipped_in_a_row = 0
 
             info = rollout["next", "episode"][:, -1]
-            train_metrics = {
+            # Means over the global batch: each rank's mean weighted by its rows.
+            train_metrics = weighted_mean_over_ranks(ranks, {
                 "train/reward": float(rollout["next", "reward"][:, -1].mean()),
                 "train/accuracy": float(info["accuracy"].mean()),
                 "train/latency_mean_ms": float(info["latency_ms"].mean()),
                 "train/violation_rate": float(info["violation"].mean()),
                 "train/frac_reward_zero_std": float(rollout["reward_zero_std"][:, 0].float().mean()),
-                "train/grad_norm": float(grad_norm),
-                "train/skipped_updates": skipped_updates,
-            }
+            }, local_groups, "the train metrics' reduction")
+            train_metrics.update({"train/grad_norm": float(grad_norm), "train/skipped_updates": skipped_updates})
             progress.update(1)
             progress.set_postfix(reward=f"{train_metrics['train/reward']:.3f}",
                                  viol=f"{train_metrics['train/violation_rate']:.2f}")
             if step % cfg.logging.log_every == 0 or non_finite:
-                for k, v in losses.items():
-                    train_metrics[f"loss/{k}"] = float(v.detach())
+                train_metrics.update(weighted_mean_over_ranks(
+                    ranks, {f"loss/{k}": float(v.detach()) for k, v in losses.items()}, local_groups,
+                    "the loss terms' reduction"))
                 log(train_metrics, step)
                 if cfg.logging.histograms:
                     for h in ACTION_HEADS:
-                        writer.add_histogram(f"actions/{h}", rollout["action", h][:, 0 if h in ("tier", "insertion") else 1].flatten(), step)
+                        acted = rollout["action", h][:, 0 if h in ("tier", "insertion") else 1].flatten()
+                        actions, _ = all_gather_cat(ranks, acted, "the actions' gather (histograms)")
+                        if ranks.is_main:
+                            writer.add_histogram(f"actions/{h}", actions, step)
             if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
                 checkpoint("latest.pt")  # the weights never took a non-finite update: resumable
-                writer.close()
-                metrics_file.close()
+                close_outputs()
                 raise SystemExit(
                     f"error: {skipped_in_a_row} updates in a row were skipped for a non-finite loss or gradient "
                     f"(step {step}: {non_finite}); stopped. The weights are finite and saved in "
@@ -379,25 +496,59 @@ def train(args: argparse.Namespace) -> dict:
     # Final evaluation of the best-by-validation policy on held-out test samples.
     best_path, latest_path = output_dir / "checkpoints" / "best.pt", output_dir / "checkpoints" / "latest.pt"
     evaluated, evaluated_step = (str(latest_path) if latest_path.exists() else None), step
-    if best_path.exists():
+    if ranks.is_main and best_path.exists():
         best = load_checkpoint(best_path)
         actor.load_state_dict(best["policy"])
         evaluated, evaluated_step = str(best_path), best["step"]
-    test_env = make_env(cfg, backend, "test", ec.batch_size, 1)
+    broadcast_module_state(ranks, actor, "the evaluated weights' broadcast")
+    test_env = make_env(rank_cfg, backend, "test", ec.batch_size, 1)
     test_index, test_budgets = heldout_budgets(test_env, ec.test_samples, seed=cfg.train.seed + 2)
-    final, _ = evaluate(test_env, actor, test_index, test_budgets)
+    final, _ = evaluate(test_env, actor, test_index, test_budgets, ranks)
     # The uniform-random policy on the same samples and budgets: the floor learning must clear.
-    random_policy = RandomPolicy(backend.knob_space, backend.d_model, seed=cfg.train.seed)
-    final["uniform_random"] = summarize(run_episodes(test_env, random_policy, test_index, test_budgets, greedy=False))
+    random_policy = RandomPolicy(backend.knob_space, backend.d_model, seed=rank_cfg.train.seed)
+    final["uniform_random"] = summarize(sharded_episodes(test_env, random_policy, test_index, test_budgets, ranks,
+                                                         greedy=False))
     # `checkpoint`: the file whose weights were evaluated (None: the initial policy, no epoch ran).
     final.update({"checkpoint": evaluated, "checkpoint_step": evaluated_step, "step": step, "split": "test"})
-    write_json(output_dir / "final_eval.json", final)
+    if ranks.is_main:
+        write_json(output_dir / "final_eval.json", final)
     log({f"test/{k}": v for k, v in final.items() if isinstance(v, (int, float))}, step)
     log({f"test/random_{k}": v for k, v in final["uniform_random"].items()}, step)
-    writer.close()
-    metrics_file.close()
-    print(json.dumps(final, indent=2))
+    close_outputs()
+    if ranks.is_main:
+        print(json.dumps(final, indent=2))
     return final
+
+
+def restore_rank_state(ckpt: dict, ranks: RankContext, cfg: Config, generators: dict, train_env, val_env,
+                       history: list) -> list:
+    """This rank's generators from a checkpoint of any number of ranks: rank r continues rank r's
+    streams; a rank the checkpoint has no state for starts streams of its own (seeded by rank
+    and step). Returns the resume history with a change of the number of ranks recorded."""
+    saved = saved_rank_states(ckpt)
+    if ranks.rank < len(saved):
+        set_rng_state(saved[ranks.rank]["rng"], generators)
+        train_env.load_resume_state(saved[ranks.rank]["env"]["train"])
+        val_env.load_resume_state(saved[ranks.rank]["env"]["val"])
+    else:
+        seed = rank_seed(cfg.train.seed, ranks.rank, ckpt["step"])
+        seed_everything(seed)
+        train_env.set_seed(seed)
+        val_env.set_seed(seed)
+    saved_world = len(saved)
+    if saved_world == ranks.world_size:
+        return history
+    if ranks.is_main:
+        kept, more = min(saved_world, ranks.world_size), max(saved_world, ranks.world_size)
+        print(f"resume: the checkpoint of step {ckpt['step']} comes from {saved_world} rank(s), this run has "
+              f"{ranks.world_size}: each rank r < {kept} continues rank r's streams; "
+              + (f"{_ranks_text(kept, more)} draw(s) new ones" if ranks.world_size > saved_world
+                 else f"the streams of {_ranks_text(kept, more)} end"), file=sys.stderr)
+    return history + [{"step": ckpt["step"], "field": "world_size", "old": saved_world, "new": ranks.world_size}]
+
+
+def _ranks_text(start: int, stop: int) -> str:
+    return f"rank {start}" if stop - start == 1 else f"ranks {start}..{stop - 1}"
 
 
 if __name__ == "__main__":

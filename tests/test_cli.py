@@ -20,7 +20,7 @@ def _user_error(main, argv, capsys) -> str:
 
 @pytest.mark.parametrize("argv,message", [
     (["--lr", "-1"], "lr=-1.0: expected > 0"),
-    (["--use_multi_gpu"], "--use_multi_gpu is not available yet"),
+    (["--use_multi_gpu"], "--use_multi_gpu runs one process per rank under torchrun"),
     (["--dataset_names", "okvqa"], "--dataset_names okvqa: backend 'dummy' generates its own samples"),
     (["--backend", "vlm", "--dataset_names", "text_vqa"], "pass --data_root DIR"),
     (["--backend", "vlm", "--data_root", "/nowhere/vqa"], "--data_root /nowhere/vqa: no such directory"),

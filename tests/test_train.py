@@ -66,7 +66,7 @@ def test_resume_continues_from_checkpoint_step(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--use_multi_gpu"], "--use_multi_gpu is not available yet"),
+        (["--use_multi_gpu"], "--use_multi_gpu runs one process per rank under torchrun"),
         (["--dataset_names", "okvqa"], "backend 'dummy' generates its own samples"),
         (["--lr", "-1"], "lr=-1.0: expected > 0"),
     ],
