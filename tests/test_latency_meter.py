@@ -82,3 +82,20 @@ def test_a_hooked_call_records_two_stamps_and_suspended_records_none():
         with meter.suspended():
             layers[0](x)
     assert len(timer.stamps) == 202  # a bracketed section still stamps its entry and exit
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_section_is_two_events_however_many_hooked_calls():
+    """On CUDA the hooks record nothing (host time in a launch-bound episode); the section's entry and
+    exit events time the GPU work between them."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    layers = [nn.Linear(256, 256).cuda() for _ in range(50)]
+    meter = LatencyMeter("cuda", ("prefill",)).attach(layers)
+    timer = PhaseTimer()
+    x = torch.zeros(64, 256, device="cuda")
+    with meter.section(timer, "prefill"):
+        for layer in layers:
+            x = layer(x)
+    assert len(timer.stamps) == 2
+    assert meter.timings_ms(timer)["prefill"] > 0
