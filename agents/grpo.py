@@ -226,7 +226,8 @@ def grpo_update(loss, optimizer: torch.optim.Optimizer, rollout: TensorDictBase,
     parameters = list(parameters)
     losses, grad_norm = None, torch.tensor(math.nan)
     for _ in range(num_iterations):
-        losses = loss(rollout)
+        with collective(ranks, "the buffer broadcast of DDP's forward"):  # a stalled rank can time out here too
+            losses = loss(rollout)
         total = losses["loss_objective"] + losses["loss_entropy"] + losses["loss_kl"]
         optimizer.zero_grad()
         # Every rank takes the same branch: a rank that skipped backward would leave DDP's all-reduce waiting.
