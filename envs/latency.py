@@ -16,9 +16,10 @@ read after ONE synchronisation in `timings_ms()` per episode. The events time th
 between them, so per-module stamps would add nothing but host time to a launch-bound episode
 (the H200 bench of 2026-12-01 measured +4.8 % for about 35 hooked calls per episode with them).
 
-A replayed CUDA graph calls no module, so no hook fires: on the CPU the backend brackets such
-phases (`bracket=True`). `suspended()` silences the hooks while a graph is warmed up and
-captured (an event recorded during stream capture would be part of the graph).
+CUDA graphs exist only on CUDA, whose sections are always bracketed, so a replayed graph (which
+calls no module) is timed too. `bracket=True` is for CPU work no module covers (preprocessing).
+`suspended()` silences the hooks while a graph is warmed up and captured (an event recorded
+during stream capture would be part of the graph).
 """
 from __future__ import annotations
 

@@ -219,8 +219,8 @@ class ExecutorBackend(Backend):
             first = self.first_tokens(hidden)
         prefill_tokens = hidden.shape[1]
         self.executor.prepare(plan, 1, episode.cache)  # a first-use graph capture is not the request's time
-        # A replayed graph calls no module: bracket the phase so its events time it.
-        with self.meter.section(timer, "decode", bracket=self.executor.graphs):
+        # A replayed graph calls no module; on CUDA the meter brackets every section itself.
+        with self.meter.section(timer, "decode"):
             ids = self.executor.decode(first, episode.cache, plan, prefill_tokens, self.max_new_tokens)
         timings = self.meter.timings_ms(timer)  # the episode's one synchronisation
         generated = trim_at_eos(ids, self.tokenizer.eos_id)[0]
@@ -332,7 +332,7 @@ class VLMBackend(ExecutorBackend):
             image = load_image(sample)
             crops, slots = make_crops(image.to(self.device)[None], tier, self.cfg)
         self.executor.prepare_vision(crops, slots)  # a first-use capture is not the request's time
-        with self.meter.section(timer, "vision", bracket=self.executor.graphs):
+        with self.meter.section(timer, "vision"):
             vision = self.executor.encode(crops, slots)
         sequence, cos, sin = prefill_sequence(self.model, vision, ids[None], budget[None])
         return ModelEpisode(sample, tier, sequence, cos, sin, timer, vision_tokens=vision.shape[1])
