@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from envs.backends.vlm import VLMBackend, VLMConfig, WordTokenizer, build_model
-from envs.backends.vlm.config import PRESETS
+from envs.backends.vlm import VLMBackend
 from envs.backends.vlm.executor import (
     CapturedCall,
     Executor,
@@ -18,11 +17,10 @@ from envs.backends.vlm.executor import (
     run_blocks,
     trim_at_eos,
 )
-from envs.data import synthvqa
 from envs.knobs import select_blocks
 from envs.profiling import StaticConfig, load_samples, run_episode
 
-from helpers import load_runner
+from helpers import load_runner, tiny_model
 
 LAYERS = 6
 SCORES = {i: float((i * 5) % 3) for i in range(LAYERS)}  # select_blocks skips middle blocks
@@ -31,9 +29,8 @@ SCORES = {i: float((i * 5) % 3) for i in range(LAYERS)}  # select_blocks skips m
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_vlm")
-    tok = WordTokenizer.build(synthvqa.vocabulary())
-    cfg = VLMConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, **PRESETS["test"])
-    build_model(cfg, seed=1).save(path, tok, dtype=torch.float32)
+    model, tok = tiny_model(seed=1)
+    model.save(path, tok, dtype=torch.float32)
     (path / "importance.json").write_text(json.dumps({"method": "test", "scores": {str(b): s for b, s in SCORES.items()}}))
     return VLMBackend(model_path=path, budget_range_ms=(1.0, 2.0), num_samples={"test": 12}, max_new_tokens=4)
 

@@ -8,14 +8,12 @@ import sys
 import pytest
 import torch
 
-from envs.backends.vlm import VLMBackend, VLMConfig, WordTokenizer, build_model
-from envs.backends.vlm.config import PRESETS
+from envs.backends.vlm import VLMBackend
 from envs.backends.vlm.executor import Executor, first_tokens, prefill_sequence, run_blocks, trim_at_eos
 from envs.backends.vlm.preprocess import tiling
-from envs.data import synthvqa
 from envs.profiling import StaticConfig, load_samples, run_episode
 
-from helpers import ROOT
+from helpers import ROOT, tiny_model
 
 pytestmark = pytest.mark.gpu
 LAYERS = 6
@@ -25,9 +23,8 @@ CONFIGS = (StaticConfig("high", 8, 6), StaticConfig("medium", 5, 4, insertion=2)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_vlm")
-    tok = WordTokenizer.build(synthvqa.vocabulary())
-    cfg = VLMConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, **PRESETS["test"])
-    build_model(cfg, seed=2).save(path, tok, dtype=torch.float32)
+    model, tok = tiny_model(seed=2)
+    model.save(path, tok, dtype=torch.float32)
     scores = {str(b): float((b * 5) % 3) for b in range(LAYERS)}
     (path / "importance.json").write_text(json.dumps({"method": "test", "scores": scores}))
     return path

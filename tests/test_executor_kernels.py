@@ -5,16 +5,14 @@ import logging
 import pytest
 import torch
 
-from envs.backends.vlm import VLMConfig, WordTokenizer, build_model
 from envs.backends.vlm import elastic
-from envs.backends.vlm.config import PRESETS
+
+from helpers import tiny_model
 
 
 @pytest.fixture(scope="module")
 def mlp():
-    tok = WordTokenizer.build(["what", "color", "red"])
-    cfg = VLMConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, **PRESETS["test"])
-    return build_model(cfg, seed=0).blocks[2].layer.mlp
+    return tiny_model(["what", "color", "red"])[0].blocks[2].layer.mlp
 
 
 @pytest.mark.parametrize("rows, top_k", [(1, 8), (13, 4)])
