@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     p95 = {config_name(c): c["latency_p95_ms"] for c in profile["configs"]}
     tables = {split: {name: {f: row[f] for f in FAMILIES} for name, row in grid[split].items()}
               for split in ("val", "test")}
-    shares = {f: 1 / len(FAMILIES) for f in FAMILIES}  # SynthVQA's val and test splits: equal thirds
+    shares = {f: 1 / len(FAMILIES) for f in FAMILIES}  # SynthVQA's val and test splits: equal shares
     budgets = default_budgets(profile["budget_range_ms"], args.num_budgets)
     report = headroom_report(tables["val"], tables["test"], p95, shares, budgets)
     report["sources"] = {"accuracy": str(args.grid), "latency": str(args.profile),

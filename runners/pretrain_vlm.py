@@ -43,6 +43,7 @@ sys.path. CPU smoke run (a tiny model, minutes):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -179,6 +180,29 @@ class RowPlan(NamedTuple):
 
     top_k: torch.Tensor
     keep: torch.Tensor
+
+
+def extend_vocabulary(model, tokenizer: WordTokenizer, words) -> tuple:
+    """The model and tokenizer for the vocabulary `words` (a new SynthVQA family brings new words):
+    rows of words the model knows are kept, a new word's embedding and LM-head rows start at the
+    mean of the known rows. Returns the inputs unchanged when the vocabulary is the same."""
+    new_tok = WordTokenizer.build(words)
+    old_vocab, new_vocab = tokenizer.vocabulary(), new_tok.vocabulary()
+    if old_vocab == new_vocab:
+        return model, tokenizer
+    dropped = sorted(set(old_vocab) - set(new_vocab))
+    if dropped:
+        raise ValueError(f"--init model's vocabulary has words SynthVQA no longer uses: {dropped[:5]}")
+    cfg = dataclasses.replace(model.cfg, vocab_size=new_tok.vocab_size)
+    grown = build_model(cfg).to(next(model.parameters()).device)
+    state = model.state_dict()
+    for name in ("decoder.model.embed_tokens.weight", "decoder.lm_head.weight"):
+        old = state[name]
+        rows = old.mean(0, keepdim=True).repeat(new_tok.vocab_size, 1)
+        rows[[new_vocab[w] for w in old_vocab]] = old[[old_vocab[w] for w in old_vocab]]
+        state[name] = rows
+    grown.load_state_dict(state, strict=True)
+    return grown, new_tok
 
 
 def sample_tier(rng: random.Random, weights: dict[str, float]) -> str:
@@ -439,6 +463,8 @@ def main(argv=None):
         raise FileNotFoundError(f"--resume: {state_path} does not exist")
     if args.init or args.resume:
         model, tokenizer = load_model(args.out if args.resume else args.init, device)
+        if args.init:
+            model, tokenizer = extend_vocabulary(model, tokenizer, synthvqa.vocabulary())
     else:
         tokenizer = WordTokenizer.build(synthvqa.vocabulary())
         cfg = VLMConfig(
@@ -464,7 +490,7 @@ def main(argv=None):
             prefetch_factor=4 if args.workers > 0 else None,
         )
 
-    # Only the train split gets the family mix; val/test keep equal thirds.
+    # Only the train split gets the family mix; val/test keep equal shares.
     train_data = data("train", args.train_samples, train_weights)
     sampler = SizeBatchSampler(train_data.size_index, args.batch_size, seed=args.seed * 1000 + rank)
     elastic = torch.tensor([f in elastic_names for f in synthvqa.FAMILIES])

@@ -12,6 +12,10 @@ different knob:
                   tier (native-resolution 64-px crops) read it.
 * ``reasoning`` - counting, spatial relations and comparisons over objects of 16-36 px, visible in
                   the low tier: the difficulty is computation (top-k, depth), not resolution.
+* ``knowledge`` - a memorised fact about the one large object (OK-VQA's "outside knowledge"): the
+                  object is as legible as in ``coarse``, the answer is a fixed arbitrary attribute
+                  of its (colour, shape) that only the decoder's weights hold (`KNOWLEDGE_TABLE`,
+                  320 facts), so it needs expert capacity (top-k) and depth, not resolution.
 
 Scenes are plain-data specs (`Scene`) rendered on access by `render_scene` (about 0.4 ms on one
 CPU core), so a dataset of any size costs no image memory. Sample ``index`` of
@@ -46,7 +50,7 @@ IMAGE_SIZES: tuple[tuple[int, int], ...] = (
     (128, 128), (160, 160), (192, 192), (192, 128), (128, 192), (256, 128), (128, 256),
 )
 REFERENCE_SIDE = 192  # the long side at which COARSE/REASONING sizes below are given
-FAMILIES = ("coarse", "detail", "reasoning")
+FAMILIES = ("coarse", "detail", "reasoning", "knowledge")
 SPLITS = ("train", "val", "test")  # the same names as envs.backends.base.SPLITS
 DATASET_NAME = "synthvqa"
 NUM_ANSWERS = 10  # VQA format: ten reference answers per question
@@ -89,7 +93,22 @@ TEMPLATES: dict[str, tuple[str, str]] = {
     "above": ("reasoning", "is the {color1} {shape1} above the {color2} {shape2}?"),
     "more_often": ("reasoning", "which color appears more often?"),
     "bigger": ("reasoning", "which {shape} is bigger, the {color1} one or the {color2} one?"),
+    "fact": ("knowledge", "what is the {relation} of the big shape?"),
 }
+# The knowledge family's facts: KNOWLEDGE_TABLE[(colour, shape, relation)] is one of KNOWLEDGE_ANSWERS,
+# drawn once from a fixed seed so that every answer occurs about equally often.
+KNOWLEDGE_RELATIONS = ("code", "friend", "home", "key", "mood", "number", "pet", "rank")
+KNOWLEDGE_ANSWERS = COLOR_NAMES + SHAPES + DIGITS + LETTERS
+
+
+def _knowledge_table() -> dict[tuple[str, str, str], str]:
+    keys = [(c, s, r) for c in COLOR_NAMES for s in SHAPES for r in KNOWLEDGE_RELATIONS]
+    answers = [KNOWLEDGE_ANSWERS[i % len(KNOWLEDGE_ANSWERS)] for i in range(len(keys))]
+    random.Random("synthvqa:knowledge-table").shuffle(answers)
+    return dict(zip(keys, answers))
+
+
+KNOWLEDGE_TABLE = _knowledge_table()
 FAMILY_TEMPLATES = {f: tuple(n for n, (fam, _) in TEMPLATES.items() if fam == f) for f in FAMILIES}
 
 # Glyph geometry, drawn per glyph: 1-px strokes; width = aspect * height; italic slant in px.
@@ -117,7 +136,7 @@ def answer_vocabulary() -> list[str]:
 
 def vocabulary() -> list[str]:
     """Every word `tokenize_words` can yield on any SynthVQA question or answer, sorted."""
-    words = set(ANSWER_SET) | set(COLOR_NAMES) | set(SHAPES) | set(SHAPE_PLURALS.values())
+    words = set(ANSWER_SET) | set(COLOR_NAMES) | set(SHAPES) | set(SHAPE_PLURALS.values()) | set(KNOWLEDGE_RELATIONS)
     for _, template in TEMPLATES.values():
         words.update(w for w in tokenize_words(template) if not w.startswith("{"))
     return sorted(words)
@@ -364,7 +383,8 @@ Generated = tuple[list[Item], str, str]  # items, question, answer
 Generator = Callable[[random.Random, str, Canvas], Generated]
 
 
-def _gen_big_object(rng: random.Random, template: str, canvas: Canvas) -> Generated:
+def _big_object_scene(rng: random.Random, canvas: Canvas) -> tuple[list[Item], str, str]:
+    """One large object (colour, shape) plus a few tiny distractors: (items, colour, shape)."""
     margin = 4
     size = min(round(rng.randint(*COARSE_SIZE_RANGE) * canvas.scale), min(canvas.width, canvas.height) - 2 * margin)
     half = size // 2
@@ -381,8 +401,18 @@ def _gen_big_object(rng: random.Random, template: str, canvas: Canvas) -> Genera
             if abs(x - cx) > gap or abs(y - cy) > gap:
                 items.append(Shape(rng.choice(SHAPES), _color(rng, rng.choice(COLOR_NAMES)), x, y, s))
                 break
-    answer = color if template == "big_color" else kind
-    return items, TEMPLATES[template][1], answer
+    return items, color, kind
+
+
+def _gen_big_object(rng: random.Random, template: str, canvas: Canvas) -> Generated:
+    items, color, kind = _big_object_scene(rng, canvas)
+    return items, TEMPLATES[template][1], color if template == "big_color" else kind
+
+
+def _gen_fact(rng: random.Random, template: str, canvas: Canvas) -> Generated:
+    items, color, kind = _big_object_scene(rng, canvas)
+    relation = rng.choice(KNOWLEDGE_RELATIONS)
+    return items, TEMPLATES[template][1].format(relation=relation), KNOWLEDGE_TABLE[(color, kind, relation)]
 
 
 def _random_glyph(rng: random.Random, char: str, cx: int, cy: int, ink: Color, under: Color) -> Glyph:
@@ -524,6 +554,7 @@ _GENERATORS: dict[str, Generator] = {
     "above": _gen_relation,
     "more_often": _gen_more_often,
     "bigger": _gen_bigger,
+    "fact": _gen_fact,
 }
 
 
@@ -573,7 +604,7 @@ def _family_counts(num_samples: int, weights: dict[str, float]) -> dict[str, int
 class SynthVQA(Sequence):
     """`num_samples` SynthVQA samples of `split`, deterministic in (split, num_samples, seed, weights).
 
-    Families get exact shares from `family_weights` (default: equal thirds; families missing from
+    Families get exact shares from `family_weights` (default: equal shares; families missing from
     the dict get weight 0), shuffled over the indices by the seed; each index also gets one of
     IMAGE_SIZES, uniformly at random from the seed (`size_index`, so batches can be grouped by size
     without generating samples). Samples are generated on access

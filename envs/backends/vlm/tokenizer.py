@@ -65,6 +65,10 @@ class WordTokenizer:
     def save(self, model_dir: str | Path) -> None:
         self._tok.save(str(Path(model_dir) / TOKENIZER_FILE))
 
+    def vocabulary(self) -> dict[str, int]:
+        """word -> id, special tokens included."""
+        return self._tok.get_vocab()
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
