@@ -76,11 +76,11 @@ def test_splits_are_disjoint_in_images_questions_and_ids():
 def test_family_shares_are_exact_and_configurable():
     ds = SynthVQA("train", 301, seed=5)
     counts = {f: sum(s.family == f for s in ds) for f in FAMILIES}
-    assert counts == ds.family_counts and sorted(counts.values()) == [100, 100, 101]
+    assert counts == ds.family_counts and sorted(counts.values()) == [75, 75, 75, 76]
     # Families are shuffled over the indices, not laid out in blocks.
-    assert len({ds.family(i) for i in range(15)}) == 3
+    assert len({ds.family(i) for i in range(20)}) == len(FAMILIES)
     custom = SynthVQA("val", 90, seed=5, family_weights={"coarse": 2, "reasoning": 1})
-    assert custom.family_counts == {"coarse": 60, "detail": 0, "reasoning": 30}
+    assert custom.family_counts == {"coarse": 60, "detail": 0, "reasoning": 30, "knowledge": 0}
     assert {s.family for s in custom} == {"coarse", "reasoning"}
 
 
@@ -258,10 +258,23 @@ def test_render_is_fast():
     ({"split": "train", "num_samples": -3}, r"num_samples=-3"),
     ({"split": "train", "num_samples": 5, "seed": -1}, r"seed=-1"),
     ({"split": "train", "num_samples": 5, "family_weights": {"counting": 1}},
-     r"family_weights.*'counting'.*\('coarse', 'detail', 'reasoning'\)"),
+     r"family_weights.*'counting'.*\('coarse', 'detail', 'reasoning', 'knowledge'\)"),
     ({"split": "train", "num_samples": 5, "family_weights": {"detail": -1}}, r"family_weights\['detail'\]=-1"),
     ({"split": "train", "num_samples": 5, "family_weights": {"detail": 0}}, r"at least one weight > 0"),
 ])
 def test_bad_input_raises_value_error_naming_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SynthVQA(**kwargs)
+
+
+def test_knowledge_answers_are_the_tables_fact_about_the_big_object():
+    recs = _records(SynthVQA("train", 200, seed=0, family_weights={"knowledge": 1}))
+    for r in recs:
+        big = max((i for i in r.scene.items if isinstance(i, sv.Shape)), key=lambda s: s.size)
+        relation = re.fullmatch(r"what is fact (\w \d) of the big shape\?", r.question).group(1)
+        color = min(sv.COLORS, key=lambda c: sum((a - b) ** 2 for a, b in zip(sv.COLORS[c], big.color)))
+        assert r.answer == sv.KNOWLEDGE_TABLE[(color, big.kind, relation)]
+    # every (colour, shape, relation) has a fact, and the answers are balanced over the answer set
+    assert len(sv.KNOWLEDGE_TABLE) == len(sv.COLOR_NAMES) * len(sv.SHAPES) * sv.KNOWLEDGE_NUM_RELATIONS
+    counts = [list(sv.KNOWLEDGE_TABLE.values()).count(a) for a in sv.KNOWLEDGE_ANSWERS]
+    assert max(counts) - min(counts) <= 1

@@ -2,6 +2,7 @@
 import itertools
 import json
 
+import pytest
 import torch
 
 from envs.backends.vlm import VLMBackend
@@ -89,3 +90,24 @@ def test_pretrain_runs_on_cpu_and_writes_a_loadable_model(tmp_path):
     ep = backend.start_episode(backend.dataset("test")[0], "low", torch.zeros(backend.d_model))
     backend.run_to(ep, 1)
     assert backend.finish(ep, 4, 6).timings_ms["prefill"] > 0
+
+
+def test_extend_vocabulary_keeps_every_known_word_and_adds_the_new_ones():
+    from envs.backends.vlm import VLMConfig, WordTokenizer, build_model
+    from envs.backends.vlm.config import PRESETS
+
+    old_tok = WordTokenizer.build(["red", "blue", "what"])
+    cfg = VLMConfig(vocab_size=old_tok.vocab_size, pad_token_id=old_tok.pad_id, eos_token_id=old_tok.eos_id,
+                    **PRESETS["test"])
+    model = build_model(cfg, seed=0)
+    grown, new_tok = pretrain.extend_vocabulary(model, old_tok, ["red", "blue", "what", "fact"])
+    assert new_tok.vocab_size == old_tok.vocab_size + 1 and grown.cfg.vocab_size == new_tok.vocab_size
+    old_ids, new_ids = torch.tensor([old_tok.encode("what red blue")]), torch.tensor([new_tok.encode("what red blue")])
+    assert torch.equal(model.embed(old_ids), grown.embed(new_ids))
+    old_vocab, new_vocab = old_tok.vocabulary(), new_tok.vocabulary()
+    for word in ("red", "blue", "what"):
+        assert torch.equal(model.lm_head.weight[old_vocab[word]], grown.lm_head.weight[new_vocab[word]])
+    same, _ = pretrain.extend_vocabulary(model, old_tok, ["red", "blue", "what"])
+    assert same is model
+    with pytest.raises(ValueError, match="no longer uses.*blue"):
+        pretrain.extend_vocabulary(model, old_tok, ["red", "what"])

@@ -15,7 +15,9 @@ different knob:
 * ``knowledge`` - a memorised fact about the one large object (OK-VQA's "outside knowledge"): the
                   object is as legible as in ``coarse``, the answer is a fixed arbitrary attribute
                   of its (colour, shape) that only the decoder's weights hold (`KNOWLEDGE_TABLE`,
-                  320 facts), so it needs expert capacity (top-k) and depth, not resolution.
+                  40 objects x KNOWLEDGE_NUM_RELATIONS relations), so it needs the decoder's
+                  capacity, not resolution (a probe of the decoder alone: tables of ~2k facts
+                  spread the recall over the depth, docs/RESULTS.md section 1).
 
 Scenes are plain-data specs (`Scene`) rendered on access by `render_scene` (about 0.4 ms on one
 CPU core), so a dataset of any size costs no image memory. Sample ``index`` of
@@ -93,11 +95,22 @@ TEMPLATES: dict[str, tuple[str, str]] = {
     "above": ("reasoning", "is the {color1} {shape1} above the {color2} {shape2}?"),
     "more_often": ("reasoning", "which color appears more often?"),
     "bigger": ("reasoning", "which {shape} is bigger, the {color1} one or the {color2} one?"),
-    "fact": ("knowledge", "what is the {relation} of the big shape?"),
+    "fact": ("knowledge", "what is fact {relation} of the big shape?"),
 }
 # The knowledge family's facts: KNOWLEDGE_TABLE[(colour, shape, relation)] is one of KNOWLEDGE_ANSWERS,
-# drawn once from a fixed seed so that every answer occurs about equally often.
-KNOWLEDGE_RELATIONS = ("code", "friend", "home", "key", "mood", "number", "pet", "rank")
+# drawn once from a fixed seed so that every answer occurs about equally often. A relation is named
+# by a letter and a digit ("fact k 7"), so the table grows without new words; which pairs are used
+# is a fixed shuffle of all 100.
+KNOWLEDGE_NUM_RELATIONS = 48
+
+
+def _knowledge_relations() -> tuple[str, ...]:
+    pairs = [f"{letter} {digit}" for letter in LETTERS for digit in DIGITS]
+    random.Random("synthvqa:knowledge-relations").shuffle(pairs)
+    return tuple(pairs[:KNOWLEDGE_NUM_RELATIONS])
+
+
+KNOWLEDGE_RELATIONS = _knowledge_relations()
 KNOWLEDGE_ANSWERS = COLOR_NAMES + SHAPES + DIGITS + LETTERS
 
 
@@ -136,7 +149,7 @@ def answer_vocabulary() -> list[str]:
 
 def vocabulary() -> list[str]:
     """Every word `tokenize_words` can yield on any SynthVQA question or answer, sorted."""
-    words = set(ANSWER_SET) | set(COLOR_NAMES) | set(SHAPES) | set(SHAPE_PLURALS.values()) | set(KNOWLEDGE_RELATIONS)
+    words = set(ANSWER_SET) | set(COLOR_NAMES) | set(SHAPES) | set(SHAPE_PLURALS.values())
     for _, template in TEMPLATES.values():
         words.update(w for w in tokenize_words(template) if not w.startswith("{"))
     return sorted(words)
