@@ -249,7 +249,7 @@ def _pretrain_batches():
     batches = [pretrain.collate([encoded[i] for i in b[:3]], tokenizer.pad_id)
                for b in pretrain.size_batches(data.size_index, 3)[:2]]
     generator = torch.Generator().manual_seed(0)
-    elastic = torch.tensor([True, True, False])
+    elastic = torch.tensor([f in ("coarse", "detail") for f in synthvqa.FAMILIES])
     plans = [pretrain.sample_row_plans(generator, b[4], elastic, model.cfg.num_layers, model.cfg.top_k, 0.0)
              for b in batches]
     head = torch.nn.Linear(model.cfg.d_model, len(pretrain.GLYPH_CLASSES))
