@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from envs.backends.vlm import VLMBackend
-from helpers import load_runner
+from helpers import load_runner, tiny_model
 
 pretrain = load_runner("pretrain_vlm")
 
@@ -93,13 +93,7 @@ def test_pretrain_runs_on_cpu_and_writes_a_loadable_model(tmp_path):
 
 
 def test_extend_vocabulary_keeps_every_known_word_and_adds_the_new_ones():
-    from envs.backends.vlm import VLMConfig, WordTokenizer, build_model
-    from envs.backends.vlm.config import PRESETS
-
-    old_tok = WordTokenizer.build(["red", "blue", "what"])
-    cfg = VLMConfig(vocab_size=old_tok.vocab_size, pad_token_id=old_tok.pad_id, eos_token_id=old_tok.eos_id,
-                    **PRESETS["test"])
-    model = build_model(cfg, seed=0)
+    model, old_tok = tiny_model(["red", "blue", "what"])
     grown, new_tok = pretrain.extend_vocabulary(model, old_tok, ["red", "blue", "what", "fact"])
     assert new_tok.vocab_size == old_tok.vocab_size + 1 and grown.cfg.vocab_size == new_tok.vocab_size
     old_ids, new_ids = torch.tensor([old_tok.encode("what red blue")]), torch.tensor([new_tok.encode("what red blue")])
