@@ -63,6 +63,7 @@ from agents.cli import user_input
 from agents.distributed import close_distributed, init_distributed, wrap_ddp
 from envs.backends.vlm import VLMConfig, WordTokenizer, build_model, load_model
 from envs.backends.vlm.config import PRESETS
+from envs.backends.vlm.backend import load_importance
 from envs.backends.vlm.executor import Executor, block_plan, encode_vision, full_plan, run_blocks
 from envs.backends.vlm.preprocess import image_to_tensor, tiling
 from envs.data import synthvqa
@@ -304,12 +305,14 @@ def batch_loss(model, batch, tier, plan, device, generator=None, glyph_head=None
 
 
 @torch.no_grad()
-def greedy_answers(executor: Executor, tokenizer, batch, tier, plan, device, max_new_tokens: int):
+def greedy_answers(executor: Executor, tokenizer, batch, tier, plan, device, max_new_tokens: int, vision=None):
     """Batched greedy answers through the executor (KV cache, the same plan for every step, like
-    the backend); rows are grouped by prompt length so none is padded. Budget token: zeros."""
+    the backend); rows are grouped by prompt length so none is padded. Budget token: zeros.
+    `vision`: the batch's features at `tier` if already encoded (the tower does not depend on the plan)."""
     model = executor.model
     images, ids, _, slot = (t.to(device) for t in batch[:4])
-    vision = encode_vision(model, images, tier)
+    if vision is None:
+        vision = encode_vision(model, images, tier)
     budget = torch.zeros(ids.shape[0], model.cfg.d_model, device=device)
     answers = [None] * ids.shape[0]
     for length in sorted(set(slot.tolist())):
@@ -327,11 +330,15 @@ def evaluate(model, tokenizer, batches, samples, configs, importance, device, ma
     model.eval()
     # Eager decoding: evaluation batches vary in size, so per-batch CUDA graphs would not be reused.
     executor = Executor(model, tokenizer.eos_id, mode="eager")
-    for name, (tier, p, k, n) in configs.items():
+    vision_cache = {}  # (tier, batch index) -> features: encoded once per tier, not once per config
+    for name, (tier, p, k, n) in sorted(configs.items(), key=lambda item: TIERS.index(item[1][0])):
+        if tier not in {t for t, _ in vision_cache}:
+            vision_cache = {(tier, i): encode_vision(model, b[0].to(device), tier) for i, b in enumerate(batches)}
         plan = block_plan(importance, p, k, n, cfg.num_layers, cfg.top_k)
         correct = {f: [0, 0] for f in synthvqa.FAMILIES}
-        for batch in batches:
-            answers = greedy_answers(executor, tokenizer, batch, tier, plan, device, max_new_tokens)
+        for i, batch in enumerate(batches):
+            answers = greedy_answers(executor, tokenizer, batch, tier, plan, device, max_new_tokens,
+                                     vision=vision_cache[tier, i])
             for answer, index in zip(answers, batch[5].tolist()):
                 sample = samples[index]
                 correct[sample.family][0] += score_answer(answer, sample)
@@ -339,7 +346,7 @@ def evaluate(model, tokenizer, batches, samples, configs, importance, device, ma
         total = [sum(c[0] for c in correct.values()), sum(c[1] for c in correct.values())]
         results[name] = {"overall": total[0] / total[1], **{f: c[0] / max(c[1], 1) for f, c in correct.items()}}
         results[name]["config"] = {"tier": tier, "insertion": p, "top_k": k, "num_blocks": n}
-    return results
+    return {name: results[name] for name in configs}
 
 
 @torch.no_grad()
@@ -373,11 +380,13 @@ def knob_grid(cfg: VLMConfig) -> dict[str, tuple[str, int, int, int]]:
     return grid
 
 
-def static_grid(cfg: VLMConfig) -> dict[str, tuple[str, int, int, int]]:
-    """Every static configuration the profile measures: tier x top-k x blocks at p = 1."""
+def static_grid(cfg: VLMConfig, top_ks: list[int] | None = None) -> dict[str, tuple[str, int, int, int]]:
+    """Every static configuration the profile measures: tier x top-k x blocks at p = 1 (top-k values
+    limited to `top_ks` if given)."""
     L, K = cfg.num_layers, cfg.top_k
-    return {f"{t}/k{k}/N{n}": (t, 1, k, n) for t in TIERS
-            for k in range(max(1, K - 4), K + 1) for n in range(max(1, L - MAX_DROPPED), L + 1)}
+    ks = [k for k in range(max(1, K - 4), K + 1) if top_ks is None or k in top_ks]
+    return {f"{t}/k{k}/N{n}": (t, 1, k, n) for t in TIERS for k in ks
+            for n in range(max(1, L - MAX_DROPPED), L + 1)}
 
 
 class PretrainLoss(torch.nn.Module):
@@ -414,6 +423,9 @@ def main(argv=None):
     ap.add_argument("--preset", default="molmoe-tiny", choices=sorted(PRESETS))
     ap.add_argument("--init", help="start from this model dir instead of random weights")
     ap.add_argument("--resume", action="store_true", help=f"continue from --out/{TRAIN_STATE_FILE}")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="no training: evaluate --init's weights with its importance.json (the knob grid, and "
+                         "with --grid all every static config) into --out/eval.json, e.g. on another device")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--time-limit-min", type=float, default=None,
@@ -439,6 +451,8 @@ def main(argv=None):
     ap.add_argument("--eval-samples", type=int, default=1200)
     ap.add_argument("--grid", choices=("knobs", "all"), default="knobs",
                     help="knobs: each knob alone; all: every static config on val and test (eval.json 'grid')")
+    ap.add_argument("--grid-top-k", default="",
+                    help="--grid all over these top-k values only, e.g. 4,8 (default: every value)")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=100)
@@ -449,6 +463,10 @@ def main(argv=None):
         raise ValueError(f"--elastic-families: unknown {unknown}; expected names among {synthvqa.FAMILIES}")
     tier_weights = parse_weights(args.tier_weights, TIERS, "--tier-weights") or {t: 1.0 for t in TIERS}
     train_weights = parse_weights(args.family_weights, synthvqa.FAMILIES, "--family-weights")
+    try:
+        grid_top_ks = [int(k) for k in args.grid_top_k.split(",") if k] or None
+    except ValueError:
+        raise ValueError(f"--grid-top-k {args.grid_top_k!r}: expected comma-separated integers, e.g. 4,8") from None
 
     resolve_device(args.device, "--device")  # a clear error before anything is built or written
     ranks = init_distributed(args.device)
@@ -461,6 +479,8 @@ def main(argv=None):
     state_path = out / TRAIN_STATE_FILE
     if args.resume and not state_path.is_file():
         raise FileNotFoundError(f"--resume: {state_path} does not exist")
+    if args.eval_only and (not args.init or args.resume):
+        raise ValueError("--eval-only: expected --init MODEL_DIR (the weights to evaluate) and no --resume")
     if args.init or args.resume:
         model, tokenizer = load_model(args.out if args.resume else args.init, device)
         if args.init:
@@ -473,6 +493,9 @@ def main(argv=None):
         )
         model = build_model(cfg, seed=args.seed).to(device)
     cfg = model.cfg
+    top_k_range = range(max(1, cfg.top_k - 4), cfg.top_k + 1)
+    if grid_top_ks and not set(grid_top_ks) <= set(top_k_range):
+        raise ValueError(f"--grid-top-k {args.grid_top_k!r}: expected values in {list(top_k_range)}")
     if rank == 0:
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}; "
               f"{world} process(es) x batch {args.batch_size}", flush=True)
@@ -489,6 +512,45 @@ def main(argv=None):
             multiprocessing_context="fork" if args.workers > 0 else None,
             prefetch_factor=4 if args.workers > 0 else None,
         )
+
+    def evaluate_grids(importance, steps, trained_s):
+        """The knob grid on test (and with --grid all every static config on val and test) into eval.json."""
+        model.eval()
+        # Rendered once, reused by every plan below.
+        val_data, test_data = data("val", args.val_samples), data("test", args.eval_samples)
+        val_batches = list(loader(val_data, size_batches(val_data.size_index, 256)))
+        test_batches = list(loader(test_data, size_batches(test_data.size_index, 256)))
+        if importance is None:
+            importance = drop_importance(model, val_batches, device, args.seed)
+            (out / "importance.json").write_text(json.dumps(
+                {"method": "drop_loss", "scores": {str(b): s for b, s in importance.items()},
+                 "note": "validation loss increase when the block alone is skipped (pretrain_vlm.py)"}, indent=2) + "\n")
+            print("importance:", {b: round(s, 4) for b, s in importance.items()}, flush=True)
+        test_samples = [test_data[i] for i in range(len(test_data))]
+        grid = {}
+        if args.grid == "all":
+            val_samples = [val_data[i] for i in range(len(val_data))]
+            static = static_grid(cfg, grid_top_ks)
+            grid = {"val": evaluate(model, tokenizer, val_batches, val_samples, static, importance, device),
+                    "test": evaluate(model, tokenizer, test_batches, test_samples, static, importance, device)}
+        # A knob-grid config that the test grid already holds is not decoded again.
+        measured = {tuple(r["config"].values()): r for r in grid.get("test", {}).values()}
+        knobs = knob_grid(cfg)
+        missing = {name: c for name, c in knobs.items() if c not in measured}
+        results = evaluate(model, tokenizer, test_batches, test_samples, missing, importance, device) if missing else {}
+        results = {name: results[name] if name in missing else measured[c] for name, c in knobs.items()}
+        summary = {"steps": steps, "train_minutes": trained_s / 60, "args": vars(args), "accuracy": results}
+        for name, r in results.items():
+            print(f"{name:12s} " + " ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "config"), flush=True)
+        if grid:
+            summary["grid"] = grid
+        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    if args.eval_only:
+        out.mkdir(parents=True, exist_ok=True)
+        _, scores = load_importance(Path(args.init), cfg.num_layers, None)
+        return evaluate_grids(scores, 0, 0.0)
 
     # Only the train split gets the family mix; val/test keep equal shares.
     train_data = data("train", args.train_samples, train_weights)
@@ -592,29 +654,7 @@ def main(argv=None):
         return None
 
     model.save(out, tokenizer)  # the shipped format: fp16
-    model.eval()
-    # Rendered once, reused by every plan below.
-    val_data, test_data = data("val", args.val_samples), data("test", args.eval_samples)
-    val_batches = list(loader(val_data, size_batches(val_data.size_index, 256)))
-    test_batches = list(loader(test_data, size_batches(test_data.size_index, 256)))
-    importance = drop_importance(model, val_batches, device, args.seed)
-    (out / "importance.json").write_text(json.dumps(
-        {"method": "drop_loss", "scores": {str(b): s for b, s in importance.items()},
-         "note": "validation loss increase when the block alone is skipped (pretrain_vlm.py)"}, indent=2) + "\n")
-    print("importance:", {b: round(s, 4) for b, s in importance.items()}, flush=True)
-    test_samples = [test_data[i] for i in range(len(test_data))]
-    results = evaluate(model, tokenizer, test_batches, test_samples, knob_grid(cfg), importance, device)
-    summary = {"steps": step, "train_minutes": trained_s / 60, "args": vars(args), "accuracy": results}
-    for name, r in results.items():
-        print(f"{name:12s} " + " ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "config"), flush=True)
-    if args.grid == "all":
-        val_samples = [val_data[i] for i in range(len(val_data))]
-        summary["grid"] = {
-            "val": evaluate(model, tokenizer, val_batches, val_samples, static_grid(cfg), importance, device),
-            "test": evaluate(model, tokenizer, test_batches, test_samples, static_grid(cfg), importance, device),
-        }
-    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return evaluate_grids(None, step, trained_s)
 
 
 if __name__ == "__main__":

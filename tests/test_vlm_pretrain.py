@@ -91,6 +91,24 @@ def test_pretrain_runs_on_cpu_and_writes_a_loadable_model(tmp_path):
     backend.run_to(ep, 1)
     assert backend.finish(ep, 4, 6).timings_ms["prefill"] > 0
 
+    # --eval-only: the same weights and importance.json, a grid over the asked top-k values only,
+    # and the knob grid's rows that the grid holds are its rows (not decoded twice).
+    evaluated = pretrain.main([
+        "--out", str(tmp_path / "eval"), "--eval-only", "--init", str(out), "--device", "cpu", "--grid", "all",
+        "--grid-top-k", "4,8", "--val-samples", "6", "--eval-samples", "6", "--workers", "0",
+    ])
+    test_grid = evaluated["grid"]["test"]
+    assert evaluated["steps"] == 0 and len(test_grid) == 3 * 2 * 5 == len(evaluated["grid"]["val"])
+    assert {r["config"]["top_k"] for r in test_grid.values()} == {4, 8}
+    assert evaluated["accuracy"]["full"] == test_grid["high/k8/N6"]
+    assert evaluated["accuracy"]["top_k=5"]["config"]["top_k"] == 5
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["eval.json"]
+    with pytest.raises(ValueError, match="--grid-top-k '9'"):
+        pretrain.main(["--out", str(tmp_path / "bad"), "--eval-only", "--init", str(out), "--device", "cpu",
+                       "--grid", "all", "--grid-top-k", "9"])
+    with pytest.raises(ValueError, match="--eval-only: expected --init"):
+        pretrain.main(["--out", str(tmp_path / "bad"), "--eval-only", "--device", "cpu"])
+
 
 def test_extend_vocabulary_keeps_every_known_word_and_adds_the_new_ones():
     model, old_tok = tiny_model(["red", "blue", "what"])
