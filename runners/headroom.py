@@ -53,7 +53,9 @@ def main(argv=None) -> dict:
               for split in ("val", "test")}
     shares = {f: 1 / len(FAMILIES) for f in FAMILIES}  # SynthVQA's val and test splits: equal shares
     budgets = default_budgets(profile["budget_range_ms"], args.num_budgets)
-    report = headroom_report(tables["val"], tables["test"], p95, shares, budgets)
+    tiers = profile["meta"]["knob_space"]["tiers"]  # cheapest first
+    knobs = {config_name(c): (tiers.index(c["tier"]), c["top_k"], c["num_blocks"]) for c in profile["configs"]}
+    report = headroom_report(tables["val"], tables["test"], p95, shares, budgets, knobs)
     report["sources"] = {"accuracy": str(args.grid), "latency": str(args.profile),
                          "val_samples": evaluation.get("args", {}).get("val_samples"),
                          "test_samples": evaluation.get("args", {}).get("eval_samples")}
@@ -61,14 +63,16 @@ def main(argv=None) -> dict:
     tmp = args.profile.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(profile, indent=2) + "\n")
     os.replace(tmp, args.profile)
-    print("| budget (ms) | best static (test acc) | family oracle | headroom | family choices (val) |")
-    print("|---|---|---|---|---|")
+    print("| budget (ms) | best static (test acc) | family oracle | headroom | family choices (val) | undominated configs |")
+    print("|---|---|---|---|---|---|")
     for r in report["budgets"]:
         choices = ", ".join(f"{f}: {c}" for f, c in r["family_choice"].items())
         print(f"| {r['budget_ms']:.1f} | {r['best_static']} ({r['best_static_accuracy']:.3f}) | "
-              f"{r['family_oracle_accuracy']:.3f} | {100 * r['headroom']:+.1f} | {choices} |")
+              f"{r['family_oracle_accuracy']:.3f} | {100 * r['headroom']:+.1f} | {choices} | "
+              f"{', '.join(r['undominated_configs'])} |")
     print(f"mean headroom {100 * report['mean_headroom']:+.1f} points; "
-          f">= 4 points at {report['budgets_with_headroom_ge_0.04']} of {len(report['budgets'])} budgets")
+          f">= 4 points at {report['budgets_with_headroom_ge_0.04']} of {len(report['budgets'])} budgets; "
+          f"two or more undominated configs at {report['budgets_with_two_or_more_undominated_configs']}")
     return report
 
 

@@ -36,3 +36,16 @@ def test_report_summarises_and_rejects_mismatched_tables():
         headroom_report(VAL, {"cheap": VAL["cheap"]}, P95, SHARES, [25.0])
     with pytest.raises(ValueError, match="sum to 1"):
         headroom_report(VAL, VAL, P95, {"a": 0.5, "b": 0.6}, [25.0])
+
+
+def test_undominated_configs_show_where_the_knob_structure_leaves_room_for_headroom():
+    # knob values (tier, blocks): for_a buys tier, for_b buys blocks, full both
+    knobs = {"cheap": (0, 0), "for_a": (1, 0), "for_b": (0, 1), "full": (1, 1)}
+    report = headroom_report(VAL, VAL, P95, SHARES, [15.0, 25.0, 40.0], knobs)
+    undominated = [r["undominated_configs"] for r in report["budgets"]]
+    # one largest fitting config (cheap alone, then full) leaves no room; for_a vs for_b does
+    assert undominated == [["cheap"], ["for_a", "for_b"], ["full"]]
+    assert report["budgets_with_two_or_more_undominated_configs"] == 1
+    assert [round(r["headroom"], 6) for r in report["budgets"]] == [0.0, 0.15, 0.0]
+    with pytest.raises(ValueError, match="knobs must cover"):
+        headroom_report(VAL, VAL, P95, SHARES, [25.0], {"cheap": (0, 0)})
