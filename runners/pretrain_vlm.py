@@ -323,6 +323,7 @@ def greedy_answers(executor: Executor, tokenizer, batch, tier, plan, device, max
     return answers
 
 
+@torch.no_grad()  # the cached vision features must not hold the tower's autograd graph
 def evaluate(model, tokenizer, batches, samples, configs, importance, device, max_new_tokens=2):
     """{config name: {"overall": acc, family: acc, ..., "config": knobs}} over `batches` of `samples`."""
     cfg = model.cfg
