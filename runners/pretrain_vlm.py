@@ -331,15 +331,16 @@ def evaluate(model, tokenizer, batches, samples, configs, importance, device, ma
     model.eval()
     # Eager decoding: evaluation batches vary in size, so per-batch CUDA graphs would not be reused.
     executor = Executor(model, tokenizer.eos_id, mode="eager")
-    vision_cache = {}  # (tier, batch index) -> features: encoded once per tier, not once per config
+    # Configs in tier order, so each batch's vision features are encoded once per tier, not per config.
+    cached_tier, vision = None, []
     for name, (tier, p, k, n) in sorted(configs.items(), key=lambda item: TIERS.index(item[1][0])):
-        if tier not in {t for t, _ in vision_cache}:
-            vision_cache = {(tier, i): encode_vision(model, b[0].to(device), tier) for i, b in enumerate(batches)}
+        if tier != cached_tier:
+            cached_tier, vision = tier, [encode_vision(model, b[0].to(device), tier) for b in batches]
         plan = block_plan(importance, p, k, n, cfg.num_layers, cfg.top_k)
         correct = {f: [0, 0] for f in synthvqa.FAMILIES}
         for i, batch in enumerate(batches):
             answers = greedy_answers(executor, tokenizer, batch, tier, plan, device, max_new_tokens,
-                                     vision=vision_cache[tier, i])
+                                     vision=vision[i])
             for answer, index in zip(answers, batch[5].tolist()):
                 sample = samples[index]
                 correct[sample.family][0] += score_answer(answer, sample)
@@ -366,6 +367,11 @@ def drop_importance(model, batches, device, seed: int) -> dict[int, float]:
     return {b: loss_of([x for x in full if x[0] != b]) - base for b in range(cfg.num_layers)}
 
 
+def top_k_values(cfg: VLMConfig) -> list[int]:
+    """The top-k values the grids and the profile cover: the trained k and the 4 below it."""
+    return list(range(max(1, cfg.top_k - 4), cfg.top_k + 1))
+
+
 def knob_grid(cfg: VLMConfig) -> dict[str, tuple[str, int, int, int]]:
     """Full config, each knob alone at each of its values (p = 1: top-k acts on blocks 1..L-1),
     and the cheapest config."""
@@ -373,19 +379,19 @@ def knob_grid(cfg: VLMConfig) -> dict[str, tuple[str, int, int, int]]:
     grid = {"full": ("high", 1, K, L)}
     for tier in TIERS[:-1]:
         grid[f"tier={tier}"] = (tier, 1, K, L)
-    for k in range(max(1, K - 4), K):
+    for k in top_k_values(cfg)[:-1]:
         grid[f"top_k={k}"] = ("high", 1, k, L)
     for n in range(max(1, L - 4), L):
         grid[f"blocks={n}"] = ("high", 1, K, n)
-    grid["cheapest"] = ("low", 1, max(1, K - 4), max(1, L - 4))
+    grid["cheapest"] = ("low", 1, top_k_values(cfg)[0], max(1, L - 4))
     return grid
 
 
 def static_grid(cfg: VLMConfig, top_ks: list[int] | None = None) -> dict[str, tuple[str, int, int, int]]:
     """Every static configuration the profile measures: tier x top-k x blocks at p = 1 (top-k values
     limited to `top_ks` if given)."""
-    L, K = cfg.num_layers, cfg.top_k
-    ks = [k for k in range(max(1, K - 4), K + 1) if top_ks is None or k in top_ks]
+    L = cfg.num_layers
+    ks = [k for k in top_k_values(cfg) if top_ks is None or k in top_ks]
     return {f"{t}/k{k}/N{n}": (t, 1, k, n) for t in TIERS for k in ks
             for n in range(max(1, L - MAX_DROPPED), L + 1)}
 
@@ -494,9 +500,8 @@ def main(argv=None):
         )
         model = build_model(cfg, seed=args.seed).to(device)
     cfg = model.cfg
-    top_k_range = range(max(1, cfg.top_k - 4), cfg.top_k + 1)
-    if grid_top_ks and not set(grid_top_ks) <= set(top_k_range):
-        raise ValueError(f"--grid-top-k {args.grid_top_k!r}: expected values in {list(top_k_range)}")
+    if grid_top_ks and not set(grid_top_ks) <= set(top_k_values(cfg)):
+        raise ValueError(f"--grid-top-k {args.grid_top_k!r}: expected values in {top_k_values(cfg)}")
     if rank == 0:
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg}; "
               f"{world} process(es) x batch {args.batch_size}", flush=True)
@@ -528,14 +533,14 @@ def main(argv=None):
                  "note": "validation loss increase when the block alone is skipped (pretrain_vlm.py)"}, indent=2) + "\n")
             print("importance:", {b: round(s, 4) for b, s in importance.items()}, flush=True)
         test_samples = [test_data[i] for i in range(len(test_data))]
-        grid = {}
+        grid, measured = {}, {}
         if args.grid == "all":
             val_samples = [val_data[i] for i in range(len(val_data))]
             static = static_grid(cfg, grid_top_ks)
             grid = {"val": evaluate(model, tokenizer, val_batches, val_samples, static, importance, device),
                     "test": evaluate(model, tokenizer, test_batches, test_samples, static, importance, device)}
-        # A knob-grid config that the test grid already holds is not decoded again.
-        measured = {tuple(r["config"].values()): r for r in grid.get("test", {}).values()}
+            # A knob-grid config that the test grid already holds is not decoded again.
+            measured = {c: grid["test"][name] for name, c in static.items()}
         knobs = knob_grid(cfg)
         missing = {name: c for name, c in knobs.items() if c not in measured}
         results = evaluate(model, tokenizer, test_batches, test_samples, missing, importance, device) if missing else {}
