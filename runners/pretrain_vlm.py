@@ -8,10 +8,15 @@ blocks[i](..., top_k, ...) / logits):
   * a sample of an --elastic-families family (default coarse, detail: questions the controller should
     be able to answer cheaply) runs, with probability 1 - --full-prob, a reduced decoder: insertion p
     uniform over 1..5, top-k uniform in K-4..K for the blocks >= p (blocks < p at K), and 0..4 of the
-    blocks p..L-1 dropped at random; otherwise the full decoder;
-  * every other family (reasoning) always runs the full decoder (all blocks at top-k K), like
-    MolmoE-1B: nothing teaches it to survive a smaller top-k or fewer blocks.
+    blocks p..L-1 dropped at random; otherwise the full decoder. `family:top_k` or `family:blocks`
+    reduces that one knob only, so the family learns to survive it and stays sensitive to the other;
+  * every other family always runs the full decoder (all blocks at top-k K), like MolmoE-1B:
+    nothing teaches it to survive a smaller top-k or fewer blocks.
 The kept experts' weights are not renormalised (VLMConfig.norm_topk_prob, as OLMoE ships).
+--router-focus-weight W adds W * `router_focus_loss`: it teaches every router to spread its mass
+evenly over exactly K experts. Without it the shipped routers put ~22% of their mass on ranks 5-8
+and as much on ranks 9-16, so ranks 5-8 are near-arbitrary experts the model learns to do without,
+and top-k 8 -> 4 cost no family more than 1.2 points even where only top-k 8 was ever trained.
 The sequence is [vision tokens][question][budget token][answer][<eos>], teacher-forced: the loss
 is the cross-entropy of the answer and <eos> tokens, predicted from the budget position onwards.
 The budget position holds the model's `embed_budget` of a random vector s * N(0, I), s ~ U(0, 1.5)
@@ -210,23 +215,44 @@ def sample_tier(rng: random.Random, weights: dict[str, float]) -> str:
     return rng.choices(list(weights), weights=list(weights.values()))[0]
 
 
-def sample_row_plans(generator: torch.Generator, families: torch.Tensor, elastic: torch.Tensor,
-                     num_layers: int, top_k: int, full_prob: float) -> RowPlan:
+ELASTIC_KNOBS = ("top_k", "blocks")
+
+
+def parse_elastic_families(text: str) -> dict[str, frozenset[str]]:
+    """'coarse,knowledge:blocks,reasoning:top_k+blocks' -> the decoder knobs each family's reduced
+    rows vary (a bare family name: all of ELASTIC_KNOBS)."""
+    out = {}
+    for item in (i for i in text.split(",") if i):
+        family, sep, knobs = item.partition(":")
+        if family not in synthvqa.FAMILIES:
+            raise ValueError(f"--elastic-families: unknown family {family!r}; expected names among {synthvqa.FAMILIES}")
+        chosen = frozenset(knobs.split("+")) if sep else frozenset(ELASTIC_KNOBS)
+        if not chosen or not chosen <= set(ELASTIC_KNOBS):
+            raise ValueError(f"--elastic-families: {item!r} has knobs {sorted(chosen)}; expected "
+                             f"family or family:knob[+knob] with knobs among {ELASTIC_KNOBS}")
+        out[family] = chosen
+    return out
+
+
+def sample_row_plans(generator: torch.Generator, families: torch.Tensor, elastic_top_k: torch.Tensor,
+                     elastic_blocks: torch.Tensor, num_layers: int, top_k: int, full_prob: float) -> RowPlan:
     """Per-sample decoder knobs (see module docstring): rows of an elastic family get, with
-    probability 1 - full_prob, insertion p ~ U{1..5}, top-k ~ U{K-4..K} on blocks >= p and 0..4 of
-    blocks p..L-1 dropped; every other row runs all blocks at top-k K."""
+    probability 1 - full_prob, insertion p ~ U{1..5}, top-k ~ U{K-4..K} on blocks >= p (where the
+    family's top-k is elastic) and 0..4 of blocks p..L-1 dropped (where its blocks are); every
+    other row runs all blocks at top-k K. elastic_*: (num families,) bool."""
     batch = families.shape[0]
     g = generator
-    reduced = elastic[families] & (torch.rand(batch, generator=g) >= full_prob)
+    reduced = (elastic_top_k | elastic_blocks)[families] & (torch.rand(batch, generator=g) >= full_prob)
     p = torch.randint(1, min(MAX_INSERTION, num_layers) + 1, (batch, 1), generator=g)
     k = torch.randint(max(1, top_k - 4), top_k + 1, (batch, 1), generator=g)
     blocks = torch.arange(num_layers)[None]
-    ks = torch.where(reduced[:, None] & (blocks >= p), k, torch.full_like(k, top_k))
+    reduce_k = (reduced & elastic_top_k[families])[:, None]
+    ks = torch.where(reduce_k & (blocks >= p), k, torch.full_like(k, top_k))
     # drop n ~ U{0..4} of the blocks >= p: the n droppable blocks with the smallest random scores
     n = torch.randint(0, MAX_DROPPED + 1, (batch, 1), generator=g)
     scores = torch.rand(batch, num_layers, generator=g).masked_fill(blocks < p, 2.0)
     rank = scores.argsort(dim=1).argsort(dim=1)
-    keep = ~(reduced[:, None] & (rank < n))
+    keep = ~((reduced & elastic_blocks[families])[:, None] & (rank < n))
     return RowPlan(ks, keep)
 
 
@@ -396,16 +422,41 @@ def static_grid(cfg: VLMConfig, top_ks: list[int] | None = None) -> dict[str, tu
             for n in range(max(1, L - MAX_DROPPED), L + 1)}
 
 
-class PretrainLoss(torch.nn.Module):
-    """batch_loss as a module: what DistributedDataParallel wraps, so that the model's and the
-    glyph head's gradients are averaged over the ranks in backward."""
+def router_focus_loss(moe_inputs, gates, top_k: int) -> torch.Tensor:
+    """Mean over blocks and tokens of KL(uniform over the token's top_k experts || router softmax):
+    zero when a router puts 1/top_k on each of top_k experts and nothing elsewhere.
+    moe_inputs[b]: block b's MoE input (..., d); gates[b]: its router weight (E, d)."""
+    losses = []
+    for x, weight in zip(moe_inputs, gates):
+        log_probs = torch.log_softmax(F.linear(x.float(), weight.float()), dim=-1)
+        losses.append(-log_probs.topk(top_k, dim=-1).values.mean() - math.log(top_k))
+    return torch.stack(losses).mean()
 
-    def __init__(self, model, glyph_head, glyph_weight: float):
+
+class PretrainLoss(torch.nn.Module):
+    """batch_loss (+ router_weight * router_focus_loss) as a module: what DistributedDataParallel
+    wraps, so that the model's and the glyph head's gradients are averaged over the ranks in backward.
+    forward returns (total loss, router focus loss or None)."""
+
+    def __init__(self, model, glyph_head, glyph_weight: float, router_weight: float = 0.0):
         super().__init__()
         self.model, self.glyph_head, self.glyph_weight = model, glyph_head, glyph_weight
+        self.router_weight = router_weight
+        self._moe_inputs = []
+        if router_weight > 0:  # the MoE input is the post-attention norm's output (ElasticBlock)
+            for block in model.blocks:
+                block.layer.post_attention_layernorm.register_forward_hook(
+                    lambda module, args, out: self._moe_inputs.append(out))
 
     def forward(self, batch, tier, plan, device, generator=None):
-        return batch_loss(self.model, batch, tier, plan, device, generator, self.glyph_head, self.glyph_weight)
+        self._moe_inputs.clear()
+        loss = batch_loss(self.model, batch, tier, plan, device, generator, self.glyph_head, self.glyph_weight)
+        if self.router_weight <= 0:
+            return loss, None
+        gates = [block.layer.mlp.gate.weight for block in self.model.blocks]
+        focus = router_focus_loss(self._moe_inputs, gates, self.model.cfg.top_k)
+        self._moe_inputs.clear()
+        return loss + self.router_weight * focus, focus.detach()
 
 
 def parse_weights(text: str, keys, flag: str) -> dict[str, float] | None:
@@ -447,8 +498,11 @@ def main(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--full-prob", type=float, default=0.3,
                     help="probability that an elastic-family sample still runs the full decoder")
+    ap.add_argument("--router-focus-weight", type=float, default=0.0,
+                    help="weight of router_focus_loss (each router's mass evenly on top-k experts); 0: off")
     ap.add_argument("--elastic-families", default="coarse,detail",
-                    help="families trained under reduced decoder knobs (the others: full decoder only)")
+                    help="families trained under reduced decoder knobs, e.g. coarse,knowledge:blocks,reasoning:top_k "
+                         "(a bare name: top_k+blocks; the others: full decoder only)")
     ap.add_argument("--tier-weights", default="low=1,medium=1,high=2", help="tier mix of the batches")
     ap.add_argument("--glyph-weight", type=float, default=1.0,
                     help="weight of the auxiliary glyph-reading loss (glyph_loss); 0 turns it off")
@@ -464,10 +518,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=100)
     args = ap.parse_args(argv)
-    elastic_names = [f for f in args.elastic_families.split(",") if f]
-    unknown = sorted(set(elastic_names) - set(synthvqa.FAMILIES))
-    if unknown:
-        raise ValueError(f"--elastic-families: unknown {unknown}; expected names among {synthvqa.FAMILIES}")
+    elastic_knobs = parse_elastic_families(args.elastic_families)
+    if not (math.isfinite(args.router_focus_weight) and args.router_focus_weight >= 0):
+        raise ValueError(f"--router-focus-weight {args.router_focus_weight!r}: expected a finite number >= 0")
     tier_weights = parse_weights(args.tier_weights, TIERS, "--tier-weights") or {t: 1.0 for t in TIERS}
     train_weights = parse_weights(args.family_weights, synthvqa.FAMILIES, "--family-weights")
     try:
@@ -561,7 +614,8 @@ def main(argv=None):
     # Only the train split gets the family mix; val/test keep equal shares.
     train_data = data("train", args.train_samples, train_weights)
     sampler = SizeBatchSampler(train_data.size_index, args.batch_size, seed=args.seed * 1000 + rank)
-    elastic = torch.tensor([f in elastic_names for f in synthvqa.FAMILIES])
+    elastic_top_k, elastic_blocks = (torch.tensor([knob in elastic_knobs.get(f, ()) for f in synthvqa.FAMILIES])
+                                     for knob in ELASTIC_KNOBS)
 
     # Pretraining-only head (not saved with the model): reads the glyph class off its vision token.
     glyph_head = torch.nn.Linear(cfg.d_model, len(GLYPH_CLASSES)).to(device) if args.glyph_weight > 0 else None
@@ -569,7 +623,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     # Each row's plan runs some blocks and experts only, and the glyph head reads medium and high
     # tiers only: parameters a rank did not use this step get no gradient there.
-    objective = wrap_ddp(ranks, PretrainLoss(model, glyph_head, args.glyph_weight), find_unused_parameters=True)
+    objective = wrap_ddp(ranks, PretrainLoss(model, glyph_head, args.glyph_weight, args.router_focus_weight),
+                          find_unused_parameters=True)
     rng = random.Random(args.seed)  # the tier per batch: the same on every rank
     plan_gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
     step, trained_s = 0, 0.0
@@ -620,7 +675,7 @@ def main(argv=None):
         optimizer, lambda s: min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * done)))
     )
     model.train()
-    started, last_save, running, data_wait = time.time(), time.time(), [], 0.0
+    started, last_save, running, running_focus, data_wait = time.time(), time.time(), [], [], 0.0
     session_start_s = trained_s
     fetched = time.time()
     stop_reason = "done"
@@ -629,8 +684,9 @@ def main(argv=None):
             break
         data_wait += time.time() - fetched
         tier = sample_tier(rng, tier_weights)
-        plan = sample_row_plans(plan_gen, batch[4], elastic, cfg.num_layers, cfg.top_k, args.full_prob)
-        loss = objective(batch, tier, plan, device)
+        plan = sample_row_plans(plan_gen, batch[4], elastic_top_k, elastic_blocks, cfg.num_layers, cfg.top_k,
+                                args.full_prob)
+        loss, focus = objective(batch, tier, plan, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -640,10 +696,13 @@ def main(argv=None):
         done = progress(step, trained_s)
         schedule.step()
         running.append(loss.item())
+        if focus is not None:
+            running_focus.append(focus.item())
         if step % args.log_every == 0 and rank == 0:
-            print(f"step {step} loss {sum(running) / len(running):.4f} lr {schedule.get_last_lr()[0]:.2e} "
+            router = f" router_focus {sum(running_focus) / len(running_focus):.4f}" if running_focus else ""
+            print(f"step {step} loss {sum(running) / len(running):.4f}{router} lr {schedule.get_last_lr()[0]:.2e} "
                   f"{trained_s / 60:.1f} min (waited {data_wait:.0f} s for data)", flush=True)
-            running = []
+            running, running_focus = [], []
         if args.save_every_min and time.time() - last_save > args.save_every_min * 60:
             save_state()
             last_save = time.time()

@@ -250,7 +250,7 @@ def _pretrain_batches():
                for b in pretrain.size_batches(data.size_index, 3)[:2]]
     generator = torch.Generator().manual_seed(0)
     elastic = torch.tensor([f in ("coarse", "detail") for f in synthvqa.FAMILIES])
-    plans = [pretrain.sample_row_plans(generator, b[4], elastic, model.cfg.num_layers, model.cfg.top_k, 0.0)
+    plans = [pretrain.sample_row_plans(generator, b[4], elastic, elastic, model.cfg.num_layers, model.cfg.top_k, 0.0)
              for b in batches]
     head = torch.nn.Linear(model.cfg.d_model, len(pretrain.GLYPH_CLASSES))
     return model, head, batches, plans
@@ -259,9 +259,9 @@ def _pretrain_batches():
 def _pretrain_gradients(out):
     ranks = init_distributed("cpu", timeout_s=30)
     model, head, batches, plans = _pretrain_batches()
-    objective = wrap_ddp(ranks, pretrain.PretrainLoss(model, head, 1.0), find_unused_parameters=True)
+    objective = wrap_ddp(ranks, pretrain.PretrainLoss(model, head, 1.0, 0.1), find_unused_parameters=True)
     torch.manual_seed(ranks.rank)  # the random budget vectors of this rank's batch
-    objective(batches[ranks.rank], TIERS[ranks.rank], plans[ranks.rank], torch.device("cpu")).backward()
+    objective(batches[ranks.rank], TIERS[ranks.rank], plans[ranks.rank], torch.device("cpu"))[0].backward()
     if ranks.is_main:
         torch.save({n: p.grad for n, p in objective.module.named_parameters()}, out)
 
@@ -271,12 +271,12 @@ def test_pretraining_averages_the_ranks_gradients_through_ddp(tmp_path):
     DDP gradient of every parameter is the mean of the two batches' gradients (a parameter one rank
     did not use counts as zero there)."""
     model, head, batches, plans = _pretrain_batches()
-    objective = pretrain.PretrainLoss(model, head, 1.0)
+    objective = pretrain.PretrainLoss(model, head, 1.0, 0.1)  # with the router focus loss's hooks
     grads = []
     for r in range(2):
         objective.zero_grad(set_to_none=True)
         torch.manual_seed(r)
-        objective(batches[r], TIERS[r], plans[r], torch.device("cpu")).backward()
+        objective(batches[r], TIERS[r], plans[r], torch.device("cpu"))[0].backward()
         grads.append({n: p.grad for n, p in objective.named_parameters()})
     run_ranks(tmp_path, _pretrain_gradients, tmp_path / "grads.pt")
     averaged = torch.load(tmp_path / "grads.pt", weights_only=True)

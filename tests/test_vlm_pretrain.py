@@ -15,7 +15,7 @@ def test_row_plans_follow_the_per_family_knob_rules():
     gen = torch.Generator().manual_seed(0)
     families = torch.arange(3).repeat(200)  # coarse, detail, reasoning
     elastic = torch.tensor([True, True, False])
-    plan = pretrain.sample_row_plans(gen, families, elastic, 16, 8, full_prob=0.3)
+    plan = pretrain.sample_row_plans(gen, families, elastic, elastic, 16, 8, full_prob=0.3)
     assert plan.top_k.shape == plan.keep.shape == (600, 16)
     reasoning = families == 2
     assert (plan.top_k[reasoning] == 8).all() and plan.keep[reasoning].all()  # full decoder only
@@ -28,6 +28,71 @@ def test_row_plans_follow_the_per_family_knob_rules():
             assert 1 <= p <= 5 and all(k == ks[p] for k in ks[p:]) and 4 <= ks[p] <= 7 and all(keep[:p])
     reduced = ((plan.top_k[rows] != 8).any(1) | ~plan.keep[rows].all(1)).float().mean()
     assert 0.5 < reduced < 0.8  # 1 - full_prob, less the draws that happen to be full
+
+
+def test_a_family_elastic_in_one_knob_keeps_the_other_at_full():
+    elastic = pretrain.parse_elastic_families("coarse,detail:top_k,reasoning:blocks")
+    assert elastic == {"coarse": {"top_k", "blocks"}, "detail": {"top_k"}, "reasoning": {"blocks"}}
+    from envs.data import synthvqa
+
+    top_k, blocks = (torch.tensor([knob in elastic.get(f, ()) for f in synthvqa.FAMILIES])
+                     for knob in pretrain.ELASTIC_KNOBS)
+    families = torch.arange(4).repeat(300)  # coarse, detail, reasoning, knowledge
+    plan = pretrain.sample_row_plans(torch.Generator().manual_seed(1), families, top_k, blocks, 16, 8, 0.3)
+    fewer_k, dropped = (plan.top_k < 8).any(1), ~plan.keep.all(1)
+    by_family = [(fewer_k[families == f].float().mean(), dropped[families == f].float().mean()) for f in range(4)]
+    assert by_family[0][0] > 0.4 and by_family[0][1] > 0.4  # both knobs
+    assert by_family[1][0] > 0.4 and by_family[1][1] == 0  # top-k only
+    assert by_family[2][0] == 0 and by_family[2][1] > 0.4  # blocks only
+    assert by_family[3] == (0, 0)  # not listed: full decoder only
+
+
+@pytest.mark.parametrize("text, match", [
+    ("coarse,physics", "unknown family 'physics'"),
+    ("detail:experts", r"'detail:experts' has knobs \['experts'\]"),
+    ("detail:", "'detail:' has knobs"),
+])
+def test_bad_elastic_families_name_the_item(text, match):
+    with pytest.raises(ValueError, match=match):
+        pretrain.parse_elastic_families(text)
+
+
+def test_router_focus_loss_is_zero_only_when_the_mass_sits_evenly_on_top_k():
+    weight = torch.eye(4)  # 4 experts reading the first 4 features
+    uniform = pretrain.router_focus_loss([torch.zeros(5, 4)], [weight], top_k=2)
+    assert torch.isclose(uniform, torch.tensor(2.0).log())  # mass 1/4 each: KL(U_2 || U_4) = log 2
+    focused = pretrain.router_focus_loss([torch.tensor([[30.0, 30.0, 0.0, 0.0]])], [weight], top_k=2)
+    assert focused.abs() < 1e-6
+    peaked = pretrain.router_focus_loss([torch.tensor([[30.0, 0.0, 0.0, 0.0]])], [weight], top_k=2)
+    assert peaked > 10  # all mass on one expert: the second of the top 2 is starved
+    x = torch.randn(64, 4)
+    router = torch.nn.Parameter(torch.randn(4, 4))
+    optimizer = torch.optim.SGD([router], lr=0.5)
+    start = pretrain.router_focus_loss([x], [router], 2).item()
+    for _ in range(200):
+        optimizer.zero_grad()
+        pretrain.router_focus_loss([x], [router], 2).backward()
+        optimizer.step()
+    assert pretrain.router_focus_loss([x], [router], 2).item() < 0.3 * start
+
+
+def test_pretrain_loss_adds_the_router_focus_of_every_block():
+    from envs.data import synthvqa
+
+    model, tokenizer = tiny_model()
+    data = synthvqa.SynthVQA("train", 32, seed=0)
+    encoded = pretrain.EncodedSynthVQA(data, tokenizer)
+    batch = pretrain.collate([encoded[i] for i in pretrain.size_batches(data.size_index, 4)[0]], tokenizer.pad_id)
+    plan = pretrain.full_plan(model.cfg.num_layers, model.cfg.top_k)
+    plain, none = pretrain.PretrainLoss(model, None, 0.0)(batch, "low", plan, torch.device("cpu"),
+                                                          torch.Generator().manual_seed(0))
+    objective = pretrain.PretrainLoss(model, None, 0.0, router_weight=0.5)
+    total, focus = objective(batch, "low", plan, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert none is None and float(focus) > 0
+    assert torch.isclose(total, plain + 0.5 * focus)
+    assert objective._moe_inputs == []  # nothing held between steps
+    total.backward()
+    assert all(block.layer.mlp.gate.weight.grad is not None for block in model.blocks)
 
 
 def test_size_batches_share_one_image_size():
