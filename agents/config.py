@@ -42,6 +42,9 @@ class LossConfig:
     entropy_coef: float = 0.005  # weight of the entropy bonus summed over the four heads
     scale_rewards: str = "group"  # advantage scaling: "group" std, "batch" std or "none"
     num_iterations: int = 4  # optimisation epochs over each collected batch
+    # constraint "violation rate <= target" by a Lagrange multiplier (agents/constraint.py); None: off
+    violation_target: Optional[float] = None
+    violation_lambda_lr: float = 2.0  # dual-ascent step of the multiplier per unit of rate excess
 
 
 @dataclass

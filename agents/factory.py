@@ -12,6 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from agents.checkpoint import actor_meta, build_actor
 from agents.config import Config
+from agents.constraint import ViolationMultiplier
 from agents.grpo import JointGRPOLoss
 from envs import BudgetVLMEnv, RewardWeights, make_backend
 from envs.machine import resolve_device
@@ -67,6 +68,12 @@ def make_loss(cfg: Config, actor) -> JointGRPOLoss:
     c = cfg.loss
     return JointGRPOLoss(actor, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high,
                          entropy_coef=c.entropy_coef, beta=c.beta, scale_rewards=c.scale_rewards)
+
+
+def make_violation_multiplier(cfg: Config) -> ViolationMultiplier | None:
+    """The Lagrange multiplier of loss.violation_target, or None when the constraint is off."""
+    c = cfg.loss
+    return None if c.violation_target is None else ViolationMultiplier(c.violation_target, c.violation_lambda_lr)
 
 
 def make_logger(output_dir: Path, purge_step: int | None = None) -> SummaryWriter:

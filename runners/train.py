@@ -68,7 +68,8 @@ from agents.distributed import (
     wrap_ddp,
 )
 from agents.evaluation import dummy_reference_rewards, heldout_budgets, run_episodes, summarize
-from agents.factory import make_actor, make_backend_from_config, make_env, make_logger, make_loss
+from agents.factory import (make_actor, make_backend_from_config, make_env, make_logger, make_loss,
+                            make_violation_multiplier)
 from agents.grpo import grpo_update, make_optimizer, set_learning_rate
 from agents.reporting import accuracy_vs_budget_figure
 from agents.rollout import collect_rollouts
@@ -353,6 +354,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         if tc.load_stage1_checkpoint and resume_ckpt is None:  # a resumed run has its own weights
             load_stage1_weights(actor, tc.load_stage1_checkpoint, meta)
         loss_module = make_loss(cfg, actor)
+        multiplier = make_violation_multiplier(cfg)
         optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)
         if ranks.rank > 0:  # from here on each rank draws its own actions
             seed_everything(rank_cfg.train.seed)
@@ -370,6 +372,8 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         epoch, epoch_step, step = resume_ckpt["epoch"], resume_ckpt["epoch_step"], resume_ckpt["step"]
         best_val = resume_ckpt["best_val_reward"]
         skipped_updates, skipped_in_a_row = resume_ckpt["skipped_updates"], resume_ckpt["skipped_in_a_row"]
+        if multiplier is not None and resume_ckpt.get("violation_lambda") is not None:
+            multiplier.load_state_dict(resume_ckpt["violation_lambda"])
         history = restore_rank_state(resume_ckpt, ranks, cfg, generators, train_env, val_env, history)
     # The loss module holds the policy: its forward is where the policy runs under gradient, so it
     # is what DistributedDataParallel wraps (the same module on one rank).
@@ -410,6 +414,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         save_checkpoint(output_dir / "checkpoints" / name, policy=actor.state_dict(), optimizer=optimizer.state_dict(),
                         step=step, epoch=epoch, epoch_step=epoch_step, best_val_reward=best_val,
                         skipped_updates=skipped_updates, skipped_in_a_row=skipped_in_a_row,
+                        violation_lambda=multiplier.state_dict() if multiplier is not None else None,
                         **rank_states_payload(states), policy_meta=meta, config=cfg.to_dict())
 
     def validate() -> dict:
@@ -434,6 +439,9 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         while epoch_step < steps_per_epoch:
             # Collect: this rank's groups x G episodes, both stages, terminal reward per episode.
             rollout = collect_rollouts(train_env, actor)
+            design_reward = float(rollout["next", "reward"][:, -1].mean())  # before the multiplier's penalty
+            if multiplier is not None:
+                multiplier.penalize(rollout)
             loss_module.compute_advantages(rollout, ranks)
             # Update: several epochs over the batch with the clipped joint objective. A non-finite
             # loss or gradient skips the update (the batch's remaining epochs would see it again).
@@ -454,13 +462,16 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
             info = rollout["next", "episode"][:, -1]
             # Means over the global batch: each rank's mean weighted by its rows.
             train_metrics = weighted_mean_over_ranks(ranks, {
-                "train/reward": float(rollout["next", "reward"][:, -1].mean()),
+                "train/reward": design_reward,
                 "train/accuracy": float(info["accuracy"].mean()),
                 "train/latency_mean_ms": float(info["latency_ms"].mean()),
                 "train/violation_rate": float(info["violation"].mean()),
                 "train/frac_reward_zero_std": float(rollout["reward_zero_std"][:, 0].float().mean()),
             }, local_groups, "the train metrics' reduction")
             train_metrics.update({"train/grad_norm": float(grad_norm), "train/skipped_updates": skipped_updates})
+            if multiplier is not None:  # the global batch's rate: every rank takes the same step
+                multiplier.update(train_metrics["train/violation_rate"])
+                train_metrics["train/violation_lambda"] = multiplier.value
             progress.update(1)
             progress.set_postfix(reward=f"{train_metrics['train/reward']:.3f}",
                                  viol=f"{train_metrics['train/violation_rate']:.2f}")

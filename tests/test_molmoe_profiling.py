@@ -55,14 +55,18 @@ def test_profile_configs_on_molmoe_writes_what_the_backend_reads(tmp_path):
     out = tmp_path / "profile"
     profile = load_runner("profile_configs").main([
         "--backend", "molmoe", "--model_path", str(FIXTURE), "--output_dir", str(out), "--split", "val",
-        "--num_samples", "2", "--latency_samples", "1", "--importance_samples", "2", "--tiers", "low",
+        "--num_samples", "2", "--latency_samples", "1", "--importance_samples", "2", "--tiers", "low", "high",
         "--top_k", "1", "2", "--num_blocks", "2", "4", "--warmup", "0", "--max_new_tokens", "2",
         "--image_size", *map(str, IMAGE_SIZE),
     ])
     rows = profile["configs"]
-    assert {(r["tier"], r["top_k"], r["num_blocks"]) for r in rows} == {("low", k, n) for k in (1, 2) for n in (2, 4)}
-    # a 640x480 image at the low tier's budget of 2 grid crops: grid 1x2 + the global crop
-    assert all(r["crops_mean"] == 3 and r["latency_samples"] == 1 for r in rows)
+    assert {(r["tier"], r["top_k"], r["num_blocks"]) for r in rows} == {
+        (t, k, n) for t in ("low", "high") for k in (1, 2) for n in (2, 4)}
+    # a 640x480 image at the low tier's budget of 2 grid crops: grid 1x2 + the global crop; the high
+    # tier's many more crops keep the budget range [1.1 x fastest, slowest] non-empty under load (with
+    # the low tier alone, 1 timed sample per config left it empty once in a loaded full-suite run)
+    assert all(r["crops_mean"] == 3 for r in rows if r["tier"] == "low")
+    assert all(r["crops_mean"] > 3 and r["latency_samples"] == 1 for r in rows if r["tier"] == "high")
     assert all(r["vision_tokens_mean"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
     assert all(len(r["blocks"]) == r["num_blocks"] and r["blocks"][0] == 0 for r in rows)
     meta = profile["meta"]

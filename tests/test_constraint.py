@@ -1,0 +1,67 @@
+"""agents/constraint.py: the violation-rate constraint's Lagrange multiplier, alone and in train.py."""
+import json
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from agents.constraint import ViolationMultiplier
+from train_runs import tiny_config, train_main
+
+
+def _rollout(violations):
+    n = len(violations)
+    episode = TensorDict({"violation": torch.tensor(violations, dtype=torch.bool)[:, None].expand(n, 2)}, [n, 2])
+    return TensorDict({"next": TensorDict({"reward": torch.ones(n, 2, 1), "episode": episode}, [n, 2])}, [n, 2])
+
+
+def test_penalty_hits_the_violating_episodes_terminal_reward_only():
+    multiplier = ViolationMultiplier(target=0.02, lr=1.0, value=0.5)
+    rollout = _rollout([True, False, True])
+    multiplier.penalize(rollout)
+    assert rollout["next", "reward"][:, -1, 0].tolist() == [0.5, 1.0, 0.5]
+    assert rollout["next", "reward"][:, 0, 0].tolist() == [1.0, 1.0, 1.0]  # Stage 1's step: no reward
+
+
+def test_dual_ascent_grows_while_violating_and_decays_to_zero_after():
+    multiplier = ViolationMultiplier(target=0.05, lr=2.0)
+    for _ in range(5):
+        multiplier.update(0.25)
+    assert multiplier.value == pytest.approx(5 * 2.0 * 0.20)
+    multiplier.update(0.0)
+    assert multiplier.value == pytest.approx(2.0 - 0.1)
+    for _ in range(100):
+        multiplier.update(0.0)
+    assert multiplier.value == 0.0  # never negative: no reward for violating
+    restored = ViolationMultiplier(0.05, 2.0)
+    restored.load_state_dict(ViolationMultiplier(0.05, 2.0, value=1.25).state_dict())
+    assert restored.value == 1.25
+
+
+@pytest.mark.parametrize("target, lr, match", [
+    (0.0, 1.0, r"loss.violation_target=0.0: expected a finite number > 0"),
+    (1.5, 1.0, r"loss.violation_target=1.5: expected a rate in \(0, 1\)"),
+    (float("nan"), 1.0, "loss.violation_target=nan"),
+    (0.02, -1.0, r"loss.violation_lambda_lr=-1.0: expected a finite number > 0"),
+])
+def test_bad_constraint_settings_name_the_field(target, lr, match):
+    with pytest.raises(ValueError, match=match):
+        ViolationMultiplier(target, lr)
+
+
+def test_train_logs_the_multiplier_and_resumes_it(tmp_path):
+    # The tiny dummy run violates often at a 1% target: the multiplier must rise and be checkpointed.
+    config = tiny_config(tmp_path, loss={"num_iterations": 2, "violation_target": 0.01, "violation_lambda_lr": 5.0},
+                         train={"num_epochs": 1})
+    out = tmp_path / "run"
+    train_main("--config", config, "--output_dir", out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lambdas = [r["train/violation_lambda"] for r in rows if "train/violation_lambda" in r]
+    rates = [r["train/violation_rate"] for r in rows if "train/violation_rate" in r]
+    assert len(lambdas) == 3 and lambdas[-1] > 1  # it violates far above 1%: the multiplier rose
+    expected = 0.0
+    for rate, value in zip(rates, lambdas):  # the logged value follows the dual-ascent rule exactly
+        expected = max(0.0, expected + 5.0 * (rate - 0.01))
+        assert value == pytest.approx(expected, abs=1e-9)
+    saved = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
+    assert saved["violation_lambda"]["value"] == pytest.approx(lambdas[-1])
