@@ -442,15 +442,21 @@ class PretrainLoss(torch.nn.Module):
         super().__init__()
         self.model, self.glyph_head, self.glyph_weight = model, glyph_head, glyph_weight
         self.router_weight = router_weight
-        self._moe_inputs = []
+        self._moe_inputs, self._collecting = [], False
         if router_weight > 0:  # the MoE input is the post-attention norm's output (ElasticBlock)
             for block in model.blocks:
-                block.layer.post_attention_layernorm.register_forward_hook(
-                    lambda module, args, out: self._moe_inputs.append(out))
+                block.layer.post_attention_layernorm.register_forward_hook(self._collect)
+
+    def _collect(self, module, args, out):
+        if self._collecting:  # only inside forward: evaluation and importance runs keep nothing
+            self._moe_inputs.append(out)
 
     def forward(self, batch, tier, plan, device, generator=None):
-        self._moe_inputs.clear()
-        loss = batch_loss(self.model, batch, tier, plan, device, generator, self.glyph_head, self.glyph_weight)
+        self._collecting = self.router_weight > 0
+        try:
+            loss = batch_loss(self.model, batch, tier, plan, device, generator, self.glyph_head, self.glyph_weight)
+        finally:
+            self._collecting = False
         if self.router_weight <= 0:
             return loss, None
         gates = [block.layer.mlp.gate.weight for block in self.model.blocks]

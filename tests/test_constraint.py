@@ -65,3 +65,19 @@ def test_train_logs_the_multiplier_and_resumes_it(tmp_path):
         assert value == pytest.approx(expected, abs=1e-9)
     saved = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
     assert saved["violation_lambda"]["value"] == pytest.approx(lambdas[-1])
+
+
+def test_a_resumed_run_continues_the_multiplier_bit_for_bit(tmp_path):
+    loss = {"num_iterations": 2, "violation_target": 0.01, "violation_lambda_lr": 5.0}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_main("--config", tiny_config(tmp_path, "a.yaml", loss=loss, train={"num_epochs": 2}), "--output_dir", straight)
+    train_main("--config", tiny_config(tmp_path, "b.yaml", loss=loss, train={"num_epochs": 1}), "--output_dir", resumed)
+    train_main("--output_dir", resumed, "--resume", "--num_epochs", "2")
+
+    def lambdas(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["train/violation_lambda"]) for r in rows if "train/violation_lambda" in r]
+
+    assert len(lambdas(straight)) == 6 and lambdas(resumed) == lambdas(straight)
+    assert torch.load(resumed / "checkpoints" / "latest.pt", weights_only=True)["violation_lambda"] == \
+        torch.load(straight / "checkpoints" / "latest.pt", weights_only=True)["violation_lambda"]

@@ -92,6 +92,9 @@ def test_pretrain_loss_adds_the_router_focus_of_every_block():
     assert none is None and float(focus) > 0
     assert torch.isclose(total, plain + 0.5 * focus)
     assert objective._moe_inputs == []  # nothing held between steps
+    budget = torch.zeros(len(batch[1]), model.cfg.d_model)
+    pretrain.forward_text(model, batch[0], batch[1], batch[3], budget, "low", plan)
+    assert objective._moe_inputs == []  # a forward outside the loss (evaluation) collects nothing
     total.backward()
     assert all(block.layer.mlp.gate.weight.grad is not None for block in model.blocks)
 
