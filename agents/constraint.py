@@ -19,9 +19,9 @@ from tensordict import TensorDictBase
 
 class ViolationMultiplier:
     def __init__(self, target: float, lr: float, value: float = 0.0):
-        for name, v, low in (("loss.violation_target", target, 0.0), ("loss.violation_lambda_lr", lr, 0.0)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= low:
-                raise ValueError(f"{name}={v!r}: expected a finite number > {low:g}")
+        for name, v in (("loss.violation_target", target), ("loss.violation_lambda_lr", lr)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name}={v!r}: expected a finite number > 0")
         if target >= 1:
             raise ValueError(f"loss.violation_target={target!r}: expected a rate in (0, 1)")
         self.target, self.lr, self.value = float(target), float(lr), float(value)
@@ -30,8 +30,7 @@ class ViolationMultiplier:
         """Subtract lambda from the terminal reward of every violating episode (before the advantages)."""
         reward = rollout["next", "reward"]
         violated = rollout["next", "episode", "violation"][:, -1].reshape(reward[:, -1].shape)
-        reward[:, -1] -= self.value * violated.to(reward.dtype)
-        rollout["next", "reward"] = reward
+        reward[:, -1] -= self.value * violated.to(reward.dtype)  # in place: the rollout's own tensor
 
     def update(self, violation_rate: float) -> None:
         self.value = max(0.0, self.value + self.lr * (float(violation_rate) - self.target))
