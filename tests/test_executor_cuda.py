@@ -1,6 +1,7 @@
-"""The CUDA fast path (gpu marker: skipped without CUDA, run on the GPU machine): graph decode equals
-the eager decoder, graphs are cached and bounded, no host synchronisation inside a phase, and the
-backend's CUDA episodes answer what its CPU episodes answer."""
+"""The CUDA fast path (gpu marker: skipped without CUDA, run on the GPU machine): graph decode and the
+graph prefill (padded to length buckets) equal the eager ones, graphs are cached and bounded, no host
+synchronisation inside a phase, and the backend's CUDA episodes answer what its CPU episodes and its
+eager CUDA episodes answer."""
 import json
 import subprocess
 import sys
@@ -9,7 +10,14 @@ import pytest
 import torch
 
 from envs.backends.vlm import VLMBackend
-from envs.backends.vlm.executor import Executor, first_tokens, prefill_sequence, run_blocks, trim_at_eos
+from envs.backends.vlm.executor import (
+    Executor,
+    first_tokens,
+    prefill_bucket,
+    prefill_sequence,
+    run_blocks,
+    trim_at_eos,
+)
 from envs.backends.vlm.preprocess import tiling
 from envs.profiling import StaticConfig, load_samples, run_episode
 
@@ -40,14 +48,14 @@ def cuda_backend(model_dir):
     return make_backend(model_dir, "cuda")
 
 
-def _sequence(backend, sample):
-    """The prefill sequence of `sample` at the high tier (preprocessing copies to the device)."""
+def _sequence(backend, sample, tier="high"):
+    """The prefill sequence of `sample` at `tier` (preprocessing copies to the device)."""
     from envs.backends.vlm.backend import load_image
     from envs.backends.vlm.executor import encode_vision
 
     model = backend.model
     with torch.inference_mode():
-        vision = encode_vision(model, load_image(sample)[None].cuda(), "high")
+        vision = encode_vision(model, load_image(sample)[None].cuda(), tier)
         return prefill_sequence(model, vision, backend.prompt_ids(sample)[None],
                                 torch.zeros(1, backend.d_model, device="cuda"))
 
@@ -100,27 +108,106 @@ def test_no_host_sync_inside_prefill_or_decode(cuda_backend):
     assert ids.shape == (1, 4)
 
 
+def test_graph_prefill_equals_the_eager_prefill_and_replays_per_bucket(cuda_backend):
+    """Executor.prefill as graphs (buckets of 16 positions) against run_blocks, in the episode's two
+    stretches: the same outputs and KV entries at the real positions and the same first token; one
+    capture per (bucket, stretch), a length in a seen bucket replays."""
+    model = cuda_backend.model
+    graphed = Executor(model, cuda_backend.tokenizer.eos_id, mode="graphs", prefill_bucket=16)
+    config = CONFIGS[1]  # p = 2
+    plan, p = config.plan(cuda_backend.importance, cuda_backend.knob_space, cuda_backend.cfg.top_k), config.insertion
+    samples, _ = load_samples(cuda_backend, "test", 6)
+    buckets, prefills = set(), 0
+    with torch.inference_mode():
+        for tier in ("low", "high"):
+            for sample in samples:
+                hidden, cos, sin = _sequence(cuda_backend, sample, tier)
+                eager_cache, graph_cache = {}, {}
+                a = run_blocks(model, hidden, cos, sin, plan[:p], eager_cache)
+                a = run_blocks(model, a, cos, sin, plan[p:], eager_cache)
+                b = graphed.prefill(hidden, cos, sin, plan[:p], graph_cache)
+                b = graphed.prefill(b, cos, sin, plan[p:], graph_cache)
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+                assert graph_cache.keys() == eager_cache.keys()
+                for block in eager_cache:
+                    for x, y in zip(eager_cache[block], graph_cache[block]):
+                        assert y.shape == x.shape  # exactly the real positions
+                        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-4)
+                assert torch.equal(first_tokens(model, b), first_tokens(model, a))
+                buckets.add(prefill_bucket(hidden.shape[1], 16, model.cfg.max_positions))
+                prefills += 1
+                assert graphed.captures == 2 * len(buckets)  # a new bucket captures both stretches
+    assert 2 <= len(buckets) < prefills  # several buckets, and seen ones replayed
+    assert graphed.describe()["prefill_graphs"] == 2 * len(buckets)
+
+
+def test_no_host_sync_inside_a_graph_prefill(cuda_backend):
+    plan = CONFIGS[0].plan(cuda_backend.importance, cuda_backend.knob_space, cuda_backend.cfg.top_k)
+    hidden, cos, sin = _sequence(cuda_backend, cuda_backend.dataset("test")[1])
+    graphed = Executor(cuda_backend.model, cuda_backend.tokenizer.eos_id, mode="graphs", prefill_bucket=32)
+    with torch.inference_mode():
+        graphed.prepare_prefill(plan, hidden, cos, sin)  # captures (capture itself synchronises)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cache = {}
+            out = graphed.prefill(hidden, cos, sin, plan, cache)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == hidden.shape and len(cache) == len(plan) and graphed.captures == 1
+
+
 def test_cuda_episodes_answer_what_cpu_episodes_answer(model_dir, cuda_backend, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch conv in full fp32, as on CPU
     cpu = make_backend(model_dir, "cpu")
     samples, _ = load_samples(cpu, "test", 4)
+    prefill_keys = set()  # (length bucket, stretch): run_to's first p blocks, finish's rest
     for config in CONFIGS:
+        plan, insertion = config.plan(cpu.importance, cpu.knob_space, cpu.cfg.top_k), config.insertion
         for sample in samples:
             on_cpu = run_episode(cpu, sample, config, torch.zeros(cpu.d_model))
             on_cuda = run_episode(cuda_backend, sample, config, torch.zeros(cpu.d_model))
             assert on_cuda.extras["generated_ids"] == on_cpu.extras["generated_ids"], config
             assert on_cuda.extras["decode_steps"] == cuda_backend.max_new_tokens - 1  # fixed decode length
             assert all(on_cuda.timings_ms[p] > 0 for p in ("preprocess", "vision", "prefill", "decode"))
+            bucket = prefill_bucket(on_cuda.extras["prefill_tokens"], VLMBackend.PREFILL_BUCKET, cpu.cfg.max_positions)
+            prefill_keys |= {(bucket, plan[:insertion]), (bucket, plan[insertion:])}
     executor = cuda_backend.describe()["executor"]
     assert executor["decode"] == "graphs"
-    # one decode graph per configuration and one vision graph per crop count (tier and image size),
-    # replayed after
+    # one decode graph per configuration, one vision graph per crop count (tier and image size) and
+    # one prefill graph per (bucket, stretch), replayed after
     crop_counts = {tiling(h, w, c.tier, cpu.model.cfg).num_crops
                    for c in CONFIGS for w, h in (s.image_loader().size for s in samples)}
     assert executor["decode_graphs"] == len(CONFIGS) and executor["vision_graphs"] == len(crop_counts)
-    assert executor["captures"] == len(CONFIGS) + len(crop_counts)
+    assert executor["prefill_graphs"] == len(prefill_keys)
+    assert executor["captures"] == len(CONFIGS) + len(crop_counts) + len(prefill_keys)
     assert cuda_backend.executor.max_graphs == 2 * 5 * 5  # every (p, k, N) of the knob space fits
     assert cuda_backend.describe()["expert_kernel"] == "gathered"  # fp32 on CUDA
+
+
+def test_graph_episodes_answer_what_eager_cuda_episodes_answer(model_dir):
+    """A graphs-mode backend (vision, prefill and decode graphs) against an eager one on the GPU: the
+    same answers; a second pass captures nothing; two episodes open at once keep their own prefill
+    (each replay's outputs are copied out before the next replay of that graph)."""
+    graphed, eager = make_backend(model_dir, "cuda"), make_backend(model_dir, "cuda", decode_mode="eager")
+    samples, _ = load_samples(eager, "test", 4)
+    budget = torch.zeros(eager.d_model)
+    answers = {}
+    for config in CONFIGS:
+        for i, sample in enumerate(samples):
+            answers[config, i] = run_episode(eager, sample, config, budget).extras["generated_ids"]
+            assert run_episode(graphed, sample, config, budget).extras["generated_ids"] == answers[config, i], config
+    captures = graphed.executor.captures
+    assert graphed.describe()["executor"]["prefill_graphs"] > 0
+    for config in CONFIGS:  # run_to of two episodes, then finish of both
+        for pair in ((0, 1), (2, 3)):
+            episodes = [graphed.start_episode(samples[i], config.tier, budget) for i in pair]
+            for episode in episodes:
+                graphed.run_to(episode, config.insertion)
+            for i, episode in zip(pair, episodes):
+                result = graphed.finish(episode, config.top_k, config.num_blocks)
+                assert result.extras["generated_ids"] == answers[config, i], config
+    assert graphed.executor.captures == captures  # every shape was seen in the first pass
 
 
 def test_bf16_backend_uses_grouped_mm_and_answers(model_dir):

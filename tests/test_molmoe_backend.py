@@ -229,6 +229,7 @@ def test_static_decode_answers_what_eager_decode_answers(backend, results_dir):
     static = MolmoEBackend(model_path=FIXTURE, results_dir=results_dir, tier_max_crops=FIXTURE_TIERS,
                            prompt_templates={"synthvqa": "{question}"}, max_new_tokens=3, decode_mode="static")
     assert static.describe()["executor"]["decode"] == "static"
+    assert static.describe()["executor"]["prefill_bucket"] is None  # its long prefill stays eager
     for name in ("c00", "c07"):  # landscape and tall portrait
         for insertion, top_k, num_blocks in ((1, 1, 3), (2, 2, 4)):
             ids = []

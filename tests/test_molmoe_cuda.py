@@ -39,6 +39,7 @@ def test_cuda_episodes_answer_what_cpu_episodes_answer(results):
             assert all(on_cuda.timings_ms[p] > 0 for p in ("preprocess", "vision", "prefill", "decode"))
     executor = cuda.describe()["executor"]
     assert executor["decode"] == "graphs" and executor["decode_graphs"] == len(configs)
+    assert executor["prefill_graphs"] == 0  # MolmoE's prefill stays eager (MolmoEBackend.PREFILL_BUCKET)
 
 
 def test_bf16_backend_uses_grouped_mm_and_answers(results):

@@ -24,7 +24,9 @@ VLMBackend(model_path=None, results_dir=None, dataset_names=("synthvqa",), data_
     dtype            "float32" or "bfloat16" (bf16 on CUDA runs the experts through torch._grouped_mm).
     decode_mode      envs.backends.vlm.executor: "eager" (the CPU default), "static", "graphs" (the
                      CUDA default: one CUDA graph per configuration, captured on first use outside
-                     the latency sections; at most max_graphs kept, default one per (p, k, N)).
+                     the latency sections; at most max_graphs kept, default one per (p, k, N); the
+                     prefill one graph per (length bucket of 32 positions, stretch), at most one per
+                     p and one per (p, k, N) of every bucket).
     dataset_weights  sampling weights of the real datasets when several are mixed.
     prompt_templates {dataset: template with "{question}"} overriding
                      envs.data.vqa.DEFAULT_PROMPT_TEMPLATES for real datasets.

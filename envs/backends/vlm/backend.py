@@ -16,6 +16,8 @@ Episode (batch size 1, see envs.backends.base):
       same per-block top-k (envs.backends.vlm.executor: eager on CPU, a CUDA graph per
       configuration on CUDA, where the decode runs max_new_tokens steps and the ids after <eos>
       are dropped).
+Both prefill stretches run through Executor.prefill: eager on CPU; on CUDA one graph per (length
+bucket of PREFILL_BUCKET positions, stretch), the prefill padded on the right to its bucket.
 Decode and the budget token: the budget position stays in the prefill KV cache of every block
 that ran, so decoded tokens attend to it like to any prompt position; decoding appends only the
 generated tokens (positions continue after the budget position) and never a new budget token.
@@ -41,7 +43,6 @@ from envs.backends.vlm.executor import (
     encode_vision,
     first_tokens,
     prefill_sequence,
-    run_blocks,
     trim_at_eos,
 )
 from envs.backends.vlm.model import load_model
@@ -83,6 +84,10 @@ class ExecutorBackend(Backend):
     evaluator), and says where the first answer token is read (first_tokens)."""
 
     DTYPES: Mapping[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    # The executor's prefill_bucket. None keeps the prefill eager in every mode, as MolmoE's: a graph
+    # per (bucket, stretch) holds its blocks' keys and values (16 blocks at 1,900 positions: 250 MB
+    # in bf16), and the knob space reaches about 130 stretches per bucket.
+    PREFILL_BUCKET: int | None = None
 
     def _set_options(self, model_path: Path, results_dir, device, dtype: str, max_new_tokens: int,
                      dataset_names, data_root, num_samples, seed: int, dataset_weights, prompt_templates) -> None:
@@ -134,8 +139,12 @@ class ExecutorBackend(Backend):
         ks = self.knob_space
         if max_graphs is None:  # one decode graph per configuration the controller can pick
             max_graphs = len(ks.insertion_positions) * len(ks.top_k_values) * len(ks.num_blocks_values)
+        prefill_graphs = None
+        if self.PREFILL_BUCKET:  # per length bucket: the first p blocks per p, the rest per configuration
+            prefill_graphs = -(-cfg.max_positions // self.PREFILL_BUCKET) * (len(ks.insertion_positions) + max_graphs)
         self.executor = Executor(self.model, self.tokenizer.eos_id, mode=decode_mode, max_graphs=max_graphs,
-                                 quiet=self.meter.suspended)
+                                 quiet=self.meter.suspended, prefill_bucket=self.PREFILL_BUCKET,
+                                 max_prefill_graphs=prefill_graphs)
 
     # ----------------------------------------------------------------- data
     def dataset(self, split: str) -> Sequence[VQASample]:
@@ -195,8 +204,10 @@ class ExecutorBackend(Backend):
         if not 1 <= insertion <= self.cfg.num_layers:
             raise ValueError(f"insertion={insertion}: expected 1..{self.cfg.num_layers}")
         prefix = self._plan(insertion, self.cfg.top_k, insertion)
+        inputs = (episode.hidden, episode.cos, episode.sin)
+        self.executor.prepare_prefill(prefix, *inputs)  # a first-use graph capture is not the request's time
         with self.meter.section(episode.timer, "prefill"):
-            hidden = run_blocks(self.model, episode.hidden, episode.cos, episode.sin, prefix, episode.cache)
+            hidden = self.executor.prefill(*inputs, prefix, episode.cache)
         episode.hidden, episode.insertion = hidden, insertion
         return hidden[0, -1].float().clone()
 
@@ -213,9 +224,10 @@ class ExecutorBackend(Backend):
         if not 1 <= top_k <= self.cfg.num_experts:
             raise ValueError(f"top_k={top_k}: expected 1..{self.cfg.num_experts}")
         plan = self._plan(p, top_k, num_blocks)
-        model, timer = self.model, episode.timer
+        timer, inputs = episode.timer, (episode.hidden, episode.cos, episode.sin)
+        self.executor.prepare_prefill(plan[p:], *inputs)
         with self.meter.section(timer, "prefill"):
-            hidden = run_blocks(model, episode.hidden, episode.cos, episode.sin, plan[p:], episode.cache)
+            hidden = self.executor.prefill(*inputs, plan[p:], episode.cache)
             first = self.first_tokens(hidden)
         prefill_tokens = hidden.shape[1]
         self.executor.prepare(plan, 1, episode.cache)  # a first-use graph capture is not the request's time
@@ -270,6 +282,11 @@ class ExecutorBackend(Backend):
 
 class VLMBackend(ExecutorBackend):
     """See the module docstring; keyword config documented in envs.backends.vlm."""
+
+    # Vision tokens come in whole crops (16 tokens each in the shipped model) and prompts differ by a
+    # few words, so few buckets recur; padding adds at most 31 positions of work to a stretch whose
+    # every launch the graph removes (the model is launch-bound on the GPU).
+    PREFILL_BUCKET = 32
 
     def __init__(
         self,
