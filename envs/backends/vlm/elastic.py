@@ -66,7 +66,10 @@ class StaticKVCache:
         keys.index_copy_(2, self.position.view(1), k)
         values.index_copy_(2, self.position.view(1), v)
         visible = (self._slots <= self.position).view(1, 1, 1, -1)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale)
+        # One query against max_positions slots, written out: on the H200 the fused SDPA kernel
+        # picked for a masked fp32 call took 54 us per block, a third of a graphed decode step.
+        scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).masked_fill_(~visible, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype), values)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
