@@ -45,6 +45,7 @@ class LossConfig:
     # constraint "violation rate <= target" by a Lagrange multiplier (agents/constraint.py); None: off
     violation_target: Optional[float] = None
     violation_lambda_lr: float = 2.0  # dual-ascent step of the multiplier per unit of rate excess
+    violation_budget_bins: int = 1  # one multiplier per bin of the budget range (1: one global multiplier)
 
 
 @dataclass

@@ -70,10 +70,13 @@ def make_loss(cfg: Config, actor) -> JointGRPOLoss:
                          entropy_coef=c.entropy_coef, beta=c.beta, scale_rewards=c.scale_rewards)
 
 
-def make_violation_multiplier(cfg: Config) -> ViolationMultiplier | None:
-    """The Lagrange multiplier of loss.violation_target, or None when the constraint is off."""
+def make_violation_multiplier(cfg: Config, budget_range_ms) -> ViolationMultiplier | None:
+    """The Lagrange multiplier(s) of loss.violation_target over the backend's budget range, or None
+    when the constraint is off."""
     c = cfg.loss
-    return None if c.violation_target is None else ViolationMultiplier(c.violation_target, c.violation_lambda_lr)
+    if c.violation_target is None:
+        return None
+    return ViolationMultiplier(c.violation_target, c.violation_lambda_lr, budget_range_ms, c.violation_budget_bins)
 
 
 def make_logger(output_dir: Path, purge_step: int | None = None) -> SummaryWriter:

@@ -67,6 +67,7 @@ from agents.distributed import (
     weighted_mean_over_ranks,
     wrap_ddp,
 )
+from agents.constraint import episode_budgets
 from agents.evaluation import dummy_reference_rewards, heldout_budgets, run_episodes, summarize
 from agents.factory import (make_actor, make_backend_from_config, make_env, make_logger, make_loss,
                             make_violation_multiplier)
@@ -354,7 +355,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         if tc.load_stage1_checkpoint and resume_ckpt is None:  # a resumed run has its own weights
             load_stage1_weights(actor, tc.load_stage1_checkpoint, meta)
         loss_module = make_loss(cfg, actor)
-        multiplier = make_violation_multiplier(cfg)
+        multiplier = make_violation_multiplier(cfg, backend.budget_range_ms)
         optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)
         if ranks.rank > 0:  # from here on each rank draws its own actions
             seed_everything(rank_cfg.train.seed)
@@ -469,9 +470,11 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
                 "train/frac_reward_zero_std": float(rollout["reward_zero_std"][:, 0].float().mean()),
             }, local_groups, "the train metrics' reduction")
             train_metrics.update({"train/grad_norm": float(grad_norm), "train/skipped_updates": skipped_updates})
-            if multiplier is not None:  # the global batch's rate: every rank takes the same step
-                multiplier.update(train_metrics["train/violation_rate"])
-                train_metrics["train/violation_lambda"] = multiplier.value
+            if multiplier is not None:  # the global batch's episodes: every rank takes the same step
+                budgets, _ = all_gather_cat(ranks, episode_budgets(rollout), "the budgets' gather (constraint)")
+                violated, _ = all_gather_cat(ranks, info["violation"].reshape(-1).float(), "the violations' gather (constraint)")
+                multiplier.update(budgets, violated)
+                train_metrics.update(multiplier.metrics())
             progress.update(1)
             progress.set_postfix(reward=f"{train_metrics['train/reward']:.3f}",
                                  viol=f"{train_metrics['train/violation_rate']:.2f}")
