@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -34,6 +34,7 @@ from tensordict import TensorDictBase
 
 from envs.budget_env import ACTION_HEADS
 from envs.knobs import KnobSpace
+from envs.profiling.latency_table import run_episode, total_ms
 
 LOOKUP_MEAN_FACTOR = 1.05  # the original project's slack on the profiled mean latency
 PROFILE_FILE = "profile.json"
@@ -216,6 +217,35 @@ def load_profile(results_dir: str | Path, knob_space: KnobSpace) -> tuple[list[P
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     entries = check_profile(data, knob_space, str(path))
     return entries, {k: v for k, v in data.items() if k != "configs"}
+
+
+# A tier whose measured p95 is off the profile's by more than this is reported as drifted.
+PROFILE_DRIFT_TOLERANCE = 0.10
+
+
+def profile_latency_scales(backend, entries: Sequence[ProfileEntry], samples: Sequence) -> dict[str, float]:
+    """Per tier, this machine's p95 latency / the profile's: the mean of that ratio over the tier's
+    cheapest and largest profiled configuration, each run at batch 1 on `samples` (training data,
+    zero budget token). Machines drift (the 2-core VM ran the shipped profile's high tier 44% slower
+    on 2026-12-02 than when it was profiled), and a stale profile makes its budget range and the
+    lookup tables wrong."""
+    zero = torch.zeros(backend.d_model)
+    scales = {}
+    for tier in dict.fromkeys(e.config.tier for e in entries):
+        ends = sorted((e for e in entries if e.config.tier == tier), key=lambda e: (e.config.top_k, e.config.num_blocks))
+        ratios = []
+        for e in (ends[0], ends[-1]):
+            with torch.no_grad():
+                ms = sorted(total_ms(run_episode(backend, s, e.config, zero).timings_ms) for s in samples)
+            ratios.append(ms[min(len(ms) - 1, int(0.95 * len(ms)))] / e.latency_p95_ms)
+        scales[tier] = sum(ratios) / len(ratios)
+    return scales
+
+
+def rescale_profile(entries: Sequence[ProfileEntry], scales: Mapping[str, float]) -> list[ProfileEntry]:
+    """Each entry's latencies times its tier's scale."""
+    return [replace(e, latency_mean_ms=e.latency_mean_ms * scales[e.config.tier],
+                    latency_p95_ms=e.latency_p95_ms * scales[e.config.tier]) for e in entries]
 
 
 def dummy_closed_form_profile(backend, split: str = "val") -> list[ProfileEntry]:

@@ -32,6 +32,12 @@ class PolicyConfig:
     # what Stage 2 reads besides p: "token" (the latency token, the design's), "token+elapsed" (and the
     # request's measured elapsed / remaining time), "elapsed" (those times, no token)
     stage2_inputs: str = "token"
+    # "lookup": before GRPO, both stages imitate the profile's lookup-p95 choice (agents/warm_start.py)
+    warm_start: Optional[str] = None
+    warm_start_samples: int = 256  # imitation requests (each runs up to the latency token, no decode)
+    warm_start_steps: int = 300  # imitation minibatches of 64
+    warm_start_lr: float = 1.0e-3
+    warm_start_label_smoothing: float = 0.2  # keeps GRPO's groups sampling different actions
 
 
 @dataclass
@@ -46,6 +52,7 @@ class LossConfig:
     violation_target: Optional[float] = None
     violation_lambda_lr: float = 2.0  # dual-ascent step of the multiplier per unit of rate excess
     violation_budget_bins: int = 1  # one multiplier per bin of the budget range (1: one global multiplier)
+    violation_lambda_max: Optional[float] = None  # cap on every multiplier; None: no cap
 
 
 @dataclass

@@ -10,10 +10,13 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+from agents.baselines import (PROFILE_FILE, ProfileEntry, dummy_closed_form_profile, load_profile,
+                              profile_latency_scales)
 from agents.checkpoint import actor_meta, build_actor
 from agents.config import Config
 from agents.constraint import ViolationMultiplier
 from agents.grpo import JointGRPOLoss
+from agents.warm_start import lookup_warm_start
 from envs import BudgetVLMEnv, RewardWeights, make_backend
 from envs.machine import resolve_device
 
@@ -64,6 +67,61 @@ def make_actor(cfg: Config, backend):
     return build_actor(meta, cfg.policy.fixed_controller_ms).to(cfg.train.device), meta
 
 
+WARM_STARTS = (None, "lookup")
+
+
+def make_lookup_profile(backend) -> list[ProfileEntry]:
+    """The lookup table the warm start imitates: the backend's profile.json, or the dummy's closed form."""
+    if getattr(backend, "results_dir", None) is not None:
+        return load_profile(backend.results_dir, backend.knob_space)[0]
+    if backend.has_closed_form:
+        return dummy_closed_form_profile(backend, "val")
+    raise ValueError(f"policy.warm_start='lookup' needs a profile.json in the backend's results dir; "
+                     f"{type(backend).__name__} has none (pass --results_dir DIR or drop the warm start)")
+
+
+def check_warm_start(cfg: Config) -> None:
+    """Bad policy.warm_start* settings: an error naming the field, before anything runs."""
+    c = cfg.policy
+    if c.warm_start not in WARM_STARTS:
+        raise ValueError(f"policy.warm_start={c.warm_start!r}: expected one of {list(WARM_STARTS)}")
+    for name in ("warm_start_samples", "warm_start_steps"):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"policy.{name}={v!r}: expected an integer >= 1")
+    if not c.warm_start_lr > 0:
+        raise ValueError(f"policy.warm_start_lr={c.warm_start_lr!r}: expected a learning rate > 0")
+    if not 0 <= c.warm_start_label_smoothing < 1:
+        raise ValueError(f"policy.warm_start_label_smoothing={c.warm_start_label_smoothing!r}: expected a value in [0, 1)")
+
+
+# Training requests timed per tier end by measure_profile_drift (2 configurations x 3 tiers x 8: ~5 s on CPU).
+DRIFT_SAMPLES = 8
+
+
+def measure_profile_drift(backend) -> dict[str, float] | None:
+    """This machine's p95 / the profile's per tier (agents.baselines.profile_latency_scales), or None
+    when the backend has no profile.json (the dummy's latency is its own closed-form model)."""
+    results_dir = getattr(backend, "results_dir", None)
+    if results_dir is None or not (Path(results_dir) / PROFILE_FILE).is_file():
+        return None
+    entries, _ = load_profile(results_dir, backend.knob_space)
+    return profile_latency_scales(backend, entries, backend.dataset("train")[:DRIFT_SAMPLES])
+
+
+def warm_start_actor(cfg: Config, actor, backend, latency_scales: dict[str, float] | None = None) -> dict[str, float]:
+    """policy.warm_start on `actor` in place (agents/warm_start.py), on the profile rescaled by
+    latency_scales (measure_profile_drift); returns its metrics ({} if off)."""
+    check_warm_start(cfg)
+    c = cfg.policy
+    if c.warm_start is None:
+        return {}
+    env = make_env(cfg, backend, "train", min(64, c.warm_start_samples), 1)
+    return lookup_warm_start(actor, env, make_lookup_profile(backend), c.warm_start_samples, c.warm_start_steps,
+                             c.warm_start_lr, c.warm_start_label_smoothing, seed=cfg.train.seed,
+                             latency_scales=latency_scales)
+
+
 def make_loss(cfg: Config, actor) -> JointGRPOLoss:
     c = cfg.loss
     return JointGRPOLoss(actor, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high,
@@ -76,7 +134,8 @@ def make_violation_multiplier(cfg: Config, budget_range_ms) -> ViolationMultipli
     c = cfg.loss
     if c.violation_target is None:
         return None
-    return ViolationMultiplier(c.violation_target, c.violation_lambda_lr, budget_range_ms, c.violation_budget_bins)
+    return ViolationMultiplier(c.violation_target, c.violation_lambda_lr, budget_range_ms, c.violation_budget_bins,
+                              c.violation_lambda_max)
 
 
 def make_logger(output_dir: Path, purge_step: int | None = None) -> SummaryWriter:

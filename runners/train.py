@@ -38,7 +38,7 @@ from agents.checkpoint import (
     set_rng_state,
     check_compatible,
 )
-from agents.baselines import RandomPolicy
+from agents.baselines import PROFILE_DRIFT_TOLERANCE, RandomPolicy
 from agents.budget_sweep import controller_budget_sweep, default_budgets
 from agents.cli import UserError, fail, user_input
 from agents.config import (
@@ -69,8 +69,8 @@ from agents.distributed import (
 )
 from agents.constraint import episode_budgets
 from agents.evaluation import dummy_reference_rewards, heldout_budgets, run_episodes, summarize
-from agents.factory import (make_actor, make_backend_from_config, make_env, make_logger, make_loss,
-                            make_violation_multiplier)
+from agents.factory import (make_actor, make_backend_from_config, make_env, make_logger, make_loss, warm_start_actor,
+                            check_warm_start, make_violation_multiplier, measure_profile_drift)
 from agents.grpo import grpo_update, make_optimizer, set_learning_rate
 from agents.reporting import accuracy_vs_budget_figure
 from agents.rollout import collect_rollouts
@@ -211,6 +211,18 @@ def check_same_device_model(ranks: RankContext) -> None:
         raise ValueError(f"the ranks run on different devices ({listed}); "
                          f"latency budgets and the measured latencies would mean different things per rank: "
                          f"run on one GPU model (CUDA_VISIBLE_DEVICES)")
+
+
+def report_drift(scales: dict[str, float]) -> None:
+    """One line with this machine's p95 latency against the profile's per tier, and a warning when a
+    tier is off by more than PROFILE_DRIFT_TOLERANCE."""
+    line = ", ".join(f"{tier} x{v:.2f}" for tier, v in scales.items())
+    off = [tier for tier, v in scales.items() if abs(v - 1) > PROFILE_DRIFT_TOLERANCE]
+    print(f"latency against the profile (p95 here / profiled): {line}", flush=True)
+    if off:
+        print(f"warning: tier(s) {', '.join(off)} run more than {PROFILE_DRIFT_TOLERANCE:.0%} off the profile's "
+              f"latency on this machine: its budget range and lookup tables may not fit here; re-profile with "
+              f"runners/profile_configs.py for budgets measured on this machine", file=sys.stderr, flush=True)
 
 
 def on_main_rank(ranks: RankContext, check) -> None:
@@ -356,6 +368,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
             load_stage1_weights(actor, tc.load_stage1_checkpoint, meta)
         loss_module = make_loss(cfg, actor)
         multiplier = make_violation_multiplier(cfg, backend.budget_range_ms)
+        check_warm_start(cfg)
         optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)
         if ranks.rank > 0:  # from here on each rank draws its own actions
             seed_everything(rank_cfg.train.seed)
@@ -431,7 +444,19 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
             writer.add_figure("val/accuracy_vs_budget", accuracy_vs_budget_figure(rows), step)
         return metrics
 
+    drift = None
     if step == 0:
+        if ranks.is_main:  # a stale profile makes the budget range and every lookup table wrong: say so
+            drift = measure_profile_drift(backend)
+            if drift:
+                log({f"profile/latency_scale_{tier}": v for tier, v in drift.items()}, 0)
+                report_drift(drift)
+        if cfg.policy.warm_start is not None:  # rank 0 imitates the lookup table; every rank takes its weights
+            warm = warm_start_actor(rank_cfg, actor, backend, drift) if ranks.is_main else {}
+            broadcast_module_state(ranks, actor, "the warm-started weights' broadcast")
+            log(warm, 0)
+            if ranks.is_main:
+                print("warm start: " + " ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in warm.items()), flush=True)
         validate()
 
     progress = tqdm(total=tc.num_epochs * steps_per_epoch, initial=min(step, tc.num_epochs * steps_per_epoch),
@@ -524,6 +549,8 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
                                                          greedy=False))
     # `checkpoint`: the file whose weights were evaluated (None: the initial policy, no epoch ran).
     final.update({"checkpoint": evaluated, "checkpoint_step": evaluated_step, "step": step, "split": "test"})
+    if drift:
+        final["profile_latency_scale"] = drift  # this machine's p95 / the profile's, per tier, at the start
     if ranks.is_main:
         write_json(output_dir / "final_eval.json", final)
     log({f"test/{k}": v for k, v in final.items() if isinstance(v, (int, float))}, step)

@@ -40,6 +40,9 @@ def test_dual_ascent_grows_while_violating_and_decays_to_zero_after():
     assert multiplier.values == [pytest.approx(2.0 - 0.1)]
     _rates(multiplier, batch, [False] * 4, steps=100)
     assert multiplier.values == [0.0]  # never negative: no reward for violating
+    capped = ViolationMultiplier(target=0.05, lr=2.0, max_value=1.5)
+    _rates(capped, batch, [True, False, False, False], steps=5)
+    assert capped.values == [1.5]
     restored = ViolationMultiplier(0.05, 2.0)
     restored.load_state_dict({"value": 1.25})  # a checkpoint of the single-multiplier format
     assert restored.values == [1.25]
@@ -82,6 +85,11 @@ def test_bad_constraint_settings_name_the_field(target, lr, match):
 def test_bad_budget_bins_name_the_field(bins, budget_range, match):
     with pytest.raises(ValueError, match=match):
         ViolationMultiplier(0.02, 1.0, budget_range, bins)
+
+
+def test_bad_cap_names_the_field():
+    with pytest.raises(ValueError, match=r"loss.violation_lambda_max=-1.0: expected a finite number > 0, or null"):
+        ViolationMultiplier(0.02, 1.0, max_value=-1.0)
 
 
 def test_train_logs_the_multiplier_and_resumes_it(tmp_path):

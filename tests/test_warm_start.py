@@ -1,0 +1,113 @@
+"""agents/warm_start.py: the lookup warm start teaches both stages the profile's lookup-p95 choice;
+and the profile drift it (and train.py's report) reads."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from agents.baselines import (ProfileEntry, StaticChoice, dummy_closed_form_profile, profile_latency_scales,
+                              rescale_profile)
+from agents.config import config_from_dict
+from agents.factory import make_actor, make_backend_from_config, make_env, warm_start_actor
+from agents.rollout import collect_rollouts
+from agents.warm_start import lookup_targets
+from helpers import load_runner
+from train_runs import TINY, tiny_config, train_main
+
+
+def _config(**policy):
+    raw = json.loads(json.dumps(TINY))
+    raw["policy"].update(policy)
+    return config_from_dict(raw)
+
+
+def test_warm_started_controller_acts_as_the_lookup_table():
+    # Stage 2 reads the remaining budget too: the dummy's latency token carries the budget only weakly.
+    cfg = _config(warm_start="lookup", warm_start_samples=256, warm_start_steps=300, warm_start_label_smoothing=0.0,
+                  stage2_inputs="token+elapsed")
+    torch.manual_seed(0)  # the initial policy and the rollouts' draws, whatever ran before
+    backend = make_backend_from_config(cfg)
+    actor, _ = make_actor(cfg, backend)
+    entries = dummy_closed_form_profile(backend, "val")
+    env = make_env(cfg, backend, "val", 64, 1)
+
+    def agreement():
+        rollout = collect_rollouts(env, actor, greedy=True)
+        target = lookup_targets(entries, rollout["budget_ms"][:, 0], backend.knob_space)
+        return {h: float((rollout["action", h][:, 0 if h == "tier" else 1].reshape(-1) == target[h]).float().mean())
+                for h in target}
+
+    before = agreement()
+    metrics = warm_start_actor(cfg, actor, backend)
+    after = agreement()
+    assert set(metrics) >= {"warm_start/loss_tier", "warm_start/agreement_top_k", "warm_start/agreement_num_blocks"}
+    # Greedy actions on held-out requests follow the lookup table after the warm start, not before.
+    # The dummy's lookup switches among near-equal (k, N) as the budget moves, which a 16-wide
+    # Stage 2 fits only in part (seeds 0-2: top-k 0.64-0.81, blocks 0.81-0.94; before 0.12-0.39, 0.06-0.70).
+    assert after["tier"] >= 0.9, after
+    assert after["top_k"] + after["num_blocks"] >= before["top_k"] + before["num_blocks"] + 0.5, (before, after)
+
+
+def test_train_logs_the_warm_start_before_the_first_validation(tmp_path):
+    config = tiny_config(tmp_path, policy={**TINY["policy"], "warm_start": "lookup", "warm_start_samples": 32,
+                                           "warm_start_steps": 20}, train={"num_epochs": 1})
+    out = tmp_path / "run"
+    train_main("--config", config, "--output_dir", out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    warm = [r for r in rows if "warm_start/loss_tier" in r]
+    assert len(warm) == 1 and warm[0]["step"] == 0
+    first_val = next(i for i, r in enumerate(rows) if "val/accuracy_mean" in r)
+    assert rows.index(warm[0]) < first_val
+
+
+@pytest.mark.parametrize("policy, match", [
+    ({"warm_start": "oracle"}, r"policy.warm_start='oracle': expected one of \[None, 'lookup'\]"),
+    ({"warm_start": "lookup", "warm_start_samples": 0}, r"policy.warm_start_samples=0: expected an integer >= 1"),
+    ({"warm_start": "lookup", "warm_start_lr": 0.0}, r"policy.warm_start_lr=0.0: expected a learning rate > 0"),
+    ({"warm_start": "lookup", "warm_start_label_smoothing": 1.0},
+     r"policy.warm_start_label_smoothing=1.0: expected a value in \[0, 1\)"),
+])
+def test_bad_warm_start_settings_name_the_field(tmp_path, policy, match):
+    config = tiny_config(tmp_path, policy={**TINY["policy"], **policy})
+    with pytest.raises((ValueError, SystemExit), match=match):
+        train_main("--config", config, "--output_dir", tmp_path / "run")
+
+
+class _TimedBackend:
+    """Episodes whose latency is fixed per tier (ms): what profile_latency_scales measures."""
+    d_model = 4
+
+    def __init__(self, ms_per_tier):
+        self.ms_per_tier = ms_per_tier
+
+    def start_episode(self, sample, tier, budget):
+        return {"tier": tier}
+
+    def run_to(self, episode, insertion):
+        pass
+
+    def finish(self, episode, top_k, num_blocks):
+        ms = self.ms_per_tier[episode["tier"]] * (1 + 0.1 * (num_blocks - 12))
+        return SimpleNamespace(timings_ms={"preprocess": 0.0, "vision": 0.0, "prefill": ms / 2, "decode": ms / 2})
+
+
+def test_profile_drift_is_this_machines_p95_over_the_profiles_per_tier():
+    entries = [ProfileEntry(StaticChoice(t, k, n, 1), 0.5, base * (1 + 0.1 * (n - 12)), base * (1 + 0.1 * (n - 12)))
+               for t, base in (("low", 10.0), ("high", 40.0)) for k in (4, 8) for n in (12, 16)]
+    backend = _TimedBackend({"low": 12.0, "high": 30.0})  # low runs 20% slower, high 25% faster
+    scales = profile_latency_scales(backend, entries, samples=[None] * 4)
+    assert scales == {"low": pytest.approx(1.2), "high": pytest.approx(0.75)}
+    scaled = rescale_profile(entries, scales)
+    assert [e.latency_p95_ms for e in scaled[:2]] == [pytest.approx(12.0), pytest.approx(16.8)]
+    assert scaled[-1].latency_mean_ms == pytest.approx(0.75 * entries[-1].latency_mean_ms)
+
+
+def test_drift_report_warns_only_beyond_the_tolerance(capsys):
+    report_drift = load_runner("train").report_drift
+    report_drift({"low": 1.05, "high": 1.44})
+    out = capsys.readouterr()
+    assert "low x1.05, high x1.44" in out.out
+    assert "tier(s) high run more than 10% off" in out.err and "low" not in out.err.split("tier(s)")[1].split("run")[0]
+    report_drift({"low": 0.95})
+    assert capsys.readouterr().err == ""
