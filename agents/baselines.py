@@ -236,8 +236,8 @@ def profile_latency_scales(backend, entries: Sequence[ProfileEntry], samples: Se
         ratios = []
         for e in (ends[0], ends[-1]):
             with torch.no_grad():
-                ms = sorted(total_ms(run_episode(backend, s, e.config, zero).timings_ms) for s in samples)
-            ratios.append(ms[min(len(ms) - 1, int(0.95 * len(ms)))] / e.latency_p95_ms)
+                ms = torch.tensor([total_ms(run_episode(backend, s, e.config, zero).timings_ms) for s in samples])
+            ratios.append(float(torch.quantile(ms, 0.95)) / e.latency_p95_ms)  # the profile's p95 rule
         scales[tier] = sum(ratios) / len(ratios)
     return scales
 

@@ -6,6 +6,7 @@ names, e.g. --data_root is data.data_root).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
@@ -101,10 +102,17 @@ DRIFT_SAMPLES = 8
 
 def measure_profile_drift(backend) -> dict[str, float] | None:
     """This machine's p95 / the profile's per tier (agents.baselines.profile_latency_scales), or None
-    when the backend has no profile.json (the dummy's latency is its own closed-form model)."""
+    when the backend has no profile.json with configurations (the dummy's latency is its own
+    closed-form model; a profile.json may give only budget_range_ms)."""
     results_dir = getattr(backend, "results_dir", None)
-    if results_dir is None or not (Path(results_dir) / PROFILE_FILE).is_file():
+    path = None if results_dir is None else Path(results_dir) / PROFILE_FILE
+    if path is None or not path.is_file():
         return None
+    try:  # a profile.json may hold only budget_range_ms: nothing to compare against
+        if not isinstance(json.loads(path.read_text()).get("configs"), list):
+            return None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        pass  # load_profile names the file and the problem
     entries, _ = load_profile(results_dir, backend.knob_space)
     return profile_latency_scales(backend, entries, backend.dataset("train")[:DRIFT_SAMPLES])
 

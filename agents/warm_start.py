@@ -80,18 +80,19 @@ def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: 
     stage1_net, stage2_net = (a.module[0] for a in actor.stage_actors)
     with torch.no_grad():
         resets = [env.reset() for _ in batches]
-    stage1 = torch.cat([td.select(*stage1_net.in_keys) for td in resets])[:num_samples]
-    targets = lookup_targets(entries, stage1["budget_ms"], ks)
-    metrics = _fit(stage1_net, TAUGHT_HEADS[0], stage1, targets, actor.stage1_parameters(), steps, lr,
+    stage1 = torch.cat([td.select(*stage1_net.in_keys) for td in resets])
+    targets = lookup_targets(entries, stage1["budget_ms"], ks)  # every reset row's, in reset order
+    taught = {h: t[:num_samples] for h, t in targets.items()}
+    metrics = _fit(stage1_net, TAUGHT_HEADS[0], stage1[:num_samples], taught, actor.stage1_parameters(), steps, lr,
                    label_smoothing, generator, batch_size)
     stage2 = []
     with torch.no_grad():
-        for td in resets:  # each request up to its latency token, at the taught tier and a random p
+        for i, td in enumerate(resets):  # each request up to its latency token, at the taught tier and a random p
             td = actor(td)
-            td.set(("action", "tier"), lookup_targets(entries, td["budget_ms"], ks)["tier"].reshape(n, 1).to(td.device))
+            td.set(("action", "tier"), targets["tier"][i * n : (i + 1) * n].reshape(n, 1).to(td.device))
             td.set(("action", "insertion"), torch.randint(len(ks.insertion_positions), (n, 1), generator=generator).to(td.device))
             stage2.append(env.step(td)["next"].select(*stage2_net.in_keys).clone())
             env.reset()  # drop the unfinished episodes (nothing is decoded)
-    metrics.update(_fit(stage2_net, TAUGHT_HEADS[1], torch.cat(stage2)[:num_samples], targets,
+    metrics.update(_fit(stage2_net, TAUGHT_HEADS[1], torch.cat(stage2)[:num_samples], taught,
                         actor.stage2_parameters(), steps, lr, label_smoothing, generator, batch_size))
     return metrics

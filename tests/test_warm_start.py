@@ -9,7 +9,7 @@ import torch
 from agents.baselines import (ProfileEntry, StaticChoice, dummy_closed_form_profile, profile_latency_scales,
                               rescale_profile)
 from agents.config import config_from_dict
-from agents.factory import make_actor, make_backend_from_config, make_env, warm_start_actor
+from agents.factory import make_actor, make_backend_from_config, make_env, measure_profile_drift, warm_start_actor
 from agents.rollout import collect_rollouts
 from agents.warm_start import lookup_targets
 from helpers import load_runner
@@ -111,3 +111,11 @@ def test_drift_report_warns_only_beyond_the_tolerance(capsys):
     assert "tier(s) high run more than 10% off" in out.err and "low" not in out.err.split("tier(s)")[1].split("run")[0]
     report_drift({"low": 0.95})
     assert capsys.readouterr().err == ""
+
+
+def test_no_drift_is_measured_without_profiled_configurations(tmp_path):
+    # A profile.json may hold only the budget range (make_tiny_model_dir's): nothing to compare with.
+    assert measure_profile_drift(SimpleNamespace(results_dir=None)) is None
+    assert measure_profile_drift(SimpleNamespace(results_dir=tmp_path)) is None  # no profile.json
+    (tmp_path / "profile.json").write_text(json.dumps({"budget_range_ms": [5.0, 50.0]}))
+    assert measure_profile_drift(SimpleNamespace(results_dir=tmp_path)) is None
