@@ -29,14 +29,18 @@ def tiny_model(words=None, seed=0):
     return build_model(cfg, seed=seed), tok
 
 
-def make_tiny_model_dir(path, words=None, seed=0, results=True, budget_range_ms=(5.0, 50.0)):
-    """A model dir VLMBackend loads. results: also importance.json (favouring late blocks, so
-    select_blocks skips middle ones) and a profile.json holding only budget_range_ms."""
+def make_tiny_model_dir(path, words=None, seed=0, results=True, budget_range_ms=(5.0, 50.0), scores=None):
+    """A model dir VLMBackend loads. results: also importance.json (`scores` {block: score}, default
+    favouring late blocks, so select_blocks skips middle ones) and, unless budget_range_ms is None,
+    a profile.json holding only budget_range_ms."""
     path = Path(path)
     model, tok = tiny_model(words, seed)
     model.save(path, tok, dtype=torch.float32)
     if results:
-        scores = {str(i): float(i % 3) for i in range(model.cfg.num_layers)}
+        if scores is None:
+            scores = {i: float(i % 3) for i in range(model.cfg.num_layers)}
+        scores = {str(b): float(s) for b, s in scores.items()}
         (path / "importance.json").write_text(json.dumps({"method": "test", "scores": scores}))
-        (path / "profile.json").write_text(json.dumps({"budget_range_ms": list(budget_range_ms)}))
+        if budget_range_ms is not None:
+            (path / "profile.json").write_text(json.dumps({"budget_range_ms": list(budget_range_ms)}))
     return path

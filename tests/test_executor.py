@@ -1,6 +1,5 @@
 """The executor on a tiny random-weight model: one plan builder, one greedy decoder in three modes,
 batched and batch-1 paths giving the same answers, and no host read inside a static decode."""
-import json
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from envs.backends.vlm.executor import (
 from envs.knobs import select_blocks
 from envs.profiling import StaticConfig, load_samples, run_episode
 
-from helpers import load_runner, tiny_model
+from helpers import load_runner, make_tiny_model_dir
 
 LAYERS = 6
 SCORES = {i: float((i * 5) % 3) for i in range(LAYERS)}  # select_blocks skips middle blocks
@@ -28,10 +27,7 @@ SCORES = {i: float((i * 5) % 3) for i in range(LAYERS)}  # select_blocks skips m
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_vlm")
-    model, tok = tiny_model(seed=1)
-    model.save(path, tok, dtype=torch.float32)
-    (path / "importance.json").write_text(json.dumps({"method": "test", "scores": {str(b): s for b, s in SCORES.items()}}))
+    path = make_tiny_model_dir(tmp_path_factory.mktemp("tiny_vlm"), seed=1, scores=SCORES, budget_range_ms=None)
     return VLMBackend(model_path=path, budget_range_ms=(1.0, 2.0), num_samples={"test": 12}, max_new_tokens=4)
 
 

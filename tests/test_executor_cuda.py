@@ -2,7 +2,6 @@
 graph prefill (padded to length buckets) equal the eager ones, graphs are cached and bounded, no host
 synchronisation inside a phase, and the backend's CUDA episodes answer what its CPU episodes and its
 eager CUDA episodes answer."""
-import json
 import subprocess
 import sys
 
@@ -21,7 +20,7 @@ from envs.backends.vlm.executor import (
 from envs.backends.vlm.preprocess import tiling
 from envs.profiling import StaticConfig, load_samples, run_episode
 
-from helpers import ROOT, tiny_model
+from helpers import ROOT, make_tiny_model_dir
 
 pytestmark = pytest.mark.gpu
 LAYERS = 6
@@ -30,12 +29,8 @@ CONFIGS = (StaticConfig("high", 8, 6), StaticConfig("medium", 5, 4, insertion=2)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_vlm")
-    model, tok = tiny_model(seed=2)
-    model.save(path, tok, dtype=torch.float32)
-    scores = {str(b): float((b * 5) % 3) for b in range(LAYERS)}
-    (path / "importance.json").write_text(json.dumps({"method": "test", "scores": scores}))
-    return path
+    scores = {b: float((b * 5) % 3) for b in range(LAYERS)}
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_vlm"), seed=2, scores=scores, budget_range_ms=None)
 
 
 def make_backend(model_dir, device, **kwargs):

@@ -1,7 +1,6 @@
 """The padded prefill (what a CUDA prefill graph captures; static mode runs it eagerly): length
 buckets, right padding that no real position sees, and the unpadded prefill's hidden states, KV
 entries and greedy answers; the eager mode's prefill is run_blocks itself."""
-import json
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from envs.backends.vlm.executor import (
 )
 from envs.profiling import StaticConfig, load_samples
 
-from helpers import tiny_model
+from helpers import make_tiny_model_dir
 
 LAYERS = 6
 SCORES = {i: float((i * 5) % 3) for i in range(LAYERS)}  # select_blocks skips middle blocks
@@ -33,11 +32,7 @@ CLOSE = dict(rtol=1e-5, atol=1e-5)  # padding changes the matmul shapes, so the 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_vlm")
-    model, tok = tiny_model(seed=3)
-    model.save(path, tok, dtype=torch.float32)
-    (path / "importance.json").write_text(json.dumps({"method": "test", "scores": {str(b): s for b, s in SCORES.items()}}))
-    return path
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_vlm"), seed=3, scores=SCORES, budget_range_ms=None)
 
 
 def make_backend(model_dir, **kwargs):
