@@ -59,3 +59,16 @@ def test_missing_grouped_mm_is_logged_and_recorded(mlp, monkeypatch, caplog):
     monkeypatch.setattr(elastic, "_HAS_GROUPED_MM", True)
     with torch.no_grad():
         torch.testing.assert_close(out, elastic.moe_forward(mlp, x, 4, True))
+
+
+@pytest.mark.parametrize("kernel", ["grouped_mm", "gathered", "loop"])
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_single_row_path_matches_the_batched_rows(mlp, monkeypatch, kernel, norm_topk_prob):
+    """Batch-1 decode routes its one row without sorting or scattering rows; each row of a batched
+    call must get exactly what that row gets alone, with every kernel."""
+    monkeypatch.setattr(elastic, "expert_kernel", lambda device, dtype, training: kernel)
+    x = torch.randn(6, mlp.gate.weight.shape[1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        batched = elastic.moe_forward(mlp, x, 5, norm_topk_prob)
+        alone = torch.cat([elastic.moe_forward(mlp, x[i : i + 1], 5, norm_topk_prob) for i in range(6)])
+    torch.testing.assert_close(alone, batched)

@@ -48,9 +48,11 @@ class BlockLog:
         self.handles = [b.register_forward_pre_hook(self._pre) for b in backend.model.blocks]
         real = elastic.run_experts
 
-        def counting(experts, routed, counts):
+        def counting(experts, routed, counts, expert_of_row=None, kernel=None):
+            if counts is None:  # the gathered batch-1 path passes each row's expert instead
+                counts = torch.bincount(expert_of_row, minlength=experts.gate_up_proj.shape[0])
             self.expert_rows.append((self._current, counts.clone()))
-            return real(experts, routed, counts)
+            return real(experts, routed, counts, expert_of_row, kernel)
 
         monkeypatch.setattr(elastic, "run_experts", counting)
 

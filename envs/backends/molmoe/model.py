@@ -30,7 +30,7 @@ from envs.backends.molmoe.config import MolmoEConfig
 from envs.backends.molmoe.preprocess import MolmoEInputs
 from envs.backends.molmoe.tokenizer import MolmoETokenizer
 from envs.backends.molmoe.weights import check_weights, read_weights, to_port_state, weight_files
-from envs.backends.vlm.elastic import ElasticBlock, KVCache
+from envs.backends.vlm.elastic import ElasticBlock, KVCache, fuse_norms
 
 
 class DotProductAttention(nn.Module):
@@ -163,6 +163,7 @@ class MolmoE(nn.Module):
             self.__dict__["rotary"] = OlmoeRotaryEmbedding(decoder_cfg)  # outside the state dict
         # Plain list: the hookable wrappers must not re-register the layers' parameters.
         self.__dict__["blocks"] = [ElasticBlock(layer, i, norm_topk_prob=False) for i, layer in enumerate(self.layers)]
+        fuse_norms(self, ("ln_f",))
 
     def to(self, *args, **kwargs):
         # RoPE's inv_freq follows the device only: in bf16 its angles would lose precision.

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
-from envs.backends.vlm.elastic import ElasticBlock
+from envs.backends.vlm.elastic import ElasticBlock, fuse_norms
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class ElasticDecoder(nn.Module):
         # Plain list: the hookable wrappers must not re-register the layers' parameters.
         layers = self.decoder.model.layers
         self.__dict__["blocks"] = [ElasticBlock(layer, i, norm_topk_prob) for i, layer in enumerate(layers)]
+        fuse_norms(self.decoder.model, ("norm",))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.model.embed_tokens(ids)

@@ -40,8 +40,9 @@ class StaticKVCache:
     reads, so it can be captured as a CUDA graph and replayed for every token.
 
     `load(prefill_cache, length)` copies an episode's prefill entries in and sets the position;
-    each decode step writes its key/value at `position` and attends to positions <= it (stale
-    entries of earlier episodes beyond it are masked out); the caller advances `position`.
+    each decode step calls `begin_step()`, then every block writes its key/value at `position` and
+    attends to positions <= it (stale entries of earlier episodes beyond it are masked out); the
+    caller advances `position`.
     """
 
     def __init__(self, num_layers: int, batch: int, heads: int, max_positions: int, head_dim: int,
@@ -51,6 +52,7 @@ class StaticKVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self._slots = torch.arange(max_positions, device=device)
+        self._bias = torch.zeros((1, 1, max_positions), dtype=dtype, device=device)  # 0 or -inf per slot
 
     def load(self, prefill: KVCache, length: int) -> None:
         for index, (k, v) in prefill.items():
@@ -58,23 +60,61 @@ class StaticKVCache:
             self.values[index, :, :, :length].copy_(v)
         self.position.fill_(length)
 
+    def begin_step(self) -> None:
+        """Mask the slots beyond `position` for this step's blocks (once per step, not per block)."""
+        self._bias.copy_(torch.where(self._slots <= self.position, 0.0, float("-inf")))
+
     def attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Decode attention of block `index` for one new position (q, k, v: (batch, heads, 1, head_dim))."""
+        """Decode attention of block `index` for one new position (q, k, v: (batch, heads, 1, head_dim)),
+        after this step's begin_step."""
         if q.shape[2] != 1:
             raise ValueError(f"block {index}: the static cache decodes one position at a time, got {q.shape[2]}")
         keys, values = self.keys[index], self.values[index]
         keys.index_copy_(2, self.position.view(1), k)
         values.index_copy_(2, self.position.view(1), v)
-        visible = (self._slots <= self.position).view(1, 1, 1, -1)
-        # One query against max_positions slots, written out: on the H200 the fused SDPA kernel
-        # picked for a masked fp32 call took 54 us per block, a third of a graphed decode step.
-        scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).masked_fill_(~visible, float("-inf"))
-        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype), values)
+        batch, heads, slots, dim = keys.shape
+        # One query against max_positions slots, written out (scale and mask in the same kernel as
+        # the product): on the H200 the fused SDPA kernel picked for a masked fp32 call took 54 us
+        # per block, a third of a graphed decode step.
+        scores = torch.baddbmm(self._bias, q.reshape(batch * heads, 1, dim),
+                               keys.reshape(batch * heads, slots, dim).transpose(1, 2), alpha=scale)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        return torch.bmm(weights, values.reshape(batch * heads, slots, dim)).view(batch, heads, 1, dim)
+
+
+class FusedRMSNorm(nn.Module):
+    """An RMSNorm module's weight and eps as one F.rms_norm call (one kernel where torch fuses it).
+
+    transformers' OlmoeRMSNorm takes six kernels (cast, square, mean, add, rsqrt, scale) and a
+    block runs four of them: at batch-1 decode on the GPU every kernel launch is latency. Same
+    function; in bfloat16 the weight is applied before the one rounding instead of after it.
+    It holds the same Parameter, so state dicts, loading and hooks on the module are unchanged."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = norm.weight
+        self.variance_epsilon = norm.variance_epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.variance_epsilon)
+
+
+def fuse_norms(module: nn.Module, names: tuple[str, ...]) -> None:
+    """Swap the RMSNorm submodules `names` of `module` for FusedRMSNorm (same parameters)."""
+    for name in names:
+        norm = getattr(module, name)
+        if not isinstance(norm, FusedRMSNorm):
+            setattr(module, name, FusedRMSNorm(norm))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, the add and second product in one kernel."""
+    return torch.addcmul(x * cos, rotate_half(x), sin)
 
 
 # torch._grouped_mm runs every expert's rows in one call with work proportional to the rows; its
@@ -108,13 +148,16 @@ def expert_kernel(device: torch.device | str, dtype: torch.dtype, training: bool
     return "grouped_mm" if _HAS_GROUPED_MM else "loop"
 
 
-def run_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """SwiGLU expert FFNs on `routed` rows sorted by expert; counts[e] rows go to expert e.
+def run_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor | None,
+                expert_of_row: torch.Tensor | None = None, kernel: str | None = None) -> torch.Tensor:
+    """SwiGLU expert FFNs on `routed` rows sorted by expert; counts[e] rows go to expert e
+    (expert_of_row: each row's expert id, where the caller has it; with it, the gathered kernel
+    needs no counts (None) and no sorted order). kernel: default expert_kernel(...).
 
     The single place sparse expert work happens (tests wrap it to count the rows each expert
     computes). The kernel is `expert_kernel(...)` of the rows' device and dtype.
     """
-    kernel = expert_kernel(routed.device, routed.dtype, torch.is_grad_enabled())
+    kernel = kernel or expert_kernel(routed.device, routed.dtype, torch.is_grad_enabled())
     if kernel == "loop":
         global _warned_loop
         if not torch.is_grad_enabled() and not _warned_loop:
@@ -122,6 +165,8 @@ def run_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor) 
                         "latency differs from the grouped kernel's (recorded as expert_kernel='loop')",
                         torch.__version__, routed.device)
             _warned_loop = True
+    if kernel == "gathered":
+        return gathered_experts(experts, routed, counts, expert_of_row)
     return SPARSE_KERNELS[kernel](experts, routed, counts)
 
 
@@ -132,12 +177,12 @@ def grouped_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tens
     return torch._grouped_mm(experts.act_fn(gate) * up, down.transpose(1, 2), offs=offsets)
 
 
-def gathered_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def gathered_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor,
+                     expert_of_row: torch.Tensor | None = None) -> torch.Tensor:
     gate_up, down = experts.gate_up_proj, experts.down_proj
-    # output_size keeps repeat_interleave from reading the counts on the host
-    expert_of_row = torch.repeat_interleave(
-        torch.arange(counts.numel(), device=counts.device), counts, output_size=routed.shape[0]
-    )
+    if expert_of_row is None:  # output_size keeps repeat_interleave from reading the counts on the host
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(counts.numel(), device=counts.device), counts, output_size=routed.shape[0])
     row_bytes = (gate_up[0].numel() + down[0].numel()) * gate_up.element_size()
     chunk = max(1, _GATHER_CHUNK_BYTES // row_bytes)
     outputs = []
@@ -174,6 +219,30 @@ def dense_experts(experts: nn.Module, x: torch.Tensor, gates: torch.Tensor) -> t
     return torch.einsum("end,ne->nd", out, gates.to(out.dtype))
 
 
+# On CUDA, batch-1 rows whose k experts' weights take at most this many bytes are computed by the
+# gathered kernel whatever the dtype: a copy of under a few MB costs less than grouped_mm's two
+# launches per matrix (on the H200 the shipped model's bf16 decode took 5.3 ms per episode with
+# grouped_mm, 4.4 in float32 with gathered). MolmoE's experts (8 x 12.6 MB) stay grouped; on CPU
+# the gathered copy is the slower one (the shipped model's block: 330 vs 153 us at k 8).
+_SINGLE_ROW_GATHER_BYTES = 8 << 20
+
+
+def single_row_moe(experts: nn.Module, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The MoE output (1, d) of one row x (1, d) routed to experts `chosen` (k,) with `weights` (k,)."""
+    k = chosen.shape[0]
+    rows = x.expand(k, -1).contiguous()
+    bytes_k = k * (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * experts.gate_up_proj.element_size()
+    if x.is_cuda and bytes_k <= _SINGLE_ROW_GATHER_BYTES and not torch.is_grad_enabled():
+        y = run_experts(experts, rows, None, chosen, kernel="gathered")  # any order: no sort, no counts
+    else:
+        chosen, order = torch.sort(chosen)
+        weights = weights[order]
+        counts = torch.zeros(experts.gate_up_proj.shape[0], dtype=torch.int64, device=x.device).index_add_(
+            0, chosen, torch.ones_like(chosen))
+        y = run_experts(experts, rows, counts, chosen)
+    return (weights.to(y.dtype) @ y)[None]
+
+
 def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int | torch.Tensor, norm_topk_prob: bool) -> torch.Tensor:
     """OLMoE sparse MoE on x (rows, d) with `top_k` experts per row; work proportional to top_k
     except in GPU training (see dense_experts). top_k may be a (rows,) tensor of per-row values
@@ -188,6 +257,8 @@ def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int | torch.Tensor, norm
         weights = weights / weights.sum(dim=-1, keepdim=True)
     if per_row or expert_kernel(x.device, x.dtype, torch.is_grad_enabled()) == "dense":
         return dense_experts(mlp.experts, x, torch.zeros_like(probs).scatter(1, chosen, weights)).to(x.dtype)
+    if x.shape[0] == 1:  # batch-1 decode: k copies of one row, no gathers or scatters of rows
+        return single_row_moe(mlp.experts, x, chosen[0], weights[0])
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
     rows = order // top_k  # the row each (row, slot) assignment belongs to, grouped by expert
@@ -210,6 +281,8 @@ class ElasticBlock(nn.Module):
         self.__dict__["layer"] = layer
         self.index = index
         self.norm_topk_prob = norm_topk_prob
+        fuse_norms(layer, ("input_layernorm", "post_attention_layernorm"))
+        fuse_norms(layer.self_attn, ("q_norm", "k_norm"))
 
     def forward(
         self,
@@ -236,8 +309,7 @@ class ElasticBlock(nn.Module):
         k = attn.k_norm(attn.k_proj(x)).view(shape).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(cache, StaticKVCache):
             out = cache.attend(self.index, q, k, v, attn.scaling)
             return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))

@@ -380,6 +380,7 @@ class Executor:
         def body():
             hidden = model.embed(token)
             cos, sin = model.rope(static.position.view(1, 1), hidden)
+            static.begin_step()
             token.copy_(first_tokens(model, run_blocks(model, hidden, cos, sin, steps, static)))
             static.position.add_(1)
 

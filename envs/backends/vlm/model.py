@@ -22,7 +22,7 @@ from torch import nn
 from transformers import CLIPVisionModel, OlmoeForCausalLM
 
 from envs.backends.vlm.config import WEIGHTS_FILE, VLMConfig
-from envs.backends.vlm.elastic import ElasticBlock
+from envs.backends.vlm.elastic import ElasticBlock, fuse_norms
 from envs.backends.vlm.tokenizer import WordTokenizer
 
 
@@ -63,6 +63,7 @@ class BudgetVLM(nn.Module):
         layers = self.decoder.model.layers
         # Plain list: the hookable wrappers must not re-register the layers' parameters.
         self.__dict__["blocks"] = [ElasticBlock(layer, i, cfg.norm_topk_prob) for i, layer in enumerate(layers)]
+        fuse_norms(self.decoder.model, ("norm",))
 
     @property
     def lm_head(self) -> nn.Module:
