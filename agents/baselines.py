@@ -282,6 +282,23 @@ def dummy_closed_form_profile(backend, split: str = "val") -> list[ProfileEntry]
     return entries
 
 
+def dummy_family_table(backend, split: str = "val") -> dict[str, dict[str, float]]:
+    """{question family: {config name: expected accuracy}} of every static configuration (at the
+    lowest insertion, as dummy_closed_form_profile) over the family's samples of `split`."""
+    ks = backend.knob_space
+    p_index = ks.insertion_positions.index(min(ks.insertion_positions))
+    by_family: dict[str, list[torch.Tensor]] = {}
+    for s in backend.dataset(split):
+        by_family.setdefault(s.family, []).append(backend.config_grid(s)[0][:, p_index])
+    table = {}
+    for family, accs in sorted(by_family.items()):
+        acc = torch.stack(accs).mean(0)  # (tiers, k, N)
+        table[family] = {StaticChoice(tier, k, n, min(ks.insertion_positions)).name: float(acc[t, ki, ni])
+                         for t, tier in enumerate(ks.tiers) for ki, k in enumerate(ks.top_k_values)
+                         for ni, n in enumerate(ks.num_blocks_values)}
+    return table
+
+
 def _lognormal_mixture_quantile(medians: torch.Tensor, sigma: float, q: float, iters: int = 60) -> torch.Tensor:
     """q-quantile of the equal-weight mixture over dim 0 of log-normals with these medians (bisection)."""
     if sigma == 0:

@@ -32,7 +32,8 @@ class PolicyConfig:
     # what Stage 2 reads besides p: "token" (the latency token, the design's), "token+elapsed" (and the
     # request's measured elapsed / remaining time), "elapsed" (those times, no token)
     stage2_inputs: str = "token"
-    # "lookup": before GRPO, both stages imitate the profile's lookup-p95 choice (agents/warm_start.py)
+    # "lookup": before GRPO, both stages imitate the profile's lookup-p95 choice; "family_lookup": each
+    # question family's best fitting configuration on the val split (agents/warm_start.py)
     warm_start: Optional[str] = None
     warm_start_samples: int = 256  # imitation requests (each runs up to the latency token, no decode)
     warm_start_steps: int = 300  # imitation minibatches of 64

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from agents.baselines import (PROFILE_FILE, ProfileEntry, dummy_closed_form_profile, load_profile,
-                              profile_latency_scales)
+from agents.baselines import (PROFILE_FILE, ProfileEntry, dummy_closed_form_profile, dummy_family_table,
+                              load_profile, make_static, profile_latency_scales)
 from agents.checkpoint import actor_meta, build_actor
 from agents.config import Config
 from agents.constraint import ViolationMultiplier
@@ -68,7 +68,9 @@ def make_actor(cfg: Config, backend):
     return build_actor(meta, cfg.policy.fixed_controller_ms).to(cfg.train.device), meta
 
 
-WARM_STARTS = (None, "lookup")
+WARM_STARTS = (None, "lookup", "family_lookup")
+# The family_lookup warm start's accuracies: pretraining's eval.json beside the model, its val grid.
+FAMILY_TABLE_FILE, FAMILY_TABLE_SPLIT = "eval.json", "val"
 
 
 def make_lookup_profile(backend) -> list[ProfileEntry]:
@@ -79,6 +81,33 @@ def make_lookup_profile(backend) -> list[ProfileEntry]:
         return dummy_closed_form_profile(backend, "val")
     raise ValueError(f"policy.warm_start='lookup' needs a profile.json in the backend's results dir; "
                      f"{type(backend).__name__} has none (pass --results_dir DIR or drop the warm start)")
+
+
+def make_family_table(backend) -> dict[str, dict[str, float]]:
+    """{family: {config name: accuracy}} for policy.warm_start='family_lookup', read on a split the
+    evaluation never uses: the dummy's closed form over val, else the model dir's eval.json val grid
+    (runners/pretrain_vlm.py --grid all)."""
+    if backend.has_closed_form:
+        return dummy_family_table(backend, "val")
+    path = Path(getattr(backend, "model_path", "")) / FAMILY_TABLE_FILE
+    try:
+        grid = json.loads(path.read_text())["grid"][FAMILY_TABLE_SPLIT]
+        table: dict[str, dict[str, float]] = {}
+        for row in grid.values():
+            c = row["config"]
+            name = make_static(c["tier"], c["top_k"], c["num_blocks"], backend.knob_space, str(path),
+                               c.get("insertion")).name
+            for family, acc in row.items():
+                if family not in ("overall", "config"):
+                    table.setdefault(family, {})[name] = float(acc)
+    except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
+        raise ValueError(f"policy.warm_start='family_lookup' needs per-family accuracies of the static configurations "
+                         f"on the val split: {path} ('grid' -> '{FAMILY_TABLE_SPLIT}', written by runners/pretrain_vlm.py "
+                         f"--grid all) could not be read ({type(err).__name__}: {err}); use warm_start='lookup'") from None
+    if not table:
+        raise ValueError(f"policy.warm_start='family_lookup': {path} has no per-family accuracies in its "
+                         f"'{FAMILY_TABLE_SPLIT}' grid; use warm_start='lookup'")
+    return table
 
 
 def check_warm_start(cfg: Config) -> None:
@@ -125,9 +154,10 @@ def warm_start_actor(cfg: Config, actor, backend, latency_scales: dict[str, floa
     if c.warm_start is None:
         return {}
     env = make_env(cfg, backend, "train", min(64, c.warm_start_samples), 1)
+    family_table = make_family_table(backend) if c.warm_start == "family_lookup" else None
     return lookup_warm_start(actor, env, make_lookup_profile(backend), c.warm_start_samples, c.warm_start_steps,
                              c.warm_start_lr, c.warm_start_label_smoothing, seed=cfg.train.seed,
-                             latency_scales=latency_scales)
+                             latency_scales=latency_scales, family_table=family_table)
 
 
 def make_loss(cfg: Config, actor) -> JointGRPOLoss:

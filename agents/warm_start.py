@@ -1,4 +1,4 @@
-"""Lookup warm start: both controller stages first imitate the profile's lookup table, then GRPO.
+"""Lookup warm starts: both controller stages first imitate a lookup table, then GRPO.
 
 From a uniform initial policy the joint GRPO run spends its first steps violating 30-45% of its
 budgets (a random tier at a low budget), and the violation constraint's multiplier then drives it
@@ -16,6 +16,16 @@ time) that step returns. The episodes are not finished: nothing is decoded. The 
 not taught (the static configurations are all profiled at p = 1) and keeps its initial spread.
 Targets are smoothed (`label_smoothing`) so that GRPO's groups still sample different actions.
 
+Two tables (policy.warm_start):
+  lookup         per budget, the profile's most accurate configuration whose p95 fits (lookup-p95);
+  family_lookup  per (question family, budget), the configuration with the best accuracy on that
+                 family among those whose profiled p95 fits: the family oracle made learnable. The
+                 family accuracies come from a split the evaluation never reads (the shipped model's
+                 eval.json `grid.val`, the dummy's closed form over its val split); the family is
+                 the training sample's label (SynthVQA's question family, a real dataset's name), so
+                 at test time Stage 1 must infer it from the question alone. A family the table
+                 lacks takes the lookup-p95 choice.
+
 The profile's latencies were measured on another day, and these machines drift (on 2026-12-02 the
 2-core VM ran low/k4/N12 12-25% and high/k4/N16 44% slower than the shipped profile): before the
 targets are read, each tier's profiled latencies are rescaled by the ratio of this machine's p95 to
@@ -24,22 +34,47 @@ the profile's, measured on the tier's cheapest and largest configuration
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
-from agents.baselines import ProfileEntry, lookup_select, rescale_profile
+from agents.baselines import ProfileEntry, StaticChoice, lookup_select, rescale_profile
 from envs.knobs import KnobSpace
 
 TAUGHT_HEADS = (("tier",), ("top_k", "num_blocks"))
 
 
-def lookup_targets(entries: Sequence[ProfileEntry], budgets: torch.Tensor, knob_space: KnobSpace) -> dict:
-    """Per budget, the lookup-p95 configuration's action index of every head."""
-    rows = [lookup_select(entries, float(b), "p95")[0].indices(knob_space) for b in budgets.reshape(-1)]
+def sample_family(sample) -> str:
+    """The group a family table is keyed by: SynthVQA's (and the dummy's) question family, else the dataset."""
+    return getattr(sample, "family", None) or sample.dataset
+
+
+def lookup_targets(entries: Sequence[ProfileEntry], budgets: torch.Tensor, knob_space: KnobSpace,
+                   families: Sequence | None = None, family_table: Mapping[str, Mapping[str, float]] | None = None) -> dict:
+    """Per budget, the lookup-p95 configuration's action index of every head; with `family_table`
+    ({family: {config name: accuracy}}) and each row's family, the family's choice (family_select)."""
+    budgets = [float(b) for b in budgets.reshape(-1)]
+    if family_table is None:
+        configs = [lookup_select(entries, b, "p95")[0] for b in budgets]
+    else:
+        configs = [family_select(entries, family_table, b, f) for b, f in zip(budgets, families, strict=True)]
+    rows = [c.indices(knob_space) for c in configs]
     return {h: torch.tensor([r[h] for r in rows]) for h in ("tier", "top_k", "num_blocks")}
+
+
+def family_select(entries: Sequence[ProfileEntry], family_table: Mapping[str, Mapping[str, float]], budget_ms: float,
+                  family) -> StaticChoice:
+    """Among the profiled configurations whose p95 fits the budget, the one with the best accuracy on
+    `family` (ties: the lower p95, then profile order); a family the table lacks, or no fitting
+    configuration the table has: lookup-p95's choice."""
+    accuracy = family_table.get(family)
+    fitting = [(i, e) for i, e in enumerate(entries)
+               if accuracy is not None and e.latency_p95_ms <= budget_ms and e.config.name in accuracy]
+    if not fitting:
+        return lookup_select(entries, budget_ms, "p95")[0]
+    return min(fitting, key=lambda ie: (-accuracy[ie[1].config.name], ie[1].latency_p95_ms, ie[0]))[1].config
 
 
 def _fit(network, heads: Sequence[str], obs: TensorDict, targets: dict, params, steps: int, lr: float,
@@ -66,12 +101,14 @@ def _fit(network, heads: Sequence[str], obs: TensorDict, targets: dict, params, 
 
 def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: int, steps: int,
                       lr: float, label_smoothing: float, seed: int, latency_scales: dict[str, float] | None = None,
-                      batch_size: int = 64) -> dict[str, float]:
+                      batch_size: int = 64, family_table: Mapping[str, Mapping[str, float]] | None = None
+                      ) -> dict[str, float]:
     """Teach both stages the lookup table (module doc), Stage 1 first: Stage 2's data is collected
     with the taught Stage 1's budget token, since the latency token is computed from it. Returns
     each head's last minibatch loss and its greedy agreement with the targets on the imitation data.
     env: an env of group size 1; latency_scales: this machine's p95 / the profile's per tier
-    (agents.baselines.profile_latency_scales), applied to the profile before the targets are read."""
+    (agents.baselines.profile_latency_scales), applied to the profile before the targets are read;
+    family_table: the family_lookup table (module doc), None for lookup."""
     generator = torch.Generator().manual_seed(seed)
     ks, n = env.knob_space, env.batch_size[0]
     if latency_scales:
@@ -81,7 +118,9 @@ def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: 
     with torch.no_grad():
         resets = [env.reset() for _ in batches]
     stage1 = torch.cat([td.select(*stage1_net.in_keys) for td in resets])
-    targets = lookup_targets(entries, stage1["budget_ms"], ks)  # every reset row's, in reset order
+    families = None if family_table is None else [sample_family(env.samples[int(i)])
+                                                  for i in torch.cat([td["sample_index"] for td in resets]).reshape(-1)]
+    targets = lookup_targets(entries, stage1["budget_ms"], ks, families, family_table)  # every reset row's, in order
     taught = {h: t[:num_samples] for h, t in targets.items()}
     metrics = _fit(stage1_net, TAUGHT_HEADS[0], stage1[:num_samples], taught, actor.stage1_parameters(), steps, lr,
                    label_smoothing, generator, batch_size)

@@ -9,9 +9,10 @@ import torch
 from agents.baselines import (ProfileEntry, StaticChoice, dummy_closed_form_profile, profile_latency_scales,
                               rescale_profile)
 from agents.config import config_from_dict
-from agents.factory import make_actor, make_backend_from_config, make_env, measure_profile_drift, warm_start_actor
+from agents.factory import (make_actor, make_backend_from_config, make_env, make_family_table, measure_profile_drift,
+                            warm_start_actor)
 from agents.rollout import collect_rollouts
-from agents.warm_start import lookup_targets
+from agents.warm_start import family_select, lookup_targets
 from helpers import load_runner
 from train_runs import TINY, tiny_config, train_main
 
@@ -62,7 +63,7 @@ def test_train_logs_the_warm_start_before_the_first_validation(tmp_path):
 
 
 @pytest.mark.parametrize("policy, match", [
-    ({"warm_start": "oracle"}, r"policy.warm_start='oracle': expected one of \[None, 'lookup'\]"),
+    ({"warm_start": "oracle"}, r"policy.warm_start='oracle': expected one of \[None, 'lookup', 'family_lookup'\]"),
     ({"warm_start": "lookup", "warm_start_samples": 0}, r"policy.warm_start_samples=0: expected an integer >= 1"),
     ({"warm_start": "lookup", "warm_start_lr": 0.0}, r"policy.warm_start_lr=0.0: expected a learning rate > 0"),
     ({"warm_start": "lookup", "warm_start_label_smoothing": 1.0},
@@ -119,3 +120,38 @@ def test_no_drift_is_measured_without_profiled_configurations(tmp_path):
     assert measure_profile_drift(SimpleNamespace(results_dir=tmp_path)) is None  # no profile.json
     (tmp_path / "profile.json").write_text(json.dumps({"budget_range_ms": [5.0, 50.0]}))
     assert measure_profile_drift(SimpleNamespace(results_dir=tmp_path)) is None
+
+
+def test_family_select_takes_the_family_best_fitting_configuration():
+    cheap, mid, big = StaticChoice("low", 4, 12, 1), StaticChoice("medium", 4, 12, 1), StaticChoice("high", 8, 16, 1)
+    entries = [ProfileEntry(cheap, 0.60, 10.0, 12.0), ProfileEntry(mid, 0.70, 20.0, 22.0), ProfileEntry(big, 0.80, 30.0, 32.0)]
+    table = {"coarse": {cheap.name: 1.0, mid.name: 1.0, big.name: 1.0}, "detail": {cheap.name: 0.2, mid.name: 0.9, big.name: 0.95}}
+    assert family_select(entries, table, 40.0, "coarse") == cheap  # a tie on accuracy: the lower p95
+    assert family_select(entries, table, 40.0, "detail") == big
+    assert family_select(entries, table, 25.0, "detail") == mid
+    assert family_select(entries, table, 25.0, "knowledge") == mid  # not in the table: lookup-p95
+    assert family_select(entries, table, 5.0, "detail") == cheap  # nothing fits: the fastest
+
+
+def test_family_warm_start_follows_each_family_choice():
+    cfg = _config(warm_start="family_lookup", warm_start_samples=256, warm_start_steps=300,
+                  warm_start_label_smoothing=0.0, stage2_inputs="token+elapsed")
+    torch.manual_seed(0)
+    backend = make_backend_from_config(cfg)
+    actor, _ = make_actor(cfg, backend)
+    entries, table = dummy_closed_form_profile(backend, "val"), make_family_table(backend)
+    env = make_env(cfg, backend, "test", 64, 1)  # held out: the table is the val split's
+    warm_start_actor(cfg, actor, backend)
+    rollout = collect_rollouts(env, actor, greedy=True)
+    families = [env.samples[int(i)].family for i in rollout["sample_index"][:, 0].reshape(-1)]
+    target = lookup_targets(entries, rollout["budget_ms"][:, 0], backend.knob_space, families, table)
+    plain = lookup_targets(entries, rollout["budget_ms"][:, 0], backend.knob_space)
+    tier = rollout["action", "tier"][:, 0].reshape(-1)
+    assert bool((target["tier"] != plain["tier"]).any())  # the families do choose differently here
+    assert float((tier == target["tier"]).float().mean()) >= 0.85
+
+
+def test_family_warm_start_without_a_val_grid_names_the_file(tmp_path):
+    backend = SimpleNamespace(has_closed_form=False, model_path=tmp_path, knob_space=None)
+    with pytest.raises(ValueError, match=r"family_lookup.*eval\.json.*pretrain_vlm\.py --grid all"):
+        make_family_table(backend)
