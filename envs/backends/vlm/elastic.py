@@ -250,7 +250,11 @@ def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int | torch.Tensor, norm
     logits = F.linear(x, mlp.gate.weight)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     per_row = isinstance(top_k, torch.Tensor)
-    weights, chosen = torch.topk(probs, int(top_k.max()) if per_row else top_k, dim=-1)
+    k = int(top_k.max()) if per_row else top_k
+    if x.shape[0] == 1 and not per_row:  # one sort kernel; CUDA's topk is two (a select, then a sort)
+        weights, chosen = (t[:, :k] for t in torch.sort(probs, dim=-1, descending=True))
+    else:
+        weights, chosen = torch.topk(probs, k, dim=-1)
     if per_row:  # keep each row's first top_k[row] ranks
         weights = weights * (torch.arange(weights.shape[1], device=x.device) < top_k[:, None])
     if norm_topk_prob:
@@ -309,7 +313,8 @@ class ElasticBlock(nn.Module):
         k = attn.k_norm(attn.k_proj(x)).view(shape).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # q and k rotated together: one rope (four kernels) instead of two, for one concatenation
+        q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin).split((q.shape[1], k.shape[1]), dim=1)
         if isinstance(cache, StaticKVCache):
             out = cache.attend(self.index, q, k, v, attn.scaling)
             return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
