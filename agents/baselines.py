@@ -235,14 +235,14 @@ def profile_latency_scales(backend, entries: Sequence[ProfileEntry], samples: Se
         ordered = sorted((e for e in entries if e.config.tier == tier), key=lambda e: (e.config.top_k, e.config.num_blocks))
         ends[tier] = (ordered[0], ordered[-1])
     timed = [e for pair in ends.values() for e in pair]
-    ms = {id(e): [] for e in timed}
+    ms = {e: [] for e in timed}  # entries are frozen dataclasses: their own keys
     with torch.no_grad():
         for e in timed:  # one untimed round, as the profile times after warm-up rounds: first calls pay setup
             run_episode(backend, samples[0], e.config, zero)
         for s in samples:  # configurations interleaved per sample, as the profile does, so drift hits all alike
             for e in timed:
-                ms[id(e)].append(total_ms(run_episode(backend, s, e.config, zero).timings_ms))
-    return {tier: sum(float(torch.quantile(torch.tensor(ms[id(e)]), 0.95)) / e.latency_p95_ms  # the profile's p95 rule
+                ms[e].append(total_ms(run_episode(backend, s, e.config, zero).timings_ms))
+    return {tier: sum(float(torch.quantile(torch.tensor(ms[e]), 0.95)) / e.latency_p95_ms  # the profile's p95 rule
                       for e in pair) / len(pair) for tier, pair in ends.items()}
 
 

@@ -227,6 +227,13 @@ def dense_experts(experts: nn.Module, x: torch.Tensor, gates: torch.Tensor) -> t
 _SINGLE_ROW_GATHER_BYTES = 8 << 20
 
 
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows per expert (num_experts,) of the assignments `expert_ids`; index_add_ instead of
+    bincount, which reads its output size on the host (a CUDA sync)."""
+    return torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device).index_add_(
+        0, expert_ids, torch.ones_like(expert_ids))
+
+
 def single_row_moe(experts: nn.Module, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The MoE output (1, d) of one row x (1, d) routed to experts `chosen` (k,) with `weights` (k,)."""
     k = chosen.shape[0]
@@ -237,9 +244,7 @@ def single_row_moe(experts: nn.Module, x: torch.Tensor, chosen: torch.Tensor, we
     else:
         chosen, order = torch.sort(chosen)
         weights = weights[order]
-        counts = torch.zeros(experts.gate_up_proj.shape[0], dtype=torch.int64, device=x.device).index_add_(
-            0, chosen, torch.ones_like(chosen))
-        y = run_experts(experts, rows, counts, chosen)
+        y = run_experts(experts, rows, expert_counts(chosen, experts.gate_up_proj.shape[0]), chosen)
     return (weights.to(y.dtype) @ y)[None]
 
 
@@ -266,10 +271,7 @@ def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int | torch.Tensor, norm
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
     rows = order // top_k  # the row each (row, slot) assignment belongs to, grouped by expert
-    # index_add_ instead of bincount: bincount reads its output size on the host (a CUDA sync)
-    counts = torch.zeros(mlp.gate.weight.shape[0], dtype=torch.int64, device=x.device).index_add_(
-        0, flat, torch.ones_like(flat))
-    y = run_experts(mlp.experts, x[rows], counts) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
+    y = run_experts(mlp.experts, x[rows], expert_counts(flat, mlp.gate.weight.shape[0])) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
     return torch.zeros_like(x).index_add_(0, rows, y)
 
 
