@@ -1,5 +1,5 @@
 """Reporting of a budget sweep: eval.json, eval.csv and the figures (accuracy, latency and
-violation rate vs budget; the controller's knob choices vs budget), from the rows of
+violation rate vs budget; each controller's knob choices vs budget), from the rows of
 agents.budget_sweep."""
 from __future__ import annotations
 
@@ -67,20 +67,34 @@ def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path
         write_csv(rows_outside_training_range, paths["csv_outside_range"])
     if not rows:
         return paths
-    for key, fig in (
+    figures = [(key, PLOTS[key], fig) for key, fig in (
         ("accuracy", accuracy_vs_budget_figure(rows)),
         ("latency", latency_vs_budget_figure(rows)),
         ("violation", violation_vs_budget_figure(rows)),
-        ("knobs", knob_choices_figure(rows)),
-    ):
-        if fig is None:
-            continue
-        paths[key] = out / PLOTS[key]
+    )]
+    controllers = sorted({r["policy"] for r in rows if is_controller(r["policy"])})
+    figures += [("knobs" if c == "controller" else f"knobs:{c}", knob_plot_name(c), knob_choices_figure(rows, c))
+                for c in controllers]
+    for key, name, fig in figures:
+        paths[key] = out / name
         fig.savefig(paths[key], dpi=110)
     return paths
 
 
 # --------------------------------------------------------------------------- plots
+def is_controller(policy: str) -> bool:
+    """A trained controller's rows: "controller", or controller:<run> when several are evaluated."""
+    return policy == "controller" or policy.startswith("controller:")
+
+
+def knob_plot_name(policy: str) -> str:
+    """controller_knobs_vs_budget.png, or controller_knobs_vs_budget_<run>.png for controller:<run>."""
+    if policy == "controller":
+        return PLOTS["knobs"]
+    run = "".join(c if c.isalnum() or c in "-_." else "_" for c in policy.split(":", 1)[1])
+    return f"controller_knobs_vs_budget_{run}.png"
+
+
 def _by_policy(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
     groups: dict[str, list[Mapping]] = {}
     for r in rows:
@@ -89,7 +103,7 @@ def _by_policy(rows: Sequence[Mapping]) -> dict[str, list[Mapping]]:
 
 
 def _style(policy: str) -> dict:
-    if policy == "controller":
+    if is_controller(policy):
         return {"linewidth": 2.4, "marker": "o", "zorder": 5}
     if policy in ("oracle", "family-oracle"):
         return {"linewidth": 1.6, "marker": "^" if policy == "oracle" else "v", "linestyle": "--"}

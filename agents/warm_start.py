@@ -8,13 +8,18 @@ static starting point, so the controller starts there and GRPO only has to learn
 family should deviate from it.
 
 Imitation data: episodes of the train split are reset with budgets drawn uniformly over the
-budget range; Stage 1 is taught the lookup configuration's tier for (question, budget); the
-episode's first env step then runs with that tier and a random insertion p (the image encoded,
-blocks 0..p-1 over the prefill with the controller's own budget token), and Stage 2 is taught the
-lookup configuration's top-k and number of blocks from the latency token (and elapsed / remaining
-time) that step returns. The episodes are not finished: nothing is decoded. The insertion head is
-not taught (the static configurations are all profiled at p = 1) and keeps its initial spread.
+budget range; Stage 1 is taught the lookup configuration's tier and insertion p (every static
+configuration is profiled at the smallest p: a larger p runs blocks 1..p-1 at full top-k, which the
+profile never timed; untaught, the insertion head drifted to p = 2 in every low-budget episode and
+violated 29% there, RESULTS 0); the episode's first env step then runs with that tier and p (the
+image encoded, blocks 0..p-1 over the prefill with the controller's own budget token), and Stage 2
+is taught the lookup configuration's top-k and number of blocks from the latency token (and
+elapsed / remaining time) that step returns. The episodes are not finished: nothing is decoded.
 Targets are smoothed (`label_smoothing`) so that GRPO's groups still sample different actions.
+
+The static configurations' latencies hold no controller: the controller's own time for both stages
+(measured on a first batch of these requests, its p95) is added to every profiled latency before a
+configuration is said to fit, so the table the controller imitates is one it can keep.
 
 Two tables (policy.warm_start):
   lookup         per budget, the profile's most accurate configuration whose p95 fits (lookup-p95);
@@ -34,6 +39,7 @@ the profile's, measured on the tier's cheapest and largest configuration
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import torch
@@ -41,9 +47,10 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 
 from agents.baselines import ProfileEntry, StaticChoice, lookup_select, rescale_profile
+from envs.budget_env import reset_to
 from envs.knobs import KnobSpace
 
-TAUGHT_HEADS = (("tier",), ("top_k", "num_blocks"))
+TAUGHT_HEADS = (("tier", "insertion"), ("top_k", "num_blocks"))
 
 
 def sample_family(sample) -> str:
@@ -61,7 +68,7 @@ def lookup_targets(entries: Sequence[ProfileEntry], budgets: torch.Tensor, knob_
     else:
         configs = [family_select(entries, family_table, b, f) for b, f in zip(budgets, families, strict=True)]
     rows = [c.indices(knob_space) for c in configs]
-    return {h: torch.tensor([r[h] for r in rows]) for h in ("tier", "top_k", "num_blocks")}
+    return {h: torch.tensor([r[h] for r in rows]) for h in ("tier", "insertion", "top_k", "num_blocks")}
 
 
 def family_select(entries: Sequence[ProfileEntry], family_table: Mapping[str, Mapping[str, float]], budget_ms: float,
@@ -75,6 +82,32 @@ def family_select(entries: Sequence[ProfileEntry], family_table: Mapping[str, Ma
     if not fitting:
         return lookup_select(entries, budget_ms, "p95")[0]
     return min(fitting, key=lambda ie: (-accuracy[ie[1].config.name], ie[1].latency_p95_ms, ie[0]))[1].config
+
+
+def add_controller_time(entries: Sequence[ProfileEntry], controller_ms: float) -> list[ProfileEntry]:
+    """Each entry's latencies plus the controller's own time (a static configuration runs none)."""
+    return [replace(e, latency_mean_ms=e.latency_mean_ms + controller_ms,
+                    latency_p95_ms=e.latency_p95_ms + controller_ms) for e in entries]
+
+
+def replay_reset(env, td: TensorDict) -> TensorDict:
+    """`env` reset to the requests (samples and budgets) of an earlier reset output `td`: the env
+    steps the requests of its latest reset, whatever tensordict it is given."""
+    n = env.batch_size[0]
+    return env.reset(reset_to(n, sample_index=td["sample_index"].cpu(), budget_ms=td["budget_ms"].cpu()))
+
+
+def measure_controller_ms(actor, env, td: TensorDict, tier: torch.Tensor, insertion: torch.Tensor) -> float:
+    """p95 over `td`'s requests of both stages' measured compute, each request at `tier` and `insertion`
+    (the episodes are left unfinished: nothing is decoded)."""
+    n = env.batch_size[0]
+    with torch.no_grad():
+        td = actor(replay_reset(env, td))
+        stage1_ms = td["action", "controller_ms"].reshape(-1).cpu()
+        td.set(("action", "tier"), tier.reshape(n, 1).to(td.device))
+        td.set(("action", "insertion"), insertion.reshape(n, 1).to(td.device))
+        stage2_ms = actor(env.step(td)["next"])["action", "controller_ms"].reshape(-1).cpu()
+    return float(torch.quantile(stage1_ms + stage2_ms, 0.95))
 
 
 def _fit(network, heads: Sequence[str], obs: TensorDict, targets: dict, params, steps: int, lr: float,
@@ -108,7 +141,8 @@ def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: 
     each head's last minibatch loss and its greedy agreement with the targets on the imitation data.
     env: an env of group size 1; latency_scales: this machine's p95 / the profile's per tier
     (agents.baselines.profile_latency_scales), applied to the profile before the targets are read;
-    family_table: the family_lookup table (module doc), None for lookup."""
+    family_table: the family_lookup table (module doc), None for lookup. The metrics include the
+    controller time added to the profile (warm_start/controller_p95_ms)."""
     generator = torch.Generator().manual_seed(seed)
     ks, n = env.knob_space, env.batch_size[0]
     if latency_scales:
@@ -117,21 +151,24 @@ def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: 
     stage1_net, stage2_net = (a.module[0] for a in actor.stage_actors)
     with torch.no_grad():
         resets = [env.reset() for _ in batches]
-    stage1 = torch.cat([td.select(*stage1_net.in_keys) for td in resets])
     families = None if family_table is None else [sample_family(env.samples[int(i)])
                                                   for i in torch.cat([td["sample_index"] for td in resets]).reshape(-1)]
+    first = lookup_targets(entries, resets[0]["budget_ms"], ks, families and families[:n], family_table)
+    controller_ms = measure_controller_ms(actor, env, resets[0], first["tier"], first["insertion"])
+    entries = add_controller_time(entries, controller_ms)
+    stage1 = torch.cat([td.select(*stage1_net.in_keys) for td in resets])
     targets = lookup_targets(entries, stage1["budget_ms"], ks, families, family_table)  # every reset row's, in order
     taught = {h: t[:num_samples] for h, t in targets.items()}
     metrics = _fit(stage1_net, TAUGHT_HEADS[0], stage1[:num_samples], taught, actor.stage1_parameters(), steps, lr,
                    label_smoothing, generator, batch_size)
     stage2 = []
     with torch.no_grad():
-        for i, td in enumerate(resets):  # each request up to its latency token, at the taught tier and a random p
-            td = actor(td)
-            td.set(("action", "tier"), targets["tier"][i * n : (i + 1) * n].reshape(n, 1).to(td.device))
-            td.set(("action", "insertion"), torch.randint(len(ks.insertion_positions), (n, 1), generator=generator).to(td.device))
+        for i, td in enumerate(resets):  # each request up to its latency token, at the taught tier and p
+            td = actor(replay_reset(env, td))
+            rows = slice(i * n, (i + 1) * n)
+            td.set(("action", "tier"), targets["tier"][rows].reshape(n, 1).to(td.device))
+            td.set(("action", "insertion"), targets["insertion"][rows].reshape(n, 1).to(td.device))
             stage2.append(env.step(td)["next"].select(*stage2_net.in_keys).clone())
-            env.reset()  # drop the unfinished episodes (nothing is decoded)
     metrics.update(_fit(stage2_net, TAUGHT_HEADS[1], torch.cat(stage2)[:num_samples], taught,
                         actor.stage2_parameters(), steps, lr, label_smoothing, generator, batch_size))
-    return metrics
+    return {**metrics, "warm_start/controller_p95_ms": controller_ms}

@@ -1,14 +1,17 @@
 """Evaluate a trained controller against static configurations, lookup tables and the oracles,
 all measured in the same run, interleaved in time.
 
-    python runners/evaluate.py --checkpoint RUN_DIR_OR_CKPT --output_dir DIR [--split test]
+    python runners/evaluate.py --checkpoint RUN_DIR_OR_CKPT [MORE ...] --output_dir DIR [--split test]
         [--num_samples N] [--budgets B1 B2 ... | --num_budgets K] [--policies P ...]
         [--calibration_samples M] [--calibration_split val]
         [--backend dummy|vlm|molmoe] [--model_path DIR] [--results_dir DIR] [--config YAML]
 
 Policies (default: controller lookup-calibrated family-oracle lookup-mean lookup-p95 oracle random;
 family-oracle is left out when the samples carry no question family):
-  controller                  the checkpoint's controller, greedy actions
+  controller                  the checkpoint's controller, greedy actions; with several checkpoints
+                              (e.g. the seeds of one config) one policy per checkpoint,
+                              controller:<run dir name>, all in the same run, and meta.controller_spread
+                              gives their mean and standard deviation per budget
   static:<tier>,<top_k>,<N>   one fixed configuration (insertion = the smallest p)
   lookup-calibrated           per budget, the configuration with the best accuracy on the calibration
                               set (the first M samples of --calibration_split, disjoint from the test
@@ -21,6 +24,7 @@ family-oracle is left out when the samples carry no question family):
   oracle                      per sample, the most accurate configuration whose measured latency
                               on that sample fits the budget (ties: the faster; none fits: the fastest)
   random                      uniform over all actions
+The env and backend come from the first checkpoint's stored config; every checkpoint must fit them.
 Every policy sees the same samples (the first N of --split) and budgets (default: K evenly over the
 training budget range). Static configurations run once per sample (a sample x config table of
 accuracy and measured latency) and static / lookup / oracle rows for every budget come from that
@@ -34,7 +38,7 @@ unit is one batch-1 request. Drift in machine speed during the run hits every po
 Budgets outside the training range are evaluated like the others and reported separately
 (`rows_outside_training_range` in eval.json, eval_outside_range.csv); a NaN, infinite, zero or
 negative budget is an error naming --budgets. meta.structural_headroom gives, per budget,
-family-oracle minus lookup-calibrated accuracy and the controller's share of it.
+family-oracle minus lookup-calibrated accuracy and each controller's gain and share of it.
 
 The env and backend are rebuilt from the checkpoint's stored config; --config YAML keys override
 it key by key, and the flags override both.
@@ -61,6 +65,7 @@ import yaml
 from agents.baselines import (
     DEFAULT_POLICIES,
     ENV_POLICIES,
+    PolicySpec,
     LOOKUP_MEAN_FACTOR,
     RandomPolicy,
     all_static_configs,
@@ -84,7 +89,7 @@ from agents.checkpoint import actor_meta, build_actor, check_compatible, load_ch
 from agents.cli import user_input
 from agents.config import config_from_dict
 from agents.factory import make_backend_from_config, make_env
-from agents.reporting import write_outputs
+from agents.reporting import seed_spread, write_outputs
 from agents.sweep_schedule import EnvPolicy, run_interleaved
 from envs.backends.base import check_split
 from envs.machine import machine_info
@@ -95,7 +100,9 @@ PROFILE_SOURCES = ("auto", "results_dir", "closed_form", "val")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a training output_dir (its best checkpoint)")
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="checkpoint file, or a training output_dir (its best checkpoint); several: one controller "
+                        "policy each, evaluated in the same run")
     p.add_argument("--output_dir", required=True, help="where eval.json, eval.csv and the plots go")
     p.add_argument("--config", help="YAML whose keys override the checkpoint's stored config")
     p.add_argument("--backend", choices=("dummy", "vlm", "molmoe"), help="env backend (default: the checkpoint's)")
@@ -171,10 +178,10 @@ def resolve_config(args, ckpt: dict):
     return config_from_dict(_merge(raw, {k: v for k, v in flags.items() if v}))
 
 
-def check_checkpoint_fits(ckpt: dict, cfg, backend) -> list[str]:
-    """check_compatible plus the backend/model it was trained on; returns warnings."""
+def check_checkpoint_fits(ckpt: dict, policy, backend) -> list[str]:
+    """check_compatible (against `policy`, a policy config section) plus the backend/model it was
+    trained on; returns warnings."""
     meta = ckpt["policy_meta"]
-    policy = cfg.policy
     check_compatible(meta, actor_meta(backend, policy.hidden_dim, policy.sinusoidal_dim, policy.stage2_inputs), ckpt["path"])
     trained = meta.get("backend") or {}
     now = backend.describe()
@@ -250,7 +257,8 @@ def _run(args, log) -> dict:
         raise ValueError(f"--calibration_split={calibration_split!r} is the evaluated --split; the calibration "
                          f"samples must be disjoint from the test samples: pass another split")
 
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpts = controller_checkpoints(args.checkpoint)
+    ckpt = next(iter(ckpts.values()))
     cfg = resolve_config(args, ckpt)
     from envs.machine import resolve_device
 
@@ -261,7 +269,9 @@ def _run(args, log) -> dict:
     backend = make_backend_from_config(cfg)
     ks = backend.knob_space
     specs = parse_policies(args.policies or DEFAULT_POLICIES, ks)  # before the checkpoint check: a typo fails first
-    warnings = check_checkpoint_fits(ckpt, cfg, backend)
+    specs = [c for s in specs for c in ([PolicySpec(name, s.kind) for name in ckpts] if s.kind == "controller" else [s])]
+    warnings = [w if len(ckpts) == 1 else f"{name}: {w}" for name, ck in ckpts.items()
+                for w in check_checkpoint_fits(ck, cfg.policy if ck is ckpt else resolve_config(args, ck).policy, backend)]
     for w in warnings:
         log(f"warning: {w}")
     if args.budgets is None:
@@ -305,7 +315,7 @@ def _run(args, log) -> dict:
         if spec.kind in ENV_POLICIES:
             if env is None:
                 env = make_env(cfg, backend, split, 1, 1)
-            env_policies.append(EnvPolicy(spec.name, *_env_policy(spec, ckpt, cfg, backend)))
+            env_policies.append(EnvPolicy(spec.name, *_env_policy(spec, ckpts.get(spec.name), cfg, backend)))
     log(f"interleaved run: {n} {split} samples x ({len(configs)} static configurations + {len(env_policies)} env "
         f"policies x {len(budgets)} budgets) + {len(calibration_index)} {calibration_split} calibration samples x "
         f"{len(configs)} configurations")
@@ -333,9 +343,9 @@ def _run(args, log) -> dict:
 
     meta = {
         "machine": machine_info(),
-        "checkpoint": ckpt["path"],
-        "checkpoint_step": ckpt.get("step"),
-        "checkpoint_epoch": ckpt.get("epoch"),
+        "checkpoint": ckpt["path"] if len(ckpts) == 1 else {name: ck["path"] for name, ck in ckpts.items()},
+        "checkpoint_step": ckpt.get("step") if len(ckpts) == 1 else {name: ck.get("step") for name, ck in ckpts.items()},
+        "checkpoint_epoch": ckpt.get("epoch") if len(ckpts) == 1 else {name: ck.get("epoch") for name, ck in ckpts.items()},
         "split": split,
         "num_samples": int(sample_index.numel()),
         "sample_index": sample_index.tolist(),
@@ -350,7 +360,8 @@ def _run(args, log) -> dict:
             "sample_index": run.calibration.sample_index.tolist(), "skipped_samples": run.calibration.skipped,
             "rule": "lookup-calibrated: best calibration accuracy with calibration p95 <= budget; family-oracle: "
                     "the same per question family (envs.headroom); chosen on calibration, read on the test samples"},
-        "structural_headroom": structural_headroom(rows),
+        "structural_headroom": structural_headroom(rows, list(ckpts)),
+        "controller_spread": controller_spread(rows, list(ckpts)),
         "interleaving": run.schedule,
         "profile_source": profile_info,
         "profile": profile_to_json(profile) if profile is not None else None,
@@ -377,6 +388,23 @@ def _run(args, log) -> dict:
     return {"rows": inside, "rows_outside_training_range": beyond, "meta": meta}
 
 
+def controller_checkpoints(paths) -> dict[str, dict]:
+    """{policy name: loaded checkpoint}: "controller" for one checkpoint; for several,
+    controller:<name> with the run dir's name (a checkpoint file: its run dir's, else its stem)."""
+    if len(paths) == 1:
+        return {"controller": load_checkpoint(paths[0])}
+    out = {}
+    for path in paths:
+        path = Path(path)
+        run = path if path.is_dir() else (path.parent.parent if path.parent.name == "checkpoints" else None)
+        name = f"controller:{run.name if run is not None else path.stem}"
+        if name in out:
+            raise ValueError(f"--checkpoint: {path} and {out[name]['arg']} both give the policy name {name!r}; "
+                             f"pass checkpoints of differently named run dirs")
+        out[name] = {**load_checkpoint(path), "arg": str(path)}
+    return out
+
+
 def _env_policy(spec, ckpt, cfg, backend) -> tuple:
     """(policy, greedy) of an env policy: the checkpoint's controller, or the seeded random policy."""
     if spec.kind == "controller":
@@ -387,9 +415,10 @@ def _env_policy(spec, ckpt, cfg, backend) -> tuple:
     return RandomPolicy(backend.knob_space, backend.d_model, seed=cfg.train.seed), False
 
 
-def structural_headroom(rows) -> list[dict]:
+def structural_headroom(rows, controllers: list[str]) -> list[dict]:
     """Per budget measured in this run: family-oracle minus lookup-calibrated accuracy (the headroom
-    a question-aware controller can close), and the controller's share of it."""
+    a question-aware controller can close), and each controller policy's gain and share of it
+    (<policy>_gain, <policy>_share_of_headroom)."""
     by = {(r["policy"], r["budget_ms"]): r for r in rows}
     out = []
     for (policy, budget), row in by.items():
@@ -398,12 +427,22 @@ def structural_headroom(rows) -> list[dict]:
         base = by["lookup-calibrated", budget]["accuracy_mean"]
         entry = {"budget_ms": budget, "in_training_range": row["in_training_range"], "lookup_calibrated": base,
                  "family_oracle": row["accuracy_mean"], "headroom": row["accuracy_mean"] - base}
-        if ("controller", budget) in by:
-            gain = by["controller", budget]["accuracy_mean"] - base
-            entry["controller_gain"] = gain
-            entry["controller_share_of_headroom"] = gain / entry["headroom"] if entry["headroom"] > 0 else None
+        for name in controllers:
+            if (name, budget) in by:
+                gain = by[name, budget]["accuracy_mean"] - base
+                entry[f"{name}_gain"] = gain
+                entry[f"{name}_share_of_headroom"] = gain / entry["headroom"] if entry["headroom"] > 0 else None
         out.append(entry)
     return out
+
+
+def controller_spread(rows, controllers: list[str]) -> list[dict] | None:
+    """With several controller policies (seeds): mean and standard deviation over them of accuracy
+    and violation rate per budget (agents.reporting.seed_spread), else None."""
+    if len(controllers) < 2:
+        return None
+    seeds = [{"rows": [{**r, "policy": "controller"} for r in rows if r["policy"] == name]} for name in controllers]
+    return seed_spread({"controllers": seeds})["controllers"]
 
 
 def _print_table(rows, title: str) -> None:

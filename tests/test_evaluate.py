@@ -165,3 +165,35 @@ def test_budgets_outside_the_training_range_are_reported_apart(run_dir, tmp_path
     assert len(data["rows"]) == 2 and len(data["rows_outside_training_range"]) == 4
     with open(out / "eval_outside_range.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 4
+
+
+def test_several_checkpoints_are_evaluated_in_one_run(run_dir, tmp_path, evaluate_main):
+    import shutil
+    import statistics
+
+    twin = tmp_path / "run_b"
+    shutil.copytree(run_dir / "checkpoints", twin / "checkpoints")  # the same weights under another run name
+    out = tmp_path / "e"
+    result = evaluate_main(["--checkpoint", str(run_dir), str(twin / "checkpoints" / "best.pt"), "--output_dir",
+                            str(out), "--num_samples", "6", "--num_budgets", "2", "--calibration_samples", "8",
+                            "--policies", "controller", "lookup-calibrated", "family-oracle"])
+    names = ["controller:run", "controller:run_b"]
+    meta, rows = result["meta"], result["rows"]
+    assert meta["policies"] == [*names, "lookup-calibrated", "family-oracle"]
+    assert set(meta["checkpoint"]) == set(names) and meta["interleaving"]["rounds"] == 6
+    by = {(r["policy"], r["budget_ms"]): r for r in rows}
+    spread = {r["budget_ms"]: r for r in meta["controller_spread"]}
+    assert set(spread) == set(meta["budgets"])
+    for b, r in spread.items():
+        assert by[names[0], b]["num_episodes"] == by[names[1], b]["num_episodes"] == 6
+        values = [by[name, b]["accuracy_mean"] for name in names]
+        assert r["num_seeds"] == 2 and r["accuracy_mean"] == pytest.approx(statistics.fmean(values))
+        assert r["accuracy_mean_std"] == pytest.approx(statistics.stdev(values))
+    for h in meta["structural_headroom"]:
+        assert h["controller:run_gain"] == pytest.approx(by[names[0], h["budget_ms"]]["accuracy_mean"] - h["lookup_calibrated"])
+        assert "controller:run_b_share_of_headroom" in h
+    for name in ("controller_knobs_vs_budget_run.png", "controller_knobs_vs_budget_run_b.png"):
+        assert (out / name).stat().st_size > 1000
+    assert not (out / "controller_knobs_vs_budget.png").exists()
+    msg = _error(evaluate_main, "--checkpoint", run_dir, run_dir, "--output_dir", tmp_path / "dup")
+    assert "both give the policy name 'controller:run'" in msg and not (tmp_path / "dup").exists()

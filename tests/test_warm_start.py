@@ -12,7 +12,7 @@ from agents.config import config_from_dict
 from agents.factory import (make_actor, make_backend_from_config, make_env, make_family_table, measure_profile_drift,
                             warm_start_actor)
 from agents.rollout import collect_rollouts
-from agents.warm_start import family_select, lookup_targets
+from agents.warm_start import add_controller_time, family_select, lookup_targets
 from helpers import load_runner
 from train_runs import TINY, tiny_config, train_main
 
@@ -33,20 +33,23 @@ def test_warm_started_controller_acts_as_the_lookup_table():
     entries = dummy_closed_form_profile(backend, "val")
     env = make_env(cfg, backend, "val", 64, 1)
 
-    def agreement():
+    def agreement(entries):
         rollout = collect_rollouts(env, actor, greedy=True)
         target = lookup_targets(entries, rollout["budget_ms"][:, 0], backend.knob_space)
-        return {h: float((rollout["action", h][:, 0 if h == "tier" else 1].reshape(-1) == target[h]).float().mean())
-                for h in target}
+        return {h: float((rollout["action", h][:, 0 if h in ("tier", "insertion") else 1].reshape(-1) == target[h])
+                         .float().mean()) for h in target}
 
-    before = agreement()
+    before = agreement(entries)
     metrics = warm_start_actor(cfg, actor, backend)
-    after = agreement()
-    assert set(metrics) >= {"warm_start/loss_tier", "warm_start/agreement_top_k", "warm_start/agreement_num_blocks"}
-    # Greedy actions on held-out requests follow the lookup table after the warm start, not before.
-    # The dummy's lookup switches among near-equal (k, N) as the budget moves, which a 16-wide
-    # Stage 2 fits only in part (seeds 0-2: top-k 0.64-0.81, blocks 0.81-0.94; before 0.12-0.39, 0.06-0.70).
-    assert after["tier"] >= 0.9, after
+    # The table the controller imitates charges every configuration the controller's own time.
+    assert metrics["warm_start/controller_p95_ms"] > 0
+    after = agreement(add_controller_time(entries, metrics["warm_start/controller_p95_ms"]))
+    assert set(metrics) >= {"warm_start/loss_tier", "warm_start/loss_insertion", "warm_start/agreement_top_k",
+                            "warm_start/agreement_num_blocks"}
+    # Greedy actions on held-out requests follow the lookup table after the warm start, not before
+    # (seeds 0-2: top-k 0.91-0.94, blocks 0.95-0.97; 0.55-0.72 and 0.70-0.83 when Stage 2's data
+    # paired one request's latency token with another request's target).
+    assert after["top_k"] >= 0.85 and after["num_blocks"] >= 0.85, after
     assert after["top_k"] + after["num_blocks"] >= before["top_k"] + before["num_blocks"] + 0.5, (before, after)
 
 
@@ -141,7 +144,7 @@ def test_family_warm_start_follows_each_family_choice():
     actor, _ = make_actor(cfg, backend)
     entries, table = dummy_closed_form_profile(backend, "val"), make_family_table(backend)
     env = make_env(cfg, backend, "test", 64, 1)  # held out: the table is the val split's
-    warm_start_actor(cfg, actor, backend)
+    entries = add_controller_time(entries, warm_start_actor(cfg, actor, backend)["warm_start/controller_p95_ms"])
     rollout = collect_rollouts(env, actor, greedy=True)
     families = [env.samples[int(i)].family for i in rollout["sample_index"][:, 0].reshape(-1)]
     target = lookup_targets(entries, rollout["budget_ms"][:, 0], backend.knob_space, families, table)
