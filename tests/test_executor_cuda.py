@@ -240,3 +240,32 @@ def test_single_row_gathered_path_matches_the_batched_rows(model_dir, dtype):
         alone = torch.cat([elastic.moe_forward(mlp, x[i : i + 1], 4, False) for i in range(5)])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(alone, batched, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qkv_block_equals_the_separate_projections(model_dir, dtype, monkeypatch):
+    """CUDA inference computes q/k/v as one product over the weights' shared storage; a block must
+    give what the separate projections give, and an in-place weight update must show in it."""
+    from envs.backends.vlm import elastic
+    from envs.backends.vlm.model import load_model
+
+    model, _ = load_model(model_dir, "cuda", dtype)
+    block = model.blocks[1]
+    x = torch.randn(1, 3, model.cfg.d_model, device="cuda", dtype=dtype)
+    cos, sin = model.rope(torch.arange(3, device="cuda")[None], x)
+
+    def both():
+        with torch.inference_mode():
+            fused = block(x, cos, sin, 4)
+            with monkeypatch.context() as m:
+                m.setattr(type(block), "_fused_qk", lambda self, x, shape: None)
+                separate = block(x, cos, sin, 4)
+        return fused, separate
+
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(*both(), rtol=tol, atol=tol)
+    assert block._qkv is not None
+    with torch.no_grad():
+        block.layer.self_attn.k_proj.weight.mul_(2.0)
+    fused, separate = both()
+    torch.testing.assert_close(fused, separate, rtol=tol, atol=tol)

@@ -30,7 +30,7 @@ from envs.backends.molmoe.config import MolmoEConfig
 from envs.backends.molmoe.preprocess import MolmoEInputs
 from envs.backends.molmoe.tokenizer import MolmoETokenizer
 from envs.backends.molmoe.weights import check_weights, read_weights, to_port_state, weight_files
-from envs.backends.vlm.elastic import ElasticBlock, KVCache, fuse_norms
+from envs.backends.vlm.elastic import ElasticBlock, KVCache, fuse_norms, rope_tables
 
 
 class DotProductAttention(nn.Module):
@@ -187,8 +187,8 @@ class MolmoE(nn.Module):
         return x.index_add(0, index[valid], features.reshape(-1, features.shape[-1])[valid].to(x.dtype))
 
     def rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions (batch, length), in `like`'s dtype."""
-        return self.rotary(like, positions)
+        """cos, signed sin for positions (batch, length), in `like`'s dtype (elastic.rope_tables)."""
+        return rope_tables(self.rotary, like, positions)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.ln_f(hidden))

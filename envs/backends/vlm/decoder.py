@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
-from envs.backends.vlm.elastic import ElasticBlock, fuse_norms
+from envs.backends.vlm.elastic import ElasticBlock, fuse_norms, rope_tables
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ElasticDecoder(nn.Module):
         return budget
 
     def rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder.model.rotary_emb(like, positions)
+        return rope_tables(self.decoder.model.rotary_emb, like, positions)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder.lm_head(self.decoder.model.norm(hidden))

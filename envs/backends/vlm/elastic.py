@@ -17,7 +17,9 @@ Why our own block forward instead of `OlmoeDecoderLayer.forward`:
     ran serves the prefill and eager decoding; `StaticKVCache` (fixed shapes) the graphed decode.
 The weights and submodules are those of transformers' `OlmoeDecoderLayer` (q/k/v/o projections,
 q/k RMS norms, router `mlp.gate.weight`, packed experts `mlp.experts.gate_up_proj`/`down_proj`),
-so a stock OLMoE checkpoint runs unchanged; only the orchestration is ours. The same code runs
+so a stock OLMoE checkpoint runs unchanged; only the orchestration is ours. For CUDA inference the
+q/k/v weights and the q/k norm weights are moved into one storage (`shared_storage`: same Parameter
+objects, state dict unchanged), so a block reads them in one product and one norm. The same code runs
 the batched teacher-forced training forward (runners/pretrain_vlm.py) and the batch-1 episodes,
 driven by envs.backends.vlm.executor.
 """
@@ -78,7 +80,9 @@ class StaticKVCache:
         # per block, a third of a graphed decode step.
         scores = torch.baddbmm(self._bias, q.reshape(batch * heads, 1, dim),
                                keys.reshape(batch * heads, slots, dim).transpose(1, 2), alpha=scale)
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        # Softmax accumulates in float32 for half types anyway; in their dtype it is one kernel, not a
+        # float32 softmax and a cast.
+        weights = torch.softmax(scores, dim=-1)
         return torch.bmm(weights, values.reshape(batch * heads, slots, dim)).view(batch, heads, 1, dim)
 
 
@@ -107,14 +111,48 @@ def fuse_norms(module: nn.Module, names: tuple[str, ...]) -> None:
             setattr(module, name, FusedRMSNorm(norm))
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rope_tables(rotary: nn.Module, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of a transformers rotary embedding at `positions` (batch, length), in `like`'s
+    dtype, the sin with its first half negated: the form apply_rope takes, computed once per call
+    of the model instead of once per block."""
+    cos, sin = rotary(like, positions)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, the add and second product in one kernel."""
-    return torch.addcmul(x * cos, rotate_half(x), sin)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding x * cos + rotate_half(x) * sin, with rope_tables' signed sin: rotate_half(x)
+    * sin = roll(x, half) * signed_sin, so three kernels (product, roll, addcmul) instead of five."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def shared_storage(params: tuple[nn.Parameter, ...], fused: torch.Tensor | None) -> torch.Tensor | None:
+    """One flat tensor whose consecutive pieces are `params`' own storage, so one kernel can read
+    them all (q/k/v projections as one matrix product). `fused`, a previous result, is returned
+    while the parameters still live in it; otherwise their values are copied into a new one and
+    each parameter's .data becomes its piece: the Parameter objects stay (optimizers, state dicts
+    and loading keep working, in-place updates show in the fused tensor). `.to()` gives every
+    parameter its own storage again, so this is checked on every call. None while a CUDA graph is
+    being captured and the pieces are apart (the copy must not be part of a graph)."""
+    first = params[0]
+    if fused is not None and fused.device == first.device and fused.dtype == first.dtype:
+        offset, size = 0, fused.element_size()
+        for p in params:
+            if p.dtype != fused.dtype or p.data_ptr() != fused.data_ptr() + offset * size:
+                break
+            offset += p.numel()
+        else:
+            if offset == fused.numel():
+                return fused
+    if first.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor even under inference_mode
+        fused = torch.cat([p.detach().reshape(-1) for p in params])
+        offset = 0
+        for p in params:
+            p.data = fused[offset : offset + p.numel()].view(p.shape)
+            offset += p.numel()
+    return fused
 
 
 # torch._grouped_mm runs every expert's rows in one call with work proportional to the rows; its
@@ -167,12 +205,19 @@ def run_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor |
             _warned_loop = True
     if kernel == "gathered":
         return gathered_experts(experts, routed, counts, expert_of_row)
+    if kernel == "grouped_mm":
+        return grouped_experts(experts, routed, counts, expert_of_row)
+    if counts is None:
+        counts = expert_counts(expert_of_row, experts.gate_up_proj.shape[0])
     return SPARSE_KERNELS[kernel](experts, routed, counts)
 
 
-def grouped_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor | None,
+                    expert_of_row: torch.Tensor | None = None) -> torch.Tensor:
+    """counts None: the rows' experts `expert_of_row` (sorted) give the offsets instead."""
     gate_up, down = experts.gate_up_proj, experts.down_proj  # (E, 2I, d), (E, d, I)
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    offsets = (torch.cumsum(counts, 0, dtype=torch.int32) if counts is not None
+               else expert_offsets(expert_of_row, gate_up.shape[0]))
     gate, up = torch._grouped_mm(routed, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
     return torch._grouped_mm(experts.act_fn(gate) * up, down.transpose(1, 2), offs=offsets)
 
@@ -234,8 +279,26 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
         0, expert_ids, torch.ones_like(expert_ids))
 
 
-def single_row_moe(experts: nn.Module, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The MoE output (1, d) of one row x (1, d) routed to experts `chosen` (k,) with `weights` (k,)."""
+_EXPERT_IDS: dict[tuple[int, torch.device], torch.Tensor] = {}  # arange(num_experts) per device
+
+
+def expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """End offset of each expert's rows (num_experts,) int32, for expert ids sorted ascending: one
+    searchsorted instead of counts and their cumsum (four kernels; at batch-1 decode on the GPU
+    every kernel is latency)."""
+    key = (num_experts, sorted_ids.device)
+    ids = _EXPERT_IDS.get(key)
+    if ids is None:
+        ids = torch.arange(num_experts, device=sorted_ids.device)
+        if not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):  # no cached graph-pool memory
+            _EXPERT_IDS[key] = ids
+    return torch.searchsorted(sorted_ids, ids, right=True, out_int32=True)
+
+
+def single_row_moe(experts: nn.Module, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The MoE output (1, d) of one row x (1, d) routed to experts `chosen` (k,) with `weights` (k,),
+    plus `residual` (1, d) if given (in the combining product: one kernel less)."""
     k = chosen.shape[0]
     rows = x.expand(k, -1).contiguous()
     bytes_k = k * (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * experts.gate_up_proj.element_size()
@@ -244,14 +307,16 @@ def single_row_moe(experts: nn.Module, x: torch.Tensor, chosen: torch.Tensor, we
     else:
         chosen, order = torch.sort(chosen)
         weights = weights[order]
-        y = run_experts(experts, rows, expert_counts(chosen, experts.gate_up_proj.shape[0]), chosen)
-    return (weights.to(y.dtype) @ y)[None]
+        y = run_experts(experts, rows, None, chosen)  # sorted experts: offsets without counts
+    weights = weights.to(y.dtype)[None]
+    return weights @ y if residual is None else torch.addmm(residual, weights, y)
 
 
-def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int | torch.Tensor, norm_topk_prob: bool) -> torch.Tensor:
-    """OLMoE sparse MoE on x (rows, d) with `top_k` experts per row; work proportional to top_k
-    except in GPU training (see dense_experts). top_k may be a (rows,) tensor of per-row values
-    (pretraining's per-sample knobs): then the experts run dense."""
+def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int | torch.Tensor, norm_topk_prob: bool,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """OLMoE sparse MoE on x (rows, d) with `top_k` experts per row, plus `residual` (rows, d) if
+    given; work proportional to top_k except in GPU training (see dense_experts). top_k may be a
+    (rows,) tensor of per-row values (pretraining's per-sample knobs): then the experts run dense."""
     logits = F.linear(x, mlp.gate.weight)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     per_row = isinstance(top_k, torch.Tensor)
@@ -265,14 +330,15 @@ def moe_forward(mlp: nn.Module, x: torch.Tensor, top_k: int | torch.Tensor, norm
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     if per_row or expert_kernel(x.device, x.dtype, torch.is_grad_enabled()) == "dense":
-        return dense_experts(mlp.experts, x, torch.zeros_like(probs).scatter(1, chosen, weights)).to(x.dtype)
+        out = dense_experts(mlp.experts, x, torch.zeros_like(probs).scatter(1, chosen, weights)).to(x.dtype)
+        return out if residual is None else residual + out
     if x.shape[0] == 1:  # batch-1 decode: k copies of one row, no gathers or scatters of rows
-        return single_row_moe(mlp.experts, x, chosen[0], weights[0])
+        return single_row_moe(mlp.experts, x, chosen[0], weights[0], residual)
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
     rows = order // top_k  # the row each (row, slot) assignment belongs to, grouped by expert
     y = run_experts(mlp.experts, x[rows], expert_counts(flat, mlp.gate.weight.shape[0])) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, rows, y)
+    return (torch.zeros_like(x) if residual is None else residual).index_add(0, rows, y)
 
 
 class ElasticBlock(nn.Module):
@@ -289,6 +355,7 @@ class ElasticBlock(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         fuse_norms(layer, ("input_layernorm", "post_attention_layernorm"))
         fuse_norms(layer.self_attn, ("q_norm", "k_norm"))
+        self._qkv: torch.Tensor | None = None  # shared_storage of the q/k/v weights, then the q/k norms'
 
     def forward(
         self,
@@ -300,26 +367,33 @@ class ElasticBlock(nn.Module):
     ) -> torch.Tensor:
         """top_k: an int, or a (batch,) tensor of per-sample values (pretraining)."""
         layer = self.layer
-        hidden = hidden + self._attention(layer.input_layernorm(hidden), cos, sin, cache)
+        hidden = self._attention(layer.input_layernorm(hidden), cos, sin, cache, hidden)
         batch, length, width = hidden.shape
         moe_in = layer.post_attention_layernorm(hidden).reshape(-1, width)
         if isinstance(top_k, torch.Tensor):
             top_k = top_k.repeat_interleave(length)
-        return hidden + moe_forward(layer.mlp, moe_in, top_k, self.norm_topk_prob).reshape(batch, length, width)
+        return moe_forward(layer.mlp, moe_in, top_k, self.norm_topk_prob,
+                           hidden.reshape(-1, width)).reshape(batch, length, width)
 
-    def _attention(self, x, cos, sin, cache):
+    def _attention(self, x, cos, sin, cache, residual):
+        """residual + the attention output; the residual is added in the output projection's
+        product (one kernel less per block)."""
         attn = self.layer.self_attn
         batch, length, _ = x.shape
         shape = (batch, length, -1, attn.head_dim)
-        q = attn.q_norm(attn.q_proj(x)).view(shape).transpose(1, 2)
-        k = attn.k_norm(attn.k_proj(x)).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        # q and k rotated together: one rope (four kernels) instead of two, for one concatenation
-        q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin).split((q.shape[1], k.shape[1]), dim=1)
+        qk = self._fused_qk(x, shape) if x.is_cuda and not torch.is_grad_enabled() else None
+        if qk is None:
+            q = attn.q_norm(attn.q_proj(x)).view(shape).transpose(1, 2)
+            k = attn.k_norm(attn.k_proj(x)).view(shape).transpose(1, 2)
+            v = attn.v_proj(x).view(shape).transpose(1, 2)
+            qk = torch.cat((q, k), dim=1)
+        else:
+            qk, v = qk
+        # q and k rotated together: one rope instead of two
+        q_heads = attn.q_proj.out_features // attn.head_dim
+        q, k = apply_rope(qk, cos.unsqueeze(1), sin.unsqueeze(1)).split((q_heads, qk.shape[1] - q_heads), dim=1)
         if isinstance(cache, StaticKVCache):
-            out = cache.attend(self.index, q, k, v, attn.scaling)
-            return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+            return self._output(cache.attend(self.index, q, k, v, attn.scaling), residual)
         past = cache.get(self.index) if cache is not None else None
         if past is not None:
             if length != 1:
@@ -331,4 +405,38 @@ class ElasticBlock(nn.Module):
         # Prefill: causal. Decode: the single new position sees every cached one. Training pads on
         # the right, so causal attention never lets a real position see padding.
         out = F.scaled_dot_product_attention(q, k, v, is_causal=past is None and length > 1, scale=attn.scaling)
-        return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self._output(out, residual)
+
+    def _fused_qk(self, x: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """CUDA inference: (normed q and k concatenated over heads, v), each (batch, heads, length,
+        head_dim), from one matrix product and one norm (three kernels where the separate
+        projections, norms and concatenation take six; at batch-1 decode every kernel is latency).
+        None where the layout does not allow it (biases, unequal widths or eps)."""
+        attn = self.layer.self_attn
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        norms = (attn.q_norm, attn.k_norm)
+        width = attn.q_proj.out_features
+        if (any(m.bias is not None for m in projections) or any(m.out_features != width for m in projections)
+                or not all(isinstance(n, FusedRMSNorm) for n in norms)
+                or norms[0].variance_epsilon != norms[1].variance_epsilon):
+            return None
+        weights = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, norms[0].weight, norms[1].weight)
+        self._qkv = shared_storage(weights, self._qkv)
+        if self._qkv is None:
+            return None
+        batch, length, _ = x.shape
+        qkv_weight = self._qkv[: 3 * width * x.shape[-1]].view(3 * width, -1)
+        qkv = F.linear(x, qkv_weight)
+        qk = F.rms_norm(qkv[..., : 2 * width].view(batch, length, 2, width), (width,), None,
+                        norms[0].variance_epsilon) * self._qkv[3 * width * x.shape[-1]:].view(2, width)
+        qk = qk.view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        return qk, qkv[..., 2 * width:].view(shape).transpose(1, 2)
+
+    def _output(self, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual (batch, length, d) + o_proj of the heads' outputs (batch, heads, length, head_dim)."""
+        o_proj = self.layer.self_attn.o_proj
+        batch, _, length, _ = out.shape
+        out = out.transpose(1, 2).reshape(batch * length, -1)
+        if o_proj.bias is not None:
+            residual = residual + o_proj.bias
+        return torch.addmm(residual.reshape(batch * length, -1), out, o_proj.weight.t()).view_as(residual)

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import CLIPVisionModel, OlmoeForCausalLM
 
 from envs.backends.vlm.config import WEIGHTS_FILE, VLMConfig
-from envs.backends.vlm.elastic import ElasticBlock, fuse_norms
+from envs.backends.vlm.elastic import ElasticBlock, fuse_norms, rope_tables
 from envs.backends.vlm.tokenizer import WordTokenizer
 
 
@@ -80,8 +80,8 @@ class BudgetVLM(nn.Module):
         return budget * self.cfg.budget_token_scale
 
     def rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions (batch, length), in `like`'s dtype."""
-        return self.decoder.model.rotary_emb(like, positions)
+        """cos, signed sin for positions (batch, length), in `like`'s dtype (elastic.rope_tables)."""
+        return rope_tables(self.decoder.model.rotary_emb, like, positions)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.decoder.model.norm(hidden))
