@@ -356,6 +356,12 @@ class ElasticBlock(nn.Module):
         fuse_norms(layer, ("input_layernorm", "post_attention_layernorm"))
         fuse_norms(layer.self_attn, ("q_norm", "k_norm"))
         self._qkv: torch.Tensor | None = None  # shared_storage of the q/k/v weights, then the q/k norms'
+        attn = layer.self_attn
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        # One q/k/v product needs bias-free projections of one width and one norm eps (OLMoE's
+        # layout): fixed by the layer, so decided here and not on every call.
+        self._fusable_qkv = (all(m.bias is None and m.out_features == attn.q_proj.out_features for m in projections)
+                             and attn.q_norm.variance_epsilon == attn.k_norm.variance_epsilon)
 
     def forward(
         self,
@@ -381,14 +387,14 @@ class ElasticBlock(nn.Module):
         attn = self.layer.self_attn
         batch, length, _ = x.shape
         shape = (batch, length, -1, attn.head_dim)
-        qk = self._fused_qk(x, shape) if x.is_cuda and not torch.is_grad_enabled() else None
-        if qk is None:
+        fused = self._fused_qk(x, shape) if self._fusable_qkv and x.is_cuda and not torch.is_grad_enabled() else None
+        if fused is None:
             q = attn.q_norm(attn.q_proj(x)).view(shape).transpose(1, 2)
             k = attn.k_norm(attn.k_proj(x)).view(shape).transpose(1, 2)
             v = attn.v_proj(x).view(shape).transpose(1, 2)
             qk = torch.cat((q, k), dim=1)
         else:
-            qk, v = qk
+            qk, v = fused
         # q and k rotated together: one rope instead of two
         q_heads = attn.q_proj.out_features // attn.head_dim
         q, k = apply_rope(qk, cos.unsqueeze(1), sin.unsqueeze(1)).split((q_heads, qk.shape[1] - q_heads), dim=1)
@@ -410,16 +416,12 @@ class ElasticBlock(nn.Module):
     def _fused_qk(self, x: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
         """CUDA inference: (normed q and k concatenated over heads, v), each (batch, heads, length,
         head_dim), from one matrix product and one norm (three kernels where the separate
-        projections, norms and concatenation take six; at batch-1 decode every kernel is latency).
-        None where the layout does not allow it (biases, unequal widths or eps)."""
+        projections, norms and concatenation take six; at batch-1 decode every kernel is latency),
+        for a layer whose layout allows it (`_fusable_qkv`). None while a CUDA graph is being
+        captured and the weights are apart (shared_storage)."""
         attn = self.layer.self_attn
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         norms = (attn.q_norm, attn.k_norm)
         width = attn.q_proj.out_features
-        if (any(m.bias is not None for m in projections) or any(m.out_features != width for m in projections)
-                or not all(isinstance(n, FusedRMSNorm) for n in norms)
-                or norms[0].variance_epsilon != norms[1].variance_epsilon):
-            return None
         weights = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, norms[0].weight, norms[1].weight)
         self._qkv = shared_storage(weights, self._qkv)
         if self._qkv is None:
