@@ -4,22 +4,26 @@ The run's best checkpoint (else its latest) is loaded with the backend it was tr
 config stored in the checkpoint), and the request goes through the env like any evaluation
 episode: greedy Stage 1, the backend up to the insertion point, greedy Stage 2, the rest of the
 prefill and the decode. What comes back is the answer, the chosen knobs and the latency measured
-by phase, both controller stages included.
+by phase, both controller stages included. A run trained with policy.latency_shield answers
+through its shield, rebuilt at load time for this machine (the profile rescaled by a start-up
+measurement, plus the controller's own time); the knobs reported are the plan that ran.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from agents.checkpoint import actor_meta, build_actor, check_compatible, load_checkpoint
 from agents.config import config_from_dict
-from agents.factory import make_backend_from_config, make_env
+from agents.factory import make_backend_from_config, make_env, make_latency_shield, measure_profile_drift
 from agents.rollout import collect_rollouts
 from envs.budget_env import reset_to
 from envs.data.sample import VQASample
 from envs.reward import check_budget
+from envs.shield import LatencyShield
 
 PHASES = ("preprocess", "vision", "prefill", "decode", "stage1_controller", "stage2_controller")
 
@@ -35,9 +39,17 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"--image {path}: cannot be read as an image ({err})") from None
 
 
-def load_controller(run: str | Path, device: str | None = None):
-    """(actor in eval mode, backend, config, checkpoint) of a training run dir or checkpoint file.
-    Sets torch's CPU threads to the run's train.num_threads."""
+class Controller(NamedTuple):
+    actor: Any  # in eval mode
+    backend: Any
+    cfg: Any
+    ckpt: dict
+    shield: LatencyShield | None  # the run's latency shield on this machine, None when it trained without
+
+
+def load_controller(run: str | Path, device: str | None = None) -> Controller:
+    """The Controller of a training run dir or checkpoint file. Sets torch's CPU threads to the
+    run's train.num_threads."""
     ckpt = load_checkpoint(run)
     if ckpt.get("config") is None:
         raise ValueError(f"--run {run}: checkpoint {ckpt['path']} stores no config, so its backend is unknown")
@@ -57,7 +69,8 @@ def load_controller(run: str | Path, device: str | None = None):
     actor = build_actor(ckpt["policy_meta"]).to(cfg.train.device)
     actor.load_state_dict(ckpt["policy"])
     actor.eval()
-    return actor, backend, cfg, ckpt
+    shield = make_latency_shield(cfg, backend, actor, measure_profile_drift(backend)) if cfg.policy.latency_shield else None
+    return Controller(actor, backend, cfg, ckpt, shield)
 
 
 def request_sample(cfg, image: Image.Image, question: str, reference: str | None = None) -> VQASample:
@@ -76,8 +89,7 @@ def answer_request(run: str | Path, image: str | Path | Image.Image, question: s
 
     reference: a reference answer to score against (the VQA metric); without one, no accuracy.
     warmup: identical requests run first, so the measured one does not pay one-time start-up costs.
-    controller: the (actor, backend, cfg, ckpt) of load_controller, to answer many requests with
-    one load.
+    controller: load_controller's Controller, to answer many requests with one load.
     """
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"--question {question!r}: expected a non-empty question")
@@ -85,16 +97,15 @@ def answer_request(run: str | Path, image: str | Path | Image.Image, question: s
     if int(warmup) < 0:
         raise ValueError(f"--warmup {warmup}: expected >= 0")
     picture = image if isinstance(image, Image.Image) else load_image(image)
-    actor, backend, cfg, ckpt = controller or load_controller(run, device)
+    actor, backend, cfg, ckpt, shield = controller or load_controller(run, device)
     sample = request_sample(cfg, picture, question, reference)
-    env = make_env(cfg, backend, "test", 1, 1, samples=[sample])
+    env = make_env(cfg, backend, "test", 1, 1, samples=[sample], shield=shield)
     reset = reset_to(1, sample_index=[0], budget_ms=[float(budget_ms)])
     for _ in range(int(warmup) + 1):
         trajectory = collect_rollouts(env, actor, reset.clone(), greedy=True)
     result = env.last_results[0]
     info = trajectory["next", "episode"][0, 1]
     ks = backend.knob_space
-    step1, step2 = trajectory[0, 0], trajectory[0, 1]
     lo, hi = backend.budget_range_ms
     return {
         "answer": result.answer,
@@ -102,12 +113,13 @@ def answer_request(run: str | Path, image: str | Path | Image.Image, question: s
         "question": sample.question,
         "budget_ms": float(budget_ms),
         "budget_in_trained_range": bool(lo <= float(budget_ms) <= hi),
-        "knobs": {
-            "tier": ks.tiers[int(step1["action", "tier"])],
-            "insertion": ks.insertion_positions[int(step1["action", "insertion"])],
-            "top_k": ks.top_k_values[int(step2["action", "top_k"])],
-            "num_blocks": ks.num_blocks_values[int(step2["action", "num_blocks"])],
+        "knobs": {  # the plan that ran
+            "tier": ks.tiers[int(info["tier_index"])],
+            "insertion": ks.insertion_positions[int(info["insertion_index"])],
+            "top_k": ks.top_k_values[int(info["top_k_index"])],
+            "num_blocks": ks.num_blocks_values[int(info["num_blocks_index"])],
         },
+        "shielded": bool(info["shielded"]),  # the latency shield changed the controller's choice
         "latency_ms": float(info["latency_ms"]),
         "latency_by_phase_ms": {phase: float(info[f"{phase}_ms"]) for phase in PHASES},
         "violation": bool(info["violation"]),

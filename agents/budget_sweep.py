@@ -304,6 +304,7 @@ def episode_rows(env, name: str, episodes, sample_index: torch.Tensor, budgets: 
             name, budget, info["accuracy"], info["latency_ms"], ep["reward"],
             {h: ep["action", h] for h in ACTION_HEADS}, env.knob_space, families,
             violation=info["violation"],  # the env's own count (against the float32 budget it stores)
+            shield_rate=float(info["shielded"].double().mean()),  # episodes whose plan the latency shield changed
             **extra,
         ))
     return rows

@@ -39,6 +39,9 @@ class PolicyConfig:
     warm_start_steps: int = 300  # imitation minibatches of 64
     warm_start_lr: float = 1.0e-3
     warm_start_label_smoothing: float = 0.2  # keeps GRPO's groups sampling different actions
+    # every episode executes the nearest plan whose p95 latency (the profile rescaled to this machine
+    # at start-up, plus the controller's own time) fits the budget (envs/shield.py)
+    latency_shield: bool = False
 
 
 @dataclass

@@ -22,7 +22,7 @@ def heldout_budgets(env, num_samples: int, seed: int) -> tuple[torch.Tensor, tor
 
 def run_episodes(env, actor, sample_index: torch.Tensor, budget_ms: torch.Tensor, greedy: bool = True) -> TensorDict:
     """Run one episode per (sample, budget) in chunks of the env's batch; returns the terminal
-    steps (K,) with actions, reward and episode info. `sample_index` is the sample that ran (the
+    steps (K,) with the executed plan (`action`: knob indices), reward and episode info. `sample_index` is the sample that ran (the
     env substitutes another when an image cannot be read), `requested_sample_index` the one asked
     for and `substituted` whether they differ."""
     rows = env.batch_size[0]
@@ -47,10 +47,9 @@ def run_episodes(env, actor, sample_index: torch.Tensor, budget_ms: torch.Tensor
             budget_ms=step1["budget_ms"].reshape(m),
             reward=step2["next", "reward"].reshape(m),
             episode=step2["next", "episode"].apply(lambda t: t.reshape(m), batch_size=[m]),
-            action=TensorDict(
-                {h: (step1 if h in ("tier", "insertion") else step2)["action", h].reshape(m) for h in ACTION_HEADS},
-                batch_size=[m],
-            ),
+            # The plan that ran: the policy's action unless the env's latency shield changed it.
+            action=TensorDict({h: step2["next", "episode", f"{h}_index"].reshape(m).long() for h in ACTION_HEADS},
+                              batch_size=[m]),
             batch_size=[m],
         )
         out.append(final)
@@ -65,6 +64,7 @@ def summarize(episodes: TensorDict) -> dict[str, float]:
         "accuracy_mean": float(info["accuracy"].mean()),
         "latency_mean_ms": float(info["latency_ms"].mean()),
         "violation_rate": float(info["violation"].mean()),
+        "shield_rate": float(info["shielded"].mean()),  # episodes whose plan the latency shield changed
         "num_episodes": int(episodes.shape[0]),
         "num_substituted_samples": int(episodes["substituted"].sum()),
     }

@@ -32,6 +32,7 @@ from agents.evaluation import run_episodes
 from envs.data.sample import ImageLoadError
 from envs.data.vqa import record_skipped
 from envs.profiling.latency_table import run_episode, total_ms
+from envs.shield import LatencyShield
 
 INTERLEAVING = ("rounds of one test sample each: its static configurations, every env policy at every budget "
                 "and the configurations of the calibration samples spread over the rounds, in an order shuffled "
@@ -45,6 +46,7 @@ class EnvPolicy:
     name: str
     policy: Callable
     greedy: bool
+    shield: LatencyShield | None = None  # the latency shield its episodes pass (envs/shield.py)
 
 
 @dataclass
@@ -97,6 +99,7 @@ def run_interleaved(
                 if r in skipped_test:
                     continue
                 p, b = what
+                env.shield = env_policies[p].shield
                 ep = run_episodes(env, env_policies[p].policy, torch.tensor([i]), torch.tensor([budgets[b]]),
                                   greedy=env_policies[p].greedy)
                 if bool(ep["substituted"].any()):  # the env met an unreadable image and ran another sample
@@ -157,6 +160,7 @@ def _warm_up(backend, samples, index, configs, budgets, env, env_policies, round
         except ImageLoadError:
             continue
         for e in env_policies:
+            env.shield = e.shield
             run_episodes(env, e.policy, torch.tensor([i]), torch.tensor([budgets[0]]), greedy=e.greedy)
         return
 

@@ -8,7 +8,8 @@ Episode (per batch row; rows are B samples x G group members, each executed alon
             controller time), remaining_ms (budget - elapsed, < 0 once over), stage = 1; reward 0
   step 2 -> action (top_k, num_blocks, controller_ms): rest of prefill + decode;
             terminal reward, done, and the episode's info under "episode"
-Each stage's controller time for the request is measured by the policy (at batch size 1) and
+With a latency shield (envs/shield.py) each step executes the nearest plan its table says fits
+the budget; the episode info records the plan that ran. Each stage's controller time for the request is measured by the policy (at batch size 1) and
 passed in as that step's `controller_ms`: it is part of the request's latency but runs outside the
 env. The latency is preprocess + vision + prefill + decode + both stages' controller time.
 
@@ -30,6 +31,7 @@ from envs.backends.base import Backend, EpisodeResult, check_split
 from envs.data.sample import ImageLoadError
 from envs.data.vqa import record_skipped
 from envs.reward import RewardWeights, check_budget, compute_reward
+from envs.shield import LatencyShield
 
 ACTION_HEADS = ("tier", "insertion", "top_k", "num_blocks")
 STAGE1_HEADS = ("tier", "insertion")
@@ -45,6 +47,12 @@ EPISODE_INFO_KEYS = (
     "stage1_controller_ms",
     "stage2_controller_ms",
     "violation",
+    # The plan that ran (knob indices): the action, unless the latency shield changed it (envs/shield.py).
+    "tier_index",
+    "insertion_index",
+    "top_k_index",
+    "num_blocks_index",
+    "shielded",  # 1: the shield changed a knob of this episode
 )
 # How many other samples to try when a sample's image cannot be loaded.
 _MAX_IMAGE_RETRIES = 32
@@ -73,8 +81,11 @@ class BudgetVLMEnv(EnvBase):
         seed: int = 0,
         device: str | torch.device = "cpu",
         samples: Sequence[Any] | None = None,
+        shield: LatencyShield | None = None,
     ):
-        """samples: serve these requests instead of the backend's `split` (e.g. one user request)."""
+        """samples: serve these requests instead of the backend's `split` (e.g. one user request);
+        shield: the latency shield the episodes' plans pass through (None: the actions run as given).
+        `env.shield` may be set later (an evaluation gives each policy its own)."""
         if int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size}: expected >= 1")
         if int(group_size) < 1:
@@ -91,6 +102,7 @@ class BudgetVLMEnv(EnvBase):
                              if samples is None else "samples=[]: expected at least one sample")
         self.reward_weights = reward_weights or RewardWeights()
         self.knob_space = backend.knob_space
+        self.shield = shield
         self.budget_lo, self.budget_hi = backend.budget_range_ms
         self.skipped_samples = 0
         self._episodes: list[Any] = [None] * n
@@ -103,6 +115,7 @@ class BudgetVLMEnv(EnvBase):
         self._tier_index = torch.zeros(n, dtype=torch.long)
         self._insertion_index = torch.zeros(n, dtype=torch.long)
         self._stage1_controller_ms = torch.zeros(n)
+        self._stage1_shielded = torch.zeros(n, dtype=torch.bool)
         self._elapsed_ms = torch.zeros(n)  # measured at the end of Stage 1, Stage 2's elapsed input
         self._group_id = torch.arange(n) // self.group_size
         self._language = torch.zeros(n, backend.language_dim)
@@ -187,6 +200,7 @@ class BudgetVLMEnv(EnvBase):
             self._budget[i] = budgets[i]
             self._insertion_index[i] = 0
             self._stage1_controller_ms[i] = 0.0
+            self._stage1_shielded[i] = False
             self._elapsed_ms[i] = 0.0
             self._language[i] = self._load_language(i)
         return self._observation(stage=torch.zeros(n, 1, dtype=torch.long))
@@ -284,8 +298,11 @@ class BudgetVLMEnv(EnvBase):
 
     def _run_stage1(self, row: int, action: TensorDictBase):
         ks = self.knob_space
-        tier = ks.tiers[int(action["tier"])]
-        p_index = int(action["insertion"])
+        tier_index, p_index = int(action["tier"]), int(action["insertion"])
+        if self.shield is not None:
+            tier_index, p_index = self.shield.stage1(tier_index, p_index, float(self._budget[row]))
+            self._stage1_shielded[row] = (tier_index, p_index) != (int(action["tier"]), int(action["insertion"]))
+        tier = ks.tiers[tier_index]
         for _ in range(_MAX_IMAGE_RETRIES):
             sample = self.samples[int(self._sample_index[row])]
             try:
@@ -297,7 +314,7 @@ class BudgetVLMEnv(EnvBase):
             raise RuntimeError(f"{_MAX_IMAGE_RETRIES} samples in a row had unreadable images in split {self.split!r}")
         self._episodes[row] = episode
         self._stage1_controller_ms[row] = float(action["controller_ms"])
-        self._tier_index[row] = ks.tiers.index(tier)
+        self._tier_index[row] = tier_index
         self._insertion_index[row] = p_index
         token = self.backend.run_to(episode, ks.insertion_positions[p_index])
         token = token.detach().float().cpu()  # the copy waits for the device, so elapsed is complete
@@ -317,8 +334,11 @@ class BudgetVLMEnv(EnvBase):
         episode = self._episodes[row]
         if episode is None:
             raise RuntimeError(f"row {row}: Stage-2 step without a Stage-1 step; call reset() first")
-        top_k = ks.top_k_values[int(action["top_k"])]
-        num_blocks = ks.num_blocks_values[int(action["num_blocks"])]
+        k_index, n_index = int(action["top_k"]), int(action["num_blocks"])
+        if self.shield is not None:
+            k_index, n_index = self.shield.stage2(int(self._tier_index[row]), k_index, n_index, float(self._budget[row]))
+        shielded = bool(self._stage1_shielded[row]) or (k_index, n_index) != (int(action["top_k"]), int(action["num_blocks"]))
+        top_k, num_blocks = ks.top_k_values[k_index], ks.num_blocks_values[n_index]
         result = self.backend.finish(episode, top_k, num_blocks)
         self._episodes[row] = None
         self.last_results[row] = result
@@ -343,5 +363,10 @@ class BudgetVLMEnv(EnvBase):
             "stage1_controller_ms": stage1_ms,
             "stage2_controller_ms": stage2_ms,
             "violation": float(latency > budget),
+            "tier_index": float(self._tier_index[row]),
+            "insertion_index": float(self._insertion_index[row]),
+            "top_k_index": float(k_index),
+            "num_blocks_index": float(n_index),
+            "shielded": float(shielded),
         }
         return info, float(reward)

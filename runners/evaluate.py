@@ -87,8 +87,9 @@ from agents.budget_sweep import (
 )
 from agents.checkpoint import actor_meta, build_actor, check_compatible, load_checkpoint
 from agents.cli import user_input
-from agents.config import config_from_dict
-from agents.factory import make_backend_from_config, make_env
+from agents.config import apply_overrides, config_from_dict
+from agents.factory import (check_latency_shield, make_backend_from_config, make_env, make_latency_shield,
+                            measure_profile_drift)
 from agents.reporting import seed_spread, write_outputs
 from agents.sweep_schedule import EnvPolicy, run_interleaved
 from envs.backends.base import check_split
@@ -129,6 +130,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_threads", type=int, help="torch CPU threads (default: config train.num_threads)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds over all configs (and one episode per env "
                                                         "policy) before anything is timed (default 1)")
+    p.add_argument("--latency_shield", choices=("checkpoint", "on", "off"), default="checkpoint",
+                   help="each controller's latency shield (envs/shield.py), built at start-up from the profile "
+                        "rescaled to this machine: as its run's policy.latency_shield (default), on or off")
     p.add_argument("--overwrite", action="store_true", help="write over an existing eval.json in --output_dir")
     return p.parse_args(argv)
 
@@ -310,12 +314,20 @@ def _run(args, log) -> dict:
 
     configs = (configs_needed(specs, all_static_configs(ks), profile, budgets)
                if any(s.needs_table for s in specs) else [])
-    env, env_policies = None, []
+    env, env_policies, shields, drift = None, [], {}, None
     for spec in specs:
         if spec.kind in ENV_POLICIES:
             if env is None:
                 env = make_env(cfg, backend, split, 1, 1)
-            env_policies.append(EnvPolicy(spec.name, *_env_policy(spec, ckpts.get(spec.name), cfg, backend)))
+            policy, greedy = _env_policy(spec, ckpts.get(spec.name), cfg, backend)
+            shield = None
+            if spec.kind == "controller" and _shield_on(args, cfg, ckpts[spec.name], ckpt):
+                if drift is None:  # this machine now, as the training run measured it at its start
+                    drift = measure_profile_drift(backend) or {}
+                shield = make_latency_shield(apply_overrides(cfg, {"policy.latency_shield": True}), backend, policy,
+                                             drift)
+                shields[spec.name] = shield.state_dict()
+            env_policies.append(EnvPolicy(spec.name, policy, greedy, shield))
     log(f"interleaved run: {n} {split} samples x ({len(configs)} static configurations + {len(env_policies)} env "
         f"policies x {len(budgets)} budgets) + {len(calibration_index)} {calibration_split} calibration samples x "
         f"{len(configs)} configurations")
@@ -362,6 +374,8 @@ def _run(args, log) -> dict:
                     "the same per question family (envs.headroom); chosen on calibration, read on the test samples"},
         "structural_headroom": structural_headroom(rows, list(ckpts)),
         "controller_spread": controller_spread(rows, list(ckpts)),
+        "latency_shield": {"setting": args.latency_shield, "latency_scales": drift,
+                           "tables": shields, "insertion_positions": list(ks.insertion_positions)},
         "interleaving": run.schedule,
         "profile_source": profile_info,
         "profile": profile_to_json(profile) if profile is not None else None,
@@ -413,6 +427,13 @@ def _env_policy(spec, ckpt, cfg, backend) -> tuple:
         actor.eval()
         return actor, True
     return RandomPolicy(backend.knob_space, backend.d_model, seed=cfg.train.seed), False
+
+
+def _shield_on(args, cfg, ck: dict, first: dict) -> bool:
+    """Whether a controller's episodes pass a latency shield: --latency_shield, else its run's setting."""
+    if args.latency_shield != "checkpoint":
+        return args.latency_shield == "on"
+    return check_latency_shield(cfg if ck is first else resolve_config(args, ck))
 
 
 def structural_headroom(rows, controllers: list[str]) -> list[dict]:

@@ -69,8 +69,9 @@ from agents.distributed import (
 )
 from agents.constraint import episode_budgets
 from agents.evaluation import dummy_reference_rewards, heldout_budgets, run_episodes, summarize
-from agents.factory import (make_actor, make_backend_from_config, make_env, make_logger, make_loss, warm_start_actor,
-                            check_warm_start, make_violation_multiplier, measure_profile_drift)
+from agents.factory import (check_latency_shield, check_warm_start, make_actor, make_backend_from_config, make_env,
+                            make_latency_shield, make_logger, make_loss, make_violation_multiplier,
+                            measure_profile_drift, warm_start_actor)
 from agents.grpo import grpo_update, make_optimizer, set_learning_rate
 from agents.reporting import accuracy_vs_budget_figure
 from agents.rollout import collect_rollouts
@@ -369,6 +370,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         loss_module = make_loss(cfg, actor)
         multiplier = make_violation_multiplier(cfg, backend.budget_range_ms)
         check_warm_start(cfg)
+        check_latency_shield(cfg)
         optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)
         if ranks.rank > 0:  # from here on each rank draws its own actions
             seed_everything(rank_cfg.train.seed)
@@ -457,6 +459,11 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
             log(warm, 0)
             if ranks.is_main:
                 print("warm start: " + " ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in warm.items()), flush=True)
+    if cfg.policy.latency_shield:  # each rank's episodes pass its own machine's shield (measured now)
+        shield = make_latency_shield(rank_cfg, backend, actor, drift if ranks.is_main and step == 0
+                                     else measure_profile_drift(backend))
+        train_env.shield = val_env.shield = shield
+    if step == 0:
         validate()
 
     progress = tqdm(total=tc.num_epochs * steps_per_epoch, initial=min(step, tc.num_epochs * steps_per_epoch),
@@ -493,6 +500,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
                 "train/latency_mean_ms": float(info["latency_ms"].mean()),
                 "train/violation_rate": float(info["violation"].mean()),
                 "train/frac_reward_zero_std": float(rollout["reward_zero_std"][:, 0].float().mean()),
+                "train/shield_rate": float(info["shielded"].mean()),  # episodes whose plan the shield changed
             }, local_groups, "the train metrics' reduction")
             train_metrics.update({"train/grad_norm": float(grad_norm), "train/skipped_updates": skipped_updates})
             if multiplier is not None:  # the global batch's episodes: every rank takes the same step
@@ -540,7 +548,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         actor.load_state_dict(best["policy"])
         evaluated, evaluated_step = str(best_path), best["step"]
     broadcast_module_state(ranks, actor, "the evaluated weights' broadcast")
-    test_env = make_env(rank_cfg, backend, "test", ec.batch_size, 1)
+    test_env = make_env(rank_cfg, backend, "test", ec.batch_size, 1, shield=val_env.shield)
     test_index, test_budgets = heldout_budgets(test_env, ec.test_samples, seed=cfg.train.seed + 2)
     final, _ = evaluate(test_env, actor, test_index, test_budgets, ranks)
     # The uniform-random policy on the same samples and budgets: the floor learning must clear.

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from agents.answer import PHASES, answer_request, load_controller, request_sample
+from envs.shield import LatencyShield
 from agents.checkpoint import save_checkpoint
 from agents.config import config_from_dict
 from agents.factory import make_actor, make_backend_from_config
@@ -41,7 +42,9 @@ def test_answer_request_reports_knobs_and_latency_by_phase(run_dir):
     controller = load_controller(run_dir / "run")
     out = answer_request(run_dir / "run", run_dir / "image.png", "what color is the big shape?", 20.0,
                          warmup=0, controller=controller)
-    actor, backend, cfg, _ = controller
+    actor, backend, cfg = controller.actor, controller.backend, controller.cfg
+    assert controller.shield is None  # the run trained without one
+    assert not out["shielded"]
     ks = backend.knob_space
     assert out["knobs"]["tier"] in ks.tiers and out["knobs"]["top_k"] in ks.top_k_values
     assert set(out["latency_by_phase_ms"]) == set(PHASES)
@@ -58,6 +61,19 @@ def test_answer_request_reports_knobs_and_latency_by_phase(run_dir):
     scored = answer_request(run_dir / "run", run_dir / "image.png", out["question"], 20.0, reference=out["answer"],
                             warmup=0, controller=controller)
     assert scored["answer"] == out["answer"] and scored["accuracy"] == 1.0
+
+
+def test_a_shielded_run_answers_with_the_plan_its_shield_lets_through(run_dir):
+    controller = load_controller(run_dir / "run")
+    ks = controller.backend.knob_space
+    table = torch.full((len(ks.tiers), len(ks.top_k_values), len(ks.num_blocks_values)), 100.0)
+    table[0, 0, 0] = 1.0  # at a 20 ms budget only the cheapest plan fits
+    shield = LatencyShield(ks, table, insertion_index=len(ks.insertion_positions) - 1)
+    out = answer_request(run_dir / "run", run_dir / "image.png", "what color is the big shape?", 20.0, warmup=0,
+                         controller=controller._replace(shield=shield))
+    assert out["knobs"] == {"tier": ks.tiers[0], "insertion": ks.insertion_positions[-1], "top_k": ks.top_k_values[0],
+                            "num_blocks": ks.num_blocks_values[0]}
+    assert out["shielded"]
 
 
 def test_cli_text_and_json(run_dir, capsys):

@@ -6,8 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import load_runner
 import yaml
+
+from envs.knobs import KnobSpace
+from envs.shield import LatencyShield
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "runners" / "train.py"
@@ -197,3 +201,17 @@ def test_several_checkpoints_are_evaluated_in_one_run(run_dir, tmp_path, evaluat
     assert not (out / "controller_knobs_vs_budget.png").exists()
     msg = _error(evaluate_main, "--checkpoint", run_dir, run_dir, "--output_dir", tmp_path / "dup")
     assert "both give the policy name 'controller:run'" in msg and not (tmp_path / "dup").exists()
+
+
+def test_latency_shield_flag_gives_controllers_a_shield_and_records_its_table(run_dir, tmp_path, evaluate_main):
+    argv = ["--checkpoint", str(run_dir), "--num_samples", "6", "--num_budgets", "2", "--policies", "controller"]
+    on = evaluate_main([*argv, "--latency_shield", "on", "--output_dir", str(tmp_path / "on")])
+    meta = on["meta"]["latency_shield"]
+    assert meta["setting"] == "on" and list(meta["tables"]) == ["controller"]
+    table = meta["tables"]["controller"]
+    LatencyShield(KnobSpace(), torch.tensor(table["p95_ms"]), table["insertion_index"])  # the dummy's knobs, valid
+    assert all(0.0 <= r["shield_rate"] <= 1.0 for r in on["rows"])
+    # the tiny run trained without one: by default (its checkpoint's setting) no shield
+    default = evaluate_main([*argv, "--output_dir", str(tmp_path / "default")])
+    assert default["meta"]["latency_shield"]["tables"] == {}
+    assert all(r["shield_rate"] == 0.0 for r in default["rows"])

@@ -1,0 +1,74 @@
+"""The latency shield: an episode never executes a plan that its latency table says overshoots the budget.
+
+A learned policy picks its knobs from smooth logits, and the lowest budgets sit at a knife edge:
+at 21.0 ms only (low, 4, 12) fitted at p95 and the default run's controllers, keeping 13-14 blocks
+for knowledge and reasoning questions, violated 38-72% there while they held 0-4% elsewhere
+(RESULTS 0, 2026-12-03). The shield is a post-posed safety layer (Alshiekh et al., 2018, "Safe
+reinforcement learning via shielding"): the policy's action stands as sampled (its log-probability
+is what GRPO's ratio reads), and the env executes the nearest plan the table says fits:
+
+  Stage 1  the insertion becomes the table's (the static configurations are timed at one p; a
+           larger p runs blocks 1..p-1 at full top-k, which the table never timed), and the tier
+           the highest one at or below the chosen tier whose cheapest timed plan fits;
+  Stage 2  a chosen (top-k, blocks) that fits stays; otherwise, among the pairs at or below it in
+           both knobs that fit, the one with the largest p95 (the least change); none fits: the
+           tier's cheapest plan.
+
+From the policy's side the shield is part of the env's dynamics, so GRPO needs nothing else. The
+table holds each static configuration's p95 latency on this machine now plus the controller's own
+time (agents.factory.make_latency_shield: the profile rescaled by a start-up measurement, as the
+warm start's table). The episode info records the plan that ran (tier_index ... num_blocks_index)
+and whether the shield changed it (shielded).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from envs.knobs import KnobSpace
+
+
+class LatencyShield:
+    """p95_ms: (tiers, top-k values, block counts) p95 latency of each plan at the table's insertion
+    (inf: not timed), in the knob space's index order; insertion_index: that insertion's index."""
+
+    def __init__(self, knob_space: KnobSpace, p95_ms: torch.Tensor, insertion_index: int = 0):
+        shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
+        p95_ms = torch.as_tensor(p95_ms, dtype=torch.float64)
+        if tuple(p95_ms.shape) != shape:
+            raise ValueError(f"latency shield table of shape {tuple(p95_ms.shape)}: expected {shape} "
+                             f"(tiers, top-k values, block counts)")
+        if bool(torch.isnan(p95_ms).any()) or bool((p95_ms < 0).any()):
+            raise ValueError("latency shield table holds NaN or negative latencies; expected p95 times >= 0 (inf: not timed)")
+        if not 0 <= int(insertion_index) < len(knob_space.insertion_positions):
+            raise ValueError(f"latency shield insertion_index={insertion_index}: expected an index in "
+                             f"[0, {len(knob_space.insertion_positions) - 1}]")
+        if not bool(torch.isfinite(p95_ms).flatten(1).any(1).all()):
+            missing = [t for t, row in zip(knob_space.tiers, p95_ms) if not bool(torch.isfinite(row).any())]
+            raise ValueError(f"latency shield table times no plan of tier(s) {missing}; expected >= 1 per tier")
+        self.knob_space = knob_space
+        self.p95_ms = p95_ms
+        self.insertion_index = int(insertion_index)
+
+    def stage1(self, tier: int, insertion: int, budget_ms: float) -> tuple[int, int]:
+        """(tier index, insertion index) to execute for the chosen ones (module doc)."""
+        cheapest = self.p95_ms.flatten(1).min(1).values
+        fitting = [t for t in range(int(tier) + 1) if float(cheapest[t]) <= budget_ms]
+        return (fitting[-1] if fitting else int(cheapest.argmin())), self.insertion_index
+
+    def stage2(self, tier: int, top_k: int, num_blocks: int, budget_ms: float) -> tuple[int, int]:
+        """(top-k index, blocks index) to execute at `tier` for the chosen ones (module doc)."""
+        table = self.p95_ms[int(tier)]
+        if float(table[top_k, num_blocks]) <= budget_ms:
+            return int(top_k), int(num_blocks)
+        below = table[: top_k + 1, : num_blocks + 1]
+        fits = below <= budget_ms
+        if bool(fits.any()):
+            flat = int(torch.where(fits, below, -math.inf).flatten().argmax())
+        else:
+            below, flat = table, int(table.flatten().argmin())
+        return divmod(flat, below.shape[1])
+
+    def state_dict(self) -> dict:
+        return {"p95_ms": self.p95_ms.tolist(), "insertion_index": self.insertion_index}

@@ -1,0 +1,142 @@
+"""envs/shield.py: the latency shield's projection rules, its bad input, and the env executing the
+projected plan (on the dummy backend, whose closed-form profile is the shield's table)."""
+import json
+import math
+
+import pytest
+import torch
+
+from agents.baselines import dummy_closed_form_profile
+from agents.config import config_from_dict
+from agents.evaluation import run_episodes, summarize
+from agents.factory import (check_latency_shield, make_actor, make_backend_from_config, make_latency_shield,
+                            shield_from_profile)
+from envs import make_env
+from envs.knobs import KnobSpace
+from envs.shield import LatencyShield
+from train_runs import TINY, tiny_config, train_main
+
+KS = KnobSpace(tiers=("low", "high"), insertion_positions=(1, 2), top_k_values=(4, 8), num_blocks_values=(12, 16))
+# p95 ms per (tier, top-k, blocks): low 10/14 (k 4), 12/16 (k 8); high 20/24, 22/30
+TABLE = torch.tensor([[[10.0, 14.0], [12.0, 16.0]], [[20.0, 24.0], [22.0, 30.0]]])
+
+
+def _shield(table=TABLE, insertion_index=0):
+    return LatencyShield(KS, table, insertion_index)
+
+
+def test_stage1_keeps_a_tier_that_fits_and_steps_down_to_the_highest_that_does():
+    s = _shield(insertion_index=1)
+    assert s.stage1(1, 0, 25.0) == (1, 1)  # fits; the insertion is always the table's
+    assert s.stage1(1, 1, 15.0) == (0, 1)  # high's cheapest (20) overshoots: low
+    assert s.stage1(0, 0, 50.0) == (0, 1)  # never up: the policy's tier is a ceiling
+    assert s.stage1(1, 0, 5.0) == (0, 1)  # nothing fits: the cheapest tier
+
+
+def test_stage2_keeps_a_fitting_plan_else_the_largest_fitting_one_below_it():
+    s = _shield()
+    assert s.stage2(1, 1, 1, 30.0) == (1, 1)  # fits as chosen
+    assert s.stage2(1, 1, 1, 25.0) == (0, 1)  # (k 4, 16) at 24 is the largest below 30 that fits
+    assert s.stage2(1, 1, 1, 22.5) == (1, 0)  # (k 8, 12) at 22 beats (k 4, 12) at 20
+    assert s.stage2(1, 0, 1, 21.0) == (0, 0)  # only pairs at or below the chosen one in both knobs
+    assert s.stage2(1, 1, 1, 5.0) == (0, 0)  # none fits: the tier's cheapest
+    assert s.stage2(0, 0, 0, 11.0) == (0, 0)
+
+
+def test_untimed_plans_never_fit_and_the_state_dict_round_trips():
+    table = TABLE.clone()
+    table[1, 0, 1] = math.inf
+    s = _shield(table)
+    assert s.stage2(1, 1, 1, 25.0) == (1, 0)  # (k 4, 16) is not timed: (k 8, 12)
+    again = LatencyShield(KS, torch.tensor(s.state_dict()["p95_ms"]), s.state_dict()["insertion_index"])
+    assert torch.equal(again.p95_ms, s.p95_ms)
+
+
+@pytest.mark.parametrize("table, index, match", [
+    (TABLE[:, :, :1], 0, r"shape \(2, 2, 1\): expected \(2, 2, 2\)"),
+    (TABLE.clone().index_fill_(0, torch.tensor([0]), float("nan")), 0, "NaN or negative"),
+    (-TABLE, 0, "NaN or negative"),
+    (TABLE.clone().index_fill_(0, torch.tensor([1]), math.inf), 0, r"no plan of tier\(s\) \['high'\]"),
+    (TABLE, 2, r"insertion_index=2: expected an index in \[0, 1\]"),
+])
+def test_bad_tables_fail_clearly(table, index, match):
+    with pytest.raises(ValueError, match=match):
+        LatencyShield(KS, table, index)
+
+
+def _largest_plan():
+    ks = KnobSpace()
+    return {h: torch.tensor([[len(v) - 1]]) for h, v in (("tier", ks.tiers), ("insertion", ks.insertion_positions),
+                                                         ("top_k", ks.top_k_values), ("num_blocks", ks.num_blocks_values))}
+
+
+def _always(plan, d_model):
+    """A policy that asks for `plan` (knob indices, every row alike) at both stages, in 0.1 ms each."""
+    def act(td):
+        n = td.batch_size[0]
+        for h in plan:
+            td.set(("action", h), plan[h][:1].expand(n, 1).clone())
+        td.set(("action", "budget_token"), torch.zeros(n, d_model))
+        td.set(("action", "controller_ms"), torch.full((n, 1), 0.1))
+        return td
+    return act
+
+
+def test_the_env_executes_the_shielded_plan_and_records_it():
+    env = make_env("dummy", batch_size=16, group_size=1, seed=0)
+    ks = env.knob_space
+    shield = shield_from_profile(dummy_closed_form_profile(env.backend, "val"), ks)
+    lo, hi = env.backend.budget_range_ms
+    index, budgets = torch.arange(16), torch.full((16,), lo)
+    plan = _largest_plan()
+    bare = run_episodes(env, _always(plan, env.backend.d_model), index, budgets)
+    assert not bare["episode", "shielded"].any() and (bare["action", "top_k"] == len(ks.top_k_values) - 1).all()
+    env.shield = shield
+    shielded = run_episodes(env, _always(plan, env.backend.d_model), index, budgets)
+    info, action = shielded["episode"], shielded["action"]
+    assert info["shielded"].all() and summarize(shielded)["shield_rate"] == 1.0
+    for h in ("tier", "insertion", "top_k", "num_blocks"):
+        assert torch.equal(action[h], info[f"{h}_index"].long())
+    top = [len(v) - 1 for v in (ks.tiers, ks.insertion_positions, ks.top_k_values, ks.num_blocks_values)]
+    tier, p = shield.stage1(top[0], top[1], lo)
+    k, n = shield.stage2(tier, top[2], top[3], lo)
+    assert (action["tier"] == tier).all() and (action["insertion"] == p).all()
+    assert (action["top_k"] == k).all() and (action["num_blocks"] == n).all()
+    # the plan that ran is the cheaper one: the backend was asked for it
+    assert info["latency_ms"].mean() < bare["episode", "latency_ms"].mean()
+    assert info["violation"].mean() < bare["episode", "violation"].mean()
+    # with room to spare the largest plan runs as asked, at the table's insertion (the only one it timed)
+    roomy = run_episodes(env, _always(plan, env.backend.d_model), index, torch.full((16,), hi * 10))
+    assert (roomy["action", "insertion"] == shield.insertion_index).all() and roomy["episode", "shielded"].all()
+    for h in ("tier", "top_k", "num_blocks"):
+        assert (roomy["action", h] == plan[h]).all()
+    plan["insertion"] = torch.tensor([[shield.insertion_index]])
+    roomy = run_episodes(env, _always(plan, env.backend.d_model), index, torch.full((16,), hi * 10))
+    assert not roomy["episode", "shielded"].any()
+
+
+def test_make_latency_shield_adds_the_controllers_own_time_to_the_profile():
+    cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True}})
+    backend = make_backend_from_config(cfg)
+    actor, _ = make_actor(cfg, backend)
+    shield = make_latency_shield(cfg, backend, actor)
+    bare = shield_from_profile(dummy_closed_form_profile(backend, "val"), backend.knob_space)
+    extra = shield.p95_ms - bare.p95_ms
+    assert (extra > 0).all() and torch.allclose(extra, extra.flatten()[0].expand_as(extra))
+    assert make_latency_shield(config_from_dict(TINY), backend, actor) is None
+
+
+def test_a_non_boolean_setting_fails_naming_the_field():
+    cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": "yes"}})
+    with pytest.raises(ValueError, match=r"policy.latency_shield='yes': expected true or false"):
+        check_latency_shield(cfg)
+
+
+def test_a_shielded_training_run_logs_its_shield_rate_and_evaluates_through_it(tmp_path):
+    config = tiny_config(tmp_path, policy={**TINY["policy"], "latency_shield": True}, train={"num_epochs": 1})
+    out = tmp_path / "run"
+    train_main("--config", config, "--output_dir", out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["train/shield_rate"] for r in rows if "train/shield_rate" in r]
+    assert rates and all(0.0 <= x <= 1.0 for x in rates)
+    assert any("val/shield_rate" in r for r in rows)
