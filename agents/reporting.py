@@ -1,6 +1,7 @@
-"""Reporting of a budget sweep: eval.json, eval.csv and the figures (accuracy, latency and
-violation rate vs budget; each controller's knob choices vs budget), from the rows of
-agents.budget_sweep."""
+"""Reporting of a budget sweep: eval.json, eval.csv, eval.md (the tables a reader takes in: accuracy
+and violations per policy and budget, each controller's knob choices per question family) and the
+figures (accuracy, latency and violation rate vs budget; each controller's knob choices vs budget),
+from the rows of agents.budget_sweep."""
 from __future__ import annotations
 
 import csv
@@ -58,10 +59,12 @@ def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path
     returns the paths written."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "eval.json", "csv": out / "eval.csv"}
+    paths = {"json": out / "eval.json", "csv": out / "eval.csv", "markdown": out / "eval.md"}
     write_json(paths["json"], {"rows": list(rows), "rows_outside_training_range": list(rows_outside_training_range),
                                "meta": dict(meta)})
     write_csv(rows, paths["csv"])
+    with atomic_writer(paths["markdown"], "w") as fh:
+        fh.write(markdown_tables(rows))
     if rows_outside_training_range:
         paths["csv_outside_range"] = out / "eval_outside_range.csv"
         write_csv(rows_outside_training_range, paths["csv_outside_range"])
@@ -79,6 +82,62 @@ def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path
         paths[key] = out / name
         fig.savefig(paths[key], dpi=110)
     return paths
+
+
+def markdown_tables(rows: Sequence[Mapping]) -> str:
+    """Accuracy (violation rate) per budget and policy, with the mean over budgets, a column of the
+    controllers' mean +- standard deviation when there are several; then per controller its knob
+    choices by question family (modal tier, mean top-k, mean blocks: accuracy) where rows have them."""
+    import statistics
+
+    by_policy = _by_policy(rows)
+    if not by_policy:
+        return ""
+    budgets = sorted({r["budget_ms"] for r in rows})
+    controllers = [p for p in by_policy if is_controller(p)]
+    others = [p for p in by_policy if not is_controller(p) and not p.startswith("static:")]
+    cell = {(r["policy"], r["budget_ms"]): r for r in rows}
+    spread = len(controllers) >= 2
+
+    def cell_text(policies, chosen) -> str:
+        """Each policy's accuracy and violation rate averaged over the chosen budgets; over several
+        policies their mean +- standard deviation."""
+        per = [[cell[p, b] for b in chosen if (p, b) in cell] for p in policies]
+        acc = [statistics.fmean(r["accuracy_mean"] for r in rs) for rs in per if rs]
+        viol = [100 * statistics.fmean(r["violation_rate"] for r in rs) for rs in per if rs]
+        if len(acc) < 2:
+            return f"{acc[0]:.3f} ({viol[0]:.1f}%)" if acc else ""
+        return (f"{statistics.fmean(acc):.3f} +- {statistics.stdev(acc):.3f} "
+                f"({statistics.fmean(viol):.1f}% +- {statistics.stdev(viol):.1f})")
+
+    columns = ([f"controllers ({len(controllers)}), mean +- std"] if spread else []) + controllers + others
+    lines = ["| budget (ms) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for key in [*budgets, "mean"]:
+        chosen = budgets if key == "mean" else [key]
+        cells = ([cell_text(controllers, chosen)] if spread else []) + [cell_text([p], chosen)
+                                                                       for p in controllers + others]
+        label = "**mean**" if key == "mean" else f"{key:.1f}"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    out = ["## Accuracy (violation rate) per budget", "", *lines, ""]
+    for policy in controllers:
+        rs = [r for r in by_policy[policy] if r.get("choices_by_family")]
+        if not rs:
+            continue
+        families = sorted(rs[0]["choices_by_family"])
+        out += [f"## {policy}: knob choices by question family (modal tier, mean top-k, mean blocks: accuracy)", "",
+                "| budget (ms) | " + " | ".join(families) + " |", "|---" * (len(families) + 1) + "|"]
+        for r in rs:
+            out.append(f"| {r['budget_ms']:.1f} | " + " | ".join(
+                _family_knobs(r["choices_by_family"][f], r["accuracy_by_family"][f]) for f in families) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _family_knobs(choices: Mapping[str, Mapping[str, float]], accuracy: float) -> str:
+    tier, share = max(choices["tier"].items(), key=lambda kv: kv[1])
+    k = sum(int(v) * f for v, f in choices["top_k"].items())
+    n = sum(int(v) * f for v, f in choices["num_blocks"].items())
+    return f"{tier}{'' if share > 0.995 else f' ({share:.0%})'}, k {k:.1f}, N {n:.1f}: {accuracy:.2f}"
 
 
 # --------------------------------------------------------------------------- plots

@@ -50,7 +50,8 @@ the latency); `val` measures the config table on --profile_samples val samples. 
 --results_dir if given, else the VLM's results dir, else closed_form on the dummy.
 
 Writes to --output_dir: eval.json ({"rows": [...], "rows_outside_training_range": [...],
-"meta": {...}}), eval.csv, and PNG plots (accuracy / latency / violation rate vs budget, the
+"meta": {...}}), eval.csv, eval.md (accuracy and violations per policy and budget, each controller's
+knob choices per question family), and PNG plots (accuracy / latency / violation rate vs budget, the
 controller's knob choices vs budget) of the budgets in the training range.
 """
 from __future__ import annotations
@@ -104,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, nargs="+",
                    help="checkpoint file, or a training output_dir (its best checkpoint); several: one controller "
                         "policy each, evaluated in the same run")
-    p.add_argument("--output_dir", required=True, help="where eval.json, eval.csv and the plots go")
+    p.add_argument("--output_dir", required=True, help="where eval.json, eval.csv, eval.md and the plots go")
     p.add_argument("--config", help="YAML whose keys override the checkpoint's stored config")
     p.add_argument("--backend", choices=("dummy", "vlm", "molmoe"), help="env backend (default: the checkpoint's)")
     p.add_argument("--model_path", help="VLM model dir (default: the checkpoint's, else the shipped model)")

@@ -1,5 +1,7 @@
 """Data-parallel training on CPU with gloo: 2 ranks, each a process forked from this one (the
-imports are already done, so a rank starts in well under a second), set up as torchrun would."""
+imports are already done, so a rank starts in well under a second), set up as torchrun would.
+Where CUDA is present the ranks are spawned instead: a CUDA build's autograd engine runs device
+threads, and a process forked after it ran cannot use autograd ("Autograd and Fork")."""
 import json
 import multiprocessing
 import os
@@ -20,7 +22,7 @@ from agents.rollout import collect_rollouts
 from helpers import load_runner, tiny_model
 from train_runs import TINY, metrics_rows, tiny_config
 
-FORK = multiprocessing.get_context("fork")
+RANKS = multiprocessing.get_context("spawn" if torch.cuda.is_available() else "fork")
 train = load_runner("train")  # imported here, once: the forked ranks start without importing it
 
 
@@ -58,7 +60,7 @@ def _rank(target, rank, world, port, log, args):
 
 def start_ranks(tmp_path, target, *args, world=2):
     port = _free_port()
-    procs = [FORK.Process(target=_rank, args=(target, r, world, port, tmp_path / f"rank{r}.log", args))
+    procs = [RANKS.Process(target=_rank, args=(target, r, world, port, tmp_path / f"rank{r}.log", args))
              for r in range(world)]
     for p in procs:
         p.start()

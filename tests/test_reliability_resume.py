@@ -39,6 +39,10 @@ def _assert_same_tensors(a, b, where=""):
         assert set(a) == set(b), where
         for k in a:
             _assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):  # e.g. one CUDA generator state per device
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
     elif torch.is_tensor(a):
         assert torch.equal(a, b), where
     else:

@@ -1,0 +1,36 @@
+"""agents.reporting.markdown_tables: eval.md's tables from budget-sweep rows."""
+from agents.reporting import markdown_tables
+
+
+def _row(policy, budget, acc, viol, families=None):
+    row = {"policy": policy, "budget_ms": budget, "accuracy_mean": acc, "violation_rate": viol}
+    if families:
+        row["accuracy_by_family"] = {f: a for f, (a, _) in families.items()}
+        row["choices_by_family"] = {f: c for f, (_, c) in families.items()}
+    return row
+
+
+def _choices(tier, k, n):
+    return {"tier": tier, "insertion": {"1": 1.0}, "top_k": k, "num_blocks": n}
+
+
+def test_accuracy_table_has_a_spread_column_and_a_mean_row():
+    rows = [_row("controller:a", 10.0, 0.6, 0.0), _row("controller:a", 20.0, 0.8, 0.1),
+            _row("controller:b", 10.0, 0.4, 0.1), _row("controller:b", 20.0, 0.8, 0.1),
+            _row("lookup-calibrated", 10.0, 0.5, 0.02), _row("lookup-calibrated", 20.0, 0.7, 0.0),
+            _row("static:low,4,12", 10.0, 0.1, 0.0)]
+    lines = markdown_tables(rows).splitlines()
+    assert lines[2] == ("| budget (ms) | controllers (2), mean +- std | controller:a | controller:b | "
+                        "lookup-calibrated |")
+    assert lines[4] == "| 10.0 | 0.500 +- 0.141 (5.0% +- 7.1) | 0.600 (0.0%) | 0.400 (10.0%) | 0.500 (2.0%) |"
+    # the mean row averages each policy over the budgets, then the spread over the controllers
+    assert lines[6] == "| **mean** | 0.650 +- 0.071 (7.5% +- 3.5) | 0.700 (5.0%) | 0.600 (10.0%) | 0.600 (1.0%) |"
+    assert "static" not in "\n".join(lines)
+
+
+def test_family_table_gives_modal_tier_mean_knobs_and_accuracy():
+    fam = {"coarse": (1.0, _choices({"low": 1.0, "high": 0.0}, {"4": 1.0, "8": 0.0}, {"12": 0.5, "16": 0.5})),
+           "detail": (0.25, _choices({"low": 0.4, "high": 0.6}, {"4": 0.5, "8": 0.5}, {"12": 0.0, "16": 1.0}))}
+    text = markdown_tables([_row("controller", 30.0, 0.6, 0.0, fam)])
+    assert "| budget (ms) | coarse | detail |" in text
+    assert "| 30.0 | low, k 4.0, N 14.0: 1.00 | high (60%), k 6.0, N 16.0: 0.25 |" in text
