@@ -69,7 +69,8 @@ def load_controller(run: str | Path, device: str | None = None) -> Controller:
     actor = build_actor(ckpt["policy_meta"]).to(cfg.train.device)
     actor.load_state_dict(ckpt["policy"])
     actor.eval()
-    shield = make_latency_shield(cfg, backend, actor, measure_profile_drift(backend)) if cfg.policy.latency_shield else None
+    shield = (make_latency_shield(cfg, backend, actor, measure_profile_drift(backend))
+              if cfg.policy.latency_shield else None)
     return Controller(actor, backend, cfg, ckpt, shield)
 
 

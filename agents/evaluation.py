@@ -22,9 +22,9 @@ def heldout_budgets(env, num_samples: int, seed: int) -> tuple[torch.Tensor, tor
 
 def run_episodes(env, actor, sample_index: torch.Tensor, budget_ms: torch.Tensor, greedy: bool = True) -> TensorDict:
     """Run one episode per (sample, budget) in chunks of the env's batch; returns the terminal
-    steps (K,) with the executed plan (`action`: knob indices), reward and episode info. `sample_index` is the sample that ran (the
-    env substitutes another when an image cannot be read), `requested_sample_index` the one asked
-    for and `substituted` whether they differ."""
+    steps (K,) with the executed plan (`action`: knob indices), reward and episode info.
+    `sample_index` is the sample that ran (the env substitutes another when an image cannot be
+    read), `requested_sample_index` the one asked for and `substituted` whether they differ."""
     rows = env.batch_size[0]
     k = sample_index.shape[0]
     out = []

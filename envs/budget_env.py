@@ -9,8 +9,8 @@ Episode (per batch row; rows are B samples x G group members, each executed alon
   step 2 -> action (top_k, num_blocks, controller_ms): rest of prefill + decode;
             terminal reward, done, and the episode's info under "episode"
 With a latency shield (envs/shield.py) each step executes the nearest plan its table says fits
-the budget; the episode info records the plan that ran. Each stage's controller time for the request is measured by the policy (at batch size 1) and
-passed in as that step's `controller_ms`: it is part of the request's latency but runs outside the
+the budget; the episode info records the plan that ran. Each stage's controller time for the
+request is measured by the policy (at batch size 1) and passed in as that step's `controller_ms`: it is part of the request's latency but runs outside the
 env. The latency is preprocess + vision + prefill + decode + both stages' controller time.
 
 Resets draw each group's sample and budget from the env's generator. A caller fixes them only
@@ -334,10 +334,11 @@ class BudgetVLMEnv(EnvBase):
         episode = self._episodes[row]
         if episode is None:
             raise RuntimeError(f"row {row}: Stage-2 step without a Stage-1 step; call reset() first")
-        k_index, n_index = int(action["top_k"]), int(action["num_blocks"])
+        chosen = int(action["top_k"]), int(action["num_blocks"])
+        k_index, n_index = chosen
         if self.shield is not None:
-            k_index, n_index = self.shield.stage2(int(self._tier_index[row]), k_index, n_index, float(self._budget[row]))
-        shielded = bool(self._stage1_shielded[row]) or (k_index, n_index) != (int(action["top_k"]), int(action["num_blocks"]))
+            k_index, n_index = self.shield.stage2(int(self._tier_index[row]), *chosen, float(self._budget[row]))
+        shielded = bool(self._stage1_shielded[row]) or (k_index, n_index) != chosen
         top_k, num_blocks = ks.top_k_values[k_index], ks.num_blocks_values[n_index]
         result = self.backend.finish(episode, top_k, num_blocks)
         self._episodes[row] = None

@@ -62,6 +62,7 @@ from envs.profiling import (
     knob_latency,
     load_samples,
     meter_overhead,
+    paired_knob_steps,
     weights_sha256,
     write_json,
 )
@@ -282,6 +283,9 @@ def target_checks(r: dict) -> dict:
         checks["embedded_episode_full_ms"] = {"value": full["median_ms"], "target": "<= 10",
                                               "met": full["median_ms"] <= 10.0}
     checks["embedded_knob_steps" if embedded else "episode_knob_steps"] = knob_steps(knobs, step_chains(names))
+    if r["knob_latency"].get("repeats", 1) >= 2:  # the same requests again: each step against one request's noise
+        checks[("embedded" if embedded else "episode") + "_knob_steps_per_request"] = paired_knob_steps(
+            knobs, step_chains(names))
     m = r.get("molmoe_shape")
     if m:
         cfg = m["decoder"]
@@ -355,12 +359,16 @@ def to_markdown(r: dict) -> str:
     if "molmoe_shape" in r:
         lines += molmoe_markdown(r["molmoe_shape"])
     lines += ["Target checks (issue 12):", "", "| check | value | target | met |", "|---|---|---|---|"]
+    details = []
     for name, c in r["checks"].items():
         if isinstance(c, list):
             met = sum(x["met"] for x in c)
             lines.append(f"| {name} | {met}/{len(c)} steps drop > 3x IQR | all | {met == len(c)} |")
+            details.append(f"{name}: " + "; ".join(f"{x['from']} -> {x['to']} {x['drop_ms']:+.3f} ms (IQR "
+                                                    f"{x['iqr_ms']:.3f})" for x in c))
         else:
             lines.append(f"| {name} | {c['value']:.3f} | {c['target']} | {c['met']} |")
+    lines += ["", *(f"- {d}" for d in details)]
     return "\n".join(lines) + "\n"
 
 

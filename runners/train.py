@@ -551,10 +551,14 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
     test_env = make_env(rank_cfg, backend, "test", ec.batch_size, 1, shield=val_env.shield)
     test_index, test_budgets = heldout_budgets(test_env, ec.test_samples, seed=cfg.train.seed + 2)
     final, _ = evaluate(test_env, actor, test_index, test_budgets, ranks)
-    # The uniform-random policy on the same samples and budgets: the floor learning must clear.
-    random_policy = RandomPolicy(backend.knob_space, backend.d_model, seed=rank_cfg.train.seed)
-    final["uniform_random"] = summarize(sharded_episodes(test_env, random_policy, test_index, test_budgets, ranks,
-                                                         greedy=False))
+    # The uniform-random policy on the same samples and budgets: the floor learning must clear; with a
+    # latency shield also the same draws through it, which tells what the shield buys from what was learned.
+    for key, shield in (("uniform_random", None), ("uniform_random_shielded", val_env.shield)):
+        if key == "uniform_random" or shield is not None:
+            test_env.shield = shield
+            random_policy = RandomPolicy(backend.knob_space, backend.d_model, seed=rank_cfg.train.seed)
+            final[key] = summarize(sharded_episodes(test_env, random_policy, test_index, test_budgets, ranks,
+                                                    greedy=False))
     # `checkpoint`: the file whose weights were evaluated (None: the initial policy, no epoch ran).
     final.update({"checkpoint": evaluated, "checkpoint_step": evaluated_step, "step": step, "split": "test"})
     if drift:
@@ -563,6 +567,8 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         write_json(output_dir / "final_eval.json", final)
     log({f"test/{k}": v for k, v in final.items() if isinstance(v, (int, float))}, step)
     log({f"test/random_{k}": v for k, v in final["uniform_random"].items()}, step)
+    if "uniform_random_shielded" in final:
+        log({f"test/random_shielded_{k}": v for k, v in final["uniform_random_shielded"].items()}, step)
     close_outputs()
     if ranks.is_main:
         print(json.dumps(final, indent=2))

@@ -55,6 +55,22 @@ def test_bench_output_schema(model_dir, tmp_path):
     assert result["device"] == "cpu" and "molmoe_shape" not in result  # the MolmoE shape defaults to CUDA runs
     assert result["backend"]["expert_kernel"] == "grouped_mm" and result["backend"]["executor"]["decode"] == "eager"
     assert result["checks"]["meter_overhead_pct"]["target"] == "<= 2" and "Target checks" in text
+    assert "episode_knob_steps_per_request" not in result["checks"]  # one repeat: no request seen twice
+
+
+def test_per_request_steps_separate_request_lengths_from_noise():
+    from envs.profiling import paired_knob_steps
+
+    # three requests of very different lengths, each 1 ms faster after the step, +-0.1 ms noise
+    slow = [[10.0, 10.1, 9.9], [20.0, 20.1, 19.9], [30.0, 30.1, 29.9]]
+    fast = [[v - 1.0 for v in r] for r in slow]
+    rows = {"a": {"per_request_ms": slow}, "b": {"per_request_ms": fast}}
+    (step,) = paired_knob_steps(rows, [("a", "b")])
+    assert step["drop_ms"] == pytest.approx(1.0) and step["iqr_ms"] == pytest.approx(0.1) and step["met"]
+    assert not bench.knob_steps({"a": {"median_ms": 20.0, "iqr_ms": 10.0}, "b": {"median_ms": 19.0, "iqr_ms": 10.0}},
+                                [("a", "b")])[0]["met"]  # over all episodes the lengths hide the step
+    with pytest.raises(ValueError, match="needs >= 2 repeats"):
+        paired_knob_steps({"a": {"per_request_ms": [[1.0]]}, "b": {"per_request_ms": [[0.5]]}}, [("a", "b")])
 
 
 def test_molmoe_shape_section_schema(tmp_path):

@@ -140,3 +140,8 @@ def test_a_shielded_training_run_logs_its_shield_rate_and_evaluates_through_it(t
     rates = [r["train/shield_rate"] for r in rows if "train/shield_rate" in r]
     assert rates and all(0.0 <= x <= 1.0 for x in rates)
     assert any("val/shield_rate" in r for r in rows)
+    final = json.loads((out / "final_eval.json").read_text())
+    # the random floor as it is, and its same draws through the shield
+    assert final["uniform_random"]["shield_rate"] == 0.0
+    shielded = final["uniform_random_shielded"]
+    assert shielded["num_episodes"] == final["uniform_random"]["num_episodes"] and shielded["shield_rate"] > 0

@@ -15,7 +15,7 @@ module:
 """
 from envs.backends.base import SPLITS, check_split
 from envs.profiling.accuracy import BatchedEvaluator, sample_group, summarize_accuracy
-from envs.profiling.benchmarks import hook_cost_us, iqr, knob_latency, meter_modules, meter_overhead
+from envs.profiling.benchmarks import hook_cost_us, iqr, knob_latency, meter_modules, meter_overhead, paired_knob_steps
 from envs.profiling.checks import MODEL_FILES, PROFILE_BACKENDS, check_model_dir, check_positive_int, check_subset
 from envs.profiling.configs import PROFILE_INSERTION, ZERO_BUDGET_NOTE, StaticConfig, static_configs
 from envs.profiling.importance import IMPORTANCE_METHODS, compute_importance
@@ -36,7 +36,8 @@ __all__ = [
     "PROFILE_INSERTION", "SPLITS", "ZERO_BUDGET_NOTE", "BatchedEvaluator", "LatencyTable", "StaticConfig",
     "budget_range", "check_model_dir", "check_positive_int", "check_split", "check_subset", "compute_importance",
     "evaluation_backend", "hook_cost_us", "iqr", "knob_latency", "latency_stats", "load_samples", "measure_latency",
-    "meter_modules", "meter_overhead", "model_num_layers", "pareto_frontier", "read_importance", "run_episode",
+    "meter_modules", "meter_overhead", "model_num_layers", "paired_knob_steps", "pareto_frontier", "read_importance",
+    "run_episode",
     "sample_group", "static_configs", "summarize_accuracy", "total_ms", "weight_paths", "weights_sha256",
     "write_json",
 ]

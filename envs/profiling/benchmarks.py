@@ -109,7 +109,9 @@ def knob_latency(
     warmup: int = 2, seed: int = 0,
 ) -> dict:
     """Median / IQR / std of metered total latency for named configs, interleaved; plus the
-    slowest/fastest median ratio (all from this one run)."""
+    slowest/fastest median ratio (all from this one run). `per_request_ms`: each request's totals
+    over the repeats (the IQR over all episodes mixes requests of different prompt and answer
+    lengths with the noise; paired_knob_steps separates them)."""
     table = measure_latency(backend, samples, list(configs.values()), warmup=warmup, seed=seed, repeats=repeats)
     out = {}
     for name, c in configs.items():
@@ -121,6 +123,8 @@ def knob_latency(
             "iqr_ms": iqr(totals),
             "std_ms": statistics.stdev(totals) if len(totals) > 1 else 0.0,
             **{f"{p}_median_ms": statistics.median(t[p] for t in timings) for p in BACKEND_PHASES},
+            # rows are the kept requests in order, once per repeat
+            "per_request_ms": [totals[i::len(table.kept)] for i in range(len(table.kept))],
         }
     medians = {n: r["median_ms"] for n, r in out.items()}
     slowest, fastest = max(medians, key=medians.get), min(medians, key=medians.get)
@@ -129,7 +133,23 @@ def knob_latency(
         "slowest": slowest,
         "fastest": fastest,
         "slowest_over_fastest": medians[slowest] / medians[fastest],
+        "repeats": int(repeats),
     }
+
+
+def paired_knob_steps(rows: Mapping[str, dict], steps: Sequence[tuple[str, str]]) -> list[dict]:
+    """Each (slower, faster) pair of knob_latency configs, request by request: the median over
+    requests of the drop in that request's median latency, against the noise of one request (the
+    median over requests and both configs of the IQR of its repeats). met: drop > 3x noise."""
+    out = []
+    for slow, fast in steps:
+        a, b = rows[slow]["per_request_ms"], rows[fast]["per_request_ms"]
+        if len(a[0]) < 2:
+            raise ValueError("paired_knob_steps needs >= 2 repeats of every request (--repeats)")
+        drop = statistics.median(statistics.median(x) - statistics.median(y) for x, y in zip(a, b))
+        noise = statistics.median(iqr(v) for v in (*a, *b))
+        out.append({"from": slow, "to": fast, "drop_ms": drop, "iqr_ms": noise, "met": drop > 3 * noise})
+    return out
 
 
 def iqr(values: Sequence[float]) -> float:
