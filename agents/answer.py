@@ -121,6 +121,7 @@ def answer_request(run: str | Path, image: str | Path | Image.Image, question: s
             "num_blocks": ks.num_blocks_values[int(info["num_blocks_index"])],
         },
         "shielded": bool(info["shielded"]),  # the latency shield changed the controller's choice
+        "shield_cut": bool(info["shield_cut"]),  # ... by lowering the tier, top-k or blocks for the budget
         "latency_ms": float(info["latency_ms"]),
         "latency_by_phase_ms": {phase: float(info[f"{phase}_ms"]) for phase in PHASES},
         "violation": bool(info["violation"]),

@@ -305,6 +305,7 @@ def episode_rows(env, name: str, episodes, sample_index: torch.Tensor, budgets: 
             {h: ep["action", h] for h in ACTION_HEADS}, env.knob_space, families,
             violation=info["violation"],  # the env's own count (against the float32 budget it stores)
             shield_rate=float(info["shielded"].double().mean()),  # episodes whose plan the latency shield changed
+            shield_cut_rate=float(info["shield_cut"].double().mean()),  # ... lowering tier, top-k or blocks
             **extra,
         ))
     return rows

@@ -65,6 +65,7 @@ def summarize(episodes: TensorDict) -> dict[str, float]:
         "latency_mean_ms": float(info["latency_ms"].mean()),
         "violation_rate": float(info["violation"].mean()),
         "shield_rate": float(info["shielded"].mean()),  # episodes whose plan the latency shield changed
+        "shield_cut_rate": float(info["shield_cut"].mean()),  # ... by lowering the tier, top-k or blocks
         "num_episodes": int(episodes.shape[0]),
         "num_substituted_samples": int(episodes["substituted"].sum()),
     }

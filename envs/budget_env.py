@@ -52,7 +52,8 @@ EPISODE_INFO_KEYS = (
     "insertion_index",
     "top_k_index",
     "num_blocks_index",
-    "shielded",  # 1: the shield changed a knob of this episode
+    "shielded",  # 1: the shield changed a knob of this episode (the insertion pin included)
+    "shield_cut",  # 1: it lowered the tier, top-k or blocks to fit the budget
 )
 # How many other samples to try when a sample's image cannot be loaded.
 _MAX_IMAGE_RETRIES = 32
@@ -116,6 +117,7 @@ class BudgetVLMEnv(EnvBase):
         self._insertion_index = torch.zeros(n, dtype=torch.long)
         self._stage1_controller_ms = torch.zeros(n)
         self._stage1_shielded = torch.zeros(n, dtype=torch.bool)
+        self._stage1_cut = torch.zeros(n, dtype=torch.bool)
         self._elapsed_ms = torch.zeros(n)  # measured at the end of Stage 1, Stage 2's elapsed input
         self._group_id = torch.arange(n) // self.group_size
         self._language = torch.zeros(n, backend.language_dim)
@@ -200,7 +202,7 @@ class BudgetVLMEnv(EnvBase):
             self._budget[i] = budgets[i]
             self._insertion_index[i] = 0
             self._stage1_controller_ms[i] = 0.0
-            self._stage1_shielded[i] = False
+            self._stage1_shielded[i] = self._stage1_cut[i] = False
             self._elapsed_ms[i] = 0.0
             self._language[i] = self._load_language(i)
         return self._observation(stage=torch.zeros(n, 1, dtype=torch.long))
@@ -302,6 +304,7 @@ class BudgetVLMEnv(EnvBase):
         if self.shield is not None:
             tier_index, p_index = self.shield.stage1(tier_index, p_index, float(self._budget[row]))
             self._stage1_shielded[row] = (tier_index, p_index) != (int(action["tier"]), int(action["insertion"]))
+            self._stage1_cut[row] = tier_index != int(action["tier"])
         tier = ks.tiers[tier_index]
         for _ in range(_MAX_IMAGE_RETRIES):
             sample = self.samples[int(self._sample_index[row])]
@@ -338,7 +341,8 @@ class BudgetVLMEnv(EnvBase):
         k_index, n_index = chosen
         if self.shield is not None:
             k_index, n_index = self.shield.stage2(int(self._tier_index[row]), *chosen, float(self._budget[row]))
-        shielded = bool(self._stage1_shielded[row]) or (k_index, n_index) != chosen
+        cut = bool(self._stage1_cut[row]) or (k_index, n_index) != chosen
+        shielded = bool(self._stage1_shielded[row]) or cut
         top_k, num_blocks = ks.top_k_values[k_index], ks.num_blocks_values[n_index]
         result = self.backend.finish(episode, top_k, num_blocks)
         self._episodes[row] = None
@@ -369,5 +373,6 @@ class BudgetVLMEnv(EnvBase):
             "top_k_index": float(k_index),
             "num_blocks_index": float(n_index),
             "shielded": float(shielded),
+            "shield_cut": float(cut),
         }
         return info, float(reward)

@@ -501,6 +501,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
                 "train/violation_rate": float(info["violation"].mean()),
                 "train/frac_reward_zero_std": float(rollout["reward_zero_std"][:, 0].float().mean()),
                 "train/shield_rate": float(info["shielded"].mean()),  # episodes whose plan the shield changed
+                "train/shield_cut_rate": float(info["shield_cut"].mean()),  # ... lowering tier, top-k or blocks
             }, local_groups, "the train metrics' reduction")
             train_metrics.update({"train/grad_norm": float(grad_norm), "train/skipped_updates": skipped_updates})
             if multiplier is not None:  # the global batch's episodes: every rank takes the same step

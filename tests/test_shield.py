@@ -95,6 +95,7 @@ def test_the_env_executes_the_shielded_plan_and_records_it():
     shielded = run_episodes(env, _always(plan, env.backend.d_model), index, budgets)
     info, action = shielded["episode"], shielded["action"]
     assert info["shielded"].all() and summarize(shielded)["shield_rate"] == 1.0
+    assert info["shield_cut"].all() and summarize(shielded)["shield_cut_rate"] == 1.0  # the budget cut it
     for h in ("tier", "insertion", "top_k", "num_blocks"):
         assert torch.equal(action[h], info[f"{h}_index"].long())
     top = [len(v) - 1 for v in (ks.tiers, ks.insertion_positions, ks.top_k_values, ks.num_blocks_values)]
@@ -108,6 +109,7 @@ def test_the_env_executes_the_shielded_plan_and_records_it():
     # with room to spare the largest plan runs as asked, at the table's insertion (the only one it timed)
     roomy = run_episodes(env, _always(plan, env.backend.d_model), index, torch.full((16,), hi * 10))
     assert (roomy["action", "insertion"] == shield.insertion_index).all() and roomy["episode", "shielded"].all()
+    assert not roomy["episode", "shield_cut"].any()  # only the insertion was pinned
     for h in ("tier", "top_k", "num_blocks"):
         assert (roomy["action", h] == plan[h]).all()
     plan["insertion"] = torch.tensor([[shield.insertion_index]])
@@ -137,8 +139,9 @@ def test_a_shielded_training_run_logs_its_shield_rate_and_evaluates_through_it(t
     out = tmp_path / "run"
     train_main("--config", config, "--output_dir", out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["train/shield_rate"] for r in rows if "train/shield_rate" in r]
-    assert rates and all(0.0 <= x <= 1.0 for x in rates)
+    for key in ("train/shield_rate", "train/shield_cut_rate"):
+        rates = [r[key] for r in rows if key in r]
+        assert rates and all(0.0 <= x <= 1.0 for x in rates)
     assert any("val/shield_rate" in r for r in rows)
     final = json.loads((out / "final_eval.json").read_text())
     # the random floor as it is, and its same draws through the shield
