@@ -42,6 +42,8 @@ class PolicyConfig:
     # every episode executes the nearest plan whose p95 latency (the profile rescaled to this machine
     # at start-up, plus the controller's own time) fits the budget (envs/shield.py)
     latency_shield: bool = False
+    # > 0: the shield's per-tier scale follows each executed episode's latency during the run (envs/shield.py)
+    latency_shield_tracking: float = 0.0
 
 
 @dataclass

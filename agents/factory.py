@@ -7,6 +7,7 @@ names, e.g. --data_root is data.data_root).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -182,7 +183,8 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
     env = make_env(cfg, backend, "train", SHIELD_CONTROLLER_SAMPLES, 1)
     lowest = torch.zeros(env.batch_size[0], dtype=torch.long)  # the cheapest tier and p: the controller's own time
     controller_ms = measure_controller_ms(actor, env, env.reset(), lowest, lowest)
-    return shield_from_profile(add_controller_time(entries, controller_ms), backend.knob_space)
+    return shield_from_profile(add_controller_time(entries, controller_ms), backend.knob_space,
+                               tracking_rate=check_shield_tracking(cfg))
 
 
 def check_latency_shield(cfg: Config) -> bool:
@@ -193,7 +195,16 @@ def check_latency_shield(cfg: Config) -> bool:
     return on
 
 
-def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace) -> LatencyShield:
+def check_shield_tracking(cfg: Config) -> float:
+    """policy.latency_shield_tracking, or an error naming it when it is not a finite rate >= 0."""
+    rate = cfg.policy.latency_shield_tracking
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+        raise ValueError(f"policy.latency_shield_tracking={rate!r}: expected a finite rate >= 0 (0: a fixed table)")
+    return float(rate)
+
+
+def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace,
+                        tracking_rate: float = 0.0) -> LatencyShield:
     """The shield over the profile's p95 latencies at its smallest insertion (plans it lacks: not timed)."""
     p = min(e.config.insertion for e in entries)
     table = torch.full((len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values)),
@@ -202,7 +213,7 @@ def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace) 
         if e.config.insertion == p:
             i = e.config.indices(knob_space)
             table[i["tier"], i["top_k"], i["num_blocks"]] = e.latency_p95_ms
-    return LatencyShield(knob_space, table, knob_space.insertion_positions.index(p))
+    return LatencyShield(knob_space, table, knob_space.insertion_positions.index(p), tracking_rate)
 
 
 def make_loss(cfg: Config, actor) -> JointGRPOLoss:

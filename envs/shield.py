@@ -19,6 +19,12 @@ table holds each static configuration's p95 latency on this machine now plus the
 time (agents.factory.make_latency_shield: the profile rescaled by a start-up measurement, as the
 warm start's table). The episode info records the plan that ran (tier_index ... num_blocks_index)
 and whether the shield changed it (shielded).
+
+With tracking_rate > 0 the table follows the machine during the run: each executed episode's
+measured latency updates its tier's scale by stochastic approximation of the 95th percentile
+(x exp(rate * 0.95) after an exceedance of the scaled p95, x exp(-rate * 0.05) otherwise), so that
+at equilibrium 5% of a tier's episodes exceed it. The start-up measurement alone missed by about a
+third on a machine whose tail grew during an 88-minute evaluation (RESULTS 0, 2026-12-04).
 """
 from __future__ import annotations
 
@@ -33,7 +39,8 @@ class LatencyShield:
     """p95_ms: (tiers, top-k values, block counts) p95 latency of each plan at the table's insertion
     (inf: not timed), in the knob space's index order; insertion_index: that insertion's index."""
 
-    def __init__(self, knob_space: KnobSpace, p95_ms: torch.Tensor, insertion_index: int = 0):
+    def __init__(self, knob_space: KnobSpace, p95_ms: torch.Tensor, insertion_index: int = 0,
+                 tracking_rate: float = 0.0):
         shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
         p95_ms = torch.as_tensor(p95_ms, dtype=torch.float64)
         if tuple(p95_ms.shape) != shape:
@@ -47,19 +54,24 @@ class LatencyShield:
         if not bool(torch.isfinite(p95_ms).flatten(1).any(1).all()):
             missing = [t for t, row in zip(knob_space.tiers, p95_ms) if not bool(torch.isfinite(row).any())]
             raise ValueError(f"latency shield table times no plan of tier(s) {missing}; expected >= 1 per tier")
+        if not (math.isfinite(float(tracking_rate)) and float(tracking_rate) >= 0):
+            raise ValueError(f"latency shield tracking_rate={tracking_rate}: expected a finite rate >= 0 "
+                             f"(0: a fixed table)")
         self.knob_space = knob_space
+        self.tracking_rate = float(tracking_rate)
+        self.scale = torch.ones(shape[0], dtype=torch.float64)  # per tier, tracked online when tracking_rate > 0
         self.p95_ms = p95_ms
         self.insertion_index = int(insertion_index)
 
     def stage1(self, tier: int, insertion: int, budget_ms: float) -> tuple[int, int]:
         """(tier index, insertion index) to execute for the chosen ones (module doc)."""
-        cheapest = self.p95_ms.flatten(1).min(1).values
+        cheapest = self.p95_ms.flatten(1).min(1).values * self.scale
         fitting = [t for t in range(int(tier) + 1) if float(cheapest[t]) <= budget_ms]
         return (fitting[-1] if fitting else int(cheapest.argmin())), self.insertion_index
 
     def stage2(self, tier: int, top_k: int, num_blocks: int, budget_ms: float) -> tuple[int, int]:
         """(top-k index, blocks index) to execute at `tier` for the chosen ones (module doc)."""
-        table = self.p95_ms[int(tier)]
+        table = self.p95_ms[int(tier)] * self.scale[int(tier)]
         if float(table[top_k, num_blocks]) <= budget_ms:
             return int(top_k), int(num_blocks)
         below = table[: top_k + 1, : num_blocks + 1]
@@ -70,5 +82,14 @@ class LatencyShield:
             below, flat = table, int(table.flatten().argmin())
         return divmod(flat, below.shape[1])
 
+    def observe(self, tier: int, top_k: int, num_blocks: int, latency_ms: float) -> None:
+        """An executed episode's measured latency: moves its tier's scale (module doc)."""
+        predicted = float(self.p95_ms[tier, top_k, num_blocks] * self.scale[tier])
+        if self.tracking_rate == 0 or not math.isfinite(predicted) or not math.isfinite(float(latency_ms)):
+            return
+        exceeded = float(float(latency_ms) > predicted)
+        self.scale[tier] *= math.exp(self.tracking_rate * (exceeded - 0.05))
+
     def state_dict(self) -> dict:
-        return {"p95_ms": self.p95_ms.tolist(), "insertion_index": self.insertion_index}
+        return {"p95_ms": self.p95_ms.tolist(), "insertion_index": self.insertion_index,
+                "tracking_rate": self.tracking_rate, "scale": self.scale.tolist()}

@@ -134,6 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency_shield", choices=("checkpoint", "on", "off"), default="checkpoint",
                    help="each controller's latency shield (envs/shield.py), built at start-up from the profile "
                         "rescaled to this machine: as its run's policy.latency_shield (default), on or off")
+    p.add_argument("--latency_shield_tracking", type=float,
+                   help="rate at which the shields' per-tier scale follows the executed episodes' latency during "
+                        "this run (envs/shield.py; 0: a fixed table; default: each run's policy setting)")
     p.add_argument("--overwrite", action="store_true", help="write over an existing eval.json in --output_dir")
     return p.parse_args(argv)
 
@@ -325,9 +328,13 @@ def _run(args, log) -> dict:
             if spec.kind == "controller" and _shield_on(args, cfg, ckpts[spec.name], ckpt):
                 if drift is None:  # this machine now, as the training run measured it at its start
                     drift = measure_profile_drift(backend) or {}
-                shield = make_latency_shield(apply_overrides(cfg, {"policy.latency_shield": True}), backend, policy,
-                                             drift)
-                shields[spec.name] = shield.state_dict()
+                own = cfg if ckpts[spec.name] is ckpt else resolve_config(args, ckpts[spec.name])
+                tracking = (own.policy.latency_shield_tracking if args.latency_shield_tracking is None
+                            else args.latency_shield_tracking)
+                shield = make_latency_shield(apply_overrides(cfg, {"policy.latency_shield": True,
+                                                                   "policy.latency_shield_tracking": tracking}),
+                                             backend, policy, drift)
+                shields[spec.name] = shield
             env_policies.append(EnvPolicy(spec.name, policy, greedy, shield))
     log(f"interleaved run: {n} {split} samples x ({len(configs)} static configurations + {len(env_policies)} env "
         f"policies x {len(budgets)} budgets) + {len(calibration_index)} {calibration_split} calibration samples x "
@@ -376,7 +383,8 @@ def _run(args, log) -> dict:
         "structural_headroom": structural_headroom(rows, list(ckpts)),
         "controller_spread": controller_spread(rows, list(ckpts)),
         "latency_shield": {"setting": args.latency_shield, "latency_scales": drift,
-                           "tables": shields, "insertion_positions": list(ks.insertion_positions)},
+                           "tables": {name: s.state_dict() for name, s in shields.items()},  # after the run
+                           "insertion_positions": list(ks.insertion_positions)},
         "interleaving": run.schedule,
         "profile_source": profile_info,
         "profile": profile_to_json(profile) if profile is not None else None,

@@ -69,8 +69,8 @@ from agents.distributed import (
 )
 from agents.constraint import episode_budgets
 from agents.evaluation import dummy_reference_rewards, heldout_budgets, run_episodes, summarize
-from agents.factory import (check_latency_shield, check_warm_start, make_actor, make_backend_from_config, make_env,
-                            make_latency_shield, make_logger, make_loss, make_violation_multiplier,
+from agents.factory import (check_latency_shield, check_shield_tracking, check_warm_start, make_actor,
+                            make_backend_from_config, make_env, make_latency_shield, make_logger, make_loss, make_violation_multiplier,
                             measure_profile_drift, warm_start_actor)
 from agents.grpo import grpo_update, make_optimizer, set_learning_rate
 from agents.reporting import accuracy_vs_budget_figure
@@ -371,6 +371,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         multiplier = make_violation_multiplier(cfg, backend.budget_range_ms)
         check_warm_start(cfg)
         check_latency_shield(cfg)
+        check_shield_tracking(cfg)
         optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)
         if ranks.rank > 0:  # from here on each rank draws its own actions
             seed_everything(rank_cfg.train.seed)

@@ -215,3 +215,11 @@ def test_latency_shield_flag_gives_controllers_a_shield_and_records_its_table(ru
     default = evaluate_main([*argv, "--output_dir", str(tmp_path / "default")])
     assert default["meta"]["latency_shield"]["tables"] == {}
     assert all(r["shield_rate"] == 0.0 for r in default["rows"])
+
+
+def test_latency_shield_tracking_flag_reaches_the_shields(run_dir, tmp_path, evaluate_main):
+    out = evaluate_main(["--checkpoint", str(run_dir), "--num_samples", "4", "--num_budgets", "2", "--policies",
+                         "controller", "--latency_shield", "on", "--latency_shield_tracking", "0.2",
+                         "--output_dir", str(tmp_path / "t")])
+    table = out["meta"]["latency_shield"]["tables"]["controller"]
+    assert table["tracking_rate"] == 0.2 and any(s != 1.0 for s in table["scale"])  # 8 episodes moved it

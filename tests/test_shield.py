@@ -9,7 +9,7 @@ import torch
 from agents.baselines import dummy_closed_form_profile
 from agents.config import config_from_dict
 from agents.evaluation import run_episodes, summarize
-from agents.factory import (check_latency_shield, make_actor, make_backend_from_config, make_latency_shield,
+from agents.factory import (check_latency_shield, check_shield_tracking, make_actor, make_backend_from_config, make_latency_shield,
                             shield_from_profile)
 from envs import make_env
 from envs.knobs import KnobSpace
@@ -21,8 +21,8 @@ KS = KnobSpace(tiers=("low", "high"), insertion_positions=(1, 2), top_k_values=(
 TABLE = torch.tensor([[[10.0, 14.0], [12.0, 16.0]], [[20.0, 24.0], [22.0, 30.0]]])
 
 
-def _shield(table=TABLE, insertion_index=0):
-    return LatencyShield(KS, table, insertion_index)
+def _shield(table=TABLE, insertion_index=0, tracking_rate=0.0):
+    return LatencyShield(KS, table, insertion_index, tracking_rate)
 
 
 def test_stage1_keeps_a_tier_that_fits_and_steps_down_to_the_highest_that_does():
@@ -148,3 +148,38 @@ def test_a_shielded_training_run_logs_its_shield_rate_and_evaluates_through_it(t
     assert final["uniform_random"]["shield_rate"] == 0.0
     shielded = final["uniform_random_shielded"]
     assert shielded["num_episodes"] == final["uniform_random"]["num_episodes"] and shielded["shield_rate"] > 0
+
+
+def test_a_tracking_shield_learns_the_machines_p95_from_what_ran():
+    s = _shield(tracking_rate=0.05)
+    g = torch.Generator().manual_seed(0)
+    # the machine now runs 1.3x the table with 10% noise: its p95 sits near 1.3 * 1.16 x the table
+    for _ in range(4000):
+        s.observe(1, 1, 1, float(30.0 * 1.3 * torch.exp(0.1 * torch.randn((), generator=g))))
+    assert 1.35 < float(s.scale[1]) < 1.7 and float(s.scale[0]) == 1.0  # only the observed tier moves
+    assert s.stage2(1, 1, 1, 31.0) != (1, 1)  # 30 ms no longer fits 31 ms
+    fixed = _shield()
+    fixed.observe(1, 1, 1, 1000.0)
+    assert float(fixed.scale[1]) == 1.0 and fixed.state_dict()["tracking_rate"] == 0.0
+
+
+def test_the_env_feeds_a_tracking_shield_each_episodes_latency():
+    env = make_env("dummy", batch_size=8, group_size=1, seed=0)
+    tight = dummy_closed_form_profile(env.backend, "val")
+    shield = shield_from_profile(tight, env.knob_space, tracking_rate=0.1)
+    shield.p95_ms *= 0.5  # a table that underestimates the machine: the scale must rise
+    env.shield = shield
+    lo, _ = env.backend.budget_range_ms
+    run_episodes(env, _always(_largest_plan(), env.backend.d_model), torch.arange(8), torch.full((8,), lo * 2))
+    assert float(shield.scale.max()) > 1.0
+
+
+@pytest.mark.parametrize("rate", [-0.1, float("nan"), "fast"])
+def test_bad_tracking_rates_fail_naming_the_field(rate):
+    cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True,
+                                               "latency_shield_tracking": rate}})
+    with pytest.raises(ValueError, match=r"policy.latency_shield_tracking=.*expected a finite rate >= 0"):
+        check_shield_tracking(cfg)
+    if not isinstance(rate, str):
+        with pytest.raises(ValueError, match="tracking_rate"):
+            LatencyShield(KS, TABLE, 0, rate)
