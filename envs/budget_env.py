@@ -10,8 +10,8 @@ Episode (per batch row; rows are B samples x G group members, each executed alon
             terminal reward, done, and the episode's info under "episode"
 With a latency shield (envs/shield.py) each step executes the nearest plan its table says fits
 the budget; the episode info records the plan that ran. Each stage's controller time for the
-request is measured by the policy (at batch size 1) and passed in as that step's `controller_ms`: it is part of the request's latency but runs outside the
-env. The latency is preprocess + vision + prefill + decode + both stages' controller time.
+request is measured by the policy (at batch size 1) and passed in as that step's `controller_ms`:
+it is part of the request's latency but runs outside the env. The latency is preprocess + vision + prefill + decode + both stages' controller time.
 
 Resets draw each group's sample and budget from the env's generator. A caller fixes them only
 through the explicit keys ("reset_to", "sample_index") and ("reset_to", "budget_ms") (see

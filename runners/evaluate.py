@@ -324,18 +324,17 @@ def _run(args, log) -> dict:
             if env is None:
                 env = make_env(cfg, backend, split, 1, 1)
             policy, greedy = _env_policy(spec, ckpts.get(spec.name), cfg, backend)
-            shield = None
-            if spec.kind == "controller" and _shield_on(args, cfg, ckpts[spec.name], ckpt):
+            own = (cfg if ckpts[spec.name] is ckpt else resolve_config(args, ckpts[spec.name])
+                   ) if spec.kind == "controller" else None  # the controller's run's config
+            if own is not None and _shield_on(args, own):
                 if drift is None:  # this machine now, as the training run measured it at its start
                     drift = measure_profile_drift(backend) or {}
-                own = cfg if ckpts[spec.name] is ckpt else resolve_config(args, ckpts[spec.name])
                 tracking = (own.policy.latency_shield_tracking if args.latency_shield_tracking is None
                             else args.latency_shield_tracking)
-                shield = make_latency_shield(apply_overrides(cfg, {"policy.latency_shield": True,
-                                                                   "policy.latency_shield_tracking": tracking}),
-                                             backend, policy, drift)
-                shields[spec.name] = shield
-            env_policies.append(EnvPolicy(spec.name, policy, greedy, shield))
+                shields[spec.name] = make_latency_shield(
+                    apply_overrides(cfg, {"policy.latency_shield": True, "policy.latency_shield_tracking": tracking}),
+                    backend, policy, drift)
+            env_policies.append(EnvPolicy(spec.name, policy, greedy, shields.get(spec.name)))
     log(f"interleaved run: {n} {split} samples x ({len(configs)} static configurations + {len(env_policies)} env "
         f"policies x {len(budgets)} budgets) + {len(calibration_index)} {calibration_split} calibration samples x "
         f"{len(configs)} configurations")
@@ -438,11 +437,11 @@ def _env_policy(spec, ckpt, cfg, backend) -> tuple:
     return RandomPolicy(backend.knob_space, backend.d_model, seed=cfg.train.seed), False
 
 
-def _shield_on(args, cfg, ck: dict, first: dict) -> bool:
+def _shield_on(args, own_cfg) -> bool:
     """Whether a controller's episodes pass a latency shield: --latency_shield, else its run's setting."""
     if args.latency_shield != "checkpoint":
         return args.latency_shield == "on"
-    return check_latency_shield(cfg if ck is first else resolve_config(args, ck))
+    return check_latency_shield(own_cfg)
 
 
 def structural_headroom(rows, controllers: list[str]) -> list[dict]:

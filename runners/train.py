@@ -70,8 +70,8 @@ from agents.distributed import (
 from agents.constraint import episode_budgets
 from agents.evaluation import dummy_reference_rewards, heldout_budgets, run_episodes, summarize
 from agents.factory import (check_latency_shield, check_shield_tracking, check_warm_start, make_actor,
-                            make_backend_from_config, make_env, make_latency_shield, make_logger, make_loss, make_violation_multiplier,
-                            measure_profile_drift, warm_start_actor)
+                            make_backend_from_config, make_env, make_latency_shield, make_logger, make_loss,
+                            make_violation_multiplier, measure_profile_drift, warm_start_actor)
 from agents.grpo import grpo_update, make_optimizer, set_learning_rate
 from agents.reporting import accuracy_vs_budget_figure
 from agents.rollout import collect_rollouts
@@ -555,12 +555,14 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
     final, _ = evaluate(test_env, actor, test_index, test_budgets, ranks)
     # The uniform-random policy on the same samples and budgets: the floor learning must clear; with a
     # latency shield also the same draws through it, which tells what the shield buys from what was learned.
-    for key, shield in (("uniform_random", None), ("uniform_random_shielded", val_env.shield)):
-        if key == "uniform_random" or shield is not None:
-            test_env.shield = shield
-            random_policy = RandomPolicy(backend.knob_space, backend.d_model, seed=rank_cfg.train.seed)
-            final[key] = summarize(sharded_episodes(test_env, random_policy, test_index, test_budgets, ranks,
-                                                    greedy=False))
+    floors = {"uniform_random": None}
+    if val_env.shield is not None:
+        floors["uniform_random_shielded"] = val_env.shield
+    for key, shield in floors.items():
+        test_env.shield = shield
+        random_policy = RandomPolicy(backend.knob_space, backend.d_model, seed=rank_cfg.train.seed)
+        final[key] = summarize(sharded_episodes(test_env, random_policy, test_index, test_budgets, ranks,
+                                                greedy=False))
     # `checkpoint`: the file whose weights were evaluated (None: the initial policy, no epoch ran).
     final.update({"checkpoint": evaluated, "checkpoint_step": evaluated_step, "step": step, "split": "test"})
     if drift:
