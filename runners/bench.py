@@ -90,7 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="molmoe: resize every image to W x H first (the backend's image_size)")
     ap.add_argument("--molmoe_shape", default=None, choices=("none", *SHAPES),
                     help="MolmoE-shaped benchmark (default: molmoe-1b on CUDA, none on CPU)")
-    ap.add_argument("--decode_tokens", type=int, default=16, help="decode steps timed per MolmoE-shape measurement")
+    # 64: over 16 steps the per-token IQR (0.015-0.025 ms on the H200) exceeded one expert's cost
+    ap.add_argument("--decode_tokens", type=int, default=64,
+                    help="decode steps timed per MolmoE-shape measurement (docs/BENCHMARKS.md 5f)")
     ap.add_argument("--molmoe_reps", type=int, default=20, help="repeats of every MolmoE-shape measurement")
     ap.add_argument("--stock_implementations", nargs="*", default=["eager", "batched_mm", "grouped_mm"],
                     help="transformers experts implementations to time (none: skip stock generate)")
@@ -318,8 +320,8 @@ def to_markdown(r: dict) -> str:
     gpu = f", GPU {m['cuda_device']}" if "cuda_device" in m else ""
     b = r["backend"]
     lines = [
-        f"Model: {r['model']} on {r['device']} ({b['dtype']}, expert kernel {b['expert_kernel']}, decode "
-        f"{b['executor']['decode']}). Machine: {m['cpu_model']}, {m['cpu_cores']} cores{gpu}, torch {m['torch_version']}, "
+        f"Model: {r['model']} on {r['device']} ({b['dtype']}, expert kernel {b['expert_kernel']}, batch-1 row "
+        f"kernel {b['single_row_expert_kernel']}, decode {b['executor']['decode']}). Machine: {m['cpu_model']}, {m['cpu_cores']} cores{gpu}, torch {m['torch_version']}, "
         f"{r['threads']} torch thread(s). Date: {r['date']}. Load average (1/5/15 min) at start "
         f"{r['load_average_start']}, at end {r['load_average_end']}. Wall time {r['wall_s']:.0f} s.",
         "",

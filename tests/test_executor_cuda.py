@@ -178,6 +178,7 @@ def test_cuda_episodes_answer_what_cpu_episodes_answer(model_dir, cuda_backend, 
     assert executor["captures"] == len(CONFIGS) + len(crop_counts) + len(prefill_keys)
     assert cuda_backend.executor.max_graphs == 2 * 5 * 5  # every (p, k, N) of the knob space fits
     assert cuda_backend.describe()["expert_kernel"] == "gathered"  # fp32 on CUDA
+    assert cuda_backend.describe()["single_row_expert_kernel"] == "row"
 
 
 def test_graph_episodes_answer_what_eager_cuda_episodes_answer(model_dir):
@@ -226,20 +227,63 @@ def test_train_runs_on_cuda(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_single_row_gathered_path_matches_the_batched_rows(model_dir, dtype):
-    """On CUDA a batch-1 row with small experts skips the sort and the counts (gathered kernel on
-    the unsorted experts); each row must still get what the batched call gives it."""
+def test_single_row_path_matches_the_batched_rows(model_dir, dtype):
+    """On CUDA a batch-1 row skips the sort and the counts (Triton row kernels on the unsorted
+    experts, recorded as such); each row must still get what the batched call gives it."""
     from envs.backends.vlm import elastic
     from envs.backends.vlm.model import load_model
 
     model, _ = load_model(model_dir, "cuda", dtype)
     mlp = model.blocks[1].layer.mlp
+    assert elastic.single_row_kernel("cuda", dtype, mlp.experts) == "row"
     x = torch.randn(5, mlp.gate.weight.shape[1], device="cuda", dtype=dtype)
     with torch.inference_mode():
         batched = elastic.moe_forward(mlp, x, 4, False)
         alone = torch.cat([elastic.moe_forward(mlp, x[i : i + 1], 4, False) for i in range(5)])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(alone, batched, rtol=tol, atol=tol)
+
+
+class _Experts(torch.nn.Module):
+    def __init__(self, num_experts, d, inner, dtype):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.gate_up_proj = torch.nn.Parameter((torch.randn(num_experts, 2 * inner, d, generator=gen) * d ** -0.5).to("cuda", dtype))
+        self.down_proj = torch.nn.Parameter((torch.randn(num_experts, d, inner, generator=gen) * inner ** -0.5).to("cuda", dtype))
+        self.act_fn = torch.nn.SiLU()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("d, inner", [(200, 72), (2048, 1024)])  # odd sizes (masked lanes) and MolmoE-1B's
+def test_row_kernels_equal_the_gathered_kernel(dtype, tol, d, inner):
+    """Each row times its own expert, for distinct rows with repeated experts and for a stride-0
+    expansion of one row (the decode step's k copies, read in place)."""
+    from envs.backends.vlm import elastic, row_kernels
+
+    experts = _Experts(6, d, inner, dtype)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.tensor([3, 0, 3, 5, 1], device="cuda")
+    rows = torch.randn(5, d, generator=gen).to("cuda", dtype)
+    one = torch.randn(1, d, generator=gen).to("cuda", dtype).expand(5, -1)
+    with torch.inference_mode():
+        for x in (rows, one):
+            reference = elastic.gathered_experts(experts, x.contiguous(), None, ids)
+            torch.testing.assert_close(row_kernels.row_experts(experts, x, ids), reference, rtol=tol, atol=tol)
+        with pytest.raises(ValueError, match="contiguous in their last dimension"):
+            row_kernels.row_experts(experts, rows.t().contiguous().t(), ids)
+
+
+def test_row_kernels_serve_silu_inference_only():
+    from envs.backends.vlm import row_kernels
+
+    experts = _Experts(2, 16, 8, torch.float32)
+    x = torch.zeros(1, 16, device="cuda")
+    with torch.inference_mode():
+        assert row_kernels.available(x, experts)
+        experts.act_fn = torch.nn.GELU()
+        assert not row_kernels.available(x, experts)  # the kernels hard-code SiLU
+    experts.act_fn = torch.nn.SiLU()
+    assert not row_kernels.available(x, experts)  # grad mode: training takes the dense kernel
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

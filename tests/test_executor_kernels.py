@@ -45,6 +45,12 @@ def test_kernel_choice_per_device_dtype_and_grad():
     assert elastic.expert_kernel("cuda", torch.bfloat16, training=True) == "dense"
 
 
+def test_single_row_kernel_on_cpu_is_the_expert_kernel(mlp):
+    """The Triton row kernels are CUDA-only; a CPU decode row takes (and records) the CPU kernel."""
+    assert elastic.single_row_kernel("cpu", torch.float32, mlp.experts) == "grouped_mm"
+    assert not elastic.row_kernels.available(torch.zeros(1, 4), mlp.experts)
+
+
 def test_missing_grouped_mm_is_logged_and_recorded(mlp, monkeypatch, caplog):
     monkeypatch.setattr(elastic, "_HAS_GROUPED_MM", False)
     monkeypatch.setattr(elastic, "_warned_loop", False)

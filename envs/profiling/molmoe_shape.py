@@ -32,6 +32,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, OlmoeConfig
 
 from envs.backends.vlm.decoder import ElasticDecoder
+from envs.backends.vlm.elastic import expert_kernel, single_row_kernel
 from envs.backends.vlm.executor import CapturedCall, Executor, block_plan, first_tokens, run_blocks
 from envs.profiling.benchmarks import iqr
 
@@ -158,7 +159,10 @@ class MolmoeShapeBench:
                 "prompt_tokens": self.shape["prompt_tokens"], "dtype": str(self.dtype).replace("torch.", ""),
                 "vision_tokens_per_crop": ((self.model.side + 1) // POOL) ** 2, "num_layers": cfg.num_layers,
                 "top_k_values": list(self.shape["top_k"]), "num_blocks_values": list(self.shape["num_blocks"]),
-                "decode_mode": self.executor.mode}
+                "decode_mode": self.executor.mode,
+                "expert_kernel": expert_kernel(self.device, self.dtype, training=False),
+                "single_row_expert_kernel": single_row_kernel(self.device, self.dtype,
+                                                              self.model.decoder.blocks[0].layer.mlp.experts)}
 
     # ------------------------------------------------------------- pieces
     def vision(self, n: int, graph: bool) -> torch.Tensor:

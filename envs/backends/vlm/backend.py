@@ -36,7 +36,7 @@ import torch
 
 from envs.backends.base import BACKEND_PHASES, SPLITS, Backend, EpisodeResult, check_split
 from envs.backends.vlm.config import read_json_object
-from envs.backends.vlm.elastic import KVCache, expert_kernel
+from envs.backends.vlm.elastic import KVCache, expert_kernel, single_row_kernel
 from envs.backends.vlm.executor import (
     Executor,
     block_plan,
@@ -276,6 +276,8 @@ class ExecutorBackend(Backend):
             "device": str(self.device),
             "dtype": self.dtype,
             "expert_kernel": expert_kernel(self.device, self.DTYPES[self.dtype], training=False),
+            "single_row_expert_kernel": single_row_kernel(self.device, self.DTYPES[self.dtype],
+                                                          self.model.blocks[0].layer.mlp.experts),
             "executor": self.executor.describe(),
         }
 

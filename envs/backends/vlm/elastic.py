@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from envs.backends.vlm import row_kernels
+
 # layer index -> (keys, values), each (batch, heads, positions, head_dim)
 KVCache = Dict[int, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -161,7 +163,7 @@ _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 # Cap on the gathered kernel's per-chunk copy of expert weights (bytes), so a long prefill does not
 # materialise every row's weights at once.
 _GATHER_CHUNK_BYTES = 256 << 20
-EXPERT_KERNELS = ("grouped_mm", "gathered", "loop", "dense")
+EXPERT_KERNELS = ("grouped_mm", "gathered", "row", "loop", "dense")
 log = logging.getLogger(__name__)
 _warned_loop = False  # the loop fallback is logged once per process
 
@@ -173,6 +175,9 @@ def expert_kernel(device: torch.device | str, dtype: torch.dtype, training: bool
                 CPU, and on CUDA in bf16); work proportional to the routed rows, no host sync.
     gathered    each routed row multiplies its own expert's weights (a batched matmul over gathered
                 weights); CUDA inference in other dtypes; work proportional to k, no host sync.
+    row         two Triton matrix-vector kernels, one program per (row, block of outputs): the
+                batch-1 rows of CUDA inference where Triton is present (`single_row_kernel`); time
+                follows k where grouped_mm's moves in steps of two experts.
     loop        one matmul per expert that got rows (reads the counts on the host): CPU training,
                 and CPU inference when this torch has no torch._grouped_mm (a logged fallback
                 whose latency differs from the grouped kernel's).
@@ -184,6 +189,17 @@ def expert_kernel(device: torch.device | str, dtype: torch.dtype, training: bool
     if cuda:
         return "grouped_mm" if _HAS_GROUPED_MM and dtype == torch.bfloat16 else "gathered"
     return "grouped_mm" if _HAS_GROUPED_MM else "loop"
+
+
+def single_row_kernel(device: torch.device | str, dtype: torch.dtype, experts: nn.Module) -> str:
+    """The expert kernel of batch-1 rows (decode steps) at inference (recorded beside expert_kernel)."""
+    with torch.inference_mode():
+        probe = torch.empty(0, device=device, dtype=dtype)
+        row = row_kernels.available(probe, experts)
+    if row:
+        return "row"
+    return "gathered" if probe.is_cuda and _single_row_bytes(experts, 8) <= _SINGLE_ROW_GATHER_BYTES else \
+        expert_kernel(device, dtype, training=False)
 
 
 def run_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor | None,
@@ -205,6 +221,8 @@ def run_experts(experts: nn.Module, routed: torch.Tensor, counts: torch.Tensor |
             _warned_loop = True
     if kernel == "gathered":
         return gathered_experts(experts, routed, counts, expert_of_row)
+    if kernel == "row":
+        return row_kernels.row_experts(experts, routed, expert_of_row)
     if kernel == "grouped_mm":
         return grouped_experts(experts, routed, counts, expert_of_row)
     if counts is None:
@@ -295,14 +313,22 @@ def expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.searchsorted(sorted_ids, ids, right=True, out_int32=True)
 
 
+def _single_row_bytes(experts: nn.Module, k: int) -> int:
+    """Bytes of k experts' weights (what the gathered kernel copies for one row)."""
+    return k * (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * experts.gate_up_proj.element_size()
+
+
 def single_row_moe(experts: nn.Module, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor,
                    residual: torch.Tensor | None = None) -> torch.Tensor:
     """The MoE output (1, d) of one row x (1, d) routed to experts `chosen` (k,) with `weights` (k,),
     plus `residual` (1, d) if given (in the combining product: one kernel less)."""
     k = chosen.shape[0]
+    if row_kernels.available(x, experts):  # CUDA inference: time follows k (envs/backends/vlm/row_kernels.py)
+        y = run_experts(experts, x.expand(k, -1), None, chosen, kernel="row")
+        weights = weights.to(y.dtype)[None]
+        return weights @ y if residual is None else torch.addmm(residual, weights, y)
     rows = x.expand(k, -1).contiguous()
-    bytes_k = k * (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * experts.gate_up_proj.element_size()
-    if x.is_cuda and bytes_k <= _SINGLE_ROW_GATHER_BYTES and not torch.is_grad_enabled():
+    if x.is_cuda and _single_row_bytes(experts, k) <= _SINGLE_ROW_GATHER_BYTES and not torch.is_grad_enabled():
         y = run_experts(experts, rows, None, chosen, kernel="gathered")  # any order: no sort, no counts
     else:
         chosen, order = torch.sort(chosen)
