@@ -325,15 +325,12 @@ def single_row_moe(experts: nn.Module, x: torch.Tensor, chosen: torch.Tensor, we
     k = chosen.shape[0]
     if row_kernels.available(x, experts):  # CUDA inference: time follows k (envs/backends/vlm/row_kernels.py)
         y = run_experts(experts, x.expand(k, -1), None, chosen, kernel="row")
-        weights = weights.to(y.dtype)[None]
-        return weights @ y if residual is None else torch.addmm(residual, weights, y)
-    rows = x.expand(k, -1).contiguous()
-    if x.is_cuda and _single_row_bytes(experts, k) <= _SINGLE_ROW_GATHER_BYTES and not torch.is_grad_enabled():
-        y = run_experts(experts, rows, None, chosen, kernel="gathered")  # any order: no sort, no counts
+    elif x.is_cuda and _single_row_bytes(experts, k) <= _SINGLE_ROW_GATHER_BYTES and not torch.is_grad_enabled():
+        y = run_experts(experts, x.expand(k, -1).contiguous(), None, chosen, kernel="gathered")  # any order
     else:
         chosen, order = torch.sort(chosen)
         weights = weights[order]
-        y = run_experts(experts, rows, None, chosen)  # sorted experts: offsets without counts
+        y = run_experts(experts, x.expand(k, -1).contiguous(), None, chosen)  # sorted: offsets without counts
     weights = weights.to(y.dtype)[None]
     return weights @ y if residual is None else torch.addmm(residual, weights, y)
 
