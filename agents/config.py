@@ -59,6 +59,9 @@ class LossConfig:
     violation_lambda_lr: float = 2.0  # dual-ascent step of the multiplier per unit of rate excess
     violation_budget_bins: int = 1  # one multiplier per bin of the budget range (1: one global multiplier)
     violation_lambda_max: Optional[float] = None  # cap on every multiplier; None: no cap
+    # with policy.latency_shield the insertion always runs at the shield's pin: leave its head out of
+    # the ratio and the entropy bonus (agents/grpo.py); false keeps it in (the behaviour before)
+    exclude_pinned_insertion: bool = True
 
 
 @dataclass

@@ -218,8 +218,13 @@ def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace,
 
 def make_loss(cfg: Config, actor) -> JointGRPOLoss:
     c = cfg.loss
+    if not isinstance(c.exclude_pinned_insertion, bool):
+        raise ValueError(f"loss.exclude_pinned_insertion={c.exclude_pinned_insertion!r}: expected true or false")
+    # The shield runs every episode at its table's insertion (envs/shield.py), whatever was sampled.
+    pinned = ("insertion",) if c.exclude_pinned_insertion and check_latency_shield(cfg) else ()
     return JointGRPOLoss(actor, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high,
-                         entropy_coef=c.entropy_coef, beta=c.beta, scale_rewards=c.scale_rewards)
+                         entropy_coef=c.entropy_coef, beta=c.beta, scale_rewards=c.scale_rewards,
+                         pinned_heads=pinned)
 
 
 def make_violation_multiplier(cfg: Config, budget_range_ms) -> ViolationMultiplier | None:

@@ -61,6 +61,12 @@ class JointGRPOLoss(LossModule):
     the rows of stage s. Its keys are configurable with `set_keys` (see `_AcceptedKeys`).
     Output keys: loss_objective, loss_entropy, loss_kl and diagnostics (clip_fraction, approx_kl,
     entropy, entropy_<head>, kl_ref).
+
+    pinned_heads: heads whose sampled value never runs because the env overrides it (the latency
+    shield pins the insertion, envs/shield.py). Their log-probs are left out of the ratio and their
+    entropies out of the bonus: the reward carries no signal about them, so their gradient would be
+    noise and the bonus alone would drift them away from the warm start. Their entropy is still
+    reported (entropy_<head>), not counted in `entropy`.
     """
 
     @dataclass
@@ -92,6 +98,7 @@ class JointGRPOLoss(LossModule):
         entropy_coef: float = 0.01,
         beta: float = 0.0,
         scale_rewards: str = "group",
+        pinned_heads: tuple = (),
     ):
         super().__init__()
         if epsilon_low <= 0 or (epsilon_high is not None and epsilon_high <= 0):
@@ -104,7 +111,13 @@ class JointGRPOLoss(LossModule):
         self.entropy_coef = float(entropy_coef)
         self.beta = float(beta)
         self.scale_rewards = scale_rewards
-        self.set_keys(sample_log_prob=list(actor.log_prob_keys))
+        heads = [_head_of_log_prob_key(k) for k in actor.log_prob_keys]
+        unknown = [h for h in pinned_heads if h not in heads]
+        if unknown:
+            raise ValueError(f"pinned_heads={list(pinned_heads)!r}: {unknown} are not heads of the actor; expected "
+                             f"some of {heads}")
+        self.pinned_heads = tuple(pinned_heads)
+        self.set_keys(sample_log_prob=[k for k in actor.log_prob_keys if _head_of_log_prob_key(k) not in self.pinned_heads])
         # The KL anchor is the policy as it was when the loss was built (as in TRL's GRPO): its
         # parameters, detached and cloned, swapped into the same modules when needed.
         self.reference_params = None
@@ -153,7 +166,8 @@ class JointGRPOLoss(LossModule):
                 raise TypeError(f"stage {step} actor gives a {type(dist).__name__}; expected a CompositeDistribution")
             lp = dist.log_prob(rows.select(*actor.dist_sample_keys))
             for key in actor.log_prob_keys:
-                log_prob = log_prob + lp.get(key).reshape(-1)
+                if _head_of_log_prob_key(key) not in self.pinned_heads:
+                    log_prob = log_prob + lp.get(key).reshape(-1)
             ent = dist.entropy()
             for name in dist.dists:
                 head = name[-1] if isinstance(name, tuple) else name
@@ -171,7 +185,7 @@ class JointGRPOLoss(LossModule):
         clipped = ratio.clamp(1 - self.epsilon_low, 1 + self.epsilon_high)
         objective = torch.minimum(ratio * adv, clipped * adv)
         # Per-trajectory entropy: each head acts once per trajectory.
-        total_entropy = sum(head_entropy.values())
+        total_entropy = sum(e for h, e in head_entropy.items() if h not in self.pinned_heads)
 
         out = TensorDict(
             loss_objective=-objective.mean(),
@@ -202,6 +216,12 @@ def _read(td: TensorDictBase, key, name: str) -> torch.Tensor:
         raise KeyError(f"rollout has no {key!r} (the loss's {name} key); write it there or point the loss at "
                        f"it with loss.set_keys({name}=...)")
     return value
+
+
+def _head_of_log_prob_key(key) -> str:
+    """CompositeDistribution writes a head's log-prob beside its sample: ("action", "tier_log_prob") -> "tier"."""
+    name = key[-1] if isinstance(key, tuple) else key
+    return name.removesuffix("_log_prob")
 
 
 def _entropy_key(sample_key) -> tuple:

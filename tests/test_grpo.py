@@ -162,3 +162,30 @@ def test_param_groups_learning_rates():
     assert lrs == {"stage2": 1e-3, "stage1_and_budget_encoder": pytest.approx(1e-4)}
     with pytest.raises(ValueError, match="stage1_lr_ratio=-1"):
         make_optimizer(actor, 1e-3, stage1_lr_ratio=-1)
+
+
+def test_a_pinned_head_is_left_out_of_the_ratio_and_the_entropy_bonus():
+    env, actor = _setup(batch=2, group=2)
+    rollout = collect_rollouts(env, actor)
+    full = JointGRPOLoss(actor, entropy_coef=0.1)
+    pinned = JointGRPOLoss(actor, entropy_coef=0.1, pinned_heads=("insertion",))
+    pinned.compute_advantages(rollout)
+    before = pinned(rollout)
+    # The behaviour policy's insertion log-probs no longer matter: the ratio stays 1.
+    rollout["action", "insertion_log_prob"][:, 0] -= 0.7
+    out = pinned(rollout)
+    assert torch.allclose(out["loss_objective"], before["loss_objective"]) and float(out["clip_fraction"]) == 0.0
+    assert float(full(rollout)["clip_fraction"]) == 1.0  # e^0.7 is outside [0.8, 1.2]
+    others = sum(float(out[f"entropy_{h}"]) for h in ("tier", "top_k", "num_blocks"))
+    assert float(out["entropy"]) == pytest.approx(others, abs=1e-5)
+    assert float(out["entropy_insertion"]) > 0  # still reported
+    (out["loss_objective"] + out["loss_entropy"]).backward()
+    assert actor.stage1.insertion_head.weight.grad is None or not actor.stage1.insertion_head.weight.grad.any()
+    assert actor.stage1.tier_head.weight.grad.abs().sum() > 0
+    assert actor.stage2.top_k_head.weight.grad.abs().sum() > 0
+
+
+def test_an_unknown_pinned_head_fails_naming_the_field():
+    _, actor = _setup(batch=2, group=2)
+    with pytest.raises(ValueError, match=r"pinned_heads=\['blocks'\]: \['blocks'\] are not heads of the actor"):
+        JointGRPOLoss(actor, pinned_heads=("blocks",))

@@ -9,7 +9,7 @@ import torch
 from agents.baselines import dummy_closed_form_profile
 from agents.config import config_from_dict
 from agents.evaluation import run_episodes, summarize
-from agents.factory import (check_latency_shield, check_shield_tracking, make_actor, make_backend_from_config, make_latency_shield,
+from agents.factory import (check_latency_shield, check_shield_tracking, make_actor, make_backend_from_config, make_latency_shield, make_loss,
                             shield_from_profile)
 from envs import make_env
 from envs.knobs import KnobSpace
@@ -183,3 +183,16 @@ def test_bad_tracking_rates_fail_naming_the_field(rate):
     if not isinstance(rate, str):
         with pytest.raises(ValueError, match="tracking_rate"):
             LatencyShield(KS, TABLE, 0, rate)
+
+
+def test_the_shields_pinned_insertion_is_left_out_of_the_loss_unless_asked_to_keep_it():
+    shielded = {**TINY, "policy": {**TINY["policy"], "latency_shield": True}}
+    backend = make_backend_from_config(config_from_dict(TINY))
+    actor, _ = make_actor(config_from_dict(TINY), backend)
+    assert make_loss(config_from_dict(shielded), actor).pinned_heads == ("insertion",)
+    assert make_loss(config_from_dict(TINY), actor).pinned_heads == ()
+    kept = {**shielded, "loss": {**TINY["loss"], "exclude_pinned_insertion": False}}
+    assert make_loss(config_from_dict(kept), actor).pinned_heads == ()
+    bad = {**shielded, "loss": {**TINY["loss"], "exclude_pinned_insertion": "no"}}
+    with pytest.raises(ValueError, match=r"loss.exclude_pinned_insertion='no': expected true or false"):
+        make_loss(config_from_dict(bad), actor)
