@@ -3,7 +3,7 @@
 A learned policy picks its knobs from smooth logits, and the lowest budgets sit at a knife edge:
 at 21.0 ms only (low, 4, 12) fitted at p95 and the default run's controllers, keeping 13-14 blocks
 for knowledge and reasoning questions, violated 38-72% there while they held 0-4% elsewhere
-(RESULTS 0, 2026-12-03). The shield is a post-posed safety layer (Alshiekh et al., 2018, "Safe
+(RESULTS 0-s6, 2026-12-03). The shield is a post-posed safety layer (Alshiekh et al., 2018, "Safe
 reinforcement learning via shielding"): the policy's action stands as sampled (its log-probability
 is what GRPO's ratio reads), and the env executes the nearest plan the table says fits:
 
@@ -24,7 +24,7 @@ With tracking_rate > 0 the table follows the machine during the run: each execut
 measured latency updates its tier's scale by stochastic approximation of the 95th percentile
 (x exp(rate * 0.95) after an exceedance of the scaled p95, x exp(-rate * 0.05) otherwise), so that
 at equilibrium 5% of a tier's episodes exceed it. The start-up measurement alone missed by about a
-third on a machine whose tail grew during an 88-minute evaluation (RESULTS 0, 2026-12-04).
+third on a machine whose tail grew during an 88-minute evaluation (RESULTS 0-s8, 2026-12-04).
 """
 from __future__ import annotations
 
