@@ -187,12 +187,16 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
                                tracking_rate=check_shield_tracking(cfg))
 
 
+def _boolean_setting(field: str, value) -> bool:
+    """value, or an error naming `field` when it is not a boolean."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field}={value!r}: expected true or false")
+    return value
+
+
 def check_latency_shield(cfg: Config) -> bool:
     """policy.latency_shield, or an error naming it when it is not a boolean."""
-    on = cfg.policy.latency_shield
-    if not isinstance(on, bool):
-        raise ValueError(f"policy.latency_shield={on!r}: expected true or false")
-    return on
+    return _boolean_setting("policy.latency_shield", cfg.policy.latency_shield)
 
 
 def check_shield_tracking(cfg: Config) -> float:
@@ -218,10 +222,9 @@ def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace,
 
 def make_loss(cfg: Config, actor) -> JointGRPOLoss:
     c = cfg.loss
-    if not isinstance(c.exclude_pinned_insertion, bool):
-        raise ValueError(f"loss.exclude_pinned_insertion={c.exclude_pinned_insertion!r}: expected true or false")
+    exclude = _boolean_setting("loss.exclude_pinned_insertion", c.exclude_pinned_insertion)
     # The shield runs every episode at its table's insertion (envs/shield.py), whatever was sampled.
-    pinned = ("insertion",) if c.exclude_pinned_insertion and check_latency_shield(cfg) else ()
+    pinned = ("insertion",) if exclude and check_latency_shield(cfg) else ()
     return JointGRPOLoss(actor, epsilon_low=c.epsilon_low, epsilon_high=c.epsilon_high,
                          entropy_coef=c.entropy_coef, beta=c.beta, scale_rewards=c.scale_rewards,
                          pinned_heads=pinned)
