@@ -252,6 +252,21 @@ def rescale_profile(entries: Sequence[ProfileEntry], scales: Mapping[str, float]
                     latency_p95_ms=e.latency_p95_ms * scales[e.config.tier]) for e in entries]
 
 
+def monotone_latencies(entries: Sequence[ProfileEntry]) -> list[ProfileEntry]:
+    """Each entry's mean and p95 latency raised to the largest among the entries of its tier and
+    insertion that run at most its top-k and at most its blocks (the upper envelope, so never below
+    what was measured). A 40-request p95 is not monotone in the knobs (2026-12-04: low tier, k 4,
+    15 blocks 41.2 ms against 16 blocks 34.7 ms), and a table read raw passes a plan while it cuts a
+    cheaper one."""
+    def envelope(e: ProfileEntry, field: str) -> float:
+        c = e.config
+        return max(getattr(o, field) for o in entries
+                   if (o.config.tier, o.config.insertion) == (c.tier, c.insertion)
+                   and o.config.top_k <= c.top_k and o.config.num_blocks <= c.num_blocks)
+    return [replace(e, latency_mean_ms=envelope(e, "latency_mean_ms"), latency_p95_ms=envelope(e, "latency_p95_ms"))
+            for e in entries]
+
+
 def dummy_closed_form_profile(backend, split: str = "val") -> list[ProfileEntry]:
     """Profile of every static configuration from the dummy backend's own closed-form model over
     the samples of `split`: expected accuracy, and the exact mean and p95 of the latency, whose

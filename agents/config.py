@@ -50,7 +50,7 @@ class PolicyConfig:
 class LossConfig:
     epsilon_low: float = 0.2  # lower clip range of the ratio (1 - epsilon_low)
     epsilon_high: float = 0.2  # upper clip range of the ratio (1 + epsilon_high)
-    beta: float = 0.0  # weight of the k3 KL to the initial policy (0 = no reference model)
+    beta: float = 0.0  # weight of the k3 KL to the policy GRPO starts from, the warm start's if any (0 = none)
     entropy_coef: float = 0.005  # weight of the entropy bonus summed over the four heads
     scale_rewards: str = "group"  # advantage scaling: "group" std, "batch" std or "none"
     num_iterations: int = 4  # optimisation epochs over each collected batch

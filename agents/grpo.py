@@ -118,11 +118,35 @@ class JointGRPOLoss(LossModule):
                              f"some of {heads}")
         self.pinned_heads = tuple(pinned_heads)
         self.set_keys(sample_log_prob=[k for k in actor.log_prob_keys if _head_of_log_prob_key(k) not in self.pinned_heads])
-        # The KL anchor is the policy as it was when the loss was built (as in TRL's GRPO): its
-        # parameters, detached and cloned, swapped into the same modules when needed.
+        # The KL anchor is the policy GRPO starts from (TRL's reference model): its parameters,
+        # detached and cloned, swapped into the same modules when needed. The weights at build time
+        # until anchor_reference moves it (to the warm-started policy, or a resumed run's anchor).
         self.reference_params = None
         if self.beta > 0:
             self.reference_params = TensorDictParams(TensorDict.from_module(actor).detach().clone(), no_convert=True)
+
+    def anchor_reference(self, policy_state: dict | None = None) -> None:
+        """The KL anchor becomes the actor's current weights, or `policy_state` (reference_state()'s
+        dict: a resumed run's anchor); copied in place, so a DDP wrapper keeps the same buffers.
+        Nothing to do when beta is 0."""
+        if self.reference_params is None:
+            return
+        anchor = TensorDict.from_module(self.actor).detach()
+        if policy_state is not None:
+            saved = TensorDict(dict(policy_state), []).unflatten_keys(".")
+            want = set(anchor.keys(include_nested=True, leaves_only=True))
+            got = set(saved.keys(include_nested=True, leaves_only=True))
+            if got != want:
+                raise ValueError(f"the saved KL anchor does not fit the policy: {len(got ^ want)} parameter names "
+                                 f"differ (e.g. {sorted(map(str, got ^ want))[:3]})")
+            anchor = saved
+        self.reference_params.data.update_(anchor)
+
+    def reference_state(self) -> dict | None:
+        """The KL anchor as a flat {parameter name: tensor} dict (for a checkpoint), None when beta is 0."""
+        if self.reference_params is None:
+            return None
+        return {k: v.clone() for k, v in self.reference_params.data.flatten_keys(".").items()}
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         pass  # GRPO has no value estimator

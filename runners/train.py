@@ -392,6 +392,8 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         if multiplier is not None and resume_ckpt.get("violation_lambda") is not None:
             multiplier.load_state_dict(resume_ckpt["violation_lambda"])
         history = restore_rank_state(resume_ckpt, ranks, cfg, generators, train_env, val_env, history)
+        # The anchor the run started from (before the field: the resumed weights).
+        loss_module.anchor_reference(resume_ckpt.get("kl_reference"))
     # The loss module holds the policy: its forward is where the policy runs under gradient, so it
     # is what DistributedDataParallel wraps (the same module on one rank).
     ddp_loss = wrap_ddp(ranks, loss_module)
@@ -432,6 +434,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
                         step=step, epoch=epoch, epoch_step=epoch_step, best_val_reward=best_val,
                         skipped_updates=skipped_updates, skipped_in_a_row=skipped_in_a_row,
                         violation_lambda=multiplier.state_dict() if multiplier is not None else None,
+                        kl_reference=loss_module.reference_state(),
                         **rank_states_payload(states), policy_meta=meta, config=cfg.to_dict())
 
     def validate() -> dict:
@@ -457,6 +460,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         if cfg.policy.warm_start is not None:  # rank 0 imitates the lookup table; every rank takes its weights
             warm = warm_start_actor(rank_cfg, actor, backend, drift) if ranks.is_main else {}
             broadcast_module_state(ranks, actor, "the warm-started weights' broadcast")
+            loss_module.anchor_reference()  # loss.beta's KL holds GRPO near the taught table, not the random init
             log(warm, 0)
             if ranks.is_main:
                 print("warm start: " + " ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in warm.items()), flush=True)
@@ -464,8 +468,9 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         shield = make_latency_shield(rank_cfg, backend, actor, drift if ranks.is_main and step == 0
                                      else measure_profile_drift(backend))
         train_env.shield = val_env.shield = shield
-    if step == 0:
-        validate()
+    if step == 0:  # the starting policy (the warm start's, if any) is a candidate for the best checkpoint
+        best_val = validate()["reward_mean"]
+        checkpoint("best.pt")
 
     progress = tqdm(total=tc.num_epochs * steps_per_epoch, initial=min(step, tc.num_epochs * steps_per_epoch),
                     desc="train", dynamic_ncols=True, disable=None if ranks.is_main else True)

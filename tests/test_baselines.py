@@ -17,6 +17,7 @@ from agents.baselines import (
     dummy_closed_form_profile,
     load_profile,
     lookup_select,
+    monotone_latencies,
     oracle_select,
     parse_policies,
     profile_from_table,
@@ -44,6 +45,22 @@ def entry(tier, k, n, acc, mean, p95):
 
 
 # ------------------------------------------------------------------ lookup tables
+def test_monotone_latencies_take_the_envelope_of_cheaper_plans_within_a_tier_and_insertion():
+    profile = [
+        entry("low", 4, 15, 0.9, 30.0, 41.2),
+        entry("low", 4, 16, 0.9, 28.0, 34.7),  # measured below a plan with fewer blocks
+        entry("low", 5, 12, 0.9, 20.0, 25.0),
+        entry("low", 5, 16, 0.9, 29.0, 40.0),  # below (4, 15): raised to it; its mean 30.0 likewise
+        entry("medium", 4, 12, 0.9, 50.0, 60.0),  # another tier: untouched by the low tier's values
+        ProfileEntry(StaticChoice("low", 4, 16, 2), 0.9, 10.0, 12.0),  # another insertion: its own envelope
+    ]
+    out = monotone_latencies(profile)
+    assert [(e.latency_mean_ms, e.latency_p95_ms) for e in out] == [
+        (30.0, 41.2), (30.0, 41.2), (20.0, 25.0), (30.0, 41.2), (50.0, 60.0), (10.0, 12.0)]
+    assert [e.config for e in out] == [e.config for e in profile]
+    assert [e.accuracy_mean for e in out] == [e.accuracy_mean for e in profile]
+
+
 def test_lookup_mean_uses_the_105_factor_and_p95_uses_the_budget():
     profile = [
         entry("high", 8, 16, 0.9, 104.0, 120.0),  # mean fits only thanks to the 1.05 slack at 100 ms

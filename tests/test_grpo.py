@@ -120,6 +120,31 @@ def test_kl_to_reference_is_zero_at_start_and_positive_after_update():
     assert float(loss(rollout)["kl_ref"]) > 0
 
 
+def test_anchor_reference_moves_the_kl_anchor_to_the_current_or_a_saved_policy():
+    env, actor = _setup()
+    rollout = collect_rollouts(env, actor)
+    loss = JointGRPOLoss(actor, beta=0.5)
+    loss.compute_advantages(rollout)
+    initial = loss.reference_state()
+    assert set(initial) == set(actor.state_dict())
+    with torch.no_grad():  # a warm start moves the policy after the loss was built
+        for p in actor.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    assert float(loss(rollout)["kl_ref"]) > 1e-3
+    buffers = [b.data_ptr() for b in loss.reference_params.values(include_nested=True, leaves_only=True)]
+    loss.anchor_reference()
+    assert float(loss(rollout)["kl_ref"]) == pytest.approx(0.0, abs=1e-6)
+    # in place: a DDP wrapper registered these buffers
+    assert [b.data_ptr() for b in loss.reference_params.values(include_nested=True, leaves_only=True)] == buffers
+    loss.anchor_reference(initial)  # a resumed run's saved anchor
+    assert all(torch.equal(v, initial[k]) for k, v in loss.reference_state().items())
+    with pytest.raises(ValueError, match="KL anchor does not fit the policy"):
+        loss.anchor_reference({k: v for k, v in initial.items() if not k.startswith("stage2.")})
+    unanchored = JointGRPOLoss(actor, beta=0.0)
+    unanchored.anchor_reference()
+    assert unanchored.reference_state() is None
+
+
 def test_all_heads_and_budget_encoder_get_gradient():
     env, actor = _setup()
     rollout = collect_rollouts(env, actor)

@@ -2,15 +2,16 @@
 projected plan (on the dummy backend, whose closed-form profile is the shield's table)."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from agents.baselines import dummy_closed_form_profile
+from agents.baselines import dummy_closed_form_profile, load_profile
 from agents.config import config_from_dict
 from agents.evaluation import run_episodes, summarize
 from agents.factory import (check_latency_shield, check_shield_tracking, make_actor, make_backend_from_config, make_latency_shield, make_loss,
-                            shield_from_profile)
+                            make_lookup_profile, shield_from_profile)
 from envs import make_env
 from envs.knobs import KnobSpace
 from envs.shield import LatencyShield
@@ -126,6 +127,22 @@ def test_make_latency_shield_adds_the_controllers_own_time_to_the_profile():
     extra = shield.p95_ms - bare.p95_ms
     assert (extra > 0).all() and torch.allclose(extra, extra.flatten()[0].expand_as(extra))
     assert make_latency_shield(config_from_dict(TINY), backend, actor) is None
+
+
+def test_the_shields_table_never_passes_a_plan_while_it_cuts_a_cheaper_one(tmp_path):
+    # A measured p95 below a cheaper plan's (k 8 with 16 blocks under k 4 with 16 blocks, as 40-request
+    # p95s read on 2026-12-04): read raw, a 15 ms budget would pass (k 8, 16) and cut (k 4, 16).
+    p95 = {("low", 4, 12): 10.0, ("low", 4, 16): 16.0, ("low", 8, 12): 12.0, ("low", 8, 16): 14.0,
+           ("high", 4, 12): 20.0, ("high", 4, 16): 24.0, ("high", 8, 12): 22.0, ("high", 8, 16): 30.0}
+    configs = [{"tier": t, "top_k": k, "num_blocks": n, "insertion": 1, "accuracy_mean": 0.5,
+                "latency_mean_ms": v, "latency_p95_ms": v} for (t, k, n), v in p95.items()]
+    (tmp_path / "profile.json").write_text(json.dumps({"configs": configs}))
+    raw = shield_from_profile(load_profile(tmp_path, KS)[0], KS)
+    assert raw.stage2(0, 1, 1, 15.0) == (1, 1)  # the inconsistency the envelope removes
+    shield = shield_from_profile(make_lookup_profile(SimpleNamespace(results_dir=tmp_path, knob_space=KS)), KS)
+    assert float(shield.p95_ms[0, 1, 1]) == 16.0
+    assert shield.stage2(0, 1, 1, 15.0) == (1, 0)  # (k 8, 12 blocks): the largest plan below that fits
+    assert shield.stage2(0, 0, 1, 16.0) == (0, 1)
 
 
 def test_a_non_boolean_setting_fails_naming_the_field():
