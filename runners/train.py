@@ -468,9 +468,15 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         shield = make_latency_shield(rank_cfg, backend, actor, drift if ranks.is_main and step == 0
                                      else measure_profile_drift(backend))
         train_env.shield = val_env.shield = shield
+    def validate_and_keep_best() -> None:
+        nonlocal best_val
+        reward = validate()["reward_mean"]
+        if reward > best_val:  # a NaN reward never is: best.pt is then never written
+            best_val = reward
+            checkpoint("best.pt")
+
     if step == 0:  # the starting policy (the warm start's, if any) is a candidate for the best checkpoint
-        best_val = validate()["reward_mean"]
-        checkpoint("best.pt")
+        validate_and_keep_best()
 
     progress = tqdm(total=tc.num_epochs * steps_per_epoch, initial=min(step, tc.num_epochs * steps_per_epoch),
                     desc="train", dynamic_ncols=True, disable=None if ranks.is_main else True)
@@ -540,10 +546,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
 
         epoch, epoch_step = epoch + 1, 0  # this epoch is done: its checkpoints resume at the next one
         if epoch % ec.val_every_epochs == 0 or epoch == tc.num_epochs:
-            val_metrics = validate()
-            if val_metrics["reward_mean"] > best_val:
-                best_val = val_metrics["reward_mean"]
-                checkpoint("best.pt")
+            validate_and_keep_best()
         checkpoint("latest.pt")
     progress.close()
 
