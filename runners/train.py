@@ -450,6 +450,13 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
             writer.add_figure("val/accuracy_vs_budget", accuracy_vs_budget_figure(rows), step)
         return metrics
 
+    def validate_and_keep_best() -> None:
+        nonlocal best_val
+        reward = validate()["reward_mean"]
+        if reward > best_val:  # a NaN reward never is: best.pt is then never written
+            best_val = reward
+            checkpoint("best.pt")
+
     drift = None
     if step == 0:
         if ranks.is_main:  # a stale profile makes the budget range and every lookup table wrong: say so
@@ -468,13 +475,6 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         shield = make_latency_shield(rank_cfg, backend, actor, drift if ranks.is_main and step == 0
                                      else measure_profile_drift(backend))
         train_env.shield = val_env.shield = shield
-    def validate_and_keep_best() -> None:
-        nonlocal best_val
-        reward = validate()["reward_mean"]
-        if reward > best_val:  # a NaN reward never is: best.pt is then never written
-            best_val = reward
-            checkpoint("best.pt")
-
     if step == 0:  # the starting policy (the warm start's, if any) is a candidate for the best checkpoint
         validate_and_keep_best()
 
