@@ -224,9 +224,11 @@ PROFILE_DRIFT_TOLERANCE = 0.10
 
 
 def profile_latency_scales(backend, entries: Sequence[ProfileEntry], samples: Sequence) -> dict[str, float]:
-    """Per tier, this machine's p95 latency / the profile's: the mean of that ratio over the tier's
+    """Per tier, this machine's mean latency / the profile's: the mean of that ratio over the tier's
     cheapest and largest profiled configuration, each run at batch 1 on `samples` (training data,
-    zero budget token). Machines drift (the 2-core VM ran the shipped profile's high tier 44% slower
+    zero budget token). The ratio of means, not of p95s: a p95 over 8 requests is their slowest,
+    and three default runs started minutes apart on one quiet machine read low x0.73, x0.88 and
+    x0.92 that way (2026-12-05), which moved every plan of the warm start and the shield. Machines drift (the 2-core VM ran the shipped profile's high tier 44% slower
     on 2026-12-02 than when it was profiled), and a stale profile makes its budget range and the
     lookup tables wrong."""
     zero = torch.zeros(backend.d_model)
@@ -242,8 +244,8 @@ def profile_latency_scales(backend, entries: Sequence[ProfileEntry], samples: Se
         for s in samples:  # configurations interleaved per sample, as the profile does, so drift hits all alike
             for e in timed:
                 ms[e].append(total_ms(run_episode(backend, s, e.config, zero).timings_ms))
-    return {tier: sum(float(torch.quantile(torch.tensor(ms[e]), 0.95)) / e.latency_p95_ms  # the profile's p95 rule
-                      for e in pair) / len(pair) for tier, pair in ends.items()}
+    return {tier: sum(sum(ms[e]) / len(ms[e]) / e.latency_mean_ms for e in pair) / len(pair)
+            for tier, pair in ends.items()}
 
 
 def rescale_profile(entries: Sequence[ProfileEntry], scales: Mapping[str, float]) -> list[ProfileEntry]:

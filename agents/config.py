@@ -94,6 +94,9 @@ class EvalConfig:
     val_every_epochs: int = 1  # validate (and checkpoint best) every this many epochs
     sweep_budgets: int = 4  # budgets of the accuracy-vs-budget plot at each validation (0 = no plot)
     sweep_samples: int = 32  # validation samples run at every budget of that plot
+    # A validated policy replaces best.pt when its validation episodes' rewards beat best.pt's, paired
+    # episode for episode, by more than this many standard errors of the mean difference (0: any gain)
+    best_margin_se: float = 0.0
 
 
 @dataclass

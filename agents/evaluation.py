@@ -71,6 +71,25 @@ def summarize(episodes: TensorDict) -> dict[str, float]:
     }
 
 
+def beats_incumbent(candidate: torch.Tensor, incumbent: torch.Tensor | None, margin_se: float = 0.0) -> bool:
+    """Whether the per-episode validation rewards `candidate` beat `incumbent`'s, episode for episode
+    on the same samples and budgets, by a mean difference above `margin_se` standard errors of that
+    mean (0: any gain, the plain "higher mean reward" rule). The best of many noisy validations is
+    biased up: on 64 validation episodes seed 42's step-75 policy led the warm start by 4.7 points
+    and then scored 2.7 points below it on 300 test samples (RESULTS 0). A non-finite reward never
+    wins; with no incumbent any finite candidate does."""
+    if not bool(torch.isfinite(candidate).all()):
+        return False
+    if incumbent is None:
+        return True
+    if incumbent.shape != candidate.shape:
+        raise ValueError(f"validation rewards of shape {tuple(candidate.shape)} against the best checkpoint's "
+                         f"{tuple(incumbent.shape)}: expected the same validation episodes")
+    diff = candidate.double() - incumbent.double()
+    se = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else 0.0
+    return float(diff.mean()) > margin_se * se
+
+
 def dummy_reference_rewards(env, episodes: TensorDict) -> dict[str, float]:
     """On the dummy backend: expected reward of the chosen configs, of the optimal policy and of
     the uniform-random policy, on the same samples and budgets."""

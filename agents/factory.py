@@ -133,12 +133,12 @@ def check_warm_start(cfg: Config) -> None:
         raise ValueError(f"policy.warm_start_label_smoothing={c.warm_start_label_smoothing!r}: expected a value in [0, 1)")
 
 
-# Training requests timed per tier end by measure_profile_drift (2 configurations x 3 tiers x 8: ~5 s on CPU).
-DRIFT_SAMPLES = 8
+# Training requests timed per tier end by measure_profile_drift (2 configurations x 3 tiers x 24: ~15 s on CPU).
+DRIFT_SAMPLES = 24
 
 
 def measure_profile_drift(backend) -> dict[str, float] | None:
-    """This machine's p95 / the profile's per tier (agents.baselines.profile_latency_scales), or None
+    """This machine's mean latency / the profile's per tier (agents.baselines.profile_latency_scales), or None
     when the backend has no profile.json with configurations (the dummy's latency is its own
     closed-form model; a profile.json may give only budget_range_ms)."""
     results_dir = getattr(backend, "results_dir", None)
@@ -207,6 +207,15 @@ def check_shield_tracking(cfg: Config) -> float:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
         raise ValueError(f"policy.latency_shield_tracking={rate!r}: expected a finite rate >= 0 (0: a fixed table)")
     return float(rate)
+
+
+def check_best_margin(cfg: Config) -> float:
+    """eval.best_margin_se, or an error naming it when it is not a finite number >= 0."""
+    margin = cfg.eval.best_margin_se
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"eval.best_margin_se={margin!r}: expected a finite number of standard errors >= 0 "
+                         f"(0: any validation gain replaces best.pt)")
+    return float(margin)
 
 
 def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace,

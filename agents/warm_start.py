@@ -33,7 +33,7 @@ Two tables (policy.warm_start):
 
 The profile's latencies were measured on another day, and these machines drift (on 2026-12-02 the
 2-core VM ran low/k4/N12 12-25% and high/k4/N16 44% slower than the shipped profile): before the
-targets are read, each tier's profiled latencies are rescaled by the ratio of this machine's p95 to
+targets are read, each tier's profiled latencies are rescaled by the ratio of this machine's mean latency to
 the profile's, measured on the tier's cheapest and largest configuration
 (agents.baselines.profile_latency_scales).
 """
@@ -139,7 +139,7 @@ def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: 
     """Teach both stages the lookup table (module doc), Stage 1 first: Stage 2's data is collected
     with the taught Stage 1's budget token, since the latency token is computed from it. Returns
     each head's last minibatch loss and its greedy agreement with the targets on the imitation data.
-    env: an env of group size 1; latency_scales: this machine's p95 / the profile's per tier
+    env: an env of group size 1; latency_scales: this machine's mean latency / the profile's per tier
     (agents.baselines.profile_latency_scales), applied to the profile before the targets are read;
     family_table: the family_lookup table (module doc), None for lookup. The metrics include the
     controller time added to the profile (warm_start/controller_p95_ms)."""

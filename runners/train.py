@@ -68,8 +68,8 @@ from agents.distributed import (
     wrap_ddp,
 )
 from agents.constraint import episode_budgets
-from agents.evaluation import dummy_reference_rewards, heldout_budgets, run_episodes, summarize
-from agents.factory import (check_latency_shield, check_shield_tracking, check_warm_start, make_actor,
+from agents.evaluation import beats_incumbent, dummy_reference_rewards, heldout_budgets, run_episodes, summarize
+from agents.factory import (check_best_margin, check_latency_shield, check_shield_tracking, check_warm_start, make_actor,
                             make_backend_from_config, make_env, make_latency_shield, make_logger, make_loss,
                             make_violation_multiplier, measure_profile_drift, warm_start_actor)
 from agents.grpo import grpo_update, make_optimizer, set_learning_rate
@@ -215,11 +215,11 @@ def check_same_device_model(ranks: RankContext) -> None:
 
 
 def report_drift(scales: dict[str, float]) -> None:
-    """One line with this machine's p95 latency against the profile's per tier, and a warning when a
+    """One line with this machine's mean latency against the profile's per tier, and a warning when a
     tier is off by more than PROFILE_DRIFT_TOLERANCE."""
     line = ", ".join(f"{tier} x{v:.2f}" for tier, v in scales.items())
     off = [tier for tier, v in scales.items() if abs(v - 1) > PROFILE_DRIFT_TOLERANCE]
-    print(f"latency against the profile (p95 here / profiled): {line}", flush=True)
+    print(f"latency against the profile (mean here / profiled): {line}", flush=True)
     if off:
         print(f"warning: tier(s) {', '.join(off)} run more than {PROFILE_DRIFT_TOLERANCE:.0%} off the profile's "
               f"latency on this machine: its budget range and lookup tables may not fit here; re-profile with "
@@ -372,12 +372,14 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         check_warm_start(cfg)
         check_latency_shield(cfg)
         check_shield_tracking(cfg)
+        check_best_margin(cfg)
         optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)
         if ranks.rank > 0:  # from here on each rank draws its own actions
             seed_everything(rank_cfg.train.seed)
         steps_per_epoch = tc.steps_per_epoch or max(1, len(train_env.samples) // tc.batch_size)
         # Where the next step goes (epoch, step within it), and the counters a resume continues.
         epoch, epoch_step, step, best_val = 0, 0, 0, -math.inf
+        best_val_rewards = None  # best.pt's per-episode validation rewards (beats_incumbent)
         skipped_updates, skipped_in_a_row = 0, 0
         if resume_ckpt is not None:
             check_compatible(resume_ckpt["policy_meta"], meta, resume_ckpt["path"])
@@ -388,6 +390,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         set_learning_rate(optimizer, cfg.optim.lr)  # load_state_dict restored the saved one
         epoch, epoch_step, step = resume_ckpt["epoch"], resume_ckpt["epoch_step"], resume_ckpt["step"]
         best_val = resume_ckpt["best_val_reward"]
+        best_val_rewards = resume_ckpt.get("best_val_rewards")
         skipped_updates, skipped_in_a_row = resume_ckpt["skipped_updates"], resume_ckpt["skipped_in_a_row"]
         if multiplier is not None and resume_ckpt.get("violation_lambda") is not None:
             multiplier.load_state_dict(resume_ckpt["violation_lambda"])
@@ -432,13 +435,14 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
             return
         save_checkpoint(output_dir / "checkpoints" / name, policy=actor.state_dict(), optimizer=optimizer.state_dict(),
                         step=step, epoch=epoch, epoch_step=epoch_step, best_val_reward=best_val,
+                        best_val_rewards=best_val_rewards,
                         skipped_updates=skipped_updates, skipped_in_a_row=skipped_in_a_row,
                         violation_lambda=multiplier.state_dict() if multiplier is not None else None,
                         kl_reference=loss_module.reference_state(),
                         **rank_states_payload(states), policy_meta=meta, config=cfg.to_dict())
 
-    def validate() -> dict:
-        metrics, _ = evaluate(val_env, actor, val_index, val_budgets, ranks)
+    def validate() -> tuple[dict, torch.Tensor]:
+        metrics, episodes = evaluate(val_env, actor, val_index, val_budgets, ranks)
         log({f"val/{k}": v for k, v in metrics.items()}, step)
         if ranks.is_main and not sys.stdout.isatty():  # tqdm shows nothing in a log file: one line per validation
             print(f"step {step}/{tc.num_epochs * steps_per_epoch} val reward {metrics['reward_mean']:.3f} "
@@ -448,13 +452,14 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
             budgets = default_budgets(backend.budget_range_ms, ec.sweep_budgets)
             rows = controller_budget_sweep(val_env, actor, val_index[: ec.sweep_samples], budgets)
             writer.add_figure("val/accuracy_vs_budget", accuracy_vs_budget_figure(rows), step)
-        return metrics
+        return metrics, episodes["reward"].reshape(-1).cpu()
 
     def validate_and_keep_best() -> None:
-        nonlocal best_val
-        reward = validate()["reward_mean"]
-        if reward > best_val:  # a NaN reward never is: best.pt is then never written
-            best_val = reward
+        nonlocal best_val, best_val_rewards
+        metrics, rewards = validate()
+        # Every rank holds all validation episodes, so every rank decides alike (checkpoint gathers).
+        if beats_incumbent(rewards, best_val_rewards, ec.best_margin_se):  # a NaN reward never does
+            best_val, best_val_rewards = metrics["reward_mean"], rewards
             checkpoint("best.pt")
 
     drift = None
@@ -574,7 +579,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
     # `checkpoint`: the file whose weights were evaluated (None: the initial policy, no epoch ran).
     final.update({"checkpoint": evaluated, "checkpoint_step": evaluated_step, "step": step, "split": "test"})
     if drift:
-        final["profile_latency_scale"] = drift  # this machine's p95 / the profile's, per tier, at the start
+        final["profile_latency_scale"] = drift  # this machine's mean latency / the profile's, per tier, at the start
     if ranks.is_main:
         write_json(output_dir / "final_eval.json", final)
     log({f"test/{k}": v for k, v in final.items() if isinstance(v, (int, float))}, step)

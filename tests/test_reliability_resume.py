@@ -50,9 +50,11 @@ def _assert_same_tensors(a, b, where=""):
 
 
 # The second: a warm start and a KL anchored at its policy, which a resume must restore (it is not
-# the resumed weights, and the warm start does not run again).
+# the resumed weights, and the warm start does not run again), and best.pt kept by a margin over
+# its own validation episodes, which a resume must restore too.
 @pytest.mark.parametrize("sections", [{}, {"policy": {"warm_start": "lookup", "warm_start_steps": 20},
-                                           "loss": {"beta": 0.5}}], ids=["plain", "warm_start_kl"])
+                                           "loss": {"beta": 0.5}, "eval": {"best_margin_se": 0.5}}],
+                         ids=["plain", "warm_start_kl_margin"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, sections):
     cfg = tiny_config(tmp_path, **sections)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
@@ -68,7 +70,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, sections):
     assert rows == ref_rows, f"killed after {kill_at} rows"
     assert len({json.loads(r)["step"] for r in rows if "train/reward" in json.loads(r)}) == 9  # each step once
     for name in ("latest.pt", "best.pt"):
-        for key in ("policy", "optimizer", "rng", "env", "step", "epoch", "best_val_reward", "kl_reference"):
+        for key in ("policy", "optimizer", "rng", "env", "step", "epoch", "best_val_reward", "best_val_rewards",
+                    "kl_reference"):
             _assert_same_tensors(ckpt[name][key], ref_ckpt[name][key], f"{name}:{key} (killed after {kill_at} rows)")
     assert final == ref_final.replace(str(reference), str(killed)), f"killed after {kill_at} rows"
 

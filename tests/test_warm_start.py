@@ -96,7 +96,7 @@ class _TimedBackend:
         return SimpleNamespace(timings_ms={"preprocess": 0.0, "vision": 0.0, "prefill": ms / 2, "decode": ms / 2})
 
 
-def test_profile_drift_is_this_machines_p95_over_the_profiles_per_tier():
+def test_profile_drift_is_this_machines_mean_over_the_profiles_per_tier():
     entries = [ProfileEntry(StaticChoice(t, k, n, 1), 0.5, base * (1 + 0.1 * (n - 12)), base * (1 + 0.1 * (n - 12)))
                for t, base in (("low", 10.0), ("high", 40.0)) for k in (4, 8) for n in (12, 16)]
     backend = _TimedBackend({"low": 12.0, "high": 30.0})  # low runs 20% slower, high 25% faster
