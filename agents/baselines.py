@@ -228,8 +228,9 @@ def profile_latency_scales(backend, entries: Sequence[ProfileEntry], samples: Se
     cheapest and largest profiled configuration, each run at batch 1 on `samples` (training data,
     zero budget token). The ratio of means, not of p95s: a p95 over 8 requests is their slowest,
     and three default runs started minutes apart on one quiet machine read low x0.73, x0.88 and
-    x0.92 that way (2026-12-05), which moved every plan of the warm start and the shield. Machines drift (the 2-core VM ran the shipped profile's high tier 44% slower
-    on 2026-12-02 than when it was profiled), and a stale profile makes its budget range and the
+    x0.92 that way (2026-12-05), which moved every plan of the warm start and the shield. Machines
+    drift (the 2-core VM ran the shipped profile's high tier 44% slower on 2026-12-02 than when it
+    was profiled), and a stale profile makes its budget range and the
     lookup tables wrong."""
     zero = torch.zeros(backend.d_model)
     ends = {}

@@ -201,21 +201,23 @@ def check_latency_shield(cfg: Config) -> bool:
     return _boolean_setting("policy.latency_shield", cfg.policy.latency_shield)
 
 
+def _finite_nonnegative(value, field: str, expected: str) -> float:
+    """`value` as a float, or a ValueError naming `field` when it is not a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{field}={value!r}: expected {expected}")
+    return float(value)
+
+
 def check_shield_tracking(cfg: Config) -> float:
     """policy.latency_shield_tracking, or an error naming it when it is not a finite rate >= 0."""
-    rate = cfg.policy.latency_shield_tracking
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
-        raise ValueError(f"policy.latency_shield_tracking={rate!r}: expected a finite rate >= 0 (0: a fixed table)")
-    return float(rate)
+    return _finite_nonnegative(cfg.policy.latency_shield_tracking, "policy.latency_shield_tracking",
+                               "a finite rate >= 0 (0: a fixed table)")
 
 
 def check_best_margin(cfg: Config) -> float:
     """eval.best_margin_se, or an error naming it when it is not a finite number >= 0."""
-    margin = cfg.eval.best_margin_se
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
-        raise ValueError(f"eval.best_margin_se={margin!r}: expected a finite number of standard errors >= 0 "
-                         f"(0: any validation gain replaces best.pt)")
-    return float(margin)
+    return _finite_nonnegative(cfg.eval.best_margin_se, "eval.best_margin_se",
+                               "a finite number of standard errors >= 0 (0: any validation gain replaces best.pt)")
 
 
 def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace,

@@ -23,7 +23,8 @@ def test_margin_zero_is_the_higher_mean_and_a_tie_keeps_the_incumbent():
 
 def test_the_margin_is_in_standard_errors_of_the_paired_difference():
     incumbent = torch.zeros(64)
-    # 6 wins and 2 losses in 64 episodes: mean difference 4/64, standard error sqrt((8 - 64 * 0.0625**2) / 63) / 8 = 0.0438 -> 1.43 SE.
+    # 6 wins and 2 losses in 64 episodes: mean difference 4/64,
+    # standard error sqrt((8 - 64 * 0.0625**2) / 63) / 8 = 0.0438 -> 1.43 SE.
     noisy = torch.zeros(64)
     noisy[:6], noisy[6:8] = 1.0, -1.0
     diff = noisy - incumbent
