@@ -15,8 +15,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from agents.baselines import (PROFILE_FILE, ProfileEntry, dummy_closed_form_profile, dummy_family_table,
-                              load_profile, make_static, monotone_latencies, profile_latency_scales,
-                              rescale_profile)
+                              load_profile, make_static, profile_latency_scales,
+                              rescale_profile, smooth_latencies)
 from agents.checkpoint import actor_meta, build_actor
 from agents.config import Config
 from agents.constraint import ViolationMultiplier
@@ -82,9 +82,10 @@ FAMILY_TABLE_FILE, FAMILY_TABLE_SPLIT = "eval.json", "val"
 
 def make_lookup_profile(backend) -> list[ProfileEntry]:
     """The latency table the warm start imitates and the shield enforces: the backend's profile.json
-    (monotone in top-k and blocks, agents.baselines.monotone_latencies), or the dummy's closed form."""
+    as a smooth model monotone in top-k and blocks (agents.baselines.smooth_latencies), or the
+    dummy's closed form."""
     if getattr(backend, "results_dir", None) is not None:
-        return monotone_latencies(load_profile(backend.results_dir, backend.knob_space)[0])
+        return smooth_latencies(load_profile(backend.results_dir, backend.knob_space)[0])
     if backend.has_closed_form:
         return dummy_closed_form_profile(backend, "val")
     raise ValueError(f"policy.warm_start='lookup' needs a profile.json in the backend's results dir; "
@@ -150,7 +151,7 @@ def measure_profile_drift(backend) -> dict[str, float] | None:
             return None
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         pass  # load_profile names the file and the problem
-    entries, _ = load_profile(results_dir, backend.knob_space)
+    entries = smooth_latencies(load_profile(results_dir, backend.knob_space)[0])  # the table it rescales
     return profile_latency_scales(backend, entries, backend.dataset("train")[:DRIFT_SAMPLES])
 
 

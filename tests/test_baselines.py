@@ -18,6 +18,7 @@ from agents.baselines import (
     load_profile,
     lookup_select,
     monotone_latencies,
+    smooth_latencies,
     oracle_select,
     parse_policies,
     profile_from_table,
@@ -59,6 +60,45 @@ def test_monotone_latencies_take_the_envelope_of_cheaper_plans_within_a_tier_and
         (30.0, 41.2), (30.0, 41.2), (20.0, 25.0), (30.0, 41.2), (50.0, 60.0), (10.0, 12.0)]
     assert [e.config for e in out] == [e.config for e in profile]
     assert [e.accuracy_mean for e in out] == [e.accuracy_mean for e in profile]
+
+
+def grid_profile(tier, mean_of, p95_of):
+    return [entry(tier, k, n, 0.5, mean_of(k, n), p95_of(k, n)) for k in (4, 5, 6, 7, 8) for n in (12, 13, 14, 15, 16)]
+
+
+def test_smooth_latencies_recover_a_bilinear_surface_and_its_p95_ratio():
+    def mean_of(k, n):
+        return 20.0 + 3.0 * n - 1.0 * k + 0.2 * k * n
+    exact = grid_profile("low", mean_of, lambda k, n: 1.2 * mean_of(k, n))
+    out = smooth_latencies(exact)
+    assert [e.config for e in out] == [e.config for e in exact]
+    assert all(math.isclose(o.latency_mean_ms, e.latency_mean_ms, rel_tol=1e-9) for o, e in zip(out, exact))
+    assert all(math.isclose(o.latency_p95_ms, e.latency_p95_ms, rel_tol=1e-9) for o, e in zip(out, exact))
+
+
+def test_smooth_latencies_undo_a_noisy_p95_that_the_envelope_alone_would_spread():
+    def mean_of(k, n):
+        return 20.0 + 3.0 * n + 0.2 * k * n
+    # One 40-request p95 drawn 20% high (k 4, 13 blocks): the envelope carries it to every larger plan.
+    noisy = grid_profile("low", mean_of, lambda k, n: mean_of(k, n) * (1.44 if (k, n) == (4, 13) else 1.2))
+    envelope = {e.config.name: e.latency_p95_ms for e in monotone_latencies(noisy)}
+    smooth = {e.config.name: e.latency_p95_ms for e in smooth_latencies(noisy)}
+    assert envelope["low,4,14"] == pytest.approx(1.44 * mean_of(4, 13))  # above the plan's own 1.2 x 75.2
+    assert smooth["low,4,14"] == pytest.approx(1.2 * mean_of(4, 14), rel=0.01)
+    assert all(abs(smooth[n] / (1.2 * mean_of(int(n.split(",")[1]), int(n.split(",")[2]))) - 1) < 0.01 for n in smooth)
+    table = smooth_latencies(noisy)  # still monotone in top-k and blocks
+    assert all(o.latency_p95_ms <= e.latency_p95_ms + 1e-9 for e in table for o in table
+               if o.config.top_k <= e.config.top_k and o.config.num_blocks <= e.config.num_blocks)
+
+
+def test_smooth_latencies_keep_a_group_too_small_to_fit_and_fit_each_tier_alone():
+    few = [entry("low", 4, 12, 0.5, 10.0, 12.0), entry("low", 8, 16, 0.5, 20.0, 26.0)]  # 2 plans, 4 coefficients
+    def high(k, n):
+        return 100.0 + 5.0 * n + 0.5 * k * n
+    profile = few + grid_profile("high", high, lambda k, n: 1.1 * high(k, n))
+    out = smooth_latencies(profile)
+    assert [(e.latency_mean_ms, e.latency_p95_ms) for e in out[:2]] == [(10.0, 12.0), (20.0, 26.0)]
+    assert out[2].latency_mean_ms == pytest.approx(high(4, 12))
 
 
 def test_lookup_mean_uses_the_105_factor_and_p95_uses_the_budget():
