@@ -18,7 +18,8 @@ from PIL import Image, UnidentifiedImageError
 
 from agents.checkpoint import actor_meta, build_actor, check_compatible, load_checkpoint
 from agents.config import config_from_dict
-from agents.factory import make_backend_from_config, make_env, make_latency_shield, measure_profile_drift
+from agents.factory import (controller_time_scale, make_backend_from_config, make_env, make_latency_shield,
+                            measure_profile_drift)
 from agents.rollout import collect_rollouts
 from envs.budget_env import reset_to
 from envs.data.sample import VQASample
@@ -45,6 +46,7 @@ class Controller(NamedTuple):
     cfg: Any
     ckpt: dict
     shield: LatencyShield | None  # the run's latency shield on this machine, None when it trained without
+    time_scale: float  # this machine's latency / the training run's (agents.factory.controller_time_scale)
 
 
 def load_controller(run: str | Path, device: str | None = None) -> Controller:
@@ -69,9 +71,9 @@ def load_controller(run: str | Path, device: str | None = None) -> Controller:
     actor = build_actor(ckpt["policy_meta"]).to(cfg.train.device)
     actor.load_state_dict(ckpt["policy"])
     actor.eval()
-    shield = (make_latency_shield(cfg, backend, actor, measure_profile_drift(backend))
-              if cfg.policy.latency_shield else None)
-    return Controller(actor, backend, cfg, ckpt, shield)
+    drift = measure_profile_drift(backend) if cfg.policy.latency_shield or ckpt.get("latency_scales") else None
+    shield = make_latency_shield(cfg, backend, actor, drift) if cfg.policy.latency_shield else None
+    return Controller(actor, backend, cfg, ckpt, shield, controller_time_scale(ckpt.get("latency_scales"), drift))
 
 
 def request_sample(cfg, image: Image.Image, question: str, reference: str | None = None) -> VQASample:
@@ -98,11 +100,13 @@ def answer_request(run: str | Path, image: str | Path | Image.Image, question: s
     if int(warmup) < 0:
         raise ValueError(f"--warmup {warmup}: expected >= 0")
     picture = image if isinstance(image, Image.Image) else load_image(image)
-    actor, backend, cfg, ckpt, shield = controller or load_controller(run, device)
+    actor, backend, cfg, ckpt, shield, time_scale = controller or load_controller(run, device)
     sample = request_sample(cfg, picture, question, reference)
     env = make_env(cfg, backend, "test", 1, 1, samples=[sample], shield=shield)
     reset = reset_to(1, sample_index=[0], budget_ms=[float(budget_ms)])
     for _ in range(int(warmup) + 1):
+        # budgets in the units of the machine the policy trained on, as evaluate.py --time_rescale on
+        actor.time_scale = time_scale * (shield.mean_scale() if shield is not None else 1.0)
         trajectory = collect_rollouts(env, actor, reset.clone(), greedy=True)
     result = env.last_results[0]
     info = trajectory["next", "episode"][0, 1]

@@ -30,6 +30,7 @@ from agents.baselines import (
 )
 from agents.evaluation import dummy_reference_rewards, run_episodes
 from envs.budget_env import ACTION_HEADS
+from envs.headroom import budget_headroom, headroom_choices
 from envs.knobs import KnobSpace
 from envs.reward import RewardWeights, check_budget, compute_reward
 
@@ -192,8 +193,6 @@ def family_oracle_choice(calibration: Calibration, test: ConfigTable, test_famil
     family among those whose calibration p95 latency fits the budget (envs.headroom.budget_headroom;
     its accuracies are read on the test table). None fits: every family takes the configuration
     with the lowest calibration p95. Returns (family -> config, fits, the headroom report or None)."""
-    from envs.headroom import budget_headroom
-
     if calibration.families is None or test_families is None:
         raise ValueError("policy 'family-oracle' needs question families; these samples carry none "
                          "(SynthVQA and the dummy have them, real VQA datasets do not)")
@@ -201,17 +200,46 @@ def family_oracle_choice(calibration: Calibration, test: ConfigTable, test_famil
     if missing:
         raise ValueError(f"policy 'family-oracle': the calibration set has no question of family {missing}; "
                          f"pass a larger --calibration_samples")
-    cols = static_columns(calibration.table, knob_space)
-    by_name = {calibration.table.configs[j].name: calibration.table.configs[j] for j in cols}
-    latency = calibration.table.latency
-    p95 = {calibration.table.configs[j].name: float(torch.quantile(latency[:, j], 0.95)) for j in cols}
-    shares = {f: sum(g == f for g in test_families) / len(test_families) for f in sorted(set(test_families))}
-    read = family_accuracy(test, test_families, [test.column(by_name[name]) for name in by_name])
-    report = budget_headroom(family_accuracy(calibration.table, calibration.families, cols), read, p95, shares, budget)
+    by_name, choose, p95 = _calibration_tables(calibration, knob_space)
+    shares = family_shares(test_families)
+    # read on the configurations the test samples ran: all of them, or with the calibration measured first
+    # (evaluate.py --calibration_phase first) the ones the choices can need (calibrated_choices)
+    read = family_accuracy(test, test_families, [test.column(c) for c in by_name.values() if c in test.configs])
+    report = budget_headroom(choose, read, p95, shares, budget)
     if report is None:
         fastest = min(p95, key=p95.get)
         return {f: by_name[fastest] for f in shares}, False, None
     return {f: by_name[name] for f, name in report["family_choice"].items()}, True, report
+
+
+def family_shares(families: Sequence) -> dict:
+    """Each question family's share of `families`."""
+    return {f: sum(g == f for g in families) / len(families) for f in sorted(set(families))}
+
+
+def _calibration_tables(calibration: Calibration, knob_space: KnobSpace) -> tuple[dict, dict, dict]:
+    """The calibration's static configurations by name, their accuracy per family and their p95 latency."""
+    cols = static_columns(calibration.table, knob_space)
+    by_name = {calibration.table.configs[j].name: calibration.table.configs[j] for j in cols}
+    p95 = {calibration.table.configs[j].name: float(torch.quantile(calibration.table.latency[:, j], 0.95))
+           for j in cols}
+    return by_name, family_accuracy(calibration.table, calibration.families, cols), p95
+
+
+def calibrated_choices(calibration: Calibration, test_families: Sequence | None, budgets: Sequence[float],
+                       knob_space: KnobSpace) -> set[StaticChoice]:
+    """Every configuration that lookup-calibrated, family-oracle and its headroom report's best
+    static read on the test samples at `budgets`: all the test samples need to run when the
+    calibration is measured before them."""
+    chosen = {lookup_select(calibrated_profile(calibration, knob_space), b, "p95")[0] for b in budgets}
+    if test_families is None or calibration.families is None:
+        return chosen
+    by_name, choose, p95 = _calibration_tables(calibration, knob_space)
+    for b in budgets:
+        picked = headroom_choices(choose, p95, family_shares(test_families), b)
+        names = [min(p95, key=p95.get)] if picked is None else [picked[0], *picked[1].values()]
+        chosen.update(by_name[n] for n in names)
+    return chosen
 
 
 def calibrated_profile(calibration: Calibration, knob_space: KnobSpace) -> list[ProfileEntry]:

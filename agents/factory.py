@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -153,6 +153,22 @@ def measure_profile_drift(backend) -> dict[str, float] | None:
         pass  # load_profile names the file and the problem
     entries = smooth_latencies(load_profile(results_dir, backend.knob_space)[0])  # the table it rescales
     return profile_latency_scales(backend, entries, backend.dataset("train")[:DRIFT_SAMPLES])
+
+
+def controller_time_scale(reference: Mapping[str, float] | None, now: Mapping[str, float] | None) -> float:
+    """The controller's time_scale (policies.controller): this machine's latency over the training
+    machine's, the geometric mean over the tiers both measured of now / reference (each a
+    measure_profile_drift result: the training run's at its start, saved in its checkpoints as
+    latency_scales, and this machine's now); 1 when either is missing (the dummy, an older checkpoint).
+    The policy learned which plan fits which budget on the machine it trained on, and these machines
+    drift by 10% and more between runs, so it reads budgets in that machine's units."""
+    tiers = sorted(set(reference or {}) & set(now or {}))
+    pairs = [(float(reference[t]), float(now[t])) for t in tiers]
+    bad = [f"{t}: {a!r} -> {b!r}" for t, (a, b) in zip(tiers, pairs)
+           if not all(math.isfinite(v) and v > 0 for v in (a, b))]
+    if bad:
+        raise ValueError(f"latency_scales: expected finite scales > 0 per tier; got {bad}")
+    return math.exp(sum(math.log(b / a) for a, b in pairs) / len(pairs)) if pairs else 1.0
 
 
 def warm_start_actor(cfg: Config, actor, backend, latency_scales: dict[str, float] | None = None) -> dict[str, float]:

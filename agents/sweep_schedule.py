@@ -47,6 +47,16 @@ class EnvPolicy:
     policy: Callable
     greedy: bool
     shield: LatencyShield | None = None  # the latency shield its episodes pass (envs/shield.py)
+    # A controller's time scale at start-up (agents.factory.controller_time_scale), None: left as it is.
+    # Before each episode the controller's time_scale is set to it times the shield's tracked
+    # mean_scale, so that the plan it picks is the one that fits the table the shield now holds.
+    time_scale: float | None = None
+
+    def prepare(self, env) -> None:
+        """Before an episode: the env passes this policy's shield; its time scale follows the shield."""
+        env.shield = self.shield
+        if self.time_scale is not None:
+            self.policy.time_scale = self.time_scale * (self.shield.mean_scale() if self.shield is not None else 1.0)
 
 
 @dataclass
@@ -99,7 +109,7 @@ def run_interleaved(
                 if r in skipped_test:
                     continue
                 p, b = what
-                env.shield = env_policies[p].shield
+                env_policies[p].prepare(env)
                 ep = run_episodes(env, env_policies[p].policy, torch.tensor([i]), torch.tensor([budgets[b]]),
                                   greedy=env_policies[p].greedy)
                 if bool(ep["substituted"].any()):  # the env met an unreadable image and ran another sample
@@ -160,7 +170,7 @@ def _warm_up(backend, samples, index, configs, budgets, env, env_policies, round
         except ImageLoadError:
             continue
         for e in env_policies:
-            env.shield = e.shield
+            e.prepare(env)
             run_episodes(env, e.policy, torch.tensor([i]), torch.tensor([budgets[0]]), greedy=e.greedy)
         return
 

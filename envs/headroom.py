@@ -25,6 +25,22 @@ def _overall(acc: Mapping[str, float], shares: Mapping[str, float]) -> float:
     return sum(shares[f] * acc[f] for f in shares)
 
 
+def headroom_choices(
+    choose: Mapping[str, Mapping[str, float]],
+    p95_ms: Mapping[str, float],
+    shares: Mapping[str, float],
+    budget_ms: float,
+) -> tuple[str, dict[str, str], list[str]] | None:
+    """(best static, {family: its best configuration}, the fitting configurations) at one budget,
+    chosen on `choose` alone (ties: the lower p95), or None when no configuration fits."""
+    fits = sorted(c for c in choose if p95_ms[c] <= budget_ms)
+    if not fits:
+        return None
+    static = max(fits, key=lambda c: (_overall(choose[c], shares), -p95_ms[c]))
+    family_choice = {f: max(fits, key=lambda c: (choose[c][f], -p95_ms[c])) for f in shares}
+    return static, family_choice, fits
+
+
 def budget_headroom(
     choose: Mapping[str, Mapping[str, float]],
     read: Mapping[str, Mapping[str, float]],
@@ -39,16 +55,15 @@ def budget_headroom(
     configuration's p95 latency; shares: each family's share of the questions (sums to 1);
     knobs: each configuration's knob values, larger = more expensive (see the module doc).
     """
-    fits = sorted(c for c in choose if p95_ms[c] <= budget_ms)
-    if not fits:
+    chosen = headroom_choices(choose, p95_ms, shares, budget_ms)
+    if chosen is None:
         return None
+    static, family_choice, fits = chosen
     structure = {}
     if knobs is not None:
         structure["undominated_configs"] = [
             c for c in fits
             if not any(d != c and all(x >= y for x, y in zip(knobs[d], knobs[c])) for d in fits)]
-    static = max(fits, key=lambda c: (_overall(choose[c], shares), -p95_ms[c]))
-    family_choice = {f: max(fits, key=lambda c: (choose[c][f], -p95_ms[c])) for f in shares}
     oracle = sum(shares[f] * read[family_choice[f]][f] for f in shares)
     static_acc = _overall(read[static], shares)
     return {

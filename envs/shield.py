@@ -90,6 +90,11 @@ class LatencyShield:
         exceeded = float(float(latency_ms) > predicted)
         self.scale[tier] *= math.exp(self.tracking_rate * (exceeded - 0.05))
 
+    def mean_scale(self) -> float:
+        """The tiers' tracked scales as one ratio (their geometric mean): how much slower than its
+        start-up table the table now says this machine is (a controller's time_scale follows it)."""
+        return float(self.scale.log().mean().exp())
+
     def state_dict(self) -> dict:
         return {"p95_ms": self.p95_ms.tolist(), "insertion_index": self.insertion_index,
                 "tracking_rate": self.tracking_rate, "scale": self.scale.tolist()}

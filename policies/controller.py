@@ -17,6 +17,7 @@ batched), for tests that need bit-identical episodes.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
@@ -59,6 +60,10 @@ def _categorical_heads(heads: Sequence[str]) -> ProbabilisticTensorDictModule:
     )
 
 
+# The stage networks' inputs that are times (ms): the budget, and Stage 2's elapsed and remaining time.
+TIME_ARGUMENTS = ("budget_feature", "elapsed_ms", "remaining_ms")
+
+
 class _StageNetwork(TensorDictModuleBase):
     """A stage's networks as a tensordict module: reads in_keys (passed to the predictor as the
     keyword arguments `inputs` maps them to), writes each head's (n, 1, K) logits under
@@ -78,10 +83,13 @@ class _StageNetwork(TensorDictModuleBase):
         self.out_keys = [("logits", h, "logits") for h in self.heads]
         if budget_encoder is not None:
             self.out_keys.append((ACTION_KEY, "budget_token"))
+        self.time_scale = 1.0  # HierarchicalController.time_scale
 
     def compute(self, *inputs: torch.Tensor) -> dict:
         """in_keys' tensors -> {out_key: tensor}."""
         kwargs = dict(zip(self.argument_names, inputs))
+        if self.time_scale != 1.0:
+            kwargs.update({k: kwargs[k] / self.time_scale for k in TIME_ARGUMENTS if k in kwargs})
         out = {}
         if self.budget_encoder is not None:  # Stage 1: the budget token is its budget feature
             kwargs["budget_feature"] = out[(ACTION_KEY, "budget_token")] = self.budget_encoder(kwargs["budget_feature"])
@@ -142,6 +150,21 @@ class HierarchicalController(TensorDictModuleBase):
         self.stage_actors = (stage1_actor, stage2_actor)
         self.in_keys = ["stage", *dict.fromkeys(k for actor in self.stage_actors for k in actor.in_keys)]
         self.out_keys = self.action_keys + [(ACTION_KEY, "budget_token"), (ACTION_KEY, "controller_ms")] + self.log_prob_keys
+
+    @property
+    def time_scale(self) -> float:
+        """This machine's speed over the training machine's (its latency / theirs): both stages read
+        every time input (budget, elapsed, remaining) divided by it, i.e. in the units the policy was
+        trained in; the env, the shield and the reward keep the measured milliseconds. 1 in training."""
+        return self.stage_actors[0].module[0].time_scale
+
+    @time_scale.setter
+    def time_scale(self, value: float) -> None:
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"controller time_scale={value}: expected a finite ratio > 0")
+        for actor in self.stage_actors:
+            actor.module[0].time_scale = value
 
     @property
     def stage1_actor(self) -> ProbabilisticTensorDictSequential:

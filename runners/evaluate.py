@@ -3,7 +3,7 @@ all measured in the same run, interleaved in time.
 
     python runners/evaluate.py --checkpoint RUN_DIR_OR_CKPT [MORE ...] --output_dir DIR [--split test]
         [--num_samples N] [--budgets B1 B2 ... | --num_budgets K] [--policies P ...]
-        [--calibration_samples M] [--calibration_split val]
+        [--calibration_samples M] [--calibration_split val] [--calibration_phase interleaved|first]
         [--backend dummy|vlm|molmoe] [--model_path DIR] [--results_dir DIR] [--config YAML]
 
 Policies (default: controller lookup-calibrated family-oracle lookup-mean lookup-p95 oracle random;
@@ -34,6 +34,10 @@ Interleaving (agents.sweep_schedule): the run is one round per test sample; a ro
 sample's static configurations, every env policy at every budget, and the configurations of the
 calibration samples spread evenly over the rounds, in an order shuffled per round by --seed; every
 unit is one batch-1 request. Drift in machine speed during the run hits every policy alike.
+--calibration_phase first measures the calibration samples before the test rounds instead (as a
+deployment calibrates before it serves); the test rounds then run only the configurations that
+lookup-calibrated, family-oracle and the profile lookups chose (all of them when the oracle is
+evaluated): about 12 of 75, which makes a 600-sample run affordable on 2 CPU cores.
 
 Budgets outside the training range are evaluated like the others and reported separately
 (`rows_outside_training_range` in eval.json, eval_outside_range.csv); a NaN, infinite, zero or
@@ -78,6 +82,7 @@ from agents.baselines import (
 )
 from agents.budget_sweep import (
     Calibration,
+    calibrated_choices,
     check_budgets,
     configs_needed,
     default_budgets,
@@ -89,8 +94,8 @@ from agents.budget_sweep import (
 from agents.checkpoint import actor_meta, build_actor, check_compatible, load_checkpoint
 from agents.cli import user_input
 from agents.config import apply_overrides, config_from_dict
-from agents.factory import (check_latency_shield, make_backend_from_config, make_env, make_latency_shield,
-                            measure_profile_drift)
+from agents.factory import (check_latency_shield, controller_time_scale, make_backend_from_config, make_env,
+                            make_latency_shield, measure_profile_drift)
 from agents.reporting import seed_spread, write_outputs
 from agents.sweep_schedule import EnvPolicy, run_interleaved
 from envs.backends.base import check_split
@@ -98,6 +103,7 @@ from envs.machine import machine_info
 from envs.reward import RewardWeights
 
 PROFILE_SOURCES = ("auto", "results_dir", "closed_form", "val")
+CALIBRATION_PHASES = ("interleaved", "first")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,6 +129,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default 64)")
     p.add_argument("--calibration_split", default="val", help="split of the calibration samples (default val; "
                                                               "must differ from --split)")
+    p.add_argument("--calibration_phase", choices=CALIBRATION_PHASES, default="interleaved",
+                   help="interleaved (default): the calibration samples' configurations spread over the test rounds; "
+                        "first: all measured before the test rounds, which then run only the configurations the "
+                        "calibrated policies chose (every one when the oracle is evaluated)")
     p.add_argument("--profile_source", choices=PROFILE_SOURCES, default="auto", help="where the lookup profile comes from")
     p.add_argument("--profile_samples", type=int, default=64, help="val samples measured for --profile_source val")
     p.add_argument("--device", help="cpu or cuda (default: the checkpoint's)")
@@ -137,6 +147,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency_shield_tracking", type=float,
                    help="rate at which the shields' per-tier scale follows the executed episodes' latency during "
                         "this run (envs/shield.py; 0: a fixed table; default: each run's policy setting)")
+    p.add_argument("--time_rescale", choices=("on", "off"), default="on",
+                   help="on (default): each controller reads budgets and times in its training machine's units, "
+                        "divided by this machine's latency over the training run's at its start (measured here at "
+                        "start-up, agents.factory.controller_time_scale; 1 for checkpoints that saved no scales); "
+                        "off: in this machine's milliseconds")
     p.add_argument("--overwrite", action="store_true", help="write over an existing eval.json in --output_dir")
     return p.parse_args(argv)
 
@@ -318,7 +333,19 @@ def _run(args, log) -> dict:
 
     configs = (configs_needed(specs, all_static_configs(ks), profile, budgets)
                if any(s.needs_table for s in specs) else [])
-    env, env_policies, shields, drift = None, [], {}, None
+    calibration = None
+    if calibration_samples is not None and args.calibration_phase == "first":
+        log(f"calibration first: {len(calibration_index)} {calibration_split} samples x every static configuration")
+        table = measure_config_table(backend, calibration_samples, calibration_index, all_static_configs(ks),
+                                     warmup=args.warmup, seed=cfg.train.seed, progress=log)
+        calibration = Calibration(table, families_of(calibration_samples, table.sample_index.tolist()))
+        if not any(s.kind == "oracle" for s in specs):  # the test rounds run only what the tables read
+            needed = set(calibrated_choices(calibration, families, budgets, ks))
+            needed |= set(configs_needed([s for s in specs if not s.needs_calibration], all_static_configs(ks),
+                                         profile, budgets))
+            configs = [c for c in configs if c in needed]
+        calibration_samples, calibration_index = None, []
+    env, env_policies, shields, drift, time_scales = None, [], {}, None, {}
     for spec in specs:
         if spec.kind in ENV_POLICIES:
             if env is None:
@@ -326,15 +353,20 @@ def _run(args, log) -> dict:
             policy, greedy = _env_policy(spec, ckpts.get(spec.name), cfg, backend)
             own = (cfg if ckpts[spec.name] is ckpt else resolve_config(args, ckpts[spec.name])
                    ) if spec.kind == "controller" else None  # the controller's run's config
+            rescale = spec.kind == "controller" and args.time_rescale == "on" and ckpts[spec.name].get("latency_scales")
+            if drift is None and (rescale or (own is not None and _shield_on(args, own))):
+                drift = measure_profile_drift(backend) or {}  # this machine now, as the training run measured it at its start
+            if rescale:
+                policy.time_scale = time_scales[spec.name] = controller_time_scale(ckpts[spec.name]["latency_scales"], drift)
+                log(f"{spec.name}: this machine's latency / its training run's = {policy.time_scale:.3f}: the "
+                    f"controller reads budgets and times divided by it (times its shield's tracked scale)")
             if own is not None and _shield_on(args, own):
-                if drift is None:  # this machine now, as the training run measured it at its start
-                    drift = measure_profile_drift(backend) or {}
                 tracking = (own.policy.latency_shield_tracking if args.latency_shield_tracking is None
                             else args.latency_shield_tracking)
                 shields[spec.name] = make_latency_shield(
                     apply_overrides(cfg, {"policy.latency_shield": True, "policy.latency_shield_tracking": tracking}),
                     backend, policy, drift)
-            env_policies.append(EnvPolicy(spec.name, policy, greedy, shields.get(spec.name)))
+            env_policies.append(EnvPolicy(spec.name, policy, greedy, shields.get(spec.name), time_scales.get(spec.name)))
     log(f"interleaved run: {n} {split} samples x ({len(configs)} static configurations + {len(env_policies)} env "
         f"policies x {len(budgets)} budgets) + {len(calibration_index)} {calibration_split} calibration samples x "
         f"{len(configs)} configurations")
@@ -345,7 +377,6 @@ def _run(args, log) -> dict:
         log(f"warning: {len(run.test.skipped)} test samples skipped (unreadable images); all policies use the rest")
     sample_index = run.test.sample_index
     families = families_of(samples, sample_index.tolist())
-    calibration = None
     if run.calibration is not None:
         calibration_families = families_of(calibration_samples, run.calibration.sample_index.tolist())
         calibration = Calibration(run.calibration, calibration_families)
@@ -375,12 +406,19 @@ def _run(args, log) -> dict:
         "budgets_outside_training_range": outside,
         "policies": [s.name for s in specs],
         "calibration": None if calibration is None else {
-            "split": calibration_split, "num_samples": int(run.calibration.sample_index.numel()),
-            "sample_index": run.calibration.sample_index.tolist(), "skipped_samples": run.calibration.skipped,
+            "split": calibration_split, "num_samples": int(calibration.table.sample_index.numel()),
+            "sample_index": calibration.table.sample_index.tolist(), "skipped_samples": calibration.table.skipped,
+            "phase": args.calibration_phase,
             "rule": "lookup-calibrated: best calibration accuracy with calibration p95 <= budget; family-oracle: "
                     "the same per question family (envs.headroom); chosen on calibration, read on the test samples"},
         "structural_headroom": structural_headroom(rows, list(ckpts)),
         "controller_spread": controller_spread(rows, list(ckpts)),
+        "controller_time_scale": {"setting": args.time_rescale, "scales": time_scales,
+                                  "after_the_run": {e.name: e.policy.time_scale for e in env_policies
+                                                    if e.time_scale is not None},
+                                  "rule": "this machine's latency over the training run's at its start (geometric "
+                                          "mean over tiers) times the shield's tracked mean scale before each "
+                                          "episode; each controller reads budgets and times divided by it"},
         "latency_shield": {"setting": args.latency_shield, "latency_scales": drift,
                            "tables": {name: s.state_dict() for name, s in shields.items()},  # after the run
                            "insertion_positions": list(ks.insertion_positions)},

@@ -380,6 +380,9 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         # Where the next step goes (epoch, step within it), and the counters a resume continues.
         epoch, epoch_step, step, best_val = 0, 0, 0, -math.inf
         best_val_rewards = None  # best.pt's per-episode validation rewards (beats_incumbent)
+        # The start-up measure_profile_drift the warm start read its table at: the machine units the policy
+        # learns its budgets in, saved with every checkpoint (evaluate.py: agents.factory.controller_time_scale).
+        latency_scales = None
         skipped_updates, skipped_in_a_row = 0, 0
         if resume_ckpt is not None:
             check_compatible(resume_ckpt["policy_meta"], meta, resume_ckpt["path"])
@@ -391,6 +394,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         epoch, epoch_step, step = resume_ckpt["epoch"], resume_ckpt["epoch_step"], resume_ckpt["step"]
         best_val = resume_ckpt["best_val_reward"]
         best_val_rewards = resume_ckpt.get("best_val_rewards")
+        latency_scales = resume_ckpt.get("latency_scales")
         skipped_updates, skipped_in_a_row = resume_ckpt["skipped_updates"], resume_ckpt["skipped_in_a_row"]
         if multiplier is not None and resume_ckpt.get("violation_lambda") is not None:
             multiplier.load_state_dict(resume_ckpt["violation_lambda"])
@@ -435,7 +439,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
             return
         save_checkpoint(output_dir / "checkpoints" / name, policy=actor.state_dict(), optimizer=optimizer.state_dict(),
                         step=step, epoch=epoch, epoch_step=epoch_step, best_val_reward=best_val,
-                        best_val_rewards=best_val_rewards,
+                        best_val_rewards=best_val_rewards, latency_scales=latency_scales,
                         skipped_updates=skipped_updates, skipped_in_a_row=skipped_in_a_row,
                         violation_lambda=multiplier.state_dict() if multiplier is not None else None,
                         kl_reference=loss_module.reference_state(),
@@ -465,7 +469,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
     drift = None
     if step == 0:
         if ranks.is_main:  # a stale profile makes the budget range and every lookup table wrong: say so
-            drift = measure_profile_drift(backend)
+            drift = latency_scales = measure_profile_drift(backend)
             if drift:
                 log({f"profile/latency_scale_{tier}": v for tier, v in drift.items()}, 0)
                 report_drift(drift)

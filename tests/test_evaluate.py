@@ -102,6 +102,28 @@ def test_end_to_end_subprocess_writes_json_csv_and_plots(run_dir, tmp_path, eval
     assert (out / "eval.json").read_text() == before
 
 
+def test_calibration_first_runs_only_the_chosen_configurations_on_the_test_samples(run_dir, tmp_path, evaluate_main):
+    policies = ["controller", "lookup-calibrated", "family-oracle", "lookup-p95"]
+    args = ["--checkpoint", str(run_dir), "--num_samples", "6", "--num_budgets", "3", "--calibration_samples", "16",
+            "--calibration_phase", "first"]
+    result = evaluate_main([*args, "--output_dir", str(tmp_path / "first"), "--policies", *policies])
+    meta, rows = result["meta"], result["rows"]
+    assert meta["calibration"]["phase"] == "first" and meta["calibration"]["num_samples"] == 16
+    by = {(r["policy"], r["budget_ms"]): r for r in rows}
+    read = {by["lookup-calibrated", b]["config"] for b in meta["budgets"]} | {by["lookup-p95", b]["config"] for b in meta["budgets"]}
+    read |= {c for b in meta["budgets"] for c in by["family-oracle", b]["family_choice"].values()}
+    assert len(read) <= meta["num_configs_measured"] < 75  # the test rounds ran the read ones, not all 75
+    assert all(r["num_episodes"] == 6 for r in rows)
+    headroom = {h["budget_ms"]: h for h in meta["structural_headroom"]}
+    for b in meta["budgets"]:
+        assert headroom[b]["headroom"] == pytest.approx(by["family-oracle", b]["accuracy_mean"]
+                                                        - by["lookup-calibrated", b]["accuracy_mean"])
+    # with the oracle every configuration runs on the test samples
+    with_oracle = evaluate_main([*args, "--output_dir", str(tmp_path / "oracle"), "--policies", "lookup-calibrated",
+                                 "oracle"])
+    assert with_oracle["meta"]["num_configs_measured"] == 75
+
+
 def test_lookup_from_a_results_dir_profile(run_dir, tmp_path, evaluate_main):
     # Hand-made profile: at 100 ms, lookup-mean may use medium,6,14 (mean 104 <= 105), lookup-p95 not.
     configs = [
