@@ -37,7 +37,7 @@ unit is one batch-1 request. Drift in machine speed during the run hits every po
 --calibration_phase first measures the calibration samples before the test rounds instead (as a
 deployment calibrates before it serves); the test rounds then run only the configurations that
 lookup-calibrated, family-oracle and the profile lookups chose (all of them when the oracle is
-evaluated): about 12 of 75, which makes a 600-sample run affordable on 2 CPU cores.
+evaluated): 17 of 75 in docs/RESULTS.md section 0, which made a 600-sample run affordable on 2 CPU cores.
 
 Budgets outside the training range are evaluated like the others and reported separately
 (`rows_outside_training_range` in eval.json, eval_outside_range.csv); a NaN, infinite, zero or
