@@ -24,7 +24,7 @@ from agents.rollout import collect_rollouts
 from envs.budget_env import reset_to
 from envs.data.sample import VQASample
 from envs.reward import check_budget
-from envs.shield import LatencyShield
+from envs.shield import LatencyShield, following_time_scale
 
 PHASES = ("preprocess", "vision", "prefill", "decode", "stage1_controller", "stage2_controller")
 
@@ -105,8 +105,7 @@ def answer_request(run: str | Path, image: str | Path | Image.Image, question: s
     env = make_env(cfg, backend, "test", 1, 1, samples=[sample], shield=shield)
     reset = reset_to(1, sample_index=[0], budget_ms=[float(budget_ms)])
     for _ in range(int(warmup) + 1):
-        # budgets in the units of the machine the policy trained on, as evaluate.py --time_rescale on
-        actor.time_scale = time_scale * (shield.mean_scale() if shield is not None else 1.0)
+        actor.time_scale = following_time_scale(time_scale, shield)  # as evaluate.py --time_rescale on
         trajectory = collect_rollouts(env, actor, reset.clone(), greedy=True)
     result = env.last_results[0]
     info = trajectory["next", "episode"][0, 1]

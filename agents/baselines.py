@@ -266,7 +266,7 @@ def smooth_latencies(entries: Sequence[ProfileEntry]) -> list[ProfileEntry]:
     2026-12-05 profile: low tier, k 4, 13 blocks 75.0 ms, 14 blocks 92.2, 15 blocks 91.9, means 68.9,
     74.7, 78.5), and the envelope of the raw values carries every high draw to all larger plans: the
     controllers then held knowledge questions at 13 blocks where 14 fitted (0.66 vs 0.95 accuracy at
-    82.5 ms, RESULTS 0). The fitted means stay within 1.2-2.2 ms (residual sd) of the measured ones."""
+    82.5 ms, RESULTS 0-s13). The fitted means stay within 1.2-2.2 ms (residual sd) of the measured ones."""
     groups: dict[tuple, list[int]] = {}
     for i, e in enumerate(entries):
         groups.setdefault((e.config.tier, e.config.insertion), []).append(i)

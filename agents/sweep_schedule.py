@@ -32,7 +32,7 @@ from agents.evaluation import run_episodes
 from envs.data.sample import ImageLoadError
 from envs.data.vqa import record_skipped
 from envs.profiling.latency_table import run_episode, total_ms
-from envs.shield import LatencyShield
+from envs.shield import LatencyShield, following_time_scale
 
 INTERLEAVING = ("rounds of one test sample each: its static configurations, every env policy at every budget "
                 "and the configurations of the calibration samples spread over the rounds, in an order shuffled "
@@ -48,15 +48,14 @@ class EnvPolicy:
     greedy: bool
     shield: LatencyShield | None = None  # the latency shield its episodes pass (envs/shield.py)
     # A controller's time scale at start-up (agents.factory.controller_time_scale), None: left as it is.
-    # Before each episode the controller's time_scale is set to it times the shield's tracked
-    # mean_scale, so that the plan it picks is the one that fits the table the shield now holds.
     time_scale: float | None = None
 
     def prepare(self, env) -> None:
-        """Before an episode: the env passes this policy's shield; its time scale follows the shield."""
+        """Before an episode: the env passes this policy's shield; its time scale follows the shield
+        (envs.shield.following_time_scale)."""
         env.shield = self.shield
         if self.time_scale is not None:
-            self.policy.time_scale = self.time_scale * (self.shield.mean_scale() if self.shield is not None else 1.0)
+            self.policy.time_scale = following_time_scale(self.time_scale, self.shield)
 
 
 @dataclass

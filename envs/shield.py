@@ -98,3 +98,10 @@ class LatencyShield:
     def state_dict(self) -> dict:
         return {"p95_ms": self.p95_ms.tolist(), "insertion_index": self.insertion_index,
                 "tracking_rate": self.tracking_rate, "scale": self.scale.tolist()}
+
+
+def following_time_scale(start_up: float, shield: LatencyShield | None) -> float:
+    """A controller's time_scale before an episode: its start-up scale (this machine's latency over its
+    training run's) times its shield's tracked mean_scale, so that the plan it picks is one the table
+    the shield now holds lets through (evaluate.py --time_rescale on, answer.py)."""
+    return start_up * (shield.mean_scale() if shield is not None else 1.0)

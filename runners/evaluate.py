@@ -354,13 +354,14 @@ def _run(args, log) -> dict:
             own = (cfg if ckpts[spec.name] is ckpt else resolve_config(args, ckpts[spec.name])
                    ) if spec.kind == "controller" else None  # the controller's run's config
             rescale = spec.kind == "controller" and args.time_rescale == "on" and ckpts[spec.name].get("latency_scales")
-            if drift is None and (rescale or (own is not None and _shield_on(args, own))):
+            shielded = own is not None and _shield_on(args, own)
+            if drift is None and (rescale or shielded):
                 drift = measure_profile_drift(backend) or {}  # this machine now, as the training run measured it at its start
             if rescale:
                 policy.time_scale = time_scales[spec.name] = controller_time_scale(ckpts[spec.name]["latency_scales"], drift)
                 log(f"{spec.name}: this machine's latency / its training run's = {policy.time_scale:.3f}: the "
                     f"controller reads budgets and times divided by it (times its shield's tracked scale)")
-            if own is not None and _shield_on(args, own):
+            if shielded:
                 tracking = (own.policy.latency_shield_tracking if args.latency_shield_tracking is None
                             else args.latency_shield_tracking)
                 shields[spec.name] = make_latency_shield(
