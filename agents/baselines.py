@@ -249,6 +249,20 @@ def profile_latency_scales(backend, entries: Sequence[ProfileEntry], samples: Se
             for tier, pair in ends.items()}
 
 
+def latency_scales_between(reference: Sequence[ProfileEntry], measured: Sequence[ProfileEntry]) -> dict[str, float]:
+    """Per tier, measured / reference mean latency averaged over the configurations both hold (the
+    form of profile_latency_scales, read off a whole measured table such as an evaluation's
+    calibration set instead of two configurations timed at start-up)."""
+    ref = {e.config: e.latency_mean_ms for e in reference}
+    ratios: dict[str, list[float]] = {}
+    for e in measured:
+        if ref.get(e.config, 0) > 0:
+            ratios.setdefault(e.config.tier, []).append(e.latency_mean_ms / ref[e.config])
+    if not ratios:
+        raise ValueError("latency_scales_between: the measured table shares no configuration with the reference")
+    return {tier: sum(r) / len(r) for tier, r in ratios.items()}
+
+
 def rescale_profile(entries: Sequence[ProfileEntry], scales: Mapping[str, float]) -> list[ProfileEntry]:
     """Each entry's latencies times its tier's scale."""
     return [replace(e, latency_mean_ms=e.latency_mean_ms * scales[e.config.tier],

@@ -189,15 +189,16 @@ def warm_start_actor(cfg: Config, actor, backend, latency_scales: dict[str, floa
 SHIELD_CONTROLLER_SAMPLES = 32
 
 
-def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, float] | None = None
-                        ) -> LatencyShield | None:
-    """policy.latency_shield's shield (envs/shield.py), None when off: the lookup profile rescaled by
-    latency_scales (measure_profile_drift, this machine now) plus the p95 of `actor`'s own time for
+def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, float] | None = None,
+                        table: Sequence[ProfileEntry] | None = None) -> LatencyShield | None:
+    """policy.latency_shield's shield (envs/shield.py), None when off: `table` (this machine's latency
+    measured now, e.g. evaluate.py's calibration set), else the lookup profile rescaled by
+    latency_scales (measure_profile_drift, this machine now), plus the p95 of `actor`'s own time for
     both stages, measured here on SHIELD_CONTROLLER_SAMPLES training requests."""
     if not check_latency_shield(cfg):
         return None
-    entries = make_lookup_profile(backend)
-    if latency_scales:
+    entries = list(table) if table is not None else make_lookup_profile(backend)
+    if latency_scales and table is None:
         entries = rescale_profile(entries, latency_scales)
     env = make_env(cfg, backend, "train", SHIELD_CONTROLLER_SAMPLES, 1)
     lowest = torch.zeros(env.batch_size[0], dtype=torch.long)  # the cheapest tier and p: the controller's own time

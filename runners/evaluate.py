@@ -38,6 +38,11 @@ unit is one batch-1 request. Drift in machine speed during the run hits every po
 deployment calibrates before it serves); the test rounds then run only the configurations that
 lookup-calibrated, family-oracle and the profile lookups chose (all of them when the oracle is
 evaluated): 17 of 75 in docs/RESULTS.md section 0, which made a 600-sample run affordable on 2 CPU cores.
+With it, --latency_reference calibration (the default then) takes the calibration as this machine's
+latency now: the default budgets span the range the profile runner's rule gives on it (the training
+range re-measured: a 2-core VM ran 25% slower in one evaluation than in training, and the profile's
+lowest budget fitted no configuration), and each controller's shield table and time scale come from
+it instead of a 24-request start-up measurement, so a controller knows what the baselines know.
 
 Budgets outside the training range are evaluated like the others and reported separately
 (`rows_outside_training_range` in eval.json, eval_outside_range.csv); a NaN, infinite, zero or
@@ -77,12 +82,15 @@ from agents.baselines import (
     dummy_closed_form_profile,
     load_profile,
     parse_policies,
+    latency_scales_between,
     profile_from_table,
     profile_to_json,
+    smooth_latencies,
 )
 from agents.budget_sweep import (
     Calibration,
     calibrated_choices,
+    calibrated_profile,
     check_budgets,
     configs_needed,
     default_budgets,
@@ -95,15 +103,17 @@ from agents.checkpoint import actor_meta, build_actor, check_compatible, load_ch
 from agents.cli import user_input
 from agents.config import apply_overrides, config_from_dict
 from agents.factory import (check_latency_shield, controller_time_scale, make_backend_from_config, make_env,
-                            make_latency_shield, measure_profile_drift)
+                            make_latency_shield, make_lookup_profile, measure_profile_drift)
 from agents.reporting import seed_spread, write_outputs
 from agents.sweep_schedule import EnvPolicy, run_interleaved
 from envs.backends.base import check_split
 from envs.machine import machine_info
+from envs.profiling import BUDGET_RANGE_RULE, budget_range
 from envs.reward import RewardWeights
 
 PROFILE_SOURCES = ("auto", "results_dir", "closed_form", "val")
 CALIBRATION_PHASES = ("interleaved", "first")
+LATENCY_REFERENCES = ("start-up", "calibration")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -152,6 +162,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "divided by this machine's latency over the training run's at its start (measured here at "
                         "start-up, agents.factory.controller_time_scale; 1 for checkpoints that saved no scales); "
                         "off: in this machine's milliseconds")
+    p.add_argument("--latency_reference", choices=LATENCY_REFERENCES,
+                   help="what this run takes as this machine's latency now. calibration (default with "
+                        "--calibration_phase first; needs it): the calibration set measured first, smoothed "
+                        "(agents.baselines.smooth_latencies), gives each controller's shield table and time scale, "
+                        "and the default budgets span the range the profile runner's rule gives on it "
+                        "(envs.profiling.budget_range); start-up (default otherwise): the profile rescaled by a "
+                        "24-request start-up measurement, and the default budgets span the profile's range")
     p.add_argument("--overwrite", action="store_true", help="write over an existing eval.json in --output_dir")
     return p.parse_args(argv)
 
@@ -280,6 +297,11 @@ def _run(args, log) -> dict:
         raise ValueError(f"--calibration_split={calibration_split!r} is the evaluated --split; the calibration "
                          f"samples must be disjoint from the test samples: pass another split")
 
+    latency_reference = args.latency_reference or ("calibration" if args.calibration_phase == "first" else "start-up")
+    if latency_reference == "calibration" and args.calibration_phase != "first":
+        raise ValueError(f"--latency_reference calibration needs --calibration_phase first (got "
+                         f"{args.calibration_phase!r}): the calibration must be measured before anything it sets")
+
     ckpts = controller_checkpoints(args.checkpoint)
     ckpt = next(iter(ckpts.values()))
     cfg = resolve_config(args, ckpt)
@@ -297,13 +319,6 @@ def _run(args, log) -> dict:
                 for w in check_checkpoint_fits(ck, cfg.policy if ck is ckpt else resolve_config(args, ck).policy, backend)]
     for w in warnings:
         log(f"warning: {w}")
-    if args.budgets is None:
-        budgets = default_budgets(backend.budget_range_ms, args.num_budgets)
-    lo, hi = backend.budget_range_ms
-    outside = [b for b in budgets if not lo <= b <= hi]
-    if outside:
-        log(f"budgets {outside} lie outside the training range [{lo}, {hi}] ms: evaluated, reported separately")
-
     samples = backend.dataset(split)
     n = min(args.num_samples or cfg.eval.test_samples, len(samples))
     test_index = list(range(n))
@@ -331,14 +346,34 @@ def _run(args, log) -> dict:
     if any(s.needs_profile for s in specs):
         profile, profile_info = resolve_profile(args, backend, ks, log)
 
-    configs = (configs_needed(specs, all_static_configs(ks), profile, budgets)
-               if any(s.needs_table for s in specs) else [])
-    calibration = None
-    if calibration_samples is not None and args.calibration_phase == "first":
+    calibration, machine_now = None, None
+    lo, hi = backend.budget_range_ms
+    budget_source = "given" if args.budgets is not None else f"{args.num_budgets} evenly over the training range"
+    if args.calibration_phase == "first" and (calibration_samples is not None or latency_reference == "calibration"):
+        if calibration_samples is None:  # only the controllers' reference needs it
+            calibration_samples = backend.dataset(calibration_split)
+            calibration_index = list(range(min(args.calibration_samples, len(calibration_samples))))
         log(f"calibration first: {len(calibration_index)} {calibration_split} samples x every static configuration")
         table = measure_config_table(backend, calibration_samples, calibration_index, all_static_configs(ks),
                                      warmup=args.warmup, seed=cfg.train.seed, progress=log)
         calibration = Calibration(table, families_of(calibration_samples, table.sample_index.tolist()))
+    if latency_reference == "calibration":
+        # This machine now, as the calibration measured it: the training range by the profile runner's rule
+        # and the controllers' table, so that a budget asks the same of every policy however the machine drifted.
+        measured = calibrated_profile(calibration, ks)
+        machine_now = smooth_latencies(measured)
+        (lo, hi), rule, _ = budget_range(profile_to_json(measured))
+        if args.budgets is None:
+            budget_source = (f"{args.num_budgets} evenly over the range the calibration gives by the profile "
+                             f"runner's rule ({rule})")
+    if args.budgets is None:
+        budgets = default_budgets((lo, hi), args.num_budgets)
+    outside = [b for b in budgets if not lo <= b <= hi]
+    if outside:
+        log(f"budgets {outside} lie outside the training range [{lo}, {hi}] ms: evaluated, reported separately")
+    configs = (configs_needed(specs, all_static_configs(ks), profile, budgets)
+               if any(s.needs_table for s in specs) else [])
+    if calibration is not None:
         if not any(s.kind == "oracle" for s in specs):  # the test rounds run only what the tables read
             needed = set(calibrated_choices(calibration, families, budgets, ks))
             needed |= set(configs_needed([s for s in specs if not s.needs_calibration], all_static_configs(ks),
@@ -356,7 +391,9 @@ def _run(args, log) -> dict:
             rescale = spec.kind == "controller" and args.time_rescale == "on" and ckpts[spec.name].get("latency_scales")
             shielded = own is not None and _shield_on(args, own)
             if drift is None and (rescale or shielded):
-                drift = measure_profile_drift(backend) or {}  # this machine now, as the training run measured it at its start
+                # this machine now, in the form the training run measured it at its start
+                drift = (latency_scales_between(make_lookup_profile(backend), machine_now) if machine_now is not None
+                         else measure_profile_drift(backend) or {})
             if rescale:
                 policy.time_scale = time_scales[spec.name] = controller_time_scale(ckpts[spec.name]["latency_scales"], drift)
                 log(f"{spec.name}: this machine's latency / its training run's = {policy.time_scale:.3f}: the "
@@ -366,7 +403,7 @@ def _run(args, log) -> dict:
                             else args.latency_shield_tracking)
                 shields[spec.name] = make_latency_shield(
                     apply_overrides(cfg, {"policy.latency_shield": True, "policy.latency_shield_tracking": tracking}),
-                    backend, policy, drift)
+                    backend, policy, drift, table=machine_now)
             env_policies.append(EnvPolicy(spec.name, policy, greedy, shields.get(spec.name), time_scales.get(spec.name)))
     log(f"interleaved run: {n} {split} samples x ({len(configs)} static configurations + {len(env_policies)} env "
         f"policies x {len(budgets)} budgets) + {len(calibration_index)} {calibration_split} calibration samples x "
@@ -402,8 +439,15 @@ def _run(args, log) -> dict:
         "sample_index": sample_index.tolist(),
         "skipped_samples": run.test.skipped,
         "budgets": budgets,
-        "budget_source": "given" if args.budgets is not None else f"{len(budgets)} evenly over the training range",
+        "budget_source": budget_source,
         "budget_range_ms": [lo, hi],
+        "latency_reference": {
+            "setting": latency_reference, "profile_budget_range_ms": list(backend.budget_range_ms),
+            "rule": ("the calibration set measured first, smoothed, is this machine's latency now: each controller's "
+                     "shield table and time scale, and budget_range_ms by the profile runner's rule: "
+                     + BUDGET_RANGE_RULE) if latency_reference == "calibration" else
+                    "the profile rescaled by a start-up measurement (agents.factory.measure_profile_drift); "
+                    "budget_range_ms: the profile's"},
         "budgets_outside_training_range": outside,
         "policies": [s.name for s in specs],
         "calibration": None if calibration is None else {

@@ -2,6 +2,7 @@
 reporting (agents/reporting.py)."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,8 +16,10 @@ from agents.baselines import (
     all_static_configs,
     check_profile,
     dummy_closed_form_profile,
+    latency_scales_between,
     load_profile,
     lookup_select,
+    make_static,
     monotone_latencies,
     smooth_latencies,
     oracle_select,
@@ -364,3 +367,15 @@ def test_rows_split_violations_by_family():
                                calibration=calibration)[0]
     assert at_200["choices_by_family"]["a"]["tier"] == {"low": 1.0, "medium": 0.0, "high": 0.0}
     assert at_200["choices_by_family"]["b"]["tier"] == {"low": 0.0, "medium": 1.0, "high": 0.0}
+
+
+def test_latency_scales_between_averages_the_ratio_per_tier():
+    ks = KnobSpace()
+    entries = [ProfileEntry(make_static(t, k, n, ks, "test"), 0.5, ms, ms * 1.2)
+               for t, ms in (("low", 10.0), ("high", 40.0)) for k, n in ((4, 12), (8, 16))]
+    measured = [replace(e, latency_mean_ms=e.latency_mean_ms * (1.5 if e.config.tier == "low" else 0.5 + 0.25 * i))
+                for i, e in enumerate(entries)]
+    scales = latency_scales_between(entries, measured)
+    assert scales["low"] == pytest.approx(1.5) and scales["high"] == pytest.approx((1.0 + 1.25) / 2)
+    with pytest.raises(ValueError, match="shares no configuration"):
+        latency_scales_between(entries[:2], measured[2:])

@@ -124,6 +124,25 @@ def test_calibration_first_runs_only_the_chosen_configurations_on_the_test_sampl
     assert with_oracle["meta"]["num_configs_measured"] == 75
 
 
+def test_calibration_reference_sets_the_budget_range_and_the_controller_shield(run_dir, tmp_path, evaluate_main):
+    args = ["--checkpoint", str(run_dir), "--num_samples", "4", "--num_budgets", "3", "--calibration_samples", "8",
+            "--calibration_phase", "first", "--policies", "controller", "lookup-calibrated", "--latency_shield", "on",
+            "--latency_shield_tracking", "0"]
+    calibrated = evaluate_main([*args, "--output_dir", str(tmp_path / "cal")])["meta"]
+    assert calibrated["latency_reference"]["setting"] == "calibration"  # the default with the calibration first
+    lo, hi = calibrated["budget_range_ms"]
+    assert calibrated["budgets"][0] == pytest.approx(lo) and calibrated["budgets"][-1] == pytest.approx(hi)
+    assert "calibration gives" in calibrated["budget_source"]
+    start_up = evaluate_main([*args, "--latency_reference", "start-up", "--output_dir", str(tmp_path / "start")])["meta"]
+    assert start_up["budget_range_ms"] == start_up["latency_reference"]["profile_budget_range_ms"]
+    tables = [torch.tensor(m["latency_shield"]["tables"]["controller"]["p95_ms"]) for m in (calibrated, start_up)]
+    assert not torch.allclose(tables[0], tables[1])  # the measured calibration, not the rescaled profile
+    msg = _error(evaluate_main, "--checkpoint", str(run_dir), "--policies", "controller", "--latency_reference",
+                 "calibration", "--output_dir", str(tmp_path / "bad"))
+    assert "--latency_reference calibration needs --calibration_phase first" in msg
+    assert not (tmp_path / "bad").exists()
+
+
 def test_lookup_from_a_results_dir_profile(run_dir, tmp_path, evaluate_main):
     # Hand-made profile: at 100 ms, lookup-mean may use medium,6,14 (mean 104 <= 105), lookup-p95 not.
     configs = [
