@@ -226,6 +226,11 @@ def _finite_nonnegative(value, field: str, expected: str) -> float:
     return float(value)
 
 
+def check_follow_shield_scale(cfg: Config) -> bool:
+    """policy.follow_shield_scale, or an error naming it when it is not a boolean."""
+    return _boolean_setting("policy.follow_shield_scale", cfg.policy.follow_shield_scale)
+
+
 def check_shield_tracking(cfg: Config) -> float:
     """policy.latency_shield_tracking, or an error naming it when it is not a finite rate >= 0."""
     return _finite_nonnegative(cfg.policy.latency_shield_tracking, "policy.latency_shield_tracking",

@@ -69,7 +69,8 @@ from agents.distributed import (
 )
 from agents.constraint import episode_budgets
 from agents.evaluation import beats_incumbent, dummy_reference_rewards, heldout_budgets, run_episodes, summarize
-from agents.factory import (check_best_margin, check_latency_shield, check_shield_tracking, check_warm_start,
+from agents.factory import (check_best_margin, check_follow_shield_scale, check_latency_shield, check_shield_tracking,
+                            check_warm_start,
                             make_actor, make_backend_from_config, make_env, make_latency_shield, make_logger, make_loss,
                             make_violation_multiplier, measure_profile_drift, warm_start_actor)
 from agents.grpo import grpo_update, make_optimizer, set_learning_rate
@@ -78,6 +79,7 @@ from agents.rollout import collect_rollouts
 from envs import ACTION_HEADS
 from envs.files import OutputWriteError, check_writable, write_error, write_json, write_text
 from envs.machine import resolve_device
+from envs.shield import following_time_scale
 from policies import STAGE2_INPUTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -372,6 +374,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         check_warm_start(cfg)
         check_latency_shield(cfg)
         check_shield_tracking(cfg)
+        follow_shield = check_follow_shield_scale(cfg)
         check_best_margin(cfg)
         optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)
         if ranks.rank > 0:  # from here on each rank draws its own actions
@@ -445,7 +448,13 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
                         kl_reference=loss_module.reference_state(),
                         **rank_states_payload(states), policy_meta=meta, config=cfg.to_dict())
 
+    def read_shield_scale() -> None:
+        """policy.follow_shield_scale: the controller reads times divided by its shield's tracked scale."""
+        if follow_shield and val_env.shield is not None:
+            actor.time_scale = following_time_scale(1.0, val_env.shield)
+
     def validate() -> tuple[dict, torch.Tensor]:
+        read_shield_scale()
         metrics, episodes = evaluate(val_env, actor, val_index, val_budgets, ranks)
         log({f"val/{k}": v for k, v in metrics.items()}, step)
         if ranks.is_main and not sys.stdout.isatty():  # tqdm shows nothing in a log file: one line per validation
@@ -492,6 +501,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
     while epoch < tc.num_epochs:
         while epoch_step < steps_per_epoch:
             # Collect: this rank's groups x G episodes, both stages, terminal reward per episode.
+            read_shield_scale()
             rollout = collect_rollouts(train_env, actor)
             design_reward = float(rollout["next", "reward"][:, -1].mean())  # before the multiplier's penalty
             if multiplier is not None:
@@ -523,6 +533,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
                 "train/frac_reward_zero_std": float(rollout["reward_zero_std"][:, 0].float().mean()),
                 "train/shield_rate": float(info["shielded"].mean()),  # episodes whose plan the shield changed
                 "train/shield_cut_rate": float(info["shield_cut"].mean()),  # ... lowering tier, top-k or blocks
+                "train/time_scale": float(actor.time_scale),  # 1 unless policy.follow_shield_scale
             }, local_groups, "the train metrics' reduction")
             train_metrics.update({"train/grad_norm": float(grad_norm), "train/skipped_updates": skipped_updates})
             if multiplier is not None:  # the global batch's episodes: every rank takes the same step
@@ -569,6 +580,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
     broadcast_module_state(ranks, actor, "the evaluated weights' broadcast")
     test_env = make_env(rank_cfg, backend, "test", ec.batch_size, 1, shield=val_env.shield)
     test_index, test_budgets = heldout_budgets(test_env, ec.test_samples, seed=cfg.train.seed + 2)
+    read_shield_scale()
     final, _ = evaluate(test_env, actor, test_index, test_budgets, ranks)
     # The uniform-random policy on the same samples and budgets: the floor learning must clear; with a
     # latency shield also the same draws through it, which tells what the shield buys from what was learned.

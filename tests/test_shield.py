@@ -10,7 +10,7 @@ import torch
 from agents.baselines import dummy_closed_form_profile, load_profile
 from agents.config import config_from_dict
 from agents.evaluation import run_episodes, summarize
-from agents.factory import (check_latency_shield, check_shield_tracking, make_actor, make_backend_from_config, make_latency_shield, make_loss,
+from agents.factory import (check_follow_shield_scale, check_latency_shield, check_shield_tracking, make_actor, make_backend_from_config, make_latency_shield, make_loss,
                             make_lookup_profile, shield_from_profile)
 from envs import make_env
 from envs.knobs import KnobSpace
@@ -152,7 +152,8 @@ def test_a_non_boolean_setting_fails_naming_the_field():
 
 
 def test_a_shielded_training_run_logs_its_shield_rate_and_evaluates_through_it(tmp_path):
-    config = tiny_config(tmp_path, policy={**TINY["policy"], "latency_shield": True}, train={"num_epochs": 1})
+    config = tiny_config(tmp_path, policy={**TINY["policy"], "latency_shield": True, "latency_shield_tracking": 0.2,
+                                           "follow_shield_scale": True}, train={"num_epochs": 1})
     out = tmp_path / "run"
     train_main("--config", config, "--output_dir", out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -160,6 +161,9 @@ def test_a_shielded_training_run_logs_its_shield_rate_and_evaluates_through_it(t
         rates = [r[key] for r in rows if key in r]
         assert rates and all(0.0 <= x <= 1.0 for x in rates)
     assert any("val/shield_rate" in r for r in rows)
+    # the controller read times divided by the tracking shield's scale, which every episode moved
+    scales = [r["train/time_scale"] for r in rows if "train/time_scale" in r]
+    assert scales and all(math.isfinite(x) and x > 0 for x in scales) and any(x != 1.0 for x in scales)
     final = json.loads((out / "final_eval.json").read_text())
     # the random floor as it is, and its same draws through the shield
     assert final["uniform_random"]["shield_rate"] == 0.0
@@ -189,6 +193,12 @@ def test_the_env_feeds_a_tracking_shield_each_episodes_latency():
     lo, _ = env.backend.budget_range_ms
     run_episodes(env, _always(_largest_plan(), env.backend.d_model), torch.arange(8), torch.full((8,), lo * 2))
     assert float(shield.scale.max()) > 1.0
+
+
+def test_a_bad_follow_shield_scale_fails_naming_the_field():
+    cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "follow_shield_scale": "yes"}})
+    with pytest.raises(ValueError, match=r"policy.follow_shield_scale='yes': expected true or false"):
+        check_follow_shield_scale(cfg)
 
 
 @pytest.mark.parametrize("rate", [-0.1, float("nan"), "fast"])
