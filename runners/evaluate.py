@@ -363,6 +363,8 @@ def _run(args, log) -> dict:
         measured = calibrated_profile(calibration, ks)
         machine_now = smooth_latencies(measured)
         (lo, hi), rule, _ = budget_range(profile_to_json(measured))
+        log(f"budget range on the calibration: [{lo:.1f}, {hi:.1f}] ms (the profile's: "
+            f"[{backend.budget_range_ms[0]:.1f}, {backend.budget_range_ms[1]:.1f}])")
         if args.budgets is None:
             budget_source = (f"{args.num_budgets} evenly over the range the calibration gives by the profile "
                              f"runner's rule ({rule})")
