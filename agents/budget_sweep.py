@@ -27,11 +27,13 @@ from agents.baselines import (
     lookup_select,
     oracle_select,
     profile_from_table,
+    smooth_latencies,
 )
 from agents.evaluation import dummy_reference_rewards, run_episodes
 from envs.budget_env import ACTION_HEADS
 from envs.headroom import budget_headroom, headroom_choices
 from envs.knobs import KnobSpace
+from envs.profiling.pareto import pareto_frontier
 from envs.reward import RewardWeights, check_budget, compute_reward
 
 # --------------------------------------------------------------------------- budgets
@@ -240,6 +242,36 @@ def calibrated_choices(calibration: Calibration, test_families: Sequence | None,
         names = [min(p95, key=p95.get)] if picked is None else [picked[0], *picked[1].values()]
         chosen.update(by_name[n] for n in names)
     return chosen
+
+
+def frontier_candidates(calibration: Calibration, knob_space: KnobSpace) -> set[StaticChoice]:
+    """The static configurations on their tier's Pareto frontier over the calibration set (accuracy up,
+    smoothed p95 latency down, agents.baselines.smooth_latencies), overall and per question family:
+    whatever factor each tier's latency drifts by later, lookup-calibrated and family-oracle choose
+    among them (a choice off its tier's frontier loses to a cheaper plan of that tier at least as
+    accurate). evaluate.py --calibration_phase two-pass re-measures only these, interleaved."""
+    t, cols = calibration.table, static_columns(calibration.table, knob_space)
+    p95 = {e.config: e.latency_p95_ms for e in smooth_latencies(calibrated_profile(calibration, knob_space))}
+    accuracy = {"all": {t.configs[j]: float(t.accuracy[:, j].mean()) for j in cols}}
+    if calibration.families is not None:
+        for f, by_name in _transpose(family_accuracy(t, calibration.families, cols)).items():
+            accuracy[f] = {t.configs[j]: by_name[t.configs[j].name] for j in cols}
+    out = set()
+    for acc in accuracy.values():
+        for tier in dict.fromkeys(c.tier for c in acc):
+            configs = [c for c in acc if c.tier == tier]
+            rows = [{"accuracy": acc[c], "p95": p95[c]} for c in configs]
+            out.update(configs[i] for i in pareto_frontier(rows, "accuracy", "p95"))
+    return out
+
+
+def _transpose(by_config: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """{config: {family: x}} -> {family: {config: x}}."""
+    out: dict[str, dict[str, float]] = {}
+    for name, per_family in by_config.items():
+        for f, x in per_family.items():
+            out.setdefault(f, {})[name] = x
+    return out
 
 
 def calibrated_profile(calibration: Calibration, knob_space: KnobSpace) -> list[ProfileEntry]:

@@ -3,7 +3,7 @@ all measured in the same run, interleaved in time.
 
     python runners/evaluate.py --checkpoint RUN_DIR_OR_CKPT [MORE ...] --output_dir DIR [--split test]
         [--num_samples N] [--budgets B1 B2 ... | --num_budgets K] [--policies P ...]
-        [--calibration_samples M] [--calibration_split val] [--calibration_phase interleaved|first]
+        [--calibration_samples M] [--calibration_split val] [--calibration_phase interleaved|first|two-pass]
         [--backend dummy|vlm|molmoe] [--model_path DIR] [--results_dir DIR] [--config YAML]
 
 Policies (default: controller lookup-calibrated family-oracle lookup-mean lookup-p95 oracle random;
@@ -38,7 +38,13 @@ unit is one batch-1 request. Drift in machine speed during the run hits every po
 deployment calibrates before it serves); the test rounds then run only the configurations that
 lookup-calibrated, family-oracle and the profile lookups chose (all of them when the oracle is
 evaluated): 17 of 75 in docs/RESULTS.md section 0, which made a 600-sample run affordable on 2 CPU cores.
-With it, --latency_reference calibration (the default then) takes the calibration as this machine's
+--calibration_phase two-pass measures the calibration first too, and then measures it again, interleaved
+with the test rounds, on the configurations on each tier's Pareto frontier of the first pass (overall
+and per family, agents.budget_sweep.frontier_candidates: whatever each tier's latency drifts by, the
+calibrated policies choose among them), which the test rounds also run; lookup-calibrated and
+family-oracle choose on the second pass. With the calibration measured first only, the VM's p95 grew
+by ~50% between the calibration and the test rounds and lookup-calibrated violated 44% (RESULTS 0).
+With either, --latency_reference calibration (the default then) takes the calibration as this machine's
 latency now: the default budgets span the range the profile runner's rule gives on it (the training
 range re-measured: a 2-core VM ran 25% slower in one evaluation than in training, and the profile's
 lowest budget fitted no configuration), and each controller's shield table and time scale come from
@@ -96,6 +102,7 @@ from agents.budget_sweep import (
     default_budgets,
     episode_rows,
     families_of,
+    frontier_candidates,
     measure_config_table,
     table_policy_rows,
 )
@@ -112,7 +119,7 @@ from envs.profiling import BUDGET_RANGE_RULE, budget_range
 from envs.reward import RewardWeights
 
 PROFILE_SOURCES = ("auto", "results_dir", "closed_form", "val")
-CALIBRATION_PHASES = ("interleaved", "first")
+CALIBRATION_PHASES = ("interleaved", "first", "two-pass")
 LATENCY_REFERENCES = ("start-up", "calibration")
 
 
@@ -142,7 +149,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibration_phase", choices=CALIBRATION_PHASES, default="interleaved",
                    help="interleaved (default): the calibration samples' configurations spread over the test rounds; "
                         "first: all measured before the test rounds, which then run only the configurations the "
-                        "calibrated policies chose (every one when the oracle is evaluated)")
+                        "calibrated policies chose (every one when the oracle is evaluated); two-pass: first, then "
+                        "the configurations on each tier's Pareto frontier of the first pass measured again, "
+                        "interleaved with the test rounds, and the calibrated policies choose on that second pass")
     p.add_argument("--profile_source", choices=PROFILE_SOURCES, default="auto", help="where the lookup profile comes from")
     p.add_argument("--profile_samples", type=int, default=64, help="val samples measured for --profile_source val")
     p.add_argument("--device", help="cpu or cuda (default: the checkpoint's)")
@@ -164,7 +173,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "off: in this machine's milliseconds")
     p.add_argument("--latency_reference", choices=LATENCY_REFERENCES,
                    help="what this run takes as this machine's latency now. calibration (default with "
-                        "--calibration_phase first; needs it): the calibration set measured first, smoothed "
+                        "--calibration_phase first or two-pass; needs one): the calibration set measured first, smoothed "
                         "(agents.baselines.smooth_latencies), gives each controller's shield table and time scale, "
                         "and the default budgets span the range the profile runner's rule gives on it "
                         "(envs.profiling.budget_range); start-up (default otherwise): the profile rescaled by a "
@@ -297,9 +306,10 @@ def _run(args, log) -> dict:
         raise ValueError(f"--calibration_split={calibration_split!r} is the evaluated --split; the calibration "
                          f"samples must be disjoint from the test samples: pass another split")
 
-    latency_reference = args.latency_reference or ("calibration" if args.calibration_phase == "first" else "start-up")
-    if latency_reference == "calibration" and args.calibration_phase != "first":
-        raise ValueError(f"--latency_reference calibration needs --calibration_phase first (got "
+    first_pass = args.calibration_phase in ("first", "two-pass")  # the calibration measured before the test rounds
+    latency_reference = args.latency_reference or ("calibration" if first_pass else "start-up")
+    if latency_reference == "calibration" and not first_pass:
+        raise ValueError(f"--latency_reference calibration needs --calibration_phase first or two-pass (got "
                          f"{args.calibration_phase!r}): the calibration must be measured before anything it sets")
 
     ckpts = controller_checkpoints(args.checkpoint)
@@ -349,7 +359,7 @@ def _run(args, log) -> dict:
     calibration, machine_now = None, None
     lo, hi = backend.budget_range_ms
     budget_source = "given" if args.budgets is not None else f"{args.num_budgets} evenly over the training range"
-    if args.calibration_phase == "first" and (calibration_samples is not None or latency_reference == "calibration"):
+    if first_pass and (calibration_samples is not None or latency_reference == "calibration"):
         if calibration_samples is None:  # only the controllers' reference needs it
             calibration_samples = backend.dataset(calibration_split)
             calibration_index = list(range(min(args.calibration_samples, len(calibration_samples))))
@@ -377,11 +387,13 @@ def _run(args, log) -> dict:
                if any(s.needs_table for s in specs) else [])
     if calibration is not None:
         if not any(s.kind == "oracle" for s in specs):  # the test rounds run only what the tables read
-            needed = set(calibrated_choices(calibration, families, budgets, ks))
+            needed = (calibrated_choices(calibration, families, budgets, ks) if args.calibration_phase == "first"
+                      else frontier_candidates(calibration, ks))
             needed |= set(configs_needed([s for s in specs if not s.needs_calibration], all_static_configs(ks),
                                          profile, budgets))
             configs = [c for c in configs if c in needed]
-        calibration_samples, calibration_index = None, []
+        if args.calibration_phase == "first" or not any(s.needs_calibration for s in specs):
+            calibration_samples, calibration_index = None, []  # else two-pass: measured again, interleaved
     env, env_policies, shields, drift, time_scales = None, [], {}, None, {}
     for spec in specs:
         if spec.kind in ENV_POLICIES:

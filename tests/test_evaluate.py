@@ -124,6 +124,22 @@ def test_calibration_first_runs_only_the_chosen_configurations_on_the_test_sampl
     assert with_oracle["meta"]["num_configs_measured"] == 75
 
 
+def test_two_pass_calibration_measures_the_frontier_again_interleaved_and_chooses_on_it(run_dir, tmp_path,
+                                                                                       evaluate_main):
+    result = evaluate_main(["--checkpoint", str(run_dir), "--num_samples", "6", "--num_budgets", "3",
+                            "--calibration_samples", "16", "--calibration_phase", "two-pass", "--policies",
+                            "controller", "lookup-calibrated", "family-oracle", "--output_dir", str(tmp_path / "two")])
+    meta, rows = result["meta"], result["rows"]
+    assert meta["calibration"]["phase"] == "two-pass" and meta["calibration"]["num_samples"] == 16
+    assert meta["latency_reference"]["setting"] == "calibration"
+    # the second pass ran interleaved with the 6 test rounds: 16 calibration samples, 2-3 per round
+    assert meta["interleaving"]["calibration_samples_per_round"] == [2, 3]
+    assert meta["num_configs_measured"] < 75
+    chosen = {r["config"] for r in rows if r["policy"] == "lookup-calibrated"}
+    chosen |= {c for r in rows if r["policy"] == "family-oracle" for c in r["family_choice"].values()}
+    assert chosen and all(r["num_episodes"] == 6 for r in rows)
+
+
 def test_calibration_reference_sets_the_budget_range_and_the_controller_shield(run_dir, tmp_path, evaluate_main):
     args = ["--checkpoint", str(run_dir), "--num_samples", "4", "--num_budgets", "3", "--calibration_samples", "8",
             "--calibration_phase", "first", "--policies", "controller", "lookup-calibrated", "--latency_shield", "on",
