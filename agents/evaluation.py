@@ -76,7 +76,7 @@ def beats_incumbent(candidate: torch.Tensor, incumbent: torch.Tensor | None, mar
     on the same samples and budgets, by a mean difference above `margin_se` standard errors of that
     mean (0: any gain, the plain "higher mean reward" rule). The best of many noisy validations is
     biased up: on 64 validation episodes seed 42's step-75 policy led the warm start by 4.7 points
-    and then scored 2.7 points below it on 300 test samples (RESULTS 0). A non-finite reward never
+    and then scored 2.7 points below it on 300 test samples (RESULTS 0-s13). A non-finite reward never
     wins; with no incumbent any finite candidate does."""
     if not bool(torch.isfinite(candidate).all()):
         return False

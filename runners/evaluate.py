@@ -37,7 +37,7 @@ unit is one batch-1 request. Drift in machine speed during the run hits every po
 --calibration_phase first measures the calibration samples before the test rounds instead (as a
 deployment calibrates before it serves); the test rounds then run only the configurations that
 lookup-calibrated, family-oracle and the profile lookups chose (all of them when the oracle is
-evaluated): 17 of 75 in docs/RESULTS.md section 0, which made a 600-sample run affordable on 2 CPU cores.
+evaluated): 17 of 75 in docs/RESULTS.md section 0-s14, which made a 600-sample run affordable on 2 CPU cores.
 --calibration_phase two-pass measures the calibration first too, and then measures it again, interleaved
 with the test rounds, on the configurations on each tier's Pareto frontier of the first pass (overall
 and per family, agents.budget_sweep.frontier_candidates: whatever each tier's latency drifts by, the
