@@ -252,25 +252,15 @@ def frontier_candidates(calibration: Calibration, knob_space: KnobSpace) -> set[
     accurate). evaluate.py --calibration_phase two-pass re-measures only these, interleaved."""
     t, cols = calibration.table, static_columns(calibration.table, knob_space)
     p95 = {e.config: e.latency_p95_ms for e in smooth_latencies(calibrated_profile(calibration, knob_space))}
-    accuracy = {"all": {t.configs[j]: float(t.accuracy[:, j].mean()) for j in cols}}
-    if calibration.families is not None:
-        for f, by_name in _transpose(family_accuracy(t, calibration.families, cols)).items():
-            accuracy[f] = {t.configs[j]: by_name[t.configs[j].name] for j in cols}
+    per_family = family_accuracy(t, calibration.families, cols) if calibration.families is not None else {}
+    views = [{t.configs[j]: float(t.accuracy[:, j].mean()) for j in cols}]  # overall, then each family's
+    views += [{t.configs[j]: per_family[t.configs[j].name][f] for j in cols} for f in sorted(set(calibration.families or []))]
     out = set()
-    for acc in accuracy.values():
+    for acc in views:
         for tier in dict.fromkeys(c.tier for c in acc):
             configs = [c for c in acc if c.tier == tier]
             rows = [{"accuracy": acc[c], "p95": p95[c]} for c in configs]
             out.update(configs[i] for i in pareto_frontier(rows, "accuracy", "p95"))
-    return out
-
-
-def _transpose(by_config: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    """{config: {family: x}} -> {family: {config: x}}."""
-    out: dict[str, dict[str, float]] = {}
-    for name, per_family in by_config.items():
-        for f, x in per_family.items():
-            out.setdefault(f, {})[name] = x
     return out
 
 
