@@ -22,7 +22,9 @@ family-oracle is left out when the samples carry no question family):
                               mean latency <= 1.05 x budget / p95 latency <= budget (profile.json:
                               measured on another day, so latency drift is not accounted for)
   oracle                      per sample, the most accurate configuration whose measured latency
-                              on that sample fits the budget (ties: the faster; none fits: the fastest)
+                              on that sample fits the budget (ties: the faster; none fits: the fastest);
+                              with --calibration_phase two-pass, among the configurations the test
+                              rounds ran (the first pass's frontiers; meta.oracle_configs names them)
   random                      uniform over all actions
 The env and backend come from the first checkpoint's stored config; every checkpoint must fit them.
 Every policy sees the same samples (the first N of --split) and budgets (default: K evenly over the
@@ -42,8 +44,10 @@ evaluated): 17 of 75 in docs/RESULTS.md section 0-s14, which made a 600-sample r
 with the test rounds, on the configurations on each tier's Pareto frontier of the first pass (overall
 and per family, agents.budget_sweep.frontier_candidates: whatever each tier's latency drifts by, the
 calibrated policies choose among them), which the test rounds also run; lookup-calibrated and
-family-oracle choose on the second pass. With the calibration measured first only, the VM's p95 grew
-by ~50% between the calibration and the test rounds and lookup-calibrated violated 44% (RESULTS 0).
+family-oracle choose on the second pass, and the per-sample oracle among the same configurations (a
+lower bound of its value over all 75; 29 of 75 in RESULTS 0-s15, affordable at 600 test samples).
+With the calibration measured first only, the VM's p95 grew by ~50% between the calibration and the
+test rounds and lookup-calibrated violated 44% (RESULTS 0-s15).
 With either, --latency_reference calibration (the default then) takes the calibration as this machine's
 latency now: the default budgets span the range the profile runner's rule gives on it (the training
 range re-measured: a 2-core VM ran 25% slower in one evaluation than in training, and the profile's
@@ -151,7 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "first: all measured before the test rounds, which then run only the configurations the "
                         "calibrated policies chose (every one when the oracle is evaluated); two-pass: first, then "
                         "the configurations on each tier's Pareto frontier of the first pass measured again, "
-                        "interleaved with the test rounds, and the calibrated policies choose on that second pass")
+                        "interleaved with the test rounds, and the calibrated policies (and the oracle) choose on that second pass")
     p.add_argument("--profile_source", choices=PROFILE_SOURCES, default="auto", help="where the lookup profile comes from")
     p.add_argument("--profile_samples", type=int, default=64, help="val samples measured for --profile_source val")
     p.add_argument("--device", help="cpu or cuda (default: the checkpoint's)")
@@ -386,11 +390,13 @@ def _run(args, log) -> dict:
     configs = (configs_needed(specs, all_static_configs(ks), profile, budgets)
                if any(s.needs_table for s in specs) else [])
     if calibration is not None:
-        if not any(s.kind == "oracle" for s in specs):  # the test rounds run only what the tables read
+        # The test rounds run only what the tables read: with the calibration measured first only, every
+        # configuration when the oracle is evaluated; two-pass, the frontier, and the oracle chooses among it.
+        if args.calibration_phase == "two-pass" or not any(s.kind == "oracle" for s in specs):
             needed = (calibrated_choices(calibration, families, budgets, ks) if args.calibration_phase == "first"
                       else frontier_candidates(calibration, ks))
-            needed |= set(configs_needed([s for s in specs if not s.needs_calibration], all_static_configs(ks),
-                                         profile, budgets))
+            needed |= set(configs_needed([s for s in specs if not s.needs_calibration and s.kind != "oracle"],
+                                         all_static_configs(ks), profile, budgets))
             configs = [c for c in configs if c in needed]
         if args.calibration_phase == "first" or not any(s.needs_calibration for s in specs):
             calibration_samples, calibration_index = None, []  # else two-pass: measured again, interleaved
@@ -490,6 +496,8 @@ def _run(args, log) -> dict:
                         "token, one run per (sample, config) shared by all budgets; controller: the env's latency, "
                         "which includes both controller stages' own time, each measured for the request at batch 1",
         "num_configs_measured": len(configs),
+        "oracle_configs": ([c.name for c in configs if c.insertion == min(ks.insertion_positions)]
+                           if any(s.kind == "oracle" for s in specs) else None),
         "timings_s": {"interleaved_run": run.schedule["seconds"]},
         "warnings": warnings,
         "backend": backend.describe(),

@@ -128,7 +128,8 @@ def test_two_pass_calibration_measures_the_frontier_again_interleaved_and_choose
                                                                                        evaluate_main):
     result = evaluate_main(["--checkpoint", str(run_dir), "--num_samples", "6", "--num_budgets", "3",
                             "--calibration_samples", "16", "--calibration_phase", "two-pass", "--policies",
-                            "controller", "lookup-calibrated", "family-oracle", "--output_dir", str(tmp_path / "two")])
+                            "controller", "lookup-calibrated", "family-oracle", "oracle", "--output_dir",
+                            str(tmp_path / "two")])
     meta, rows = result["meta"], result["rows"]
     assert meta["calibration"]["phase"] == "two-pass" and meta["calibration"]["num_samples"] == 16
     assert meta["latency_reference"]["setting"] == "calibration"
@@ -138,6 +139,12 @@ def test_two_pass_calibration_measures_the_frontier_again_interleaved_and_choose
     chosen = {r["config"] for r in rows if r["policy"] == "lookup-calibrated"}
     chosen |= {c for r in rows if r["policy"] == "family-oracle" for c in r["family_choice"].values()}
     assert chosen and all(r["num_episodes"] == 6 for r in rows)
+    # the oracle chooses per sample among the re-measured frontier, which holds every calibrated choice
+    assert chosen <= set(meta["oracle_configs"]) and len(meta["oracle_configs"]) <= meta["num_configs_measured"]
+    by = {(r["policy"], r["budget_ms"]): r for r in rows}
+    for b in meta["budgets"]:  # it meets every budget some re-measured configuration meets on that sample
+        assert by["oracle", b]["violation_rate"] == by["oracle", b]["fallback_rate"]
+        assert by["oracle", b]["num_episodes"] == 6
 
 
 def test_calibration_reference_sets_the_budget_range_and_the_controller_shield(run_dir, tmp_path, evaluate_main):
