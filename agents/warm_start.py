@@ -2,7 +2,7 @@
 
 From a uniform initial policy the joint GRPO run spends its first steps violating 30-45% of its
 budgets (a random tier at a low budget), and the violation constraint's multiplier then drives it
-to the cheapest plans, from which 120 steps did not climb back (docs/RESULTS.md section 0). The
+to the cheapest plans, from which 120 steps did not climb back (docs/RESULTS.md section 0-prev). The
 lookup-p95 table (the best profiled configuration whose p95 latency fits the budget) is a strong
 static starting point, so the controller starts there and GRPO only has to learn where a question
 family should deviate from it.
@@ -11,7 +11,7 @@ Imitation data: episodes of the train split are reset with budgets drawn uniform
 budget range; Stage 1 is taught the lookup configuration's tier and insertion p (every static
 configuration is profiled at the smallest p: a larger p runs blocks 1..p-1 at full top-k, which the
 profile never timed; untaught, the insertion head drifted to p = 2 in every low-budget episode and
-violated 29% there, RESULTS 0); the episode's first env step then runs with that tier and p (the
+violated 29% there, RESULTS 0-s6); the episode's first env step then runs with that tier and p (the
 image encoded, blocks 0..p-1 over the prefill with the controller's own budget token), and Stage 2
 is taught the lookup configuration's top-k and number of blocks from the latency token (and
 elapsed / remaining time) that step returns. The episodes are not finished: nothing is decoded.

@@ -360,7 +360,7 @@ def _run(args, log) -> dict:
     if any(s.needs_profile for s in specs):
         profile, profile_info = resolve_profile(args, backend, ks, log)
 
-    calibration, machine_now = None, None
+    calibration, machine_now, first_pass_seconds = None, None, None
     lo, hi = backend.budget_range_ms
     budget_source = "given" if args.budgets is not None else f"{args.num_budgets} evenly over the training range"
     if first_pass and (calibration_samples is not None or latency_reference == "calibration"):
@@ -371,6 +371,7 @@ def _run(args, log) -> dict:
         table = measure_config_table(backend, calibration_samples, calibration_index, all_static_configs(ks),
                                      warmup=args.warmup, seed=cfg.train.seed, progress=log)
         calibration = Calibration(table, families_of(calibration_samples, table.sample_index.tolist()))
+        first_pass_seconds = round(table.seconds, 2)
     if latency_reference == "calibration":
         # This machine now, as the calibration measured it: the training range by the profile runner's rule
         # and the controllers' table, so that a budget asks the same of every policy however the machine drifted.
@@ -498,7 +499,7 @@ def _run(args, log) -> dict:
         "num_configs_measured": len(configs),
         "oracle_configs": ([c.name for c in configs if c.insertion == min(ks.insertion_positions)]
                            if any(s.kind == "oracle" for s in specs) else None),
-        "timings_s": {"interleaved_run": run.schedule["seconds"]},
+        "timings_s": {"interleaved_run": run.schedule["seconds"], "calibration_first_pass": first_pass_seconds},
         "warnings": warnings,
         "backend": backend.describe(),
         "reward_weights": weights.to_dict(),

@@ -136,6 +136,7 @@ def test_two_pass_calibration_measures_the_frontier_again_interleaved_and_choose
     # the second pass ran interleaved with the 6 test rounds: 16 calibration samples, 2-3 per round
     assert meta["interleaving"]["calibration_samples_per_round"] == [2, 3]
     assert meta["num_configs_measured"] < 75
+    assert meta["timings_s"]["calibration_first_pass"] > 0
     chosen = {r["config"] for r in rows if r["policy"] == "lookup-calibrated"}
     chosen |= {c for r in rows if r["policy"] == "family-oracle" for c in r["family_choice"].values()}
     assert chosen and all(r["num_episodes"] == 6 for r in rows)
