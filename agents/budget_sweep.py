@@ -151,6 +151,8 @@ def summarize_choices(
         "reward_mean": float(rew.mean()),
         "num_episodes": n,
         "choices": choices,
+        # in the order of the run's samples, the same for every policy: paired comparisons (agents.reporting)
+        "per_sample": {"accuracy": acc.tolist(), "violation": viol.tolist()},
     }
     if families is not None and any(f is not None for f in families):
         masks = {f: torch.tensor([g == f for g in families]) for f in sorted({f for f in families if f is not None})}

@@ -119,6 +119,7 @@ def markdown_tables(rows: Sequence[Mapping]) -> str:
         label = "**mean**" if key == "mean" else f"{key:.1f}"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     out = ["## Accuracy (violation rate) per budget", "", *lines, ""]
+    out += _paired_table(rows, controllers, others)
     for policy in controllers:
         rs = [r for r in by_policy[policy] if r.get("choices_by_family")]
         if not rs:
@@ -131,6 +132,24 @@ def markdown_tables(rows: Sequence[Mapping]) -> str:
                 _family_knobs(r["choices_by_family"][f], r["accuracy_by_family"][f]) for f in families) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def _paired_table(rows: Sequence[Mapping], controllers: Sequence[str], others: Sequence[str]) -> list[str]:
+    """Markdown lines: each policy (and the controllers averaged per episode, when several) minus
+    lookup-calibrated on the same samples and budgets, mean over budgets +- its standard error."""
+    base = "lookup-calibrated"
+    if base not in others or not all("per_sample" in r for r in rows):
+        return []
+    groups = [(p, [p]) for p in controllers] + ([("controllers (mean of the seeds)", list(controllers))]
+                                                if len(controllers) > 1 else [])
+    groups += [(p, [p]) for p in others if p != base]
+    lines = [f"## Minus {base}, paired on the same samples and budgets (mean over budgets +- standard error "
+             f"over samples)", "", "| policy | accuracy (points) | violation rate (points) |", "|---|---|---|"]
+    for name, policies in groups:
+        d = paired_difference(rows, policies, base)
+        lines.append(f"| {name} | {100 * d['accuracy']['mean']:+.1f} +- {100 * d['accuracy']['se']:.1f} | "
+                     f"{100 * d['violation']['mean']:+.1f} +- {100 * d['violation']['se']:.1f} |")
+    return [*lines, ""]
 
 
 def _family_knobs(choices: Mapping[str, Mapping[str, float]], accuracy: float) -> str:
@@ -250,6 +269,44 @@ def knob_choices_figure(rows: Sequence[Mapping], policy: str = "controller"):
 
 # --------------------------------------------------------------------------- seeds and spread
 SPREAD_METRICS = ("accuracy_mean", "violation_rate")
+
+
+def paired_difference(rows: Sequence[Mapping], policies: Sequence[str], baseline: str) -> dict:
+    """Accuracy and violation rate of `policies` (averaged over them per episode, e.g. one
+    configuration's seeds) minus `baseline`'s, on the same samples at the same budgets (rows'
+    `per_sample` values, in the run's sample order): per budget and over all budgets, the mean
+    difference and its standard error over the samples. Over all budgets each sample's differences
+    are averaged first: one sample's episodes at several budgets are not independent."""
+    import statistics
+
+    cell = {(r["policy"], r["budget_ms"]): r["per_sample"] for r in rows if "per_sample" in r}
+    budgets = sorted(b for p, b in cell if p == baseline)
+    missing = [p for p in policies if not all((p, b) in cell for b in budgets)]
+    if not budgets or missing:
+        raise ValueError(f"paired_difference: no per-sample rows of {missing or [baseline]} at every budget "
+                         f"of {baseline!r}")
+
+    def mean_se(values: list[float]) -> dict:
+        se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+        return {"mean": statistics.fmean(values), "se": se}
+
+    out = {"policies": list(policies), "baseline": baseline, "per_budget": [], "num_samples": None}
+    per_sample = {}
+    for b in budgets:
+        base = cell[baseline, b]
+        n = len(base["accuracy"])
+        if any(len(cell[p, b]["accuracy"]) != n for p in policies):
+            raise ValueError(f"paired_difference: {policies} and {baseline!r} ran different samples at {b} ms")
+        entry = {"budget_ms": b}
+        for m in ("accuracy", "violation"):
+            d = [statistics.fmean(cell[p, b][m][i] for p in policies) - base[m][i] for i in range(n)]
+            entry[m] = mean_se(d)
+            per_sample.setdefault(m, []).append(d)
+        out["per_budget"].append(entry)
+        out["num_samples"] = n
+    for m, by_budget in per_sample.items():
+        out[m] = mean_se([statistics.fmean(col) for col in zip(*by_budget)])
+    return out
 
 
 def seed_spread(groups: Mapping[str, Sequence[Mapping]], reference: str | None = None,

@@ -1,5 +1,9 @@
-"""agents.reporting.markdown_tables: eval.md's tables from budget-sweep rows."""
-from agents.reporting import markdown_tables
+"""agents.reporting.markdown_tables: eval.md's tables from budget-sweep rows; paired differences."""
+import statistics
+
+import pytest
+
+from agents.reporting import markdown_tables, paired_difference
 
 
 def _row(policy, budget, acc, viol, families=None):
@@ -34,3 +38,30 @@ def test_family_table_gives_modal_tier_mean_knobs_and_accuracy():
     text = markdown_tables([_row("controller", 30.0, 0.6, 0.0, fam)])
     assert "| budget (ms) | coarse | detail |" in text
     assert "| 30.0 | low, k 4.0, N 14.0: 1.00 | high (60%), k 6.0, N 16.0: 0.25 |" in text
+
+
+def _paired_row(policy, budget, accuracy, violation):
+    return {"policy": policy, "budget_ms": budget, "accuracy_mean": sum(accuracy) / len(accuracy),
+            "violation_rate": sum(violation) / len(violation),
+            "per_sample": {"accuracy": list(accuracy), "violation": list(violation)}}
+
+
+def test_paired_difference_averages_each_sample_over_budgets_and_the_seeds():
+    rows = [_paired_row("controller:a", 10.0, [1, 1, 0, 0], [0, 0, 0, 1]),
+            _paired_row("controller:a", 20.0, [1, 1, 1, 0], [0, 0, 0, 0]),
+            _paired_row("controller:b", 10.0, [1, 0, 0, 0], [0, 0, 0, 0]),
+            _paired_row("controller:b", 20.0, [1, 1, 1, 1], [0, 0, 0, 0]),
+            _paired_row("lookup-calibrated", 10.0, [1, 0, 1, 0], [0, 0, 0, 0]),
+            _paired_row("lookup-calibrated", 20.0, [1, 1, 0, 0], [0, 1, 0, 0])]
+    d = paired_difference(rows, ["controller:a", "controller:b"], "lookup-calibrated")
+    # per sample, seeds averaged: at 10 ms (0, +0.5, -1, 0), at 20 ms (0, 0, +1, +0.5)
+    ten, twenty = d["per_budget"]
+    assert ten["accuracy"]["mean"] == pytest.approx(-0.125) and twenty["accuracy"]["mean"] == pytest.approx(0.375)
+    # over budgets, per sample first: (0, 0.25, 0, 0.25): mean 0.125, se = sd / 2 = 0.1443 / 2
+    assert d["accuracy"]["mean"] == pytest.approx(0.125)
+    assert d["accuracy"]["se"] == pytest.approx(statistics.stdev([0, 0.25, 0, 0.25]) / 2)
+    assert d["violation"]["mean"] == pytest.approx((0.125 - 0.25) / 2) and d["num_samples"] == 4
+    table = markdown_tables(rows)
+    assert "| controllers (mean of the seeds) | +12.5 +- 7.2 | -6.2 +- 15.7 |" in table
+    with pytest.raises(ValueError, match="no per-sample rows of \\['random'\\]"):
+        paired_difference(rows, ["random"], "lookup-calibrated")

@@ -146,6 +146,14 @@ def test_two_pass_calibration_measures_the_frontier_again_interleaved_and_choose
     for b in meta["budgets"]:  # it meets every budget some re-measured configuration meets on that sample
         assert by["oracle", b]["violation_rate"] == by["oracle", b]["fallback_rate"]
         assert by["oracle", b]["num_episodes"] == 6
+    # paired on the same samples: the family oracle's difference per budget is the structural headroom
+    paired = meta["paired_differences"]
+    assert set(paired) == {"controller - lookup-calibrated", "family-oracle - lookup-calibrated",
+                           "oracle - lookup-calibrated", "controller - family-oracle"}
+    headroom = [h["headroom"] for h in sorted(meta["structural_headroom"], key=lambda h: h["budget_ms"])]
+    fo = paired["family-oracle - lookup-calibrated"]
+    assert [e["accuracy"]["mean"] for e in fo["per_budget"]] == pytest.approx(headroom)
+    assert fo["accuracy"]["mean"] == pytest.approx(sum(headroom) / len(headroom)) and fo["num_samples"] == 6
 
 
 def test_calibration_reference_sets_the_budget_range_and_the_controller_shield(run_dir, tmp_path, evaluate_main):
