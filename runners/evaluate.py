@@ -155,7 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "first: all measured before the test rounds, which then run only the configurations the "
                         "calibrated policies chose (every one when the oracle is evaluated); two-pass: first, then "
                         "the configurations on each tier's Pareto frontier of the first pass measured again, "
-                        "interleaved with the test rounds, and the calibrated policies (and the oracle) choose on that second pass")
+                        "interleaved with the test rounds, and the calibrated policies (and the oracle) choose on "
+                        "that second pass")
     p.add_argument("--profile_source", choices=PROFILE_SOURCES, default="auto", help="where the lookup profile comes from")
     p.add_argument("--profile_samples", type=int, default=64, help="val samples measured for --profile_source val")
     p.add_argument("--device", help="cpu or cuda (default: the checkpoint's)")
