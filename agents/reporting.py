@@ -64,7 +64,7 @@ def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path
                                "meta": dict(meta)})
     write_csv(rows, paths["csv"])
     with atomic_writer(paths["markdown"], "w") as fh:
-        fh.write(markdown_tables(rows))
+        fh.write(markdown_tables(rows, meta.get("paired_differences")))
     if rows_outside_training_range:
         paths["csv_outside_range"] = out / "eval_outside_range.csv"
         write_csv(rows_outside_training_range, paths["csv_outside_range"])
@@ -84,7 +84,7 @@ def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path
     return paths
 
 
-def markdown_tables(rows: Sequence[Mapping]) -> str:
+def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | None = None) -> str:
     """Accuracy (violation rate) per budget and policy, with the mean over budgets, a column of the
     controllers' mean +- standard deviation when there are several; then per controller its knob
     choices by question family (modal tier, mean top-k, mean blocks: accuracy) where rows have them."""
@@ -119,7 +119,7 @@ def markdown_tables(rows: Sequence[Mapping]) -> str:
         label = "**mean**" if key == "mean" else f"{key:.1f}"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     out = ["## Accuracy (violation rate) per budget", "", *lines, ""]
-    out += _paired_table(rows, controllers, others)
+    out += _paired_table(paired_comparisons(rows, controllers) if paired is None else paired)
     for policy in controllers:
         rs = [r for r in by_policy[policy] if r.get("choices_by_family")]
         if not rs:
@@ -134,20 +134,19 @@ def markdown_tables(rows: Sequence[Mapping]) -> str:
     return "\n".join(out)
 
 
-def _paired_table(rows: Sequence[Mapping], controllers: Sequence[str], others: Sequence[str]) -> list[str]:
-    """Markdown lines: each policy (and the controllers averaged per episode, when several) minus
-    lookup-calibrated on the same samples and budgets, mean over budgets +- its standard error."""
+def _paired_table(paired: Mapping[str, Mapping]) -> list[str]:
+    """Markdown lines of the paired differences against lookup-calibrated (paired_comparisons):
+    mean over budgets +- its standard error over samples."""
     base = "lookup-calibrated"
-    if base not in others or not all("per_sample" in r for r in rows):
+    against = {name[: -len(f" - {base}")]: d for name, d in paired.items()
+               if name.endswith(f" - {base}") and not name.startswith("static:")}  # as the accuracy table
+    if not against:
         return []
-    groups = [(p, [p]) for p in controllers] + ([("controllers (mean of the seeds)", list(controllers))]
-                                                if len(controllers) > 1 else [])
-    groups += [(p, [p]) for p in others if p != base]
     lines = [f"## Minus {base}, paired on the same samples and budgets (mean over budgets +- standard error "
              f"over samples)", "", "| policy | accuracy (points) | violation rate (points) |", "|---|---|---|"]
-    for name, policies in groups:
-        d = paired_difference(rows, policies, base)
-        lines.append(f"| {name} | {100 * d['accuracy']['mean']:+.1f} +- {100 * d['accuracy']['se']:.1f} | "
+    for name, d in against.items():
+        label = "controllers (mean of the seeds)" if name == "controllers" else name
+        lines.append(f"| {label} | {100 * d['accuracy']['mean']:+.1f} +- {100 * d['accuracy']['se']:.1f} | "
                      f"{100 * d['violation']['mean']:+.1f} +- {100 * d['violation']['se']:.1f} |")
     return [*lines, ""]
 
@@ -269,6 +268,25 @@ def knob_choices_figure(rows: Sequence[Mapping], policy: str = "controller"):
 
 # --------------------------------------------------------------------------- seeds and spread
 SPREAD_METRICS = ("accuracy_mean", "violation_rate")
+
+
+def paired_comparisons(rows: Sequence[Mapping], controllers: Sequence[str]) -> dict[str, dict]:
+    """Paired differences (paired_difference) over the budgets in the training range, each named
+    "<policies> - <baseline>": every controller, the controllers averaged per episode (when several)
+    and every other policy against lookup-calibrated; the controllers against the family oracle.
+    Empty without per-sample rows of a baseline."""
+    inside = [r for r in rows if r.get("in_training_range", True) and "per_sample" in r]
+    present = {r["policy"] for r in inside}
+    groups = {name: [name] for name in controllers if name in present}
+    if len(groups) > 1:
+        groups["controllers"] = list(groups)
+    others = {p: [p] for p in sorted(present - set(controllers) - {"lookup-calibrated"})}
+    out = {}
+    for baseline, compared in (("lookup-calibrated", {**groups, **others}), ("family-oracle", groups)):
+        if baseline in present:
+            out.update({f"{name} - {baseline}": paired_difference(inside, policies, baseline)
+                        for name, policies in compared.items()})
+    return out
 
 
 def paired_difference(rows: Sequence[Mapping], policies: Sequence[str], baseline: str) -> dict:

@@ -115,7 +115,7 @@ from agents.cli import user_input
 from agents.config import apply_overrides, config_from_dict
 from agents.factory import (check_latency_shield, controller_time_scale, make_backend_from_config, make_env,
                             make_latency_shield, make_lookup_profile, measure_profile_drift)
-from agents.reporting import paired_difference, seed_spread, write_outputs
+from agents.reporting import paired_comparisons, seed_spread, write_outputs
 from agents.sweep_schedule import EnvPolicy, run_interleaved
 from envs.backends.base import check_split
 from envs.machine import machine_info
@@ -570,26 +570,6 @@ def structural_headroom(rows, controllers: list[str]) -> list[dict]:
                 entry[f"{name}_gain"] = gain
                 entry[f"{name}_share_of_headroom"] = gain / entry["headroom"] if entry["headroom"] > 0 else None
         out.append(entry)
-    return out
-
-
-def paired_comparisons(rows, controllers: list[str]) -> dict[str, dict]:
-    """Paired differences on the same samples and budgets (agents.reporting.paired_difference), each
-    named "<policies> - <baseline>": every controller and every other policy against lookup-calibrated,
-    and the controllers (each, and averaged over them when several) against the family oracle."""
-    present = {r["policy"] for r in rows if r["in_training_range"]}
-    inside = [r for r in rows if r["in_training_range"]]
-    groups = {name: [name] for name in controllers if name in present}
-    if len(groups) > 1:
-        groups["controllers"] = list(groups)
-    out = {}
-    for baseline in ("lookup-calibrated", "family-oracle"):
-        if baseline not in present:
-            continue
-        others = {**groups, **{p: [p] for p in sorted(present - set(controllers) - {baseline})
-                               if baseline == "lookup-calibrated"}}
-        for name, policies in others.items():
-            out[f"{name} - {baseline}"] = paired_difference(inside, policies, baseline)
     return out
 
 
