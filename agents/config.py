@@ -44,6 +44,9 @@ class PolicyConfig:
     latency_shield: bool = False
     # > 0: the shield's per-tier scale follows each executed episode's latency during the run (envs/shield.py)
     latency_shield_tracking: float = 0.0
+    # the quantile of each tier's executed latencies that the tracked table estimates: at equilibrium
+    # 1 - q of a tier's episodes exceed it, so a plan at the edge of a budget violates about 1 - q
+    latency_shield_quantile: float = 0.95
     # true: while training, the controller reads budgets and times divided by the shield's tracked scale
     # (its time_scale, as evaluate.py and answer.py set it), so it picks plans the table now lets through
     follow_shield_scale: bool = False

@@ -204,7 +204,7 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
     lowest = torch.zeros(env.batch_size[0], dtype=torch.long)  # the cheapest tier and p: the controller's own time
     controller_ms = measure_controller_ms(actor, env, env.reset(), lowest, lowest)
     return shield_from_profile(add_controller_time(entries, controller_ms), backend.knob_space,
-                               tracking_rate=check_shield_tracking(cfg))
+                               tracking_rate=check_shield_tracking(cfg), quantile=check_shield_quantile(cfg))
 
 
 def _boolean_setting(field: str, value) -> bool:
@@ -237,6 +237,15 @@ def check_shield_tracking(cfg: Config) -> float:
                                "a finite rate >= 0 (0: a fixed table)")
 
 
+def check_shield_quantile(cfg: Config) -> float:
+    """policy.latency_shield_quantile, or an error naming it when it is not a number in (0, 1)."""
+    q = cfg.policy.latency_shield_quantile
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q < 1:
+        raise ValueError(f"policy.latency_shield_quantile={q!r}: expected a number in (0, 1), e.g. 0.95 "
+                         f"(the fraction of a tier's episodes the tracked shield table should cover)")
+    return float(q)
+
+
 def check_best_margin(cfg: Config) -> float:
     """eval.best_margin_se, or an error naming it when it is not a finite number >= 0."""
     return _finite_nonnegative(cfg.eval.best_margin_se, "eval.best_margin_se",
@@ -244,7 +253,7 @@ def check_best_margin(cfg: Config) -> float:
 
 
 def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace,
-                        tracking_rate: float = 0.0) -> LatencyShield:
+                        tracking_rate: float = 0.0, quantile: float = 0.95) -> LatencyShield:
     """The shield over the profile's p95 latencies at its smallest insertion (plans it lacks: not timed)."""
     p = min(e.config.insertion for e in entries)
     table = torch.full((len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values)),
@@ -253,7 +262,7 @@ def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace,
         if e.config.insertion == p:
             i = e.config.indices(knob_space)
             table[i["tier"], i["top_k"], i["num_blocks"]] = e.latency_p95_ms
-    return LatencyShield(knob_space, table, knob_space.insertion_positions.index(p), tracking_rate)
+    return LatencyShield(knob_space, table, knob_space.insertion_positions.index(p), tracking_rate, quantile)
 
 
 def make_loss(cfg: Config, actor) -> JointGRPOLoss:

@@ -171,6 +171,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency_shield_tracking", type=float,
                    help="rate at which the shields' per-tier scale follows the executed episodes' latency during "
                         "this run (envs/shield.py; 0: a fixed table; default: each run's policy setting)")
+    p.add_argument("--latency_shield_quantile", type=float,
+                   help="quantile of each tier's executed latencies that the shields' tracked table estimates "
+                        "(envs/shield.py; 0.98: a plan at a budget's edge violates about 2%%; default: each "
+                        "run's policy setting)")
     p.add_argument("--time_rescale", choices=("on", "off"), default="on",
                    help="on (default): each controller reads budgets and times in its training machine's units, "
                         "divided by this machine's latency over the training run's at its start (measured here at "
@@ -305,6 +309,8 @@ def _run(args, log) -> dict:
         raise ValueError(f"--num_samples={args.num_samples}: expected >= 1")
     if args.calibration_samples < 1:
         raise ValueError(f"--calibration_samples={args.calibration_samples}: expected >= 1")
+    if args.latency_shield_quantile is not None and not 0 < args.latency_shield_quantile < 1:
+        raise ValueError(f"--latency_shield_quantile={args.latency_shield_quantile}: expected a number in (0, 1), e.g. 0.98")
     split = check_split(args.split, "--split")
     calibration_split = check_split(args.calibration_split, "--calibration_split")
     if calibration_split == split:
@@ -423,8 +429,11 @@ def _run(args, log) -> dict:
             if shielded:
                 tracking = (own.policy.latency_shield_tracking if args.latency_shield_tracking is None
                             else args.latency_shield_tracking)
+                quantile = (own.policy.latency_shield_quantile if args.latency_shield_quantile is None
+                            else args.latency_shield_quantile)
                 shields[spec.name] = make_latency_shield(
-                    apply_overrides(cfg, {"policy.latency_shield": True, "policy.latency_shield_tracking": tracking}),
+                    apply_overrides(cfg, {"policy.latency_shield": True, "policy.latency_shield_tracking": tracking,
+                                          "policy.latency_shield_quantile": quantile}),
                     backend, policy, drift, table=machine_now)
             env_policies.append(EnvPolicy(spec.name, policy, greedy, shields.get(spec.name), time_scales.get(spec.name)))
     log(f"interleaved run: {n} {split} samples x ({len(configs)} static configurations + {len(env_policies)} env "

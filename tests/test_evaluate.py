@@ -209,6 +209,8 @@ def test_bad_input_fails_clearly(run_dir, tmp_path, evaluate_main):
     assert "--budgets=nan is invalid" in _error(evaluate_main, *base, "--budgets", "nan")
     assert "must be disjoint from the test samples" in _error(evaluate_main, *base, "--calibration_split", "test")
     assert "--calibration_samples=0: expected >= 1" in _error(evaluate_main, *base, "--calibration_samples", "0")
+    assert "--latency_shield_quantile=1.0: expected a number in (0, 1)" in _error(
+        evaluate_main, *base, "--latency_shield_quantile", "1")
     assert "unknown policy 'greedy'" in _error(evaluate_main, *base, "--policies", "controller", "greedy")
     assert "got 2 comma-separated" in _error(evaluate_main, *base, "--policies", "static:low,4")
     assert "tier 'huge' is not in the knob space" in _error(evaluate_main, *base, "--policies", "static:huge,4,12")

@@ -10,8 +10,9 @@ import torch
 from agents.baselines import dummy_closed_form_profile, load_profile
 from agents.config import config_from_dict
 from agents.evaluation import run_episodes, summarize
-from agents.factory import (check_follow_shield_scale, check_latency_shield, check_shield_tracking, make_actor, make_backend_from_config, make_latency_shield, make_loss,
-                            make_lookup_profile, shield_from_profile)
+from agents.factory import (check_follow_shield_scale, check_latency_shield, check_shield_quantile, check_shield_tracking,
+                            make_actor, make_backend_from_config, make_latency_shield, make_loss, make_lookup_profile,
+                            shield_from_profile)
 from envs import make_env
 from envs.knobs import KnobSpace
 from envs.shield import LatencyShield
@@ -182,6 +183,31 @@ def test_a_tracking_shield_learns_the_machines_p95_from_what_ran():
     fixed = _shield()
     fixed.observe(1, 1, 1, 1000.0)
     assert float(fixed.scale[1]) == 1.0 and fixed.state_dict()["tracking_rate"] == 0.0
+
+
+@pytest.mark.parametrize("quantile", [0.95, 0.98])
+def test_a_tracking_shields_table_is_exceeded_by_one_minus_its_quantile(quantile):
+    s = LatencyShield(KS, TABLE, 0, tracking_rate=0.05, quantile=quantile)
+    g = torch.Generator().manual_seed(1)
+    draws = 30.0 * 1.3 * torch.exp(0.1 * torch.randn(40000, generator=g))
+    exceeded = []
+    for i, x in enumerate(draws.tolist()):
+        if i >= 10000:  # past the transient: would this episode have exceeded the table it ran under?
+            exceeded.append(x > float(s.p95_ms[1, 1, 1] * s.scale[1]))
+        s.observe(1, 1, 1, x)
+    rate = sum(exceeded) / len(exceeded)
+    assert abs(rate - (1 - quantile)) < 0.01, rate
+    assert s.state_dict()["quantile"] == quantile
+
+
+def test_a_bad_shield_quantile_fails_naming_the_field():
+    for q in (0.0, 1.0, 1.5, float("nan"), "high", True):
+        cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True,
+                                                   "latency_shield_quantile": q}})
+        with pytest.raises(ValueError, match=r"policy.latency_shield_quantile=.*expected a number in \(0, 1\)"):
+            check_shield_quantile(cfg)
+        with pytest.raises(ValueError, match=r"latency shield quantile=.*expected a number in \(0, 1\)"):
+            LatencyShield(KS, TABLE, 0, 0.05, q)
 
 
 def test_the_env_feeds_a_tracking_shield_each_episodes_latency():
