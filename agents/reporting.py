@@ -64,7 +64,7 @@ def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path
                                "meta": dict(meta)})
     write_csv(rows, paths["csv"])
     with atomic_writer(paths["markdown"], "w") as fh:
-        fh.write(markdown_tables(rows, meta.get("paired_differences")))
+        fh.write(markdown_tables(rows, meta.get("paired_differences"), meta.get("budget_feasibility")))
     if rows_outside_training_range:
         paths["csv_outside_range"] = out / "eval_outside_range.csv"
         write_csv(rows_outside_training_range, paths["csv_outside_range"])
@@ -84,10 +84,13 @@ def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path
     return paths
 
 
-def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | None = None) -> str:
+def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | None = None,
+                    feasibility: Sequence[Mapping] | None = None) -> str:
     """Accuracy (violation rate) per budget and policy, with the mean over budgets, a column of the
-    controllers' mean +- standard deviation when there are several; then per controller its knob
-    choices by question family (modal tier, mean top-k, mean blocks: accuracy) where rows have them."""
+    controllers' mean +- standard deviation when there are several, and the budgets that no measured
+    static configuration met on 95% of the samples (budget_sweep.budget_feasibility) named under it;
+    then per controller its knob choices by question family (modal tier, mean top-k, mean blocks:
+    accuracy) where rows have them."""
     import statistics
 
     by_policy = _by_policy(rows)
@@ -119,6 +122,12 @@ def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | Non
         label = "**mean**" if key == "mean" else f"{key:.1f}"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     out = ["## Accuracy (violation rate) per budget", "", *lines, ""]
+    for f in feasibility or ():
+        if not f["feasible"] and f["budget_ms"] in budgets:
+            out += [f"At {f['budget_ms']:.1f} ms no measured static configuration stayed within the budget on "
+                    f"95% of the samples (the least violating, {f['least_violating_config']}, exceeded it on "
+                    f"{100 * f['violation_rate']:.1f}%): no policy can hold 5% violations there on this machine "
+                    f"in this run.", ""]
     out += _paired_table(paired_comparisons(rows, controllers) if paired is None else paired)
     for policy in controllers:
         rs = [r for r in by_policy[policy] if r.get("choices_by_family")]

@@ -29,6 +29,7 @@ from agents.baselines import (
 from agents.budget_sweep import (
     Calibration,
     ConfigTable,
+    budget_feasibility,
     check_budgets,
     configs_needed,
     controller_budget_sweep,
@@ -220,6 +221,17 @@ def test_dummy_closed_form_profile_matches_sampling():
     assert abs(float(torch.quantile(lat, 0.95)) / e.latency_p95_ms - 1) < 0.03
     assert abs(float(lat.mean()) / e.latency_mean_ms - 1) < 0.02
     assert e.latency_p95_ms > e.latency_mean_ms
+
+
+def test_budget_feasibility_names_the_least_violating_configuration_per_budget():
+    configs = [StaticChoice("low", 4, 12, 1), StaticChoice("high", 8, 16, 1)]
+    lat = torch.tensor([[30.0, 90.0], [40.0, 150.0], [20.0, 80.0], [35.0, 95.0]], dtype=torch.float64)
+    table = ConfigTable(torch.arange(4), configs, torch.ones(4, 2, dtype=torch.float64), lat)
+    low, mid, high = budget_feasibility(table, [25.0, 38.0, 200.0])
+    # 25 ms: low,4,12 exceeds it on 3 of 4 samples (the least); 38 ms: 1 of 4, still over 5%
+    assert low == {"budget_ms": 25.0, "least_violating_config": "low,4,12", "violation_rate": 0.75, "feasible": False}
+    assert mid["violation_rate"] == 0.25 and not mid["feasible"]
+    assert high["violation_rate"] == 0.0 and high["feasible"]
 
 
 def test_table_rows_use_the_measured_values_and_the_reward():

@@ -65,3 +65,13 @@ def test_paired_difference_averages_each_sample_over_budgets_and_the_seeds():
     assert "| controllers (mean of the seeds) | +12.5 +- 7.2 | -6.2 +- 15.7 |" in table
     with pytest.raises(ValueError, match="no per-sample rows of \\['random'\\]"):
         paired_difference(rows, ["random"], "lookup-calibrated")
+
+
+def test_budgets_no_configuration_met_are_named_under_the_table():
+    rows = [_row("controller", 10.0, 0.5, 0.2), _row("controller", 20.0, 0.8, 0.01)]
+    feasibility = [{"budget_ms": 10.0, "least_violating_config": "low,4,12", "violation_rate": 0.123, "feasible": False},
+                   {"budget_ms": 20.0, "least_violating_config": "low,4,12", "violation_rate": 0.0, "feasible": True}]
+    text = markdown_tables(rows, feasibility=feasibility)
+    assert ("At 10.0 ms no measured static configuration stayed within the budget on 95% of the samples (the "
+            "least violating, low,4,12, exceeded it on 12.3%)") in text
+    assert "At 20.0 ms" not in text and "At 10.0" not in markdown_tables(rows)

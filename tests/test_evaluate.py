@@ -77,6 +77,12 @@ def test_end_to_end_subprocess_writes_json_csv_and_plots(run_dir, tmp_path, eval
         assert set(r["accuracy_by_family"]) <= {"coarse", "detail", "reasoning"}
         assert 0 <= r["violation_rate"] <= 1 and r["latency_p95_ms"] >= r["latency_p50_ms"]
     by = {(r["policy"], r["budget_ms"]): r for r in rows}
+    # the least violating measured configuration violates no more than any static row, nor the oracle
+    feasibility = {f["budget_ms"]: f for f in meta["budget_feasibility"]}
+    assert sorted(feasibility) == meta["budgets"]
+    for b, f in feasibility.items():
+        assert f["violation_rate"] <= min(by[p, b]["violation_rate"] for p in ("static:low,4,12", "static:high,8,16"))
+        assert f["feasible"] == (f["violation_rate"] <= 0.05)
     for b in meta["budgets"]:
         # the oracle meets every budget some measured config meets, and is at least as accurate as
         # every static config that meets the budget on all samples
