@@ -26,7 +26,7 @@ measured latency updates its tier's scale by stochastic approximation of the qua
 that at equilibrium a fraction 1 - q of a tier's episodes exceed it. The start-up measurement alone
 missed by about a third on a machine whose tail grew during an 88-minute evaluation (RESULTS 0-s8,
 2026-12-04). At q 0.95 a plan at the knife edge of a budget still violates about 5% of the time, and
-the controllers violated 5.5-6.8% at the budget above the lowest (RESULTS 0); a higher q trades a
+the controllers violated 5.5-6.8% at the budget above the lowest (RESULTS 0-s16); a higher q trades a
 little accuracy at the edge for a margin.
 """
 from __future__ import annotations
