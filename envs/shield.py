@@ -60,11 +60,8 @@ class LatencyShield:
         if not (math.isfinite(float(tracking_rate)) and float(tracking_rate) >= 0):
             raise ValueError(f"latency shield tracking_rate={tracking_rate}: expected a finite rate >= 0 "
                              f"(0: a fixed table)")
-        if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0 < float(quantile) < 1:
-            raise ValueError(f"latency shield quantile={quantile!r}: expected a number in (0, 1), e.g. 0.95 "
-                             f"(the fraction of a tier's episodes the tracked table should cover)")
         self.knob_space = knob_space
-        self.quantile = float(quantile)
+        self.quantile = check_quantile(quantile, "latency shield quantile")
         self.tracking_rate = float(tracking_rate)
         self.scale = torch.ones(shape[0], dtype=torch.float64)  # per tier, tracked online when tracking_rate > 0
         self.p95_ms = p95_ms
@@ -105,6 +102,14 @@ class LatencyShield:
     def state_dict(self) -> dict:
         return {"p95_ms": self.p95_ms.tolist(), "insertion_index": self.insertion_index,
                 "tracking_rate": self.tracking_rate, "quantile": self.quantile, "scale": self.scale.tolist()}
+
+
+def check_quantile(value, field: str) -> float:
+    """A shield quantile as a float, or a ValueError naming `field` when it is not a number in (0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{field}={value!r}: expected a number in (0, 1), e.g. 0.95 (the fraction of a "
+                         f"tier's episodes the tracked shield table should cover)")
+    return float(value)
 
 
 def following_time_scale(start_up: float, shield: LatencyShield | None) -> float:

@@ -125,6 +125,7 @@ from envs.backends.base import check_split
 from envs.machine import machine_info
 from envs.profiling import BUDGET_RANGE_RULE, budget_range
 from envs.reward import RewardWeights
+from envs.shield import check_quantile
 
 PROFILE_SOURCES = ("auto", "results_dir", "closed_form", "val")
 CALIBRATION_PHASES = ("interleaved", "first", "two-pass")
@@ -313,8 +314,8 @@ def _run(args, log) -> dict:
         raise ValueError(f"--num_samples={args.num_samples}: expected >= 1")
     if args.calibration_samples < 1:
         raise ValueError(f"--calibration_samples={args.calibration_samples}: expected >= 1")
-    if args.latency_shield_quantile is not None and not 0 < args.latency_shield_quantile < 1:
-        raise ValueError(f"--latency_shield_quantile={args.latency_shield_quantile}: expected a number in (0, 1), e.g. 0.98")
+    if args.latency_shield_quantile is not None:
+        check_quantile(args.latency_shield_quantile, "--latency_shield_quantile")
     split = check_split(args.split, "--split")
     calibration_split = check_split(args.calibration_split, "--calibration_split")
     if calibration_split == split:
