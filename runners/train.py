@@ -70,8 +70,9 @@ from agents.distributed import (
 from agents.constraint import episode_budgets
 from agents.evaluation import beats_incumbent, dummy_reference_rewards, heldout_budgets, run_episodes, summarize
 from agents.factory import (check_best_margin, check_follow_shield_scale, check_latency_shield, check_shield_quantile,
-                            check_shield_tracking, check_warm_start, make_actor, make_backend_from_config, make_env, make_latency_shield,
-                            make_logger, make_loss, make_violation_multiplier, measure_profile_drift, warm_start_actor)
+                            check_shield_tracking, check_warm_start, make_actor, make_backend_from_config, make_env,
+                            make_latency_shield, make_logger, make_loss, make_violation_multiplier,
+                            measure_profile_drift, warm_start_actor)
 from agents.grpo import grpo_update, make_optimizer, set_learning_rate
 from agents.reporting import accuracy_vs_budget_figure
 from agents.rollout import collect_rollouts

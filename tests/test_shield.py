@@ -128,6 +128,9 @@ def test_make_latency_shield_adds_the_controllers_own_time_to_the_profile():
     extra = shield.p95_ms - bare.p95_ms
     assert (extra > 0).all() and torch.allclose(extra, extra.flatten()[0].expand_as(extra))
     assert make_latency_shield(config_from_dict(TINY), backend, actor) is None
+    strict = {**TINY["policy"], "latency_shield": True, "latency_shield_tracking": 0.05, "latency_shield_quantile": 0.98}
+    tracked = make_latency_shield(config_from_dict({**TINY, "policy": strict}), backend, actor)
+    assert (tracked.quantile, tracked.tracking_rate, shield.quantile) == (0.98, 0.05, 0.95)  # the settings reach it
 
 
 def test_the_shields_table_never_passes_a_plan_while_it_cuts_a_cheaper_one(tmp_path):
