@@ -100,7 +100,7 @@ def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | Non
     controllers = [p for p in by_policy if is_controller(p)]
     others = [p for p in by_policy if not is_controller(p) and not p.startswith("static:")]
     cell = {(r["policy"], r["budget_ms"]): r for r in rows}
-    spread = len(controllers) >= 2
+    spread = {g: members for g, members in controller_groups(controllers).items() if len(members) >= 2}
 
     def cell_text(policies, chosen) -> str:
         """Each policy's accuracy and violation rate averaged over the chosen budgets; over several
@@ -113,12 +113,12 @@ def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | Non
         return (f"{statistics.fmean(acc):.3f} +- {statistics.stdev(acc):.3f} "
                 f"({statistics.fmean(viol):.1f}% +- {statistics.stdev(viol):.1f})")
 
-    columns = ([f"controllers ({len(controllers)}), mean +- std"] if spread else []) + controllers + others
+    columns = [f"{g} ({len(members)}), mean +- std" for g, members in spread.items()] + controllers + others
     lines = ["| budget (ms) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for key in [*budgets, "mean"]:
         chosen = budgets if key == "mean" else [key]
-        cells = ([cell_text(controllers, chosen)] if spread else []) + [cell_text([p], chosen)
-                                                                       for p in controllers + others]
+        cells = ([cell_text(members, chosen) for members in spread.values()]
+                 + [cell_text([p], chosen) for p in controllers + others])
         label = "**mean**" if key == "mean" else f"{key:.1f}"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     out = ["## Accuracy (violation rate) per budget", "", *lines, ""]
@@ -153,10 +153,18 @@ def _paired_table(paired: Mapping[str, Mapping]) -> list[str]:
         return []
     lines = [f"## Minus {base}, paired on the same samples and budgets (mean over budgets +- standard error "
              f"over samples)", "", "| policy | accuracy (points) | violation rate (points) |", "|---|---|---|"]
-    for name, d in against.items():
-        label = "controllers (mean of the seeds)" if name == "controllers" else name
-        lines.append(f"| {label} | {100 * d['accuracy']['mean']:+.1f} +- {100 * d['accuracy']['se']:.1f} | "
-                     f"{100 * d['violation']['mean']:+.1f} +- {100 * d['violation']['se']:.1f} |")
+
+    def line(label: str, d: Mapping) -> str:
+        return (f"| {label} | {100 * d['accuracy']['mean']:+.1f} +- {100 * d['accuracy']['se']:.1f} | "
+                f"{100 * d['violation']['mean']:+.1f} +- {100 * d['violation']['se']:.1f} |")
+
+    lines += [line(f"{name} (mean of the seeds)" if name.startswith("controllers") else name, d)
+              for name, d in against.items()]
+    variants = {name: d for name, d in paired.items() if name.startswith("controllers@") and " - controllers@" in name}
+    if variants:
+        lines += ["", "## Between the evaluation settings of the same checkpoints (paired, mean over budgets +- "
+                  "standard error over samples)", "", "| settings | accuracy (points) | violation rate (points) |",
+                  "|---|---|---|", *(line(name, d) for name, d in variants.items())]
     return [*lines, ""]
 
 
@@ -169,7 +177,8 @@ def _family_knobs(choices: Mapping[str, Mapping[str, float]], accuracy: float) -
 
 # --------------------------------------------------------------------------- plots
 def is_controller(policy: str) -> bool:
-    """A trained controller's rows: "controller", or controller:<run> when several are evaluated."""
+    """A trained controller's rows: "controller", or controller:<run> when several are evaluated
+    (controller:<run>@<variant> behind one of several evaluation settings)."""
     return policy == "controller" or policy.startswith("controller:")
 
 
@@ -281,37 +290,54 @@ SPREAD_METRICS = ("accuracy_mean", "violation_rate")
 
 def paired_comparisons(rows: Sequence[Mapping], controllers: Sequence[str]) -> dict[str, dict]:
     """Paired differences (paired_difference) over the budgets in the training range, each named
-    "<policies> - <baseline>": every controller, the controllers averaged per episode (when several)
-    and every other policy against lookup-calibrated; the controllers against the family oracle.
+    "<policies> - <baseline>": every controller, each group of several (controller_groups, averaged
+    per episode) and every other policy against lookup-calibrated; the controllers against the family
+    oracle; and each variant group against the first (the same checkpoints behind two settings).
     Empty without per-sample rows of a baseline."""
     inside = [r for r in rows if r.get("in_training_range", True) and "per_sample" in r]
     present = {r["policy"] for r in inside}
     groups = {name: [name] for name in controllers if name in present}
-    if len(groups) > 1:
-        groups["controllers"] = list(groups)
+    grouped = controller_groups(list(groups))
+    groups.update({g: members for g, members in grouped.items() if len(members) > 1})
     others = {p: [p] for p in sorted(present - set(controllers) - {"lookup-calibrated"})}
     out = {}
     for baseline, compared in (("lookup-calibrated", {**groups, **others}), ("family-oracle", groups)):
         if baseline in present:
             out.update({f"{name} - {baseline}": paired_difference(inside, policies, baseline)
                         for name, policies in compared.items()})
+    variants = [g for g in grouped if "@" in g]
+    for name in variants[1:]:
+        out[f"{name} - {variants[0]}"] = paired_difference(inside, grouped[name], grouped[variants[0]])
     return out
 
 
-def paired_difference(rows: Sequence[Mapping], policies: Sequence[str], baseline: str) -> dict:
+def controller_groups(controllers: Sequence[str]) -> dict[str, list[str]]:
+    """The controller policies evaluated alike, in order: "controllers" for plain ones (e.g. the seeds
+    of one training config), "controllers@<variant>" for controller:<run>@<variant> (the checkpoints
+    run behind one evaluation setting, e.g. evaluate.py's shield quantile q0.95)."""
+    groups: dict[str, list[str]] = {}
+    for name in controllers:
+        variant = name.partition("@")[2]
+        groups.setdefault(f"controllers@{variant}" if variant else "controllers", []).append(name)
+    return groups
+
+
+def paired_difference(rows: Sequence[Mapping], policies: Sequence[str], baseline: str | Sequence[str]) -> dict:
     """Accuracy and violation rate of `policies` (averaged over them per episode, e.g. one
-    configuration's seeds) minus `baseline`'s, on the same samples at the same budgets (rows'
-    `per_sample` values, in the run's sample order): per budget and over all budgets, the mean
-    difference and its standard error over the samples. Over all budgets each sample's differences
-    are averaged first: one sample's episodes at several budgets are not independent."""
+    configuration's seeds) minus `baseline`'s (one policy, or several averaged alike), on the same
+    samples at the same budgets (rows' `per_sample` values, in the run's sample order): per budget and
+    over all budgets, the mean difference and its standard error over the samples. Over all budgets
+    each sample's differences are averaged first: one sample's episodes at several budgets are not
+    independent."""
     import statistics
 
+    bases = [baseline] if isinstance(baseline, str) else list(baseline)
     cell = {(r["policy"], r["budget_ms"]): r["per_sample"] for r in rows if "per_sample" in r}
-    budgets = sorted(b for p, b in cell if p == baseline)
-    missing = [p for p in policies if not all((p, b) in cell for b in budgets)]
+    budgets = sorted(b for p, b in cell if p == bases[0])
+    missing = [p for p in [*policies, *bases] if not all((p, b) in cell for b in budgets)]
     if not budgets or missing:
-        raise ValueError(f"paired_difference: no per-sample rows of {missing or [baseline]} at every budget "
-                         f"of {baseline!r}")
+        raise ValueError(f"paired_difference: no per-sample rows of {missing or bases} at every budget "
+                         f"of {bases[0]!r}")
 
     def mean_se(values: list[float]) -> dict:
         se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
@@ -320,13 +346,13 @@ def paired_difference(rows: Sequence[Mapping], policies: Sequence[str], baseline
     out = {"policies": list(policies), "baseline": baseline, "per_budget": [], "num_samples": None}
     per_sample = {}
     for b in budgets:
-        base = cell[baseline, b]
-        n = len(base["accuracy"])
-        if any(len(cell[p, b]["accuracy"]) != n for p in policies):
+        n = len(cell[bases[0], b]["accuracy"])
+        if any(len(cell[p, b]["accuracy"]) != n for p in [*policies, *bases]):
             raise ValueError(f"paired_difference: {policies} and {baseline!r} ran different samples at {b} ms")
         entry = {"budget_ms": b}
         for m in ("accuracy", "violation"):
-            d = [statistics.fmean(cell[p, b][m][i] for p in policies) - base[m][i] for i in range(n)]
+            d = [statistics.fmean(cell[p, b][m][i] for p in policies)
+                 - statistics.fmean(cell[p, b][m][i] for p in bases) for i in range(n)]
             entry[m] = mean_se(d)
             per_sample.setdefault(m, []).append(d)
         out["per_budget"].append(entry)

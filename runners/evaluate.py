@@ -11,7 +11,9 @@ family-oracle is left out when the samples carry no question family):
   controller                  the checkpoint's controller, greedy actions; with several checkpoints
                               (e.g. the seeds of one config) one policy per checkpoint,
                               controller:<run dir name>, all in the same run, and meta.controller_spread
-                              gives their mean and standard deviation per budget
+                              gives their mean and standard deviation per budget; with several
+                              --latency_shield_quantile values, every checkpoint behind each
+                              (controller:<run>@q<Q>), grouped per Q, each group paired against the first
   static:<tier>,<top_k>,<N>   one fixed configuration (insertion = the smallest p)
   lookup-calibrated           per budget, the configuration with the best accuracy on the calibration
                               set (the first M samples of --calibration_split, disjoint from the test
@@ -119,7 +121,7 @@ from agents.cli import user_input
 from agents.config import apply_overrides, config_from_dict
 from agents.factory import (check_latency_shield, controller_time_scale, make_backend_from_config, make_env,
                             make_latency_shield, make_lookup_profile, measure_profile_drift)
-from agents.reporting import paired_comparisons, seed_spread, write_outputs
+from agents.reporting import controller_groups, paired_comparisons, seed_spread, write_outputs
 from agents.sweep_schedule import EnvPolicy, run_interleaved
 from envs.backends.base import check_split
 from envs.machine import machine_info
@@ -176,10 +178,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency_shield_tracking", type=float,
                    help="rate at which the shields' per-tier scale follows the executed episodes' latency during "
                         "this run (envs/shield.py; 0: a fixed table; default: each run's policy setting)")
-    p.add_argument("--latency_shield_quantile", type=float,
+    p.add_argument("--latency_shield_quantile", type=float, nargs="+",
                    help="quantile of each tier's executed latencies that the shields' tracked table estimates "
                         "(envs/shield.py; 0.98: a plan at a budget's edge violates about 2%%; default: each "
-                        "run's policy setting)")
+                        "run's policy setting); several: every checkpoint behind each, in the same run, as "
+                        "controller:<run>@q<Q>, grouped per Q and compared paired against the first")
     p.add_argument("--time_rescale", choices=("on", "off"), default="on",
                    help="on (default): each controller reads budgets and times in its training machine's units, "
                         "divided by this machine's latency over the training run's at its start (measured here at "
@@ -314,8 +317,11 @@ def _run(args, log) -> dict:
         raise ValueError(f"--num_samples={args.num_samples}: expected >= 1")
     if args.calibration_samples < 1:
         raise ValueError(f"--calibration_samples={args.calibration_samples}: expected >= 1")
-    if args.latency_shield_quantile is not None:
-        check_quantile(args.latency_shield_quantile, "--latency_shield_quantile")
+    quantiles = [check_quantile(q, "--latency_shield_quantile") for q in args.latency_shield_quantile or ()]
+    if len(set(quantiles)) < len(quantiles):
+        raise ValueError(f"--latency_shield_quantile={quantiles}: a value given twice; expected distinct quantiles")
+    if len(quantiles) > 1 and args.latency_shield == "off":
+        raise ValueError(f"--latency_shield_quantile={quantiles} compares shields, but --latency_shield is off")
     split = check_split(args.split, "--split")
     calibration_split = check_split(args.calibration_split, "--calibration_split")
     if calibration_split == split:
@@ -328,7 +334,8 @@ def _run(args, log) -> dict:
         raise ValueError(f"--latency_reference calibration needs --calibration_phase first or two-pass (got "
                          f"{args.calibration_phase!r}): the calibration must be measured before anything it sets")
 
-    ckpts = controller_checkpoints(args.checkpoint)
+    ckpts = controller_checkpoints(args.checkpoint, [f"q{q:g}" for q in quantiles] if len(quantiles) > 1 else None)
+    quantile_of = dict(zip(ckpts, quantiles * len(args.checkpoint))) if len(quantiles) > 1 else {}
     ckpt = next(iter(ckpts.values()))
     cfg = resolve_config(args, ckpt)
     from envs.machine import resolve_device
@@ -423,6 +430,9 @@ def _run(args, log) -> dict:
                    ) if spec.kind == "controller" else None  # the controller's run's config
             rescale = spec.kind == "controller" and args.time_rescale == "on" and ckpts[spec.name].get("latency_scales")
             shielded = own is not None and _shield_on(args, own)
+            if spec.name in quantile_of and not shielded:
+                raise ValueError(f"--latency_shield_quantile={quantiles} compares shields, but {spec.name}'s run has "
+                                 f"policy.latency_shield off: pass --latency_shield on")
             if drift is None and (rescale or shielded):
                 # this machine now, in the form the training run measured it at its start
                 drift = (latency_scales_between(make_lookup_profile(backend), machine_now) if machine_now is not None
@@ -434,8 +444,7 @@ def _run(args, log) -> dict:
             if shielded:
                 tracking = (own.policy.latency_shield_tracking if args.latency_shield_tracking is None
                             else args.latency_shield_tracking)
-                quantile = (own.policy.latency_shield_quantile if args.latency_shield_quantile is None
-                            else args.latency_shield_quantile)
+                quantile = quantile_of.get(spec.name, quantiles[0] if quantiles else own.policy.latency_shield_quantile)
                 shields[spec.name] = make_latency_shield(
                     apply_overrides(cfg, {"policy.latency_shield": True, "policy.latency_shield_tracking": tracking,
                                           "policy.latency_shield_quantile": quantile}),
@@ -503,6 +512,7 @@ def _run(args, log) -> dict:
                                           "mean over tiers) times the shield's tracked mean scale before each "
                                           "episode; each controller reads budgets and times divided by it"},
         "latency_shield": {"setting": args.latency_shield, "latency_scales": drift,
+                           "quantiles": {name: s.quantile for name, s in shields.items()},
                            "tables": {name: s.state_dict() for name, s in shields.items()},  # after the run
                            "insertion_positions": list(ks.insertion_positions)},
         "interleaving": run.schedule,
@@ -533,10 +543,12 @@ def _run(args, log) -> dict:
     return {"rows": inside, "rows_outside_training_range": beyond, "meta": meta}
 
 
-def controller_checkpoints(paths) -> dict[str, dict]:
+def controller_checkpoints(paths, variants: list[str] | None = None) -> dict[str, dict]:
     """{policy name: loaded checkpoint}: "controller" for one checkpoint; for several,
-    controller:<name> with the run dir's name (a checkpoint file: its run dir's, else its stem)."""
-    if len(paths) == 1:
+    controller:<name> with the run dir's name (a checkpoint file: its run dir's, else its stem); with
+    `variants` (evaluation settings), controller:<name>@<variant> per checkpoint and variant, in that
+    order, the variants of a checkpoint sharing its loaded dict."""
+    if len(paths) == 1 and not variants:
         return {"controller": load_checkpoint(paths[0])}
     out = {}
     for path in paths:
@@ -547,7 +559,7 @@ def controller_checkpoints(paths) -> dict[str, dict]:
             raise ValueError(f"--checkpoint: {path} and {out[name]['arg']} both give the policy name {name!r}; "
                              f"pass checkpoints of differently named run dirs")
         out[name] = {**load_checkpoint(path), "arg": str(path)}
-    return out
+    return {f"{name}@{v}": ck for name, ck in out.items() for v in variants} if variants else out
 
 
 def _env_policy(spec, ckpt, cfg, backend) -> tuple:
@@ -589,12 +601,15 @@ def structural_headroom(rows, controllers: list[str]) -> list[dict]:
 
 
 def controller_spread(rows, controllers: list[str]) -> list[dict] | None:
-    """With several controller policies (seeds): mean and standard deviation over them of accuracy
-    and violation rate per budget (agents.reporting.seed_spread), else None."""
-    if len(controllers) < 2:
+    """Per group of several controller policies (seeds; agents.reporting.controller_groups): mean and
+    standard deviation over them of accuracy and violation rate per budget (agents.reporting.seed_spread),
+    each row naming its group; None without such a group."""
+    groups = {g: members for g, members in controller_groups(controllers).items() if len(members) >= 2}
+    if not groups:
         return None
-    seeds = [{"rows": [{**r, "policy": "controller"} for r in rows if r["policy"] == name]} for name in controllers]
-    return seed_spread({"controllers": seeds})["controllers"]
+    spread = seed_spread({g: [{"rows": [{**r, "policy": "controller"} for r in rows if r["policy"] == name]}
+                              for name in members] for g, members in groups.items()})
+    return [{"group": g, **row} for g, group_rows in spread.items() for row in group_rows]
 
 
 def _print_table(rows, title: str) -> None:

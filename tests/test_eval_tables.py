@@ -3,7 +3,7 @@ import statistics
 
 import pytest
 
-from agents.reporting import markdown_tables, paired_difference
+from agents.reporting import controller_groups, markdown_tables, paired_comparisons, paired_difference
 
 
 def _row(policy, budget, acc, viol, families=None):
@@ -65,6 +65,30 @@ def test_paired_difference_averages_each_sample_over_budgets_and_the_seeds():
     assert "| controllers (mean of the seeds) | +12.5 +- 7.2 | -6.2 +- 15.7 |" in table
     with pytest.raises(ValueError, match="no per-sample rows of \\['random'\\]"):
         paired_difference(rows, ["random"], "lookup-calibrated")
+
+
+def test_controllers_behind_two_settings_are_grouped_and_compared_paired():
+    names = ["controller:a@q0.98", "controller:a@q0.95", "controller:b@q0.98", "controller:b@q0.95"]
+    assert controller_groups([*names, "controller:c"]) == {
+        "controllers@q0.98": [names[0], names[2]], "controllers@q0.95": [names[1], names[3]],
+        "controllers": ["controller:c"]}
+    rows = [_paired_row(names[0], 10.0, [1, 0, 0, 0], [0, 0, 0, 0]),
+            _paired_row(names[1], 10.0, [1, 1, 0, 0], [0, 0, 0, 1]),
+            _paired_row(names[2], 10.0, [0, 0, 0, 0], [0, 0, 0, 0]),
+            _paired_row(names[3], 10.0, [1, 1, 1, 0], [0, 0, 0, 0]),
+            _paired_row("lookup-calibrated", 10.0, [1, 1, 0, 0], [0, 0, 0, 0])]
+    paired = paired_comparisons(rows, names)
+    # per sample, q0.95's two checkpoints averaged minus q0.98's: (0.5, 1, 0.5, 0)
+    between = paired["controllers@q0.95 - controllers@q0.98"]
+    assert between["accuracy"]["mean"] == pytest.approx(0.5)
+    assert between["accuracy"]["se"] == pytest.approx(statistics.stdev([0.5, 1, 0.5, 0]) / 2)
+    assert between["violation"]["mean"] == pytest.approx(0.125)
+    assert paired["controllers@q0.98 - lookup-calibrated"]["accuracy"]["mean"] == pytest.approx(-0.375)
+    assert "controllers - lookup-calibrated" not in paired  # no plain group of several
+    table = markdown_tables(rows)
+    assert "| budget (ms) | controllers@q0.98 (2), mean +- std | controllers@q0.95 (2), mean +- std |" in table
+    assert "| controllers@q0.95 - controllers@q0.98 | +50.0 +- 20.4 | +12.5 +- 12.5 |" in table
+    assert "| controllers@q0.95 (mean of the seeds) | +12.5 +- 12.5 | +12.5 +- 12.5 |" in table
 
 
 def test_budgets_no_configuration_met_are_named_under_the_table():

@@ -304,3 +304,44 @@ def test_latency_shield_tracking_flag_reaches_the_shields(run_dir, tmp_path, eva
                          "--output_dir", str(tmp_path / "t")])
     table = out["meta"]["latency_shield"]["tables"]["controller"]
     assert table["tracking_rate"] == 0.2 and any(s != 1.0 for s in table["scale"])  # 8 episodes moved it
+
+
+def test_several_shield_quantiles_put_the_same_checkpoints_behind_each_in_one_run(run_dir, tmp_path, evaluate_main):
+    import shutil
+
+    twin = tmp_path / "run_b"
+    shutil.copytree(run_dir / "checkpoints", twin / "checkpoints")
+    out = tmp_path / "q"
+    result = evaluate_main(["--checkpoint", str(run_dir), str(twin), "--output_dir", str(out), "--num_samples", "6",
+                            "--num_budgets", "2", "--calibration_samples", "8", "--policies", "controller",
+                            "lookup-calibrated", "--latency_shield", "on", "--latency_shield_tracking", "0.2",
+                            "--latency_shield_quantile", "0.98", "0.6"])
+    meta, rows = result["meta"], result["rows"]
+    names = ["controller:run@q0.98", "controller:run@q0.6", "controller:run_b@q0.98", "controller:run_b@q0.6"]
+    assert meta["policies"] == [*names, "lookup-calibrated"]
+    assert meta["latency_shield"]["quantiles"] == dict(zip(names, [0.98, 0.6, 0.98, 0.6]))
+    assert {n: t["quantile"] for n, t in meta["latency_shield"]["tables"].items()} == dict(zip(names, [0.98, 0.6] * 2))
+    by = {(r["policy"], r["budget_ms"]): r for r in rows}
+    assert all(by[n, b]["num_episodes"] == 6 for n in names for b in meta["budgets"])
+    # one spread row per group and budget, over that group's two checkpoints
+    spread = {(r["group"], r["budget_ms"]): r for r in meta["controller_spread"]}
+    assert set(spread) == {(g, b) for g in ("controllers@q0.98", "controllers@q0.6") for b in meta["budgets"]}
+    for b in meta["budgets"]:
+        assert spread["controllers@q0.6", b]["accuracy_mean"] == pytest.approx(
+            (by[names[1], b]["accuracy_mean"] + by[names[3], b]["accuracy_mean"]) / 2)
+    paired = meta["paired_differences"]
+    between = paired["controllers@q0.6 - controllers@q0.98"]
+    assert between["policies"] == [names[1], names[3]] and between["baseline"] == [names[0], names[2]]
+    against = [paired[f"{n} - lookup-calibrated"]["accuracy"]["mean"] for n in names]
+    assert between["accuracy"]["mean"] == pytest.approx((against[1] + against[3] - against[0] - against[2]) / 2)
+    md = (out / "eval.md").read_text()
+    assert "controllers@q0.98 (2), mean +- std" in md and "controllers@q0.6 (2), mean +- std" in md
+    assert "| controllers@q0.6 - controllers@q0.98 |" in md
+    assert (out / "controller_knobs_vs_budget_run_q0.6.png").stat().st_size > 1000
+    base = ["--checkpoint", run_dir, "--output_dir", tmp_path / "bad", "--num_samples", "2"]
+    assert "a value given twice" in _error(evaluate_main, *base, "--latency_shield_quantile", "0.9", "0.9")
+    assert "--latency_shield is off" in _error(evaluate_main, *base, "--latency_shield", "off",
+                                               "--latency_shield_quantile", "0.9", "0.95")
+    assert "policy.latency_shield off: pass --latency_shield on" in _error(
+        evaluate_main, *base, "--latency_shield_quantile", "0.9", "0.95")
+    assert not (tmp_path / "bad" / "eval.json").exists()
