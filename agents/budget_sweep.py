@@ -77,6 +77,14 @@ class ConfigTable:
             raise KeyError(f"configuration {config.name} (p={config.insertion}) was not measured") from None
 
 
+def config_table_to_json(table: ConfigTable) -> dict:
+    """A measured table as eval.json keeps it (rows in measurement order, one per sample): each
+    configuration's per-sample accuracy and latency, for analyses the run's policies did not make."""
+    return {"configs": [c.name for c in table.configs], "insertion": [c.insertion for c in table.configs],
+            "sample_index": table.sample_index.tolist(), "accuracy": table.accuracy.tolist(),
+            "latency_ms": [[round(v, 3) for v in row] for row in table.latency.tolist()]}
+
+
 def measure_config_table(
     backend, samples: Sequence, sample_index: Sequence[int], configs: Sequence[StaticChoice],
     warmup: int = 1, seed: int = 0, progress: Callable[[str], None] | None = None,
@@ -152,7 +160,8 @@ def summarize_choices(
         "num_episodes": n,
         "choices": choices,
         # in the order of the run's samples, the same for every policy: paired comparisons (agents.reporting)
-        "per_sample": {"accuracy": acc.tolist(), "violation": viol.tolist()},
+        "per_sample": {"accuracy": acc.tolist(), "violation": viol.tolist(),
+                       "latency_ms": [round(v, 3) for v in lat.tolist()]},
     }
     if families is not None and any(f is not None for f in families):
         masks = {f: torch.tensor([g == f for g in families]) for f in sorted({f for f in families if f is not None})}

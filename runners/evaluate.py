@@ -108,6 +108,7 @@ from agents.budget_sweep import (
     calibrated_choices,
     calibrated_profile,
     check_budgets,
+    config_table_to_json,
     configs_needed,
     default_budgets,
     episode_rows,
@@ -379,7 +380,7 @@ def _run(args, log) -> dict:
     if any(s.needs_profile for s in specs):
         profile, profile_info = resolve_profile(args, backend, ks, log)
 
-    calibration, machine_now, first_pass_seconds = None, None, None
+    calibration, machine_now, first_pass_table, first_pass_seconds = None, None, None, None
     lo, hi = backend.budget_range_ms
     budget_source = "given" if args.budgets is not None else f"{args.num_budgets} evenly over the training range"
     if first_pass and (calibration_samples is not None or latency_reference == "calibration"):
@@ -390,7 +391,7 @@ def _run(args, log) -> dict:
         table = measure_config_table(backend, calibration_samples, calibration_index, all_static_configs(ks),
                                      warmup=args.warmup, seed=cfg.train.seed, progress=log)
         calibration = Calibration(table, families_of(calibration_samples, table.sample_index.tolist()))
-        first_pass_seconds = round(table.seconds, 2)
+        first_pass_table, first_pass_seconds = table, round(table.seconds, 2)
     if latency_reference == "calibration":
         # This machine now, as the calibration measured it: the training range by the profile runner's rule
         # and the controllers' table, so that a budget asks the same of every policy however the machine drifted.
@@ -524,6 +525,11 @@ def _run(args, log) -> dict:
                         "token, one run per (sample, config) shared by all budgets; controller: the env's latency, "
                         "which includes both controller stages' own time, each measured for the request at batch 1",
         "num_configs_measured": len(configs),
+        # every measured configuration per sample: the test rounds' and the calibration's, second pass included
+        "config_tables": {"test": config_table_to_json(run.test) if configs else None,
+                          "calibration": None if calibration is None else config_table_to_json(calibration.table),
+                          "calibration_first_pass": (config_table_to_json(first_pass_table)
+                                                     if args.calibration_phase == "two-pass" else None)},
         "oracle_configs": ([c.name for c in configs if c.insertion == min(ks.insertion_positions)]
                            if any(s.kind == "oracle" for s in specs) else None),
         "timings_s": {"interleaved_run": run.schedule["seconds"], "calibration_first_pass": first_pass_seconds},

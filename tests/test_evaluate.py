@@ -160,6 +160,15 @@ def test_two_pass_calibration_measures_the_frontier_again_interleaved_and_choose
     fo = paired["family-oracle - lookup-calibrated"]
     assert [e["accuracy"]["mean"] for e in fo["per_budget"]] == pytest.approx(headroom)
     assert fo["accuracy"]["mean"] == pytest.approx(sum(headroom) / len(headroom)) and fo["num_samples"] == 6
+    # eval.json keeps the measured tables per sample, and every episode's latency in run order
+    tables = meta["config_tables"]
+    assert tables["test"]["configs"] == meta["oracle_configs"] and len(tables["test"]["latency_ms"]) == 6
+    assert len(tables["calibration"]["accuracy"]) == len(tables["calibration_first_pass"]["accuracy"]) == 16
+    assert len(tables["calibration_first_pass"]["configs"]) == 75 and len(tables["calibration"]["configs"]) < 75
+    column = tables["test"]["configs"].index(by["lookup-calibrated", meta["budgets"][0]]["config"])
+    lc = by["lookup-calibrated", meta["budgets"][0]]["per_sample"]
+    assert lc["latency_ms"] == pytest.approx([row[column] for row in tables["test"]["latency_ms"]], abs=1e-3)
+    assert all(len(r["per_sample"]["latency_ms"]) == 6 for r in rows)
 
 
 def test_calibration_reference_sets_the_budget_range_and_the_controller_shield(run_dir, tmp_path, evaluate_main):
