@@ -483,6 +483,7 @@ def _run(args, log) -> dict:
         "split": split,
         "num_samples": int(sample_index.numel()),
         "sample_index": sample_index.tolist(),
+        "sample_families": families,  # per test sample, in the rows' per_sample order (None: no families)
         "skipped_samples": run.test.skipped,
         "budgets": budgets,
         "budget_source": budget_source,
@@ -527,7 +528,8 @@ def _run(args, log) -> dict:
         "num_configs_measured": len(configs),
         # every measured configuration per sample: the test rounds' and the calibration's, second pass included
         "config_tables": {"test": config_table_to_json(run.test) if configs else None,
-                          "calibration": None if calibration is None else config_table_to_json(calibration.table),
+                          "calibration": None if calibration is None else {
+                              **config_table_to_json(calibration.table), "families": calibration.families},
                           "calibration_first_pass": (config_table_to_json(first_pass_table)
                                                      if args.calibration_phase == "two-pass" else None)},
         "oracle_configs": ([c.name for c in configs if c.insertion == min(ks.insertion_positions)]

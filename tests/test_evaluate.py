@@ -164,6 +164,7 @@ def test_two_pass_calibration_measures_the_frontier_again_interleaved_and_choose
     tables = meta["config_tables"]
     assert tables["test"]["configs"] == meta["oracle_configs"] and len(tables["test"]["latency_ms"]) == 6
     assert len(tables["calibration"]["accuracy"]) == len(tables["calibration_first_pass"]["accuracy"]) == 16
+    assert len(meta["sample_families"]) == 6 and len(tables["calibration"]["families"]) == 16
     assert len(tables["calibration_first_pass"]["configs"]) == 75 and len(tables["calibration"]["configs"]) < 75
     column = tables["test"]["configs"].index(by["lookup-calibrated", meta["budgets"][0]]["config"])
     lc = by["lookup-calibrated", meta["budgets"][0]]["per_sample"]
