@@ -27,8 +27,8 @@ that at equilibrium a fraction 1 - q of a tier's episodes exceed it. The start-u
 missed by about a third on a machine whose tail grew during an 88-minute evaluation (RESULTS 0-s8,
 2026-12-04). At q 0.95 a plan at the knife edge of a budget still violates about 5% of the time, and
 the controllers violated 5.5-6.8% at the budget above the lowest (RESULTS 0-s16). A higher q buys a
-margin with accuracy: behind q 0.98 the same controllers violated 1.0% on average but were 3.2 points
-below lookup-calibrated, on a day the VM ran 1.4x slower (RESULTS 0-s17; the two runs differ in more than q).
+margin with accuracy: in one run on the same checkpoints, q 0.98 cost 2.1 +- 0.3 accuracy points against
+q 0.95 and saved 0.9 +- 0.2 points of violations (1.1% vs 2.0% on average; RESULTS 0).
 """
 from __future__ import annotations
 
