@@ -1,38 +1,52 @@
-"""What a latency margin costs the calibrated static policies: lookup-calibrated and the family oracle
-re-chosen on the run's calibration (second pass) with calibration latency quantile q <= budget
-instead of p95, read on the run's test table (the same samples), for several q."""
-import json, sys, statistics as st
+"""RESULTS 0's margin table: lookup-calibrated and the family oracle re-chosen on an evaluation's
+calibration (its second pass) with each configuration's calibration latency quantile q <= budget
+instead of its p95, by the same selection rules (agents.baselines.lookup_select,
+envs.headroom.headroom_choices), read on the same run's test table.
+
+    python docs/results/headline18_margin.py runs/eval18      # an evaluate.py output dir
+"""
+import json
+import statistics
+import sys
+from dataclasses import replace
+
 import torch
-e = json.load(open(sys.argv[1] + '/eval.json'))
-m = e['meta']; T = m['config_tables']; test, cal = T['test'], T['calibration']
-budgets = m['budgets']; fams = m['sample_families']; cfams = cal['families']
-assert test['configs'] == cal['configs']
-names = test['configs']
-ta, tl = torch.tensor(test['accuracy']), torch.tensor(test['latency_ms'])
-ca, cl = torch.tensor(cal['accuracy'], dtype=torch.float64), torch.tensor(cal['latency_ms'], dtype=torch.float64)
-def choose(rows, q, b):
-    acc = ca[rows].mean(0); lat = torch.quantile(cl, q, dim=0)  # over all calibration samples, as the family oracle's rule
-    fit = [j for j in range(len(names)) if lat[j] <= b]
-    if not fit: return int(lat.argmin())
-    return min(fit, key=lambda j: (-float(acc[j]), float(lat[j]), j))
-fam_set = sorted(set(fams))
-def run(q):
-    lc_a, lc_v, fo_a, fo_v = [], [], [], []
+
+from agents.baselines import StaticChoice, lookup_select
+from agents.budget_sweep import Calibration, ConfigTable, _calibration_tables, calibrated_profile
+from envs.headroom import headroom_choices
+from envs.knobs import KnobSpace
+
+
+def config(name: str, insertion: int) -> StaticChoice:
+    tier, top_k, num_blocks = name.split(",")
+    return StaticChoice(tier, int(top_k), int(num_blocks), insertion)
+
+
+def table(t: dict) -> ConfigTable:
+    configs = [config(n, p) for n, p in zip(t["configs"], t["insertion"])]
+    return ConfigTable(torch.tensor(t["sample_index"]), configs, torch.tensor(t["accuracy"], dtype=torch.float64),
+                       torch.tensor(t["latency_ms"], dtype=torch.float64))
+
+
+meta = json.load(open(f"{sys.argv[1]}/eval.json"))["meta"]
+test, families, budgets = table(meta["config_tables"]["test"]), meta["sample_families"], meta["budgets"]
+calibration = Calibration(table(meta["config_tables"]["calibration"]), meta["config_tables"]["calibration"]["families"])
+ks = KnobSpace()
+shares = {f: families.count(f) / len(families) for f in sorted(set(families))}
+rows = torch.arange(len(families))
+for q in (0.90, 0.95, 0.97, 0.98, 0.99):
+    quantile = {c.name: float(torch.quantile(calibration.table.latency[:, j], q)) for j, c in enumerate(calibration.table.configs)}
+    profile = [replace(e, latency_p95_ms=quantile[e.config.name]) for e in calibrated_profile(calibration, ks)]
+    by_name, choose, _ = _calibration_tables(calibration, ks)
+    lc, fo = [], []
     for b in budgets:
-        j = choose(list(range(len(cfams))), q, b)
-        lc_a.append(float(ta[:, j].float().mean())); lc_v.append(float((tl[:, j] > b).float().mean()))
-        pick = {f: choose([i for i, g in enumerate(cfams) if g == f], q, b) for f in fam_set}
-        cols = torch.tensor([pick[f] for f in fams])
-        idx = torch.arange(len(fams))
-        fo_a.append(float(ta[idx, cols].float().mean())); fo_v.append(float((tl[idx, cols] > b).float().mean()))
-    return lc_a, lc_v, fo_a, fo_v
-print(f"budgets {[round(b,1) for b in budgets]}")
-for q in (0.9, 0.95, 0.97, 0.98, 0.99):
-    lc_a, lc_v, fo_a, fo_v = run(q)
-    print(f"q {q:.2f}: LC {st.mean(lc_a):.3f} ({100*st.mean(lc_v):.1f}%, max {100*max(lc_v):.1f}%)  "
-          f"FO {st.mean(fo_a):.3f} ({100*st.mean(fo_v):.1f}%, max {100*max(fo_v):.1f}%)  "
-          f"FO per budget viol {[round(100*v,1) for v in fo_v]}")
-rows = {(r['policy'], r['budget_ms']): r for r in e['rows']}
-for p in ('lookup-calibrated', 'family-oracle'):
-    print(p, 'as evaluated:', round(st.mean(rows[p, b]['accuracy_mean'] for b in budgets), 3),
-          f"({100*st.mean(rows[p, b]['violation_rate'] for b in budgets):.1f}%)")
+        j = test.column(lookup_select(profile, b, "p95")[0])
+        lc.append((float(test.accuracy[:, j].mean()), float((test.latency[:, j] > b).double().mean())))
+        picked = headroom_choices(choose, quantile, shares, b)
+        pick = ({f: min(quantile, key=quantile.get) for f in shares} if picked is None else picked[1])
+        cols = torch.tensor([test.column(by_name[pick[f]]) for f in families])
+        fo.append((float(test.accuracy[rows, cols].mean()), float((test.latency[rows, cols] > b).double().mean())))
+    mean = lambda xs, i: statistics.fmean(x[i] for x in xs)
+    print(f"q {q:.2f}: lookup-calibrated {mean(lc, 0):.3f} ({100 * mean(lc, 1):.1f}%)  family oracle {mean(fo, 0):.3f} "
+          f"({100 * mean(fo, 1):.1f}%), per budget {[round(100 * v, 1) for _, v in fo]}%")
