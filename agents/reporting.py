@@ -215,9 +215,25 @@ def _figure(width: float = 6.4, height: float = 4.2):
 
 
 def _metric_figure(rows, key: str, ylabel: str, title: str):
+    """One line per policy; a group of several controllers evaluated alike (controller_groups: seeds)
+    is one line of their mean, each seed thin in its colour, so that six seeds stay readable."""
+    import statistics
+
     fig, ax = _figure()
-    for policy, rs in _by_policy(rows).items():
-        ax.plot([r["budget_ms"] for r in rs], [r[key] for r in rs], label=policy, **_style(policy))
+    by = _by_policy(rows)
+    groups = {g: m for g, m in controller_groups([p for p in by if is_controller(p)]).items() if len(m) >= 2}
+    for group, members in groups.items():
+        budgets = [r["budget_ms"] for r in by[members[0]]]
+        value = {(p, r["budget_ms"]): r[key] for p in members for r in by[p]}
+        mean = [statistics.fmean(value[p, b] for p in members if (p, b) in value) for b in budgets]
+        (line,) = ax.plot(budgets, mean, label=f"{group} (mean of {len(members)})", **_style(members[0]))
+        for p in members:
+            ax.plot([r["budget_ms"] for r in by[p]], [r[key] for r in by[p]], color=line.get_color(),
+                    linewidth=0.8, alpha=0.35)
+    grouped = {p for members in groups.values() for p in members}
+    for policy, rs in by.items():
+        if policy not in grouped:
+            ax.plot([r["budget_ms"] for r in rs], [r[key] for r in rs], label=policy, **_style(policy))
     ax.set_xlabel("latency budget (ms)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -3,7 +3,8 @@ import statistics
 
 import pytest
 
-from agents.reporting import controller_groups, markdown_tables, paired_comparisons, paired_difference
+from agents.reporting import (accuracy_vs_budget_figure, controller_groups, markdown_tables, paired_comparisons,
+                              paired_difference)
 
 
 def _row(policy, budget, acc, viol, families=None):
@@ -89,6 +90,13 @@ def test_controllers_behind_two_settings_are_grouped_and_compared_paired():
     assert "| budget (ms) | controllers@q0.98 (2), mean +- std | controllers@q0.95 (2), mean +- std |" in table
     assert "| controllers@q0.95 - controllers@q0.98 | +50.0 +- 20.4 | +12.5 +- 12.5 |" in table
     assert "| controllers@q0.95 (mean of the seeds) | +12.5 +- 12.5 | +12.5 +- 12.5 |" in table
+    # the accuracy figure draws each group as the mean of its checkpoints, the checkpoints unlabelled
+    ax = accuracy_vs_budget_figure(rows).axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["controllers@q0.98 (mean of 2)", "controllers@q0.95 (mean of 2)", "lookup-calibrated"]
+    means = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert means["controllers@q0.95 (mean of 2)"] == pytest.approx([0.625])  # (0.5 + 0.75) / 2
+    assert len(ax.get_lines()) == 2 + 4 + 1
 
 
 def test_budgets_no_configuration_met_are_named_under_the_table():
