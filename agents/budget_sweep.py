@@ -213,7 +213,7 @@ def family_oracle_choice(calibration: Calibration, test: ConfigTable, test_famil
     if missing:
         raise ValueError(f"policy 'family-oracle': the calibration set has no question of family {missing}; "
                          f"pass a larger --calibration_samples")
-    by_name, choose, p95 = _calibration_tables(calibration, knob_space)
+    by_name, choose, p95 = calibration_tables(calibration, knob_space)
     shares = family_shares(test_families)
     # read on the configurations the test samples ran: all of them, or with the calibration measured first
     # (evaluate.py --calibration_phase first) the ones the choices can need (calibrated_choices)
@@ -230,7 +230,7 @@ def family_shares(families: Sequence) -> dict:
     return {f: sum(g == f for g in families) / len(families) for f in sorted(set(families))}
 
 
-def _calibration_tables(calibration: Calibration, knob_space: KnobSpace) -> tuple[dict, dict, dict]:
+def calibration_tables(calibration: Calibration, knob_space: KnobSpace) -> tuple[dict, dict, dict]:
     """The calibration's static configurations by name, their accuracy per family and their p95 latency."""
     cols = static_columns(calibration.table, knob_space)
     by_name = {calibration.table.configs[j].name: calibration.table.configs[j] for j in cols}
@@ -247,7 +247,7 @@ def calibrated_choices(calibration: Calibration, test_families: Sequence | None,
     chosen = {lookup_select(calibrated_profile(calibration, knob_space), b, "p95")[0] for b in budgets}
     if test_families is None or calibration.families is None:
         return chosen
-    by_name, choose, p95 = _calibration_tables(calibration, knob_space)
+    by_name, choose, p95 = calibration_tables(calibration, knob_space)
     for b in budgets:
         picked = headroom_choices(choose, p95, family_shares(test_families), b)
         names = [min(p95, key=p95.get)] if picked is None else [picked[0], *picked[1].values()]

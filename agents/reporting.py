@@ -216,17 +216,16 @@ def _figure(width: float = 6.4, height: float = 4.2):
 
 def _metric_figure(rows, key: str, ylabel: str, title: str):
     """One line per policy; a group of several controllers evaluated alike (controller_groups: seeds)
-    is one line of their mean, each seed thin in its colour, so that six seeds stay readable."""
-    import statistics
-
+    is one line of their mean (controller_spread), each seed thin in its colour, so that six seeds stay
+    readable. key: one of SPREAD_METRICS."""
     fig, ax = _figure()
     by = _by_policy(rows)
-    groups = {g: m for g, m in controller_groups([p for p in by if is_controller(p)]).items() if len(m) >= 2}
+    controllers = [p for p in by if is_controller(p)]
+    groups = {g: m for g, m in controller_groups(controllers).items() if len(m) >= 2}
+    spread = controller_spread(rows, controllers) or []
     for group, members in groups.items():
-        budgets = [r["budget_ms"] for r in by[members[0]]]
-        value = {(p, r["budget_ms"]): r[key] for p in members for r in by[p]}
-        mean = [statistics.fmean(value[p, b] for p in members if (p, b) in value) for b in budgets]
-        (line,) = ax.plot(budgets, mean, label=f"{group} (mean of {len(members)})", **_style(members[0]))
+        mean = sorted((r["budget_ms"], r[key]) for r in spread if r["group"] == group)
+        (line,) = ax.plot(*zip(*mean), label=f"{group} (mean of {len(members)})", **_style(members[0]))
         for p in members:
             ax.plot([r["budget_ms"] for r in by[p]], [r[key] for r in by[p]], color=line.get_color(),
                     linewidth=0.8, alpha=0.35)
@@ -336,6 +335,18 @@ def controller_groups(controllers: Sequence[str]) -> dict[str, list[str]]:
         variant = name.partition("@")[2]
         groups.setdefault(f"controllers@{variant}" if variant else "controllers", []).append(name)
     return groups
+
+
+def controller_spread(rows, controllers: list[str]) -> list[dict] | None:
+    """Per group of several controller policies (seeds; controller_groups): mean and
+    standard deviation over them of accuracy and violation rate per budget (seed_spread),
+    each row naming its group; None without such a group."""
+    groups = {g: members for g, members in controller_groups(controllers).items() if len(members) >= 2}
+    if not groups:
+        return None
+    spread = seed_spread({g: [{"rows": [{**r, "policy": "controller"} for r in rows if r["policy"] == name]}
+                              for name in members] for g, members in groups.items()})
+    return [{"group": g, **row} for g, group_rows in spread.items() for row in group_rows]
 
 
 def paired_difference(rows: Sequence[Mapping], policies: Sequence[str], baseline: str | Sequence[str]) -> dict:

@@ -122,7 +122,7 @@ from agents.cli import user_input
 from agents.config import apply_overrides, config_from_dict
 from agents.factory import (check_latency_shield, controller_time_scale, make_backend_from_config, make_env,
                             make_latency_shield, make_lookup_profile, measure_profile_drift)
-from agents.reporting import controller_groups, paired_comparisons, seed_spread, write_outputs
+from agents.reporting import controller_spread, paired_comparisons, write_outputs
 from agents.sweep_schedule import EnvPolicy, run_interleaved
 from envs.backends.base import check_split
 from envs.machine import machine_info
@@ -380,7 +380,7 @@ def _run(args, log) -> dict:
     if any(s.needs_profile for s in specs):
         profile, profile_info = resolve_profile(args, backend, ks, log)
 
-    calibration, machine_now, first_pass_table, first_pass_seconds = None, None, None, None
+    calibration, machine_now, first_pass_table = None, None, None
     lo, hi = backend.budget_range_ms
     budget_source = "given" if args.budgets is not None else f"{args.num_budgets} evenly over the training range"
     if first_pass and (calibration_samples is not None or latency_reference == "calibration"):
@@ -391,7 +391,7 @@ def _run(args, log) -> dict:
         table = measure_config_table(backend, calibration_samples, calibration_index, all_static_configs(ks),
                                      warmup=args.warmup, seed=cfg.train.seed, progress=log)
         calibration = Calibration(table, families_of(calibration_samples, table.sample_index.tolist()))
-        first_pass_table, first_pass_seconds = table, round(table.seconds, 2)
+        first_pass_table = table
     if latency_reference == "calibration":
         # This machine now, as the calibration measured it: the training range by the profile runner's rule
         # and the controllers' table, so that a budget asks the same of every policy however the machine drifted.
@@ -534,7 +534,8 @@ def _run(args, log) -> dict:
                                                      if args.calibration_phase == "two-pass" else None)},
         "oracle_configs": ([c.name for c in configs if c.insertion == min(ks.insertion_positions)]
                            if any(s.kind == "oracle" for s in specs) else None),
-        "timings_s": {"interleaved_run": run.schedule["seconds"], "calibration_first_pass": first_pass_seconds},
+        "timings_s": {"interleaved_run": run.schedule["seconds"],
+                      "calibration_first_pass": None if first_pass_table is None else round(first_pass_table.seconds, 2)},
         "warnings": warnings,
         "backend": backend.describe(),
         "reward_weights": weights.to_dict(),
@@ -606,18 +607,6 @@ def structural_headroom(rows, controllers: list[str]) -> list[dict]:
                 entry[f"{name}_share_of_headroom"] = gain / entry["headroom"] if entry["headroom"] > 0 else None
         out.append(entry)
     return out
-
-
-def controller_spread(rows, controllers: list[str]) -> list[dict] | None:
-    """Per group of several controller policies (seeds; agents.reporting.controller_groups): mean and
-    standard deviation over them of accuracy and violation rate per budget (agents.reporting.seed_spread),
-    each row naming its group; None without such a group."""
-    groups = {g: members for g, members in controller_groups(controllers).items() if len(members) >= 2}
-    if not groups:
-        return None
-    spread = seed_spread({g: [{"rows": [{**r, "policy": "controller"} for r in rows if r["policy"] == name]}
-                              for name in members] for g, members in groups.items()})
-    return [{"group": g, **row} for g, group_rows in spread.items() for row in group_rows]
 
 
 def _print_table(rows, title: str) -> None:

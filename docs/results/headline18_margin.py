@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from agents.baselines import StaticChoice, lookup_select
-from agents.budget_sweep import Calibration, ConfigTable, _calibration_tables, calibrated_profile
+from agents.budget_sweep import Calibration, ConfigTable, calibration_tables, calibrated_profile
 from envs.headroom import headroom_choices
 from envs.knobs import KnobSpace
 
@@ -38,7 +38,7 @@ rows = torch.arange(len(families))
 for q in (0.90, 0.95, 0.97, 0.98, 0.99):
     quantile = {c.name: float(torch.quantile(calibration.table.latency[:, j], q)) for j, c in enumerate(calibration.table.configs)}
     profile = [replace(e, latency_p95_ms=quantile[e.config.name]) for e in calibrated_profile(calibration, ks)]
-    by_name, choose, _ = _calibration_tables(calibration, ks)
+    by_name, choose, _ = calibration_tables(calibration, ks)
     lc, fo = [], []
     for b in budgets:
         j = test.column(lookup_select(profile, b, "p95")[0])
