@@ -105,7 +105,7 @@ def answer_request(run: str | Path, image: str | Path | Image.Image, question: s
     env = make_env(cfg, backend, "test", 1, 1, samples=[sample], shield=shield)
     reset = reset_to(1, sample_index=[0], budget_ms=[float(budget_ms)])
     for _ in range(int(warmup) + 1):
-        actor.time_scale = following_time_scale(time_scale, shield)  # as evaluate.py --time_rescale on
+        actor.time_scale = following_time_scale(time_scale, shield, float(budget_ms))  # as evaluate.py --time_rescale on
         trajectory = collect_rollouts(env, actor, reset.clone(), greedy=True)
     result = env.last_results[0]
     info = trajectory["next", "episode"][0, 1]

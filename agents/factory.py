@@ -190,11 +190,13 @@ SHIELD_CONTROLLER_SAMPLES = 32
 
 
 def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, float] | None = None,
-                        table: Sequence[ProfileEntry] | None = None) -> LatencyShield | None:
+                        table: Sequence[ProfileEntry] | None = None, violation_target: float | None = None,
+                        budget_edges_ms: Sequence[float] = ()) -> LatencyShield | None:
     """policy.latency_shield's shield (envs/shield.py), None when off: `table` (this machine's latency
     measured now, e.g. evaluate.py's calibration set), else the lookup profile rescaled by
     latency_scales (measure_profile_drift, this machine now), plus the p95 of `actor`'s own time for
-    both stages, measured here on SHIELD_CONTROLLER_SAMPLES training requests."""
+    both stages, measured here on SHIELD_CONTROLLER_SAMPLES training requests; with violation_target,
+    a margin per budget bin (budget_edges_ms) that steers each bin's violation rate to it."""
     if not check_latency_shield(cfg):
         return None
     entries = list(table) if table is not None else make_lookup_profile(backend)
@@ -204,7 +206,8 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
     lowest = torch.zeros(env.batch_size[0], dtype=torch.long)  # the cheapest tier and p: the controller's own time
     controller_ms = measure_controller_ms(actor, env, env.reset(), lowest, lowest)
     return shield_from_profile(add_controller_time(entries, controller_ms), backend.knob_space,
-                               tracking_rate=check_shield_tracking(cfg), quantile=check_shield_quantile(cfg))
+                               tracking_rate=check_shield_tracking(cfg), quantile=check_shield_quantile(cfg),
+                               violation_target=violation_target, budget_edges_ms=budget_edges_ms)
 
 
 def _boolean_setting(field: str, value) -> bool:
@@ -248,9 +251,10 @@ def check_best_margin(cfg: Config) -> float:
                                "a finite number of standard errors >= 0 (0: any validation gain replaces best.pt)")
 
 
-def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace,
-                        tracking_rate: float = 0.0, quantile: float = 0.95) -> LatencyShield:
-    """The shield over the profile's p95 latencies at its smallest insertion (plans it lacks: not timed)."""
+def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace, tracking_rate: float = 0.0,
+                        quantile: float = 0.95, **margin) -> LatencyShield:
+    """The shield over the profile's p95 latencies at its smallest insertion (plans it lacks: not
+    timed); `margin`: LatencyShield's violation_target, violation_rate and budget_edges_ms."""
     p = min(e.config.insertion for e in entries)
     table = torch.full((len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values)),
                        float("inf"), dtype=torch.float64)
@@ -258,7 +262,7 @@ def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace,
         if e.config.insertion == p:
             i = e.config.indices(knob_space)
             table[i["tier"], i["top_k"], i["num_blocks"]] = e.latency_p95_ms
-    return LatencyShield(knob_space, table, knob_space.insertion_positions.index(p), tracking_rate, quantile)
+    return LatencyShield(knob_space, table, knob_space.insertion_positions.index(p), tracking_rate, quantile, **margin)
 
 
 def make_loss(cfg: Config, actor) -> JointGRPOLoss:

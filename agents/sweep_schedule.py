@@ -50,12 +50,12 @@ class EnvPolicy:
     # A controller's time scale at start-up (agents.factory.controller_time_scale), None: left as it is.
     time_scale: float | None = None
 
-    def prepare(self, env) -> None:
-        """Before an episode: the env passes this policy's shield; its time scale follows the shield
-        (envs.shield.following_time_scale)."""
+    def prepare(self, env, budget_ms: float) -> None:
+        """Before an episode at `budget_ms`: the env passes this policy's shield; its time scale follows
+        the shield (envs.shield.following_time_scale)."""
         env.shield = self.shield
         if self.time_scale is not None:
-            self.policy.time_scale = following_time_scale(self.time_scale, self.shield)
+            self.policy.time_scale = following_time_scale(self.time_scale, self.shield, budget_ms)
 
 
 @dataclass
@@ -108,7 +108,7 @@ def run_interleaved(
                 if r in skipped_test:
                     continue
                 p, b = what
-                env_policies[p].prepare(env)
+                env_policies[p].prepare(env, budgets[b])
                 ep = run_episodes(env, env_policies[p].policy, torch.tensor([i]), torch.tensor([budgets[b]]),
                                   greedy=env_policies[p].greedy)
                 if bool(ep["substituted"].any()):  # the env met an unreadable image and ran another sample
@@ -169,7 +169,7 @@ def _warm_up(backend, samples, index, configs, budgets, env, env_policies, round
         except ImageLoadError:
             continue
         for e in env_policies:
-            e.prepare(env)
+            e.prepare(env, budgets[0])
             run_episodes(env, e.policy, torch.tensor([i]), torch.tensor([budgets[0]]), greedy=e.greedy)
         return
 

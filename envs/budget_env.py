@@ -351,9 +351,9 @@ class BudgetVLMEnv(EnvBase):
         controller_ms = stage1_ms + stage2_ms
         t = result.timings_ms
         latency = t["preprocess"] + t["vision"] + t["prefill"] + t["decode"] + controller_ms
-        if self.shield is not None:  # a tracking shield's table follows what ran (envs/shield.py)
-            self.shield.observe(int(self._tier_index[row]), k_index, n_index, float(latency))
         budget = float(self._budget[row])
+        if self.shield is not None:  # a tracking shield's table and margins follow what ran (envs/shield.py)
+            self.shield.observe(int(self._tier_index[row]), k_index, n_index, float(latency), budget)
         complexity = ks.complexity(int(self._tier_index[row]), top_k, num_blocks)
         reward = compute_reward(
             torch.tensor(result.accuracy), torch.tensor(latency), torch.tensor(budget),

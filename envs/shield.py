@@ -29,6 +29,18 @@ missed by about a third on a machine whose tail grew during an 88-minute evaluat
 the controllers violated 5.5-6.8% at the budget above the lowest (RESULTS 0-s16). A higher q buys a
 margin with accuracy: in one run on the same checkpoints, q 0.98 cost 2.1 +- 0.3 accuracy points against
 q 0.95 and saved 0.9 +- 0.2 points of violations (1.1% vs 2.0% on average; RESULTS 0).
+
+A quantile of each tier's latency is not the rate at which budgets are exceeded: that depends on how
+close the executed plans sit to their budgets, which differs per budget (behind q 0.95 the controllers
+violated 7.3% at the lowest budget and 0.6-1.0% at the three highest, RESULTS 0). With
+violation_target set, the shield also keeps one margin per budget bin and steers the bin's violation
+rate itself, by adaptive conformal inference (Gibbs & Candes, 2021, "Adaptive conformal inference
+under distribution shift"): a plan fits a budget when table x tier scale x the bin's margin <= budget,
+and after each episode of the bin margin <- margin x exp(violation_rate * (violated - target)), within
+[MARGIN_MIN, MARGIN_MAX]. Over T episodes of a bin its violation rate is then within (log of the
+margin range + rate) / (rate x T) of the target, unless the margin sits at a bound (a budget no plan
+meets at the target). A controller reads its budgets divided by the margin too
+(following_time_scale), so it picks among the plans the shield now lets through.
 """
 from __future__ import annotations
 
@@ -39,12 +51,19 @@ import torch
 from envs.knobs import KnobSpace
 
 
+# The per-bin margin's range (module doc): below 0.8 a plan's table time is no longer a useful guide.
+MARGIN_MIN, MARGIN_MAX = 0.8, 1.5
+
+
 class LatencyShield:
     """p95_ms: (tiers, top-k values, block counts) p95 latency of each plan at the table's insertion
-    (inf: not timed), in the knob space's index order; insertion_index: that insertion's index."""
+    (inf: not timed), in the knob space's index order; insertion_index: that insertion's index;
+    violation_target (None: off), violation_rate and budget_edges_ms (the increasing interior edges of
+    the budget bins, () for one bin): the per-bin margin (module doc)."""
 
     def __init__(self, knob_space: KnobSpace, p95_ms: torch.Tensor, insertion_index: int = 0,
-                 tracking_rate: float = 0.0, quantile: float = 0.95):
+                 tracking_rate: float = 0.0, quantile: float = 0.95, violation_target: float | None = None,
+                 violation_rate: float = 0.1, budget_edges_ms=()):
         shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
         p95_ms = torch.as_tensor(p95_ms, dtype=torch.float64)
         if tuple(p95_ms.shape) != shape:
@@ -61,6 +80,18 @@ class LatencyShield:
         if not (math.isfinite(float(tracking_rate)) and float(tracking_rate) >= 0):
             raise ValueError(f"latency shield tracking_rate={tracking_rate}: expected a finite rate >= 0 "
                              f"(0: a fixed table)")
+        if violation_target is not None:
+            check_violation_target(violation_target, "latency shield violation_target")
+        if isinstance(violation_rate, bool) or not isinstance(violation_rate, (int, float)) or not (
+                math.isfinite(violation_rate) and violation_rate > 0):
+            raise ValueError(f"latency shield violation_rate={violation_rate!r}: expected a finite rate > 0")
+        edges = [float(e) for e in budget_edges_ms]
+        if not all(math.isfinite(e) for e in edges) or any(a >= b for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"latency shield budget_edges_ms={edges}: expected finite, strictly increasing edges")
+        self.violation_target = None if violation_target is None else float(violation_target)
+        self.violation_rate = float(violation_rate)
+        self.budget_edges_ms = torch.tensor(edges, dtype=torch.float64)
+        self.margin = torch.ones(len(edges) + 1, dtype=torch.float64)  # per budget bin, moved when violation_target is set
         self.knob_space = knob_space
         self.quantile = check_quantile(quantile, "latency shield quantile")
         self.tracking_rate = float(tracking_rate)
@@ -68,15 +99,23 @@ class LatencyShield:
         self.p95_ms = p95_ms
         self.insertion_index = int(insertion_index)
 
+    def budget_bin(self, budget_ms: float) -> int:
+        """The index of the budget bin `budget_ms` falls in (budgets outside the edges: the end bins)."""
+        return int(torch.bucketize(torch.tensor(float(budget_ms), dtype=torch.float64), self.budget_edges_ms, right=True))
+
+    def budget_margin(self, budget_ms: float) -> float:
+        """The factor on the table at this budget: its bin's margin (1 with violation_target off)."""
+        return float(self.margin[self.budget_bin(budget_ms)])
+
     def stage1(self, tier: int, insertion: int, budget_ms: float) -> tuple[int, int]:
         """(tier index, insertion index) to execute for the chosen ones (module doc)."""
-        cheapest = self.p95_ms.flatten(1).min(1).values * self.scale
+        cheapest = self.p95_ms.flatten(1).min(1).values * self.scale * self.budget_margin(budget_ms)
         fitting = [t for t in range(int(tier) + 1) if float(cheapest[t]) <= budget_ms]
         return (fitting[-1] if fitting else int(cheapest.argmin())), self.insertion_index
 
     def stage2(self, tier: int, top_k: int, num_blocks: int, budget_ms: float) -> tuple[int, int]:
         """(top-k index, blocks index) to execute at `tier` for the chosen ones (module doc)."""
-        table = self.p95_ms[int(tier)] * self.scale[int(tier)]
+        table = self.p95_ms[int(tier)] * self.scale[int(tier)] * self.budget_margin(budget_ms)
         if float(table[top_k, num_blocks]) <= budget_ms:
             return int(top_k), int(num_blocks)
         below = table[: top_k + 1, : num_blocks + 1]
@@ -87,10 +126,18 @@ class LatencyShield:
             below, flat = table, int(table.flatten().argmin())
         return divmod(flat, below.shape[1])
 
-    def observe(self, tier: int, top_k: int, num_blocks: int, latency_ms: float) -> None:
-        """An executed episode's measured latency: moves its tier's scale (module doc)."""
+    def observe(self, tier: int, top_k: int, num_blocks: int, latency_ms: float, budget_ms: float) -> None:
+        """An executed episode's measured latency at its budget: moves its tier's scale and its budget
+        bin's margin (module doc)."""
+        if not math.isfinite(float(latency_ms)):
+            return
+        if self.violation_target is not None:
+            b = self.budget_bin(budget_ms)
+            violated = float(float(latency_ms) > float(budget_ms))
+            step = math.exp(self.violation_rate * (violated - self.violation_target))
+            self.margin[b] = min(max(float(self.margin[b]) * step, MARGIN_MIN), MARGIN_MAX)
         predicted = float(self.p95_ms[tier, top_k, num_blocks] * self.scale[tier])
-        if self.tracking_rate == 0 or not math.isfinite(predicted) or not math.isfinite(float(latency_ms)):
+        if self.tracking_rate == 0 or not math.isfinite(predicted):
             return
         exceeded = float(float(latency_ms) > predicted)
         self.scale[tier] *= math.exp(self.tracking_rate * (exceeded - (1.0 - self.quantile)))
@@ -102,7 +149,9 @@ class LatencyShield:
 
     def state_dict(self) -> dict:
         return {"p95_ms": self.p95_ms.tolist(), "insertion_index": self.insertion_index,
-                "tracking_rate": self.tracking_rate, "quantile": self.quantile, "scale": self.scale.tolist()}
+                "tracking_rate": self.tracking_rate, "quantile": self.quantile, "scale": self.scale.tolist(),
+                "violation_target": self.violation_target, "violation_rate": self.violation_rate,
+                "budget_edges_ms": self.budget_edges_ms.tolist(), "margin": self.margin.tolist()}
 
 
 def check_quantile(value, field: str) -> float:
@@ -113,8 +162,19 @@ def check_quantile(value, field: str) -> float:
     return float(value)
 
 
-def following_time_scale(start_up: float, shield: LatencyShield | None) -> float:
+def check_violation_target(value, field: str) -> float:
+    """A violation-rate target as a float, or a ValueError naming `field` when it is not a number in (0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{field}={value!r}: expected a number in (0, 1), e.g. 0.015 (the fraction of a budget "
+                         f"bin's episodes the shield lets exceed their budget)")
+    return float(value)
+
+
+def following_time_scale(start_up: float, shield: LatencyShield | None, budget_ms: float | None = None) -> float:
     """A controller's time_scale before an episode: its start-up scale (this machine's latency over its
-    training run's) times its shield's tracked mean_scale, so that the plan it picks is one the table
-    the shield now holds lets through (evaluate.py --time_rescale on, answer.py)."""
-    return start_up * (shield.mean_scale() if shield is not None else 1.0)
+    training run's) times its shield's tracked mean_scale and, at `budget_ms`, the shield's margin for
+    it, so that the plan it picks is one the table the shield now holds lets through (evaluate.py
+    --time_rescale on, answer.py)."""
+    if shield is None:
+        return start_up
+    return start_up * shield.mean_scale() * (shield.budget_margin(budget_ms) if budget_ms is not None else 1.0)

@@ -12,8 +12,9 @@ family-oracle is left out when the samples carry no question family):
                               (e.g. the seeds of one config) one policy per checkpoint,
                               controller:<run dir name>, all in the same run, and meta.controller_spread
                               gives their mean and standard deviation per budget; with several
-                              --latency_shield_quantile values, every checkpoint behind each
-                              (controller:<run>@q<Q>), grouped per Q, each group paired against the first
+                              --latency_shield_quantile or --latency_shield_violation_target values,
+                              every checkpoint behind each shield (controller:<run>@q<Q>, @v<T> / @voff,
+                              @q<Q>+v<T> for both), grouped per shield, each group paired against the first
   static:<tier>,<top_k>,<N>   one fixed configuration (insertion = the smallest p)
   lookup-calibrated           per budget, the configuration with the best accuracy on the calibration
                               set (the first M samples of --calibration_split, disjoint from the test
@@ -128,7 +129,7 @@ from envs.backends.base import check_split
 from envs.machine import machine_info
 from envs.profiling import BUDGET_RANGE_RULE, budget_range
 from envs.reward import RewardWeights
-from envs.shield import check_quantile
+from envs.shield import check_quantile, check_violation_target
 
 PROFILE_SOURCES = ("auto", "results_dir", "closed_form", "val")
 CALIBRATION_PHASES = ("interleaved", "first", "two-pass")
@@ -184,6 +185,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(envs/shield.py; 0.98: a plan at a budget's edge violates about 2%%; default: each "
                         "run's policy setting); several: every checkpoint behind each, in the same run, as "
                         "controller:<run>@q<Q>, grouped per Q and compared paired against the first")
+    p.add_argument("--latency_shield_violation_target", nargs="+",
+                   help="off (default) or a violation rate in (0, 1), e.g. 0.015: each shield also keeps a margin "
+                        "per evaluated budget that steers the rate at which that budget is exceeded to the target "
+                        "(envs/shield.py, adaptive conformal inference), and the controller reads its budget divided "
+                        "by it; several: every checkpoint behind each (controller:<run>@v<T>, @voff), as for "
+                        "--latency_shield_quantile (both several: every pair)")
     p.add_argument("--time_rescale", choices=("on", "off"), default="on",
                    help="on (default): each controller reads budgets and times in its training machine's units, "
                         "divided by this machine's latency over the training run's at its start (measured here at "
@@ -323,6 +330,13 @@ def _run(args, log) -> dict:
         raise ValueError(f"--latency_shield_quantile={quantiles}: a value given twice; expected distinct quantiles")
     if len(quantiles) > 1 and args.latency_shield == "off":
         raise ValueError(f"--latency_shield_quantile={quantiles} compares shields, but --latency_shield is off")
+    targets = [_violation_target(t) for t in args.latency_shield_violation_target or ()]
+    if len(set(targets)) < len(targets):
+        raise ValueError(f"--latency_shield_violation_target={args.latency_shield_violation_target}: a value given "
+                         f"twice; expected distinct targets")
+    if any(t is not None for t in targets) and args.latency_shield == "off":
+        raise ValueError(f"--latency_shield_violation_target={args.latency_shield_violation_target} sets the "
+                         f"shields' margins, but --latency_shield is off")
     split = check_split(args.split, "--split")
     calibration_split = check_split(args.calibration_split, "--calibration_split")
     if calibration_split == split:
@@ -335,8 +349,10 @@ def _run(args, log) -> dict:
         raise ValueError(f"--latency_reference calibration needs --calibration_phase first or two-pass (got "
                          f"{args.calibration_phase!r}): the calibration must be measured before anything it sets")
 
-    ckpts = controller_checkpoints(args.checkpoint, [f"q{q:g}" for q in quantiles] if len(quantiles) > 1 else None)
-    quantile_of = dict(zip(ckpts, quantiles * len(args.checkpoint))) if len(quantiles) > 1 else {}
+    variants = shield_variants(quantiles, targets)
+    ckpts = controller_checkpoints(args.checkpoint, [label for label, _, _ in variants] if len(variants) > 1 else None)
+    variant_of = (dict(zip(ckpts, variants * len(args.checkpoint))) if len(variants) > 1
+                  else dict.fromkeys(ckpts, variants[0]))
     ckpt = next(iter(ckpts.values()))
     cfg = resolve_config(args, ckpt)
     from envs.machine import resolve_device
@@ -431,9 +447,10 @@ def _run(args, log) -> dict:
                    ) if spec.kind == "controller" else None  # the controller's run's config
             rescale = spec.kind == "controller" and args.time_rescale == "on" and ckpts[spec.name].get("latency_scales")
             shielded = own is not None and _shield_on(args, own)
-            if spec.name in quantile_of and not shielded:
-                raise ValueError(f"--latency_shield_quantile={quantiles} compares shields, but {spec.name}'s run has "
-                                 f"policy.latency_shield off: pass --latency_shield on")
+            label, quantile, target = variant_of.get(spec.name, (None, None, None))
+            if (len(variants) > 1 or target is not None) and spec.kind == "controller" and not shielded:
+                raise ValueError(f"--latency_shield_quantile / --latency_shield_violation_target set {spec.name}'s "
+                                 f"shield, but its run has policy.latency_shield off: pass --latency_shield on")
             if drift is None and (rescale or shielded):
                 # this machine now, in the form the training run measured it at its start
                 drift = (latency_scales_between(make_lookup_profile(backend), machine_now) if machine_now is not None
@@ -445,11 +462,12 @@ def _run(args, log) -> dict:
             if shielded:
                 tracking = (own.policy.latency_shield_tracking if args.latency_shield_tracking is None
                             else args.latency_shield_tracking)
-                quantile = quantile_of.get(spec.name, quantiles[0] if quantiles else own.policy.latency_shield_quantile)
+                quantile = own.policy.latency_shield_quantile if quantile is None else quantile
                 shields[spec.name] = make_latency_shield(
                     apply_overrides(cfg, {"policy.latency_shield": True, "policy.latency_shield_tracking": tracking,
                                           "policy.latency_shield_quantile": quantile}),
-                    backend, policy, drift, table=machine_now)
+                    backend, policy, drift, table=machine_now, violation_target=target,
+                    budget_edges_ms=budget_bin_edges(budgets))
             env_policies.append(EnvPolicy(spec.name, policy, greedy, shields.get(spec.name), time_scales.get(spec.name)))
     log(f"interleaved run: {n} {split} samples x ({len(configs)} static configurations + {len(env_policies)} env "
         f"policies x {len(budgets)} budgets) + {len(calibration_index)} {calibration_split} calibration samples x "
@@ -511,10 +529,12 @@ def _run(args, log) -> dict:
                                   "after_the_run": {e.name: e.policy.time_scale for e in env_policies
                                                     if e.time_scale is not None},
                                   "rule": "this machine's latency over the training run's at its start (geometric "
-                                          "mean over tiers) times the shield's tracked mean scale before each "
-                                          "episode; each controller reads budgets and times divided by it"},
+                                          "mean over tiers) times the shield's tracked mean scale (and its margin at "
+                                          "the episode's budget) before each episode; each controller reads budgets "
+                                          "and times divided by it"},
         "latency_shield": {"setting": args.latency_shield, "latency_scales": drift,
                            "quantiles": {name: s.quantile for name, s in shields.items()},
+                           "violation_targets": {name: s.violation_target for name, s in shields.items()},
                            "tables": {name: s.state_dict() for name, s in shields.items()},  # after the run
                            "insertion_positions": list(ks.insertion_positions)},
         "interleaving": run.schedule,
@@ -579,6 +599,33 @@ def _env_policy(spec, ckpt, cfg, backend) -> tuple:
         actor.eval()
         return actor, True
     return RandomPolicy(backend.knob_space, backend.d_model, seed=cfg.train.seed), False
+
+
+def _violation_target(value: str) -> float | None:
+    """One --latency_shield_violation_target value: None for off, else the target rate."""
+    if value == "off":
+        return None
+    try:
+        target = float(value)
+    except ValueError:
+        target = value
+    return check_violation_target(target, "--latency_shield_violation_target")
+
+
+def shield_variants(quantiles: list[float], targets: list[float | None]) -> list[tuple[str, float | None, float | None]]:
+    """(label, quantile, violation target) of every shield the checkpoints run behind: each pair of the
+    given values (None: the run's quantile / no margin); a label names the settings given several values."""
+    def label(q, t) -> str:
+        parts = [f"q{q:g}"] if len(quantiles) > 1 else []
+        parts += [f"v{t:g}" if t is not None else "voff"] if len(targets) > 1 else []
+        return "+".join(parts)
+    return [(label(q, t), q, t) for q in (quantiles or [None]) for t in (targets or [None])]
+
+
+def budget_bin_edges(budgets: list[float]) -> list[float]:
+    """The shields' budget bins: one per evaluated budget, split halfway between neighbours."""
+    values = sorted(set(budgets))
+    return [(a + b) / 2 for a, b in zip(values, values[1:])]
 
 
 def _shield_on(args, own_cfg) -> bool:

@@ -355,3 +355,28 @@ def test_several_shield_quantiles_put_the_same_checkpoints_behind_each_in_one_ru
     assert "policy.latency_shield off: pass --latency_shield on" in _error(
         evaluate_main, *base, "--latency_shield_quantile", "0.9", "0.95")
     assert not (tmp_path / "bad" / "eval.json").exists()
+
+
+def test_violation_targets_put_the_checkpoint_behind_a_margin_per_budget(run_dir, tmp_path, evaluate_main):
+    result = evaluate_main(["--checkpoint", str(run_dir), "--output_dir", str(tmp_path / "v"), "--num_samples", "6",
+                            "--budgets", "60", "100", "140", "--policies", "controller", "--latency_shield", "on",
+                            "--latency_shield_violation_target", "off", "0.05"])
+    meta = result["meta"]["latency_shield"]
+    names = ["controller:run@voff", "controller:run@v0.05"]
+    assert result["meta"]["policies"] == names and meta["violation_targets"] == dict(zip(names, [None, 0.05]))
+    off, on = (meta["tables"][n] for n in names)
+    assert on["budget_edges_ms"] == [80.0, 120.0] and len(on["margin"]) == 3
+    assert off["margin"] == [1.0, 1.0, 1.0] and on["margin"] != [1.0, 1.0, 1.0]  # 6 episodes per budget moved them
+    between = result["meta"]["paired_differences"]["controllers@v0.05 - controllers@voff"]
+    assert between["policies"] == names[1:] and between["baseline"] == names[:1]
+    base = ["--checkpoint", run_dir, "--output_dir", tmp_path / "bad", "--num_samples", "2"]
+    assert "--latency_shield_violation_target='often': expected a number in (0, 1)" in _error(
+        evaluate_main, *base, "--latency_shield", "on", "--latency_shield_violation_target", "often")
+    assert "--latency_shield_violation_target=1.5: expected a number in (0, 1)" in _error(
+        evaluate_main, *base, "--latency_shield", "on", "--latency_shield_violation_target", "1.5")
+    assert "a value given twice" in _error(evaluate_main, *base, "--latency_shield_violation_target", "off", "off")
+    assert "--latency_shield is off" in _error(evaluate_main, *base, "--latency_shield", "off",
+                                               "--latency_shield_violation_target", "0.02")
+    assert "policy.latency_shield off: pass --latency_shield on" in _error(
+        evaluate_main, *base, "--latency_shield_violation_target", "0.02")
+    assert not (tmp_path / "bad" / "eval.json").exists()

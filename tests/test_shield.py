@@ -180,11 +180,11 @@ def test_a_tracking_shield_learns_the_machines_p95_from_what_ran():
     g = torch.Generator().manual_seed(0)
     # the machine now runs 1.3x the table with 10% noise: its p95 sits near 1.3 * 1.16 x the table
     for _ in range(4000):
-        s.observe(1, 1, 1, float(30.0 * 1.3 * torch.exp(0.1 * torch.randn((), generator=g))))
+        s.observe(1, 1, 1, float(30.0 * 1.3 * torch.exp(0.1 * torch.randn((), generator=g))), 100.0)
     assert 1.35 < float(s.scale[1]) < 1.7 and float(s.scale[0]) == 1.0  # only the observed tier moves
     assert s.stage2(1, 1, 1, 31.0) != (1, 1)  # 30 ms no longer fits 31 ms
     fixed = _shield()
-    fixed.observe(1, 1, 1, 1000.0)
+    fixed.observe(1, 1, 1, 1000.0, 100.0)
     assert float(fixed.scale[1]) == 1.0 and fixed.state_dict()["tracking_rate"] == 0.0
 
 
@@ -197,7 +197,7 @@ def test_a_tracking_shields_table_is_exceeded_by_one_minus_its_quantile(quantile
     for i, x in enumerate(draws.tolist()):
         if i >= 10000:  # past the transient: would this episode have exceeded the table it ran under?
             exceeded.append(x > float(s.p95_ms[1, 1, 1] * s.scale[1]))
-        s.observe(1, 1, 1, x)
+        s.observe(1, 1, 1, x, 100.0)
     rate = sum(exceeded) / len(exceeded)
     assert abs(rate - (1 - quantile)) < 0.01, rate
     assert s.state_dict()["quantile"] == quantile
@@ -252,3 +252,45 @@ def test_the_shields_pinned_insertion_is_left_out_of_the_loss_unless_asked_to_ke
     bad = {**shielded, "loss": {**TINY["loss"], "exclude_pinned_insertion": "no"}}
     with pytest.raises(ValueError, match=r"loss.exclude_pinned_insertion='no': expected true or false"):
         make_loss(config_from_dict(bad), actor)
+
+
+def _plan_at_the_edge(shield, budget, draws):
+    """Episodes of the largest plan the shield lets through at `budget` (high tier, so the edge is a
+    choice), each with a drawn ratio of its table time; -> the fraction that exceeded the budget."""
+    violated = []
+    for ratio in draws:
+        k, n = shield.stage2(1, 1, 1, budget)
+        latency = float(shield.p95_ms[1, k, n]) * ratio
+        violated.append(latency > budget)
+        shield.observe(1, k, n, latency, budget)
+    return sum(violated) / len(violated)
+
+
+def test_a_violation_target_steers_each_budget_bins_violation_rate_to_it():
+    g = torch.Generator().manual_seed(2)
+    draws = torch.exp(0.08 * torch.randn(6000, generator=g)).tolist()  # a plan's latency / its table time
+    budget = 30.5  # high/k8/N16 (30 ms) sits at the edge: half of its episodes exceed
+    fixed = _shield()
+    assert _plan_at_the_edge(fixed, budget, draws) > 0.3
+    steered = LatencyShield(KS, TABLE, 0, violation_target=0.02, budget_edges_ms=[25.0, 40.0])
+    rate = _plan_at_the_edge(steered, budget, draws)
+    assert abs(rate - 0.02) < 0.01, rate
+    assert steered.budget_bin(budget) == 1 and float(steered.margin[1]) > 1.0  # the margin moved the plan down
+    assert steered.margin[[0, 2]].tolist() == [1.0, 1.0]  # the other bins saw no episode
+    loose = LatencyShield(KS, TABLE, 0, violation_target=0.02, budget_edges_ms=[25.0, 40.0])
+    assert _plan_at_the_edge(loose, 45.0, draws[:500]) == 0.0  # far below its budget: the margin only falls
+    assert float(loose.margin[2]) == pytest.approx(max(math.exp(-0.1 * 0.02 * 500), 0.8))
+    state = steered.state_dict()
+    assert state["violation_target"] == 0.02 and state["budget_edges_ms"] == [25.0, 40.0] and len(state["margin"]) == 3
+
+
+def test_bad_margin_settings_fail_naming_the_field():
+    for target in (0.0, 1.0, float("nan"), "low", True):
+        with pytest.raises(ValueError, match=r"violation_target=.*expected a number in \(0, 1\)"):
+            LatencyShield(KS, TABLE, violation_target=target)
+    for rate in (0.0, -1.0, float("inf"), "fast"):
+        with pytest.raises(ValueError, match=r"violation_rate=.*expected a finite rate > 0"):
+            LatencyShield(KS, TABLE, violation_target=0.02, violation_rate=rate)
+    for edges in ([40.0, 25.0], [25.0, 25.0], [float("nan")]):
+        with pytest.raises(ValueError, match=r"budget_edges_ms=.*expected finite, strictly increasing edges"):
+            LatencyShield(KS, TABLE, violation_target=0.02, budget_edges_ms=edges)

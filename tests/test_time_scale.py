@@ -11,7 +11,7 @@ from agents.factory import controller_time_scale
 from agents.rollout import collect_rollouts
 from agents.sweep_schedule import EnvPolicy
 from envs import KnobSpace, make_env
-from envs.shield import LatencyShield
+from envs.shield import LatencyShield, following_time_scale
 from helpers import load_runner
 from policies import HierarchicalController
 from train_runs import tiny_config, train_main
@@ -90,11 +90,21 @@ def test_the_controllers_time_scale_follows_its_shields_tracked_scale():
     shield = LatencyShield(ks, torch.full((3, 5, 5), 50.0), tracking_rate=0.1)
     env = type("Env", (), {"shield": None})()
     policy = type("Policy", (), {"time_scale": 1.0})()
-    EnvPolicy("controller", policy, True, shield, time_scale=1.2).prepare(env)
+    EnvPolicy("controller", policy, True, shield, time_scale=1.2).prepare(env, 100.0)
     assert env.shield is shield and policy.time_scale == pytest.approx(1.2)
-    shield.observe(0, 0, 0, 80.0)  # over the scaled p95: the low tier's scale rises by exp(0.1 * 0.95)
+    shield.observe(0, 0, 0, 80.0, 100.0)  # over the scaled p95: the low tier's scale rises by exp(0.1 * 0.95)
     assert shield.mean_scale() == pytest.approx(math.exp(0.1 * 0.95 / 3))
-    EnvPolicy("controller", policy, True, shield, time_scale=1.2).prepare(env)
+    EnvPolicy("controller", policy, True, shield, time_scale=1.2).prepare(env, 100.0)
     assert policy.time_scale == pytest.approx(1.2 * math.exp(0.1 * 0.95 / 3))
-    EnvPolicy("random", policy, False, None).prepare(env)  # no time scale: left as it is
+    EnvPolicy("random", policy, False, None).prepare(env, 100.0)  # no time scale: left as it is
     assert env.shield is None and policy.time_scale == pytest.approx(1.2 * math.exp(0.1 * 0.95 / 3))
+
+
+def test_the_controller_reads_its_budget_divided_by_the_shields_margin_for_it():
+    shield = LatencyShield(KnobSpace(), torch.full((3, 5, 5), 50.0), violation_target=0.02, budget_edges_ms=[100.0])
+    shield.observe(0, 0, 0, 120.0, 110.0)  # a violation at 110 ms: that bin's margin rises by exp(0.1 * 0.98)
+    assert following_time_scale(1.2, shield, 110.0) == pytest.approx(1.2 * math.exp(0.1 * 0.98))
+    assert following_time_scale(1.2, shield, 90.0) == pytest.approx(1.2)  # the other bin's margin is 1
+    env, policy = type("Env", (), {"shield": None})(), type("Policy", (), {"time_scale": 1.0})()
+    EnvPolicy("controller", policy, True, shield, time_scale=1.2).prepare(env, 110.0)
+    assert policy.time_scale == pytest.approx(1.2 * math.exp(0.1 * 0.98))
