@@ -35,6 +35,7 @@ from tensordict import TensorDictBase
 from envs.budget_env import ACTION_HEADS
 from envs.knobs import KnobSpace
 from envs.profiling.latency_table import run_episode, total_ms
+from envs.shield import LatencyShield
 
 LOOKUP_MEAN_FACTOR = 1.05  # the original project's slack on the profiled mean latency
 PROFILE_FILE = "profile.json"
@@ -462,3 +463,17 @@ class RandomPolicy:
         td.set(("action", "budget_token"), torch.zeros(n, self.d_model, device=td.device))
         td.set(("action", "controller_ms"), torch.zeros(n, 1, device=td.device))
         return td
+
+
+def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace, tracking_rate: float = 0.0,
+                        quantile: float = 0.95, **margin) -> LatencyShield:
+    """The shield over the profile's p95 latencies at its smallest insertion (plans it lacks: not
+    timed); `margin`: LatencyShield's violation_target, violation_rate and budget_edges_ms."""
+    p = min(e.config.insertion for e in entries)
+    table = torch.full((len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values)),
+                       float("inf"), dtype=torch.float64)
+    for e in entries:
+        if e.config.insertion == p:
+            i = e.config.indices(knob_space)
+            table[i["tier"], i["top_k"], i["num_blocks"]] = e.latency_p95_ms
+    return LatencyShield(knob_space, table, knob_space.insertion_positions.index(p), tracking_rate, quantile, **margin)

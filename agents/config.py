@@ -33,7 +33,8 @@ class PolicyConfig:
     # request's measured elapsed / remaining time), "elapsed" (those times, no token)
     stage2_inputs: str = "token"
     # "lookup": before GRPO, both stages imitate the profile's lookup-p95 choice; "family_lookup": each
-    # question family's best fitting configuration on the val split (agents/warm_start.py)
+    # question family's best fitting configuration on the val split; "family_request": each family's one
+    # plan for all budgets, cut to the budget by the latency shield (agents/warm_start.py)
     warm_start: Optional[str] = None
     warm_start_samples: int = 256  # imitation requests (each runs up to the latency token, no decode)
     warm_start_steps: int = 300  # imitation minibatches of 64

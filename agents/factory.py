@@ -16,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from agents.baselines import (PROFILE_FILE, ProfileEntry, dummy_closed_form_profile, dummy_family_table,
                               load_profile, make_static, profile_latency_scales,
-                              rescale_profile, smooth_latencies)
+                              rescale_profile, shield_from_profile, smooth_latencies)
 from agents.checkpoint import actor_meta, build_actor
 from agents.config import Config
 from agents.constraint import ViolationMultiplier
@@ -75,9 +75,11 @@ def make_actor(cfg: Config, backend):
     return build_actor(meta, cfg.policy.fixed_controller_ms).to(cfg.train.device), meta
 
 
-WARM_STARTS = (None, "lookup", "family_lookup")
+WARM_STARTS = (None, "lookup", "family_lookup", "family_request")
 # The family_lookup warm start's accuracies: pretraining's eval.json beside the model, its val grid.
 FAMILY_TABLE_FILE, FAMILY_TABLE_SPLIT = "eval.json", "val"
+# family_request scores each request over this many budgets evenly over the training range (as the env draws them).
+REQUEST_BUDGETS = 32
 
 
 def make_lookup_profile(backend) -> list[ProfileEntry]:
@@ -93,7 +95,7 @@ def make_lookup_profile(backend) -> list[ProfileEntry]:
 
 
 def make_family_table(backend) -> dict[str, dict[str, float]]:
-    """{family: {config name: accuracy}} for policy.warm_start='family_lookup', read on a split the
+    """{family: {config name: accuracy}} for policy.warm_start family_lookup and family_request, read on a split the
     evaluation never uses: the dummy's closed form over val, else the model dir's eval.json val grid
     (runners/pretrain_vlm.py --grid all)."""
     if backend.has_closed_form:
@@ -110,11 +112,11 @@ def make_family_table(backend) -> dict[str, dict[str, float]]:
                 if family not in ("overall", "config"):
                     table.setdefault(family, {})[name] = float(acc)
     except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
-        raise ValueError(f"policy.warm_start='family_lookup' needs per-family accuracies of the static configurations "
+        raise ValueError(f"policy.warm_start family_lookup and family_request need per-family accuracies of the static configurations "
                          f"on the val split: {path} ('grid' -> '{FAMILY_TABLE_SPLIT}', written by runners/pretrain_vlm.py "
                          f"--grid all) could not be read ({type(err).__name__}: {err}); use warm_start='lookup'") from None
     if not table:
-        raise ValueError(f"policy.warm_start='family_lookup': {path} has no per-family accuracies in its "
+        raise ValueError(f"policy.warm_start family_lookup and family_request: {path} has no per-family accuracies in its "
                          f"'{FAMILY_TABLE_SPLIT}' grid; use warm_start='lookup'")
     return table
 
@@ -132,6 +134,10 @@ def check_warm_start(cfg: Config) -> None:
         raise ValueError(f"policy.warm_start_lr={c.warm_start_lr!r}: expected a learning rate > 0")
     if not 0 <= c.warm_start_label_smoothing < 1:
         raise ValueError(f"policy.warm_start_label_smoothing={c.warm_start_label_smoothing!r}: expected a value in [0, 1)")
+    if c.warm_start == "family_request" and c.latency_shield is not True:
+        raise ValueError(f"policy.warm_start='family_request' teaches one plan per question family for every budget and "
+                         f"leaves the budget to the latency shield, but policy.latency_shield={c.latency_shield!r}: "
+                         f"set it to true, or use warm_start='family_lookup'")
 
 
 # Training requests timed per tier end by measure_profile_drift (2 configurations x 3 tiers x 24: ~15 s on CPU).
@@ -179,10 +185,13 @@ def warm_start_actor(cfg: Config, actor, backend, latency_scales: dict[str, floa
     if c.warm_start is None:
         return {}
     env = make_env(cfg, backend, "train", min(64, c.warm_start_samples), 1)
-    family_table = make_family_table(backend) if c.warm_start == "family_lookup" else None
+    family_table = make_family_table(backend) if c.warm_start in ("family_lookup", "family_request") else None
+    lo, hi = backend.budget_range_ms
+    request_budgets = ([lo + (hi - lo) * i / (REQUEST_BUDGETS - 1) for i in range(REQUEST_BUDGETS)]
+                       if c.warm_start == "family_request" else None)
     return lookup_warm_start(actor, env, make_lookup_profile(backend), c.warm_start_samples, c.warm_start_steps,
                              c.warm_start_lr, c.warm_start_label_smoothing, seed=cfg.train.seed,
-                             latency_scales=latency_scales, family_table=family_table)
+                             latency_scales=latency_scales, family_table=family_table, request_budgets=request_budgets)
 
 
 # Requests whose controller time (both stages, p95) the latency shield adds to every plan.
@@ -249,20 +258,6 @@ def check_best_margin(cfg: Config) -> float:
     """eval.best_margin_se, or an error naming it when it is not a finite number >= 0."""
     return _finite_nonnegative(cfg.eval.best_margin_se, "eval.best_margin_se",
                                "a finite number of standard errors >= 0 (0: any validation gain replaces best.pt)")
-
-
-def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace, tracking_rate: float = 0.0,
-                        quantile: float = 0.95, **margin) -> LatencyShield:
-    """The shield over the profile's p95 latencies at its smallest insertion (plans it lacks: not
-    timed); `margin`: LatencyShield's violation_target, violation_rate and budget_edges_ms."""
-    p = min(e.config.insertion for e in entries)
-    table = torch.full((len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values)),
-                       float("inf"), dtype=torch.float64)
-    for e in entries:
-        if e.config.insertion == p:
-            i = e.config.indices(knob_space)
-            table[i["tier"], i["top_k"], i["num_blocks"]] = e.latency_p95_ms
-    return LatencyShield(knob_space, table, knob_space.insertion_positions.index(p), tracking_rate, quantile, **margin)
 
 
 def make_loss(cfg: Config, actor) -> JointGRPOLoss:

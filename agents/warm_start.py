@@ -21,15 +21,24 @@ The static configurations' latencies hold no controller: the controller's own ti
 (measured on a first batch of these requests, its p95) is added to every profiled latency before a
 configuration is said to fit, so the table the controller imitates is one it can keep.
 
-Two tables (policy.warm_start):
-  lookup         per budget, the profile's most accurate configuration whose p95 fits (lookup-p95);
-  family_lookup  per (question family, budget), the configuration with the best accuracy on that
-                 family among those whose profiled p95 fits: the family oracle made learnable. The
-                 family accuracies come from a split the evaluation never reads (the shipped model's
-                 eval.json `grid.val`, the dummy's closed form over its val split); the family is
-                 the training sample's label (SynthVQA's question family, a real dataset's name), so
-                 at test time Stage 1 must infer it from the question alone. A family the table
-                 lacks takes the lookup-p95 choice.
+Three tables (policy.warm_start):
+  lookup          per budget, the profile's most accurate configuration whose p95 fits (lookup-p95);
+  family_lookup   per (question family, budget), the configuration with the best accuracy on that
+                  family among those whose profiled p95 fits: the family oracle made learnable. The
+                  family accuracies come from a split the evaluation never reads (the shipped model's
+                  eval.json `grid.val`, the dummy's closed form over its val split); the family is
+                  the training sample's label (SynthVQA's question family, a real dataset's name), so
+                  at test time Stage 1 must infer it from the question alone. A family the table
+                  lacks takes the lookup-p95 choice.
+  family_request  per question family, one plan for every budget: the request whose plan after the
+                  latency shield's projection (envs/shield.py: the tier, then top-k and blocks, cut
+                  to what fits) has the best family accuracy averaged over budgets evenly spread over
+                  the training range (family_requests). The budget is then the shield's to meet, on
+                  the table it tracks on the machine it runs on: family_lookup's targets are a
+                  function of the budget that encodes the training machine's table, and behind a
+                  shield whose table differs the controller asked for the medium tier where the high
+                  one fitted (RESULTS 0: seed 44 never took the high tier for detail questions,
+                  where the family oracle's gain is). Needs policy.latency_shield.
 
 The profile's latencies were measured on another day, and these machines drift (on 2026-12-02 the
 2-core VM ran low/k4/N12 12-25% and high/k4/N16 44% slower than the shipped profile): before the
@@ -46,9 +55,10 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
-from agents.baselines import ProfileEntry, StaticChoice, lookup_select, rescale_profile
+from agents.baselines import ProfileEntry, StaticChoice, lookup_select, rescale_profile, shield_from_profile
 from envs.budget_env import reset_to
 from envs.knobs import KnobSpace
+from envs.shield import LatencyShield
 
 TAUGHT_HEADS = (("tier", "insertion"), ("top_k", "num_blocks"))
 
@@ -59,11 +69,16 @@ def sample_family(sample) -> str:
 
 
 def lookup_targets(entries: Sequence[ProfileEntry], budgets: torch.Tensor, knob_space: KnobSpace,
-                   families: Sequence | None = None, family_table: Mapping[str, Mapping[str, float]] | None = None) -> dict:
+                   families: Sequence | None = None, family_table: Mapping[str, Mapping[str, float]] | None = None,
+                   requests: Mapping[str, StaticChoice] | None = None) -> dict:
     """Per budget, the lookup-p95 configuration's action index of every head; with `family_table`
-    ({family: {config name: accuracy}}) and each row's family, the family's choice (family_select)."""
+    ({family: {config name: accuracy}}) and each row's family, the family's choice (family_select);
+    with `requests` ({family: plan}, family_requests), the family's request at every budget (a
+    family it lacks: lookup-p95's choice)."""
     budgets = [float(b) for b in budgets.reshape(-1)]
-    if family_table is None:
+    if requests is not None:
+        configs = [requests.get(f) or lookup_select(entries, b, "p95")[0] for b, f in zip(budgets, families, strict=True)]
+    elif family_table is None:
         configs = [lookup_select(entries, b, "p95")[0] for b in budgets]
     else:
         configs = [family_select(entries, family_table, b, f) for b, f in zip(budgets, families, strict=True)]
@@ -82,6 +97,37 @@ def family_select(entries: Sequence[ProfileEntry], family_table: Mapping[str, Ma
     if not fitting:
         return lookup_select(entries, budget_ms, "p95")[0]
     return min(fitting, key=lambda ie: (-accuracy[ie[1].config.name], ie[1].latency_p95_ms, ie[0]))[1].config
+
+
+def family_requests(shield: LatencyShield, family_table: Mapping[str, Mapping[str, float]],
+                    budgets: Sequence[float], insertion: int) -> dict[str, StaticChoice]:
+    """Per family, the plan to request at every budget (module doc, family_request): among the
+    configurations `family_table` holds, the one whose projection by `shield` at each budget has the
+    best family accuracy on average over `budgets` (ties: the cheaper request by the shield's table,
+    then the table's order). A request is a candidate only if the table holds every plan it projects to."""
+    ks = shield.knob_space
+    p = ks.insertion_positions.index(insertion)
+
+    def projected(c: StaticChoice, budget: float) -> str:
+        i = c.indices(ks)
+        tier, _ = shield.stage1(i["tier"], p, budget)
+        k, n = shield.stage2(tier, i["top_k"], i["num_blocks"], budget)
+        return StaticChoice(ks.tiers[tier], ks.top_k_values[k], ks.num_blocks_values[n], insertion).name
+
+    out = {}
+    for family, accuracy in family_table.items():
+        scored = []
+        for order, name in enumerate(accuracy):
+            tier, top_k, num_blocks = name.split(",")
+            c = StaticChoice(tier, int(top_k), int(num_blocks), insertion)
+            plans = [projected(c, b) for b in budgets]
+            if all(plan in accuracy for plan in plans):
+                i = c.indices(ks)
+                cost = float(shield.p95_ms[i["tier"], i["top_k"], i["num_blocks"]])
+                scored.append((-sum(accuracy[plan] for plan in plans) / len(plans), cost, order, c))
+        if scored:
+            out[family] = min(scored, key=lambda s: s[:3])[3]
+    return out
 
 
 def add_controller_time(entries: Sequence[ProfileEntry], controller_ms: float) -> list[ProfileEntry]:
@@ -134,15 +180,17 @@ def _fit(network, heads: Sequence[str], obs: TensorDict, targets: dict, params, 
 
 def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: int, steps: int,
                       lr: float, label_smoothing: float, seed: int, latency_scales: dict[str, float] | None = None,
-                      batch_size: int = 64, family_table: Mapping[str, Mapping[str, float]] | None = None
-                      ) -> dict[str, float]:
+                      batch_size: int = 64, family_table: Mapping[str, Mapping[str, float]] | None = None,
+                      request_budgets: Sequence[float] | None = None) -> dict[str, float]:
     """Teach both stages the lookup table (module doc), Stage 1 first: Stage 2's data is collected
     with the taught Stage 1's budget token, since the latency token is computed from it. Returns
     each head's last minibatch loss and its greedy agreement with the targets on the imitation data.
     env: an env of group size 1; latency_scales: this machine's mean latency / the profile's per tier
     (agents.baselines.profile_latency_scales), applied to the profile before the targets are read;
-    family_table: the family_lookup table (module doc), None for lookup. The metrics include the
-    controller time added to the profile (warm_start/controller_p95_ms)."""
+    family_table: the family_lookup table (module doc), None for lookup; request_budgets: with it,
+    family_request on those budgets instead (family_requests, on the shield the profile plus the
+    controller's time gives). The metrics include the controller time added to the profile
+    (warm_start/controller_p95_ms)."""
     generator = torch.Generator().manual_seed(seed)
     ks, n = env.knob_space, env.batch_size[0]
     if latency_scales:
@@ -156,8 +204,10 @@ def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: 
     first = lookup_targets(entries, resets[0]["budget_ms"], ks, families and families[:n], family_table)
     controller_ms = measure_controller_ms(actor, env, resets[0], first["tier"], first["insertion"])
     entries = add_controller_time(entries, controller_ms)
+    requests = None if request_budgets is None else family_requests(
+        shield_from_profile(entries, ks), family_table, request_budgets, min(e.config.insertion for e in entries))
     stage1 = torch.cat([td.select(*stage1_net.in_keys) for td in resets])
-    targets = lookup_targets(entries, stage1["budget_ms"], ks, families, family_table)  # every reset row's, in order
+    targets = lookup_targets(entries, stage1["budget_ms"], ks, families, family_table, requests)  # every row's, in order
     taught = {h: t[:num_samples] for h, t in targets.items()}
     metrics = _fit(stage1_net, TAUGHT_HEADS[0], stage1[:num_samples], taught, actor.stage1_parameters(), steps, lr,
                    label_smoothing, generator, batch_size)

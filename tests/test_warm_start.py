@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from agents.baselines import (ProfileEntry, StaticChoice, dummy_closed_form_profile, profile_latency_scales,
-                              rescale_profile)
+                              rescale_profile, shield_from_profile)
 from agents.config import config_from_dict
 from agents.factory import (make_actor, make_backend_from_config, make_env, make_family_table, measure_profile_drift,
                             warm_start_actor)
 from agents.rollout import collect_rollouts
-from agents.warm_start import add_controller_time, family_select, lookup_targets
+from agents.warm_start import add_controller_time, family_requests, family_select, lookup_targets
 from helpers import load_runner
 from train_runs import TINY, tiny_config, train_main
 
@@ -66,7 +66,10 @@ def test_train_logs_the_warm_start_before_the_first_validation(tmp_path):
 
 
 @pytest.mark.parametrize("policy, match", [
-    ({"warm_start": "oracle"}, r"policy.warm_start='oracle': expected one of \[None, 'lookup', 'family_lookup'\]"),
+    ({"warm_start": "oracle"},
+     r"policy.warm_start='oracle': expected one of \[None, 'lookup', 'family_lookup', 'family_request'\]"),
+    ({"warm_start": "family_request", "latency_shield": False},
+     r"policy.warm_start='family_request' .* but policy.latency_shield=False: set it to true"),
     ({"warm_start": "lookup", "warm_start_samples": 0}, r"policy.warm_start_samples=0: expected an integer >= 1"),
     ({"warm_start": "lookup", "warm_start_lr": 0.0}, r"policy.warm_start_lr=0.0: expected a learning rate > 0"),
     ({"warm_start": "lookup", "warm_start_label_smoothing": 1.0},
@@ -158,3 +161,46 @@ def test_family_warm_start_without_a_val_grid_names_the_file(tmp_path):
     backend = SimpleNamespace(has_closed_form=False, model_path=tmp_path, knob_space=None)
     with pytest.raises(ValueError, match=r"family_lookup.*eval\.json.*pretrain_vlm\.py --grid all"):
         make_family_table(backend)
+
+
+def test_family_requests_pick_the_plan_whose_shielded_cuts_score_best_over_the_budgets():
+    from envs.knobs import KnobSpace
+    from envs.shield import LatencyShield
+
+    ks = KnobSpace(tiers=("low", "high"), insertion_positions=(1, 2), top_k_values=(4, 8), num_blocks_values=(12, 16))
+    # p95 ms: low 10 / 14 (k 4, N 12 / 16), 12 / 16 (k 8); high 20 / 24, 22 / 30
+    shield = LatencyShield(ks, torch.tensor([[[10.0, 14.0], [12.0, 16.0]], [[20.0, 24.0], [22.0, 30.0]]]))
+    names = [f"{t},{k},{n}" for t in ks.tiers for k in (4, 8) for n in (12, 16)]
+    table = {"detail": {c: 0.95 if c.startswith("high") else 0.2 for c in names},  # only the tier counts
+             "knowledge": {c: 1.0 if c.endswith("16") else 0.5 for c in names}}  # only the blocks count
+    budgets = [10.0, 15.0, 20.0, 25.0, 30.0, 35.0]
+    requests = family_requests(shield, table, budgets, insertion=1)
+    # detail: the high tier wherever its cheapest plan fits; every high request is cut alike, so the cheapest one
+    assert requests["detail"] == StaticChoice("high", 4, 12, 1)
+    # knowledge: 16 blocks at the low tier from 15 ms up (0.917 averaged); asking for the high tier would trade
+    # the blocks for it at 20 ms (0.833); low/k8/N16 scores the same as low/k4/N16 but costs more
+    assert requests["knowledge"] == StaticChoice("low", 4, 16, 1)
+    lacking = {"detail": {c: a for c, a in table["detail"].items() if c != "low,4,12"}}
+    assert family_requests(shield, lacking, budgets, insertion=1) == {}  # every request is cut to low/k4/N12 at 10 ms
+
+
+def test_family_request_warm_start_asks_each_family_one_plan_at_every_budget():
+    cfg = _config(warm_start="family_request", warm_start_samples=256, warm_start_steps=300,
+                  warm_start_label_smoothing=0.0, stage2_inputs="token+elapsed", latency_shield=True)
+    torch.manual_seed(0)
+    backend = make_backend_from_config(cfg)
+    actor, _ = make_actor(cfg, backend)
+    entries, table = dummy_closed_form_profile(backend, "val"), make_family_table(backend)
+    entries = add_controller_time(entries, warm_start_actor(cfg, actor, backend)["warm_start/controller_p95_ms"])
+    lo, hi = backend.budget_range_ms
+    requests = family_requests(shield_from_profile(entries, backend.knob_space), table,
+                               [lo + (hi - lo) * i / 31 for i in range(32)], min(backend.knob_space.insertion_positions))
+    assert len({r.name for r in requests.values()}) > 1  # the families ask for different plans
+    env = make_env(cfg, backend, "test", 64, 1)  # held out: the table is the val split's
+    rollout = collect_rollouts(env, actor, greedy=True)
+    families = [env.samples[int(i)].family for i in rollout["sample_index"][:, 0].reshape(-1)]
+    target = lookup_targets(entries, rollout["budget_ms"][:, 0], backend.knob_space, families, table, requests)
+    for head in ("tier", "top_k", "num_blocks"):  # the actions asked for, before the env's shield cuts them
+        step = 0 if head == "tier" else 1
+        asked = rollout["action", head][:, step].reshape(-1)
+        assert float((asked == target[head]).float().mean()) >= 0.85, head
