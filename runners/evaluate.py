@@ -351,8 +351,8 @@ def _run(args, log) -> dict:
 
     variants = shield_variants(quantiles, targets)
     ckpts = controller_checkpoints(args.checkpoint, [label for label, _, _ in variants] if len(variants) > 1 else None)
-    variant_of = (dict(zip(ckpts, variants * len(args.checkpoint))) if len(variants) > 1
-                  else dict.fromkeys(ckpts, variants[0]))
+    by_label = {v[0]: v for v in variants}  # one variant: label "", every checkpoint behind it
+    variant_of = {name: by_label[name.rpartition("@")[2] if len(variants) > 1 else ""] for name in ckpts}
     ckpt = next(iter(ckpts.values()))
     cfg = resolve_config(args, ckpt)
     from envs.machine import resolve_device
@@ -447,7 +447,7 @@ def _run(args, log) -> dict:
                    ) if spec.kind == "controller" else None  # the controller's run's config
             rescale = spec.kind == "controller" and args.time_rescale == "on" and ckpts[spec.name].get("latency_scales")
             shielded = own is not None and _shield_on(args, own)
-            label, quantile, target = variant_of.get(spec.name, (None, None, None))
+            _, quantile, target = variant_of.get(spec.name, (None, None, None))
             if (len(variants) > 1 or target is not None) and spec.kind == "controller" and not shielded:
                 raise ValueError(f"--latency_shield_quantile / --latency_shield_violation_target set {spec.name}'s "
                                  f"shield, but its run has policy.latency_shield off: pass --latency_shield on")
