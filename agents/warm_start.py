@@ -55,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 
-from agents.baselines import ProfileEntry, StaticChoice, lookup_select, rescale_profile, shield_from_profile
+from agents.baselines import (ProfileEntry, StaticChoice, lookup_select, parse_static_spec, rescale_profile,
+                              shield_from_profile)
 from envs.budget_env import reset_to
 from envs.knobs import KnobSpace
 from envs.shield import LatencyShield
@@ -100,17 +101,16 @@ def family_select(entries: Sequence[ProfileEntry], family_table: Mapping[str, Ma
 
 
 def family_requests(shield: LatencyShield, family_table: Mapping[str, Mapping[str, float]],
-                    budgets: Sequence[float], insertion: int) -> dict[str, StaticChoice]:
+                    budgets: Sequence[float]) -> dict[str, StaticChoice]:
     """Per family, the plan to request at every budget (module doc, family_request): among the
     configurations `family_table` holds, the one whose projection by `shield` at each budget has the
     best family accuracy on average over `budgets` (ties: the cheaper request by the shield's table,
     then the table's order). A request is a candidate only if the table holds every plan it projects to."""
     ks = shield.knob_space
-    p = ks.insertion_positions.index(insertion)
+    insertion = ks.insertion_positions[shield.insertion_index]
 
-    def projected(c: StaticChoice, budget: float) -> str:
-        i = c.indices(ks)
-        tier, _ = shield.stage1(i["tier"], p, budget)
+    def projected(i: dict[str, int], budget: float) -> str:
+        tier, _ = shield.stage1(i["tier"], shield.insertion_index, budget)
         k, n = shield.stage2(tier, i["top_k"], i["num_blocks"], budget)
         return StaticChoice(ks.tiers[tier], ks.top_k_values[k], ks.num_blocks_values[n], insertion).name
 
@@ -118,13 +118,12 @@ def family_requests(shield: LatencyShield, family_table: Mapping[str, Mapping[st
     for family, accuracy in family_table.items():
         scored = []
         for order, name in enumerate(accuracy):
-            tier, top_k, num_blocks = name.split(",")
-            c = StaticChoice(tier, int(top_k), int(num_blocks), insertion)
-            plans = [projected(c, b) for b in budgets]
+            request = replace(parse_static_spec(f"static:{name}", ks), insertion=insertion)
+            i = request.indices(ks)
+            plans = [projected(i, b) for b in budgets]
             if all(plan in accuracy for plan in plans):
-                i = c.indices(ks)
                 cost = float(shield.p95_ms[i["tier"], i["top_k"], i["num_blocks"]])
-                scored.append((-sum(accuracy[plan] for plan in plans) / len(plans), cost, order, c))
+                scored.append((-sum(accuracy[plan] for plan in plans) / len(plans), cost, order, request))
         if scored:
             out[family] = min(scored, key=lambda s: s[:3])[3]
     return out
@@ -204,8 +203,8 @@ def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: 
     first = lookup_targets(entries, resets[0]["budget_ms"], ks, families and families[:n], family_table)
     controller_ms = measure_controller_ms(actor, env, resets[0], first["tier"], first["insertion"])
     entries = add_controller_time(entries, controller_ms)
-    requests = None if request_budgets is None else family_requests(
-        shield_from_profile(entries, ks), family_table, request_budgets, min(e.config.insertion for e in entries))
+    requests = None if request_budgets is None else family_requests(shield_from_profile(entries, ks), family_table,
+                                                                    request_budgets)
     stage1 = torch.cat([td.select(*stage1_net.in_keys) for td in resets])
     targets = lookup_targets(entries, stage1["budget_ms"], ks, families, family_table, requests)  # every row's, in order
     taught = {h: t[:num_samples] for h, t in targets.items()}

@@ -174,14 +174,14 @@ def test_family_requests_pick_the_plan_whose_shielded_cuts_score_best_over_the_b
     table = {"detail": {c: 0.95 if c.startswith("high") else 0.2 for c in names},  # only the tier counts
              "knowledge": {c: 1.0 if c.endswith("16") else 0.5 for c in names}}  # only the blocks count
     budgets = [10.0, 15.0, 20.0, 25.0, 30.0, 35.0]
-    requests = family_requests(shield, table, budgets, insertion=1)
+    requests = family_requests(shield, table, budgets)
     # detail: the high tier wherever its cheapest plan fits; every high request is cut alike, so the cheapest one
     assert requests["detail"] == StaticChoice("high", 4, 12, 1)
     # knowledge: 16 blocks at the low tier from 15 ms up (0.917 averaged); asking for the high tier would trade
     # the blocks for it at 20 ms (0.833); low/k8/N16 scores the same as low/k4/N16 but costs more
     assert requests["knowledge"] == StaticChoice("low", 4, 16, 1)
     lacking = {"detail": {c: a for c, a in table["detail"].items() if c != "low,4,12"}}
-    assert family_requests(shield, lacking, budgets, insertion=1) == {}  # every request is cut to low/k4/N12 at 10 ms
+    assert family_requests(shield, lacking, budgets) == {}  # every request is cut to low/k4/N12 at 10 ms
 
 
 def test_family_request_warm_start_asks_each_family_one_plan_at_every_budget():
@@ -194,7 +194,7 @@ def test_family_request_warm_start_asks_each_family_one_plan_at_every_budget():
     entries = add_controller_time(entries, warm_start_actor(cfg, actor, backend)["warm_start/controller_p95_ms"])
     lo, hi = backend.budget_range_ms
     requests = family_requests(shield_from_profile(entries, backend.knob_space), table,
-                               [lo + (hi - lo) * i / 31 for i in range(32)], min(backend.knob_space.insertion_positions))
+                               [lo + (hi - lo) * i / 31 for i in range(32)])
     assert len({r.name for r in requests.values()}) > 1  # the families ask for different plans
     env = make_env(cfg, backend, "test", 64, 1)  # held out: the table is the val split's
     rollout = collect_rollouts(env, actor, greedy=True)
