@@ -37,7 +37,7 @@ Three tables (policy.warm_start):
                   the table it tracks on the machine it runs on: family_lookup's targets are a
                   function of the budget that encodes the training machine's table, and behind a
                   shield whose table differs the controller asked for the medium tier where the high
-                  one fitted (RESULTS 0: seed 44 never took the high tier for detail questions,
+                  one fitted (RESULTS 0-s18: seed 44 never took the high tier for detail questions,
                   where the family oracle's gain is). Needs policy.latency_shield.
 
 The profile's latencies were measured on another day, and these machines drift (on 2026-12-02 the

@@ -28,11 +28,11 @@ missed by about a third on a machine whose tail grew during an 88-minute evaluat
 2026-12-04). At q 0.95 a plan at the knife edge of a budget still violates about 5% of the time, and
 the controllers violated 5.5-6.8% at the budget above the lowest (RESULTS 0-s16). A higher q buys a
 margin with accuracy: in one run on the same checkpoints, q 0.98 cost 2.1 +- 0.3 accuracy points against
-q 0.95 and saved 0.9 +- 0.2 points of violations (1.1% vs 2.0% on average; RESULTS 0).
+q 0.95 and saved 0.9 +- 0.2 points of violations (1.1% vs 2.0% on average; RESULTS 0-s18).
 
 A quantile of each tier's latency is not the rate at which budgets are exceeded: that depends on how
 close the executed plans sit to their budgets, which differs per budget (behind q 0.95 the controllers
-violated 7.3% at the lowest budget and 0.6-1.0% at the three highest, RESULTS 0). With
+violated 7.3% at the lowest budget and 0.6-1.0% at the three highest, RESULTS 0-s18). With
 violation_target set, the shield also keeps one margin per budget bin and steers the bin's violation
 rate itself, by adaptive conformal inference (Gibbs & Candes, 2021, "Adaptive conformal inference
 under distribution shift"): a plan fits a budget when table x tier scale x the bin's margin <= budget,

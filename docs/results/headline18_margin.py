@@ -1,4 +1,4 @@
-"""RESULTS 0's margin table: lookup-calibrated and the family oracle re-chosen on an evaluation's
+"""RESULTS 0-s18's margin table: lookup-calibrated and the family oracle re-chosen on an evaluation's
 calibration (its second pass) with each configuration's calibration latency quantile q <= budget
 instead of its p95, by the same selection rules (agents.baselines.lookup_select,
 envs.headroom.headroom_choices), read on the same run's test table.
