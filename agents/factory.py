@@ -76,7 +76,7 @@ def make_actor(cfg: Config, backend):
 
 
 WARM_STARTS = (None, "lookup", "family_lookup", "family_request")
-# The family_lookup warm start's accuracies: pretraining's eval.json beside the model, its val grid.
+# The family warm starts' accuracies: pretraining's eval.json beside the model, its val grid.
 FAMILY_TABLE_FILE, FAMILY_TABLE_SPLIT = "eval.json", "val"
 # family_request scores each request over this many budgets evenly over the training range (as the env draws them).
 REQUEST_BUDGETS = 32
@@ -95,8 +95,8 @@ def make_lookup_profile(backend) -> list[ProfileEntry]:
 
 
 def make_family_table(backend) -> dict[str, dict[str, float]]:
-    """{family: {config name: accuracy}} for policy.warm_start family_lookup and family_request, read on a split the
-    evaluation never uses: the dummy's closed form over val, else the model dir's eval.json val grid
+    """{family: {config name: accuracy}} for policy.warm_start family_lookup and family_request, read on a
+    split the evaluation never uses: the dummy's closed form over val, else the model dir's eval.json val grid
     (runners/pretrain_vlm.py --grid all)."""
     if backend.has_closed_form:
         return dummy_family_table(backend, "val")
@@ -112,12 +112,12 @@ def make_family_table(backend) -> dict[str, dict[str, float]]:
                 if family not in ("overall", "config"):
                     table.setdefault(family, {})[name] = float(acc)
     except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
-        raise ValueError(f"policy.warm_start family_lookup and family_request need per-family accuracies of the static configurations "
-                         f"on the val split: {path} ('grid' -> '{FAMILY_TABLE_SPLIT}', written by runners/pretrain_vlm.py "
+        raise ValueError(f"policy.warm_start family_lookup and family_request need per-family accuracies of the static "
+                         f"configurations on the val split: {path} ('grid' -> '{FAMILY_TABLE_SPLIT}', written by runners/pretrain_vlm.py "
                          f"--grid all) could not be read ({type(err).__name__}: {err}); use warm_start='lookup'") from None
     if not table:
-        raise ValueError(f"policy.warm_start family_lookup and family_request: {path} has no per-family accuracies in its "
-                         f"'{FAMILY_TABLE_SPLIT}' grid; use warm_start='lookup'")
+        raise ValueError(f"policy.warm_start family_lookup and family_request: {path} has no per-family accuracies "
+                         f"in its '{FAMILY_TABLE_SPLIT}' grid; use warm_start='lookup'")
     return table
 
 

@@ -91,7 +91,7 @@ class LatencyShield:
         self.violation_target = None if violation_target is None else float(violation_target)
         self.violation_rate = float(violation_rate)
         self.budget_edges_ms = torch.tensor(edges, dtype=torch.float64)
-        self.margin = torch.ones(len(edges) + 1, dtype=torch.float64)  # per budget bin, moved when violation_target is set
+        self.margin = torch.ones(len(edges) + 1, dtype=torch.float64)  # per budget bin, moved with violation_target
         self.knob_space = knob_space
         self.quantile = check_quantile(quantile, "latency shield quantile")
         self.tracking_rate = float(tracking_rate)
@@ -154,20 +154,21 @@ class LatencyShield:
                 "budget_edges_ms": self.budget_edges_ms.tolist(), "margin": self.margin.tolist()}
 
 
-def check_quantile(value, field: str) -> float:
-    """A shield quantile as a float, or a ValueError naming `field` when it is not a number in (0, 1)."""
+def _fraction(value, field: str, example: str) -> float:
+    """`value` as a float, or a ValueError naming `field` when it is not a number in (0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"{field}={value!r}: expected a number in (0, 1), e.g. 0.95 (the fraction of a "
-                         f"tier's episodes the tracked shield table should cover)")
+        raise ValueError(f"{field}={value!r}: expected a number in (0, 1), e.g. {example}")
     return float(value)
+
+
+def check_quantile(value, field: str) -> float:
+    """A shield quantile as a float, or a ValueError naming `field`."""
+    return _fraction(value, field, "0.95 (the fraction of a tier's episodes the tracked shield table should cover)")
 
 
 def check_violation_target(value, field: str) -> float:
-    """A violation-rate target as a float, or a ValueError naming `field` when it is not a number in (0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"{field}={value!r}: expected a number in (0, 1), e.g. 0.015 (the fraction of a budget "
-                         f"bin's episodes the shield lets exceed their budget)")
-    return float(value)
+    """A violation-rate target as a float, or a ValueError naming `field`."""
+    return _fraction(value, field, "0.015 (the fraction of a budget bin's episodes the shield lets exceed their budget)")
 
 
 def following_time_scale(start_up: float, shield: LatencyShield | None, budget_ms: float | None = None) -> float:
