@@ -17,6 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from agents.baselines import (PROFILE_FILE, ProfileEntry, dummy_closed_form_profile, dummy_family_table,
                               load_profile, make_static, profile_latency_scales,
                               rescale_profile, shield_from_profile, smooth_latencies)
+from agents.budget_sweep import default_budgets
 from agents.checkpoint import actor_meta, build_actor
 from agents.config import Config
 from agents.constraint import ViolationMultiplier
@@ -112,9 +113,10 @@ def make_family_table(backend) -> dict[str, dict[str, float]]:
                 if family not in ("overall", "config"):
                     table.setdefault(family, {})[name] = float(acc)
     except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
-        raise ValueError(f"policy.warm_start family_lookup and family_request need per-family accuracies of the static "
-                         f"configurations on the val split: {path} ('grid' -> '{FAMILY_TABLE_SPLIT}', written by runners/pretrain_vlm.py "
-                         f"--grid all) could not be read ({type(err).__name__}: {err}); use warm_start='lookup'") from None
+        raise ValueError(f"policy.warm_start family_lookup and family_request need per-family accuracies of the "
+                         f"static configurations on the val split: {path} ('grid' -> '{FAMILY_TABLE_SPLIT}', written "
+                         f"by runners/pretrain_vlm.py --grid all) could not be read ({type(err).__name__}: {err}); "
+                         f"use warm_start='lookup'") from None
     if not table:
         raise ValueError(f"policy.warm_start family_lookup and family_request: {path} has no per-family accuracies "
                          f"in its '{FAMILY_TABLE_SPLIT}' grid; use warm_start='lookup'")
@@ -135,8 +137,8 @@ def check_warm_start(cfg: Config) -> None:
     if not 0 <= c.warm_start_label_smoothing < 1:
         raise ValueError(f"policy.warm_start_label_smoothing={c.warm_start_label_smoothing!r}: expected a value in [0, 1)")
     if c.warm_start == "family_request" and c.latency_shield is not True:
-        raise ValueError(f"policy.warm_start='family_request' teaches one plan per question family for every budget and "
-                         f"leaves the budget to the latency shield, but policy.latency_shield={c.latency_shield!r}: "
+        raise ValueError(f"policy.warm_start='family_request' teaches one plan per question family for every budget "
+                         f"and leaves the budget to the latency shield, but policy.latency_shield={c.latency_shield!r}: "
                          f"set it to true, or use warm_start='family_lookup'")
 
 
@@ -186,8 +188,7 @@ def warm_start_actor(cfg: Config, actor, backend, latency_scales: dict[str, floa
         return {}
     env = make_env(cfg, backend, "train", min(64, c.warm_start_samples), 1)
     family_table = make_family_table(backend) if c.warm_start in ("family_lookup", "family_request") else None
-    lo, hi = backend.budget_range_ms
-    request_budgets = ([lo + (hi - lo) * i / (REQUEST_BUDGETS - 1) for i in range(REQUEST_BUDGETS)]
+    request_budgets = (default_budgets(backend.budget_range_ms, REQUEST_BUDGETS)
                        if c.warm_start == "family_request" else None)
     return lookup_warm_start(actor, env, make_lookup_profile(backend), c.warm_start_samples, c.warm_start_steps,
                              c.warm_start_lr, c.warm_start_label_smoothing, seed=cfg.train.seed,

@@ -8,9 +8,10 @@ import torch
 
 from agents.baselines import (ProfileEntry, StaticChoice, dummy_closed_form_profile, profile_latency_scales,
                               rescale_profile, shield_from_profile)
+from agents.budget_sweep import default_budgets
 from agents.config import config_from_dict
-from agents.factory import (make_actor, make_backend_from_config, make_env, make_family_table, measure_profile_drift,
-                            warm_start_actor)
+from agents.factory import (REQUEST_BUDGETS, make_actor, make_backend_from_config, make_env, make_family_table,
+                            measure_profile_drift, warm_start_actor)
 from agents.rollout import collect_rollouts
 from agents.warm_start import add_controller_time, family_requests, family_select, lookup_targets
 from helpers import load_runner
@@ -192,9 +193,8 @@ def test_family_request_warm_start_asks_each_family_one_plan_at_every_budget():
     actor, _ = make_actor(cfg, backend)
     entries, table = dummy_closed_form_profile(backend, "val"), make_family_table(backend)
     entries = add_controller_time(entries, warm_start_actor(cfg, actor, backend)["warm_start/controller_p95_ms"])
-    lo, hi = backend.budget_range_ms
     requests = family_requests(shield_from_profile(entries, backend.knob_space), table,
-                               [lo + (hi - lo) * i / 31 for i in range(32)])
+                               default_budgets(backend.budget_range_ms, REQUEST_BUDGETS))
     assert len({r.name for r in requests.values()}) > 1  # the families ask for different plans
     env = make_env(cfg, backend, "test", 64, 1)  # held out: the table is the val split's
     rollout = collect_rollouts(env, actor, greedy=True)
