@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from agents.checkpoint import actor_meta, build_actor, check_compatible, load_checkpoint
+from agents.checkpoint import actor_meta, check_compatible, load_checkpoint
 from agents.config import config_from_dict
-from agents.factory import (controller_time_scale, make_backend_from_config, make_env, make_latency_shield,
+from agents.factory import (controller_time_scale, load_actor, make_backend_from_config, make_env, make_latency_shield,
                             measure_profile_drift)
 from agents.rollout import collect_rollouts
 from envs.budget_env import reset_to
@@ -68,9 +68,7 @@ def load_controller(run: str | Path, device: str | None = None) -> Controller:
     policy = cfg.policy
     expected = actor_meta(backend, policy.hidden_dim, policy.sinusoidal_dim, policy.stage2_inputs)
     check_compatible(ckpt["policy_meta"], expected, ckpt["path"])
-    actor = build_actor(ckpt["policy_meta"]).to(cfg.train.device)
-    actor.load_state_dict(ckpt["policy"])
-    actor.eval()
+    actor = load_actor(ckpt, cfg)
     drift = measure_profile_drift(backend) if cfg.policy.latency_shield or ckpt.get("latency_scales") else None
     shield = make_latency_shield(cfg, backend, actor, drift) if cfg.policy.latency_shield else None
     return Controller(actor, backend, cfg, ckpt, shield, controller_time_scale(ckpt.get("latency_scales"), drift))

@@ -8,6 +8,9 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+# The default run's config (`python runners/train.py`).
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
 
 @dataclass
 class EnvConfig:
@@ -29,6 +32,9 @@ class PolicyConfig:
     hidden_dim: int = 256  # width of both predictors' MLPs
     sinusoidal_dim: int = 256  # size of the fixed sinusoidal budget code
     fixed_controller_ms: Optional[float] = None  # replaces the measured controller time (bit-reproducible runs)
+    # true: each request's stage networks run through torch.compile (policies/controller.py): less of
+    # the request's time goes to the controller; the first request of a process compiles them (seconds)
+    compile_controller: bool = False
     # what Stage 2 reads besides p: "token" (the latency token, the design's), "token+elapsed" (and the
     # request's measured elapsed / remaining time), "elapsed" (those times, no token)
     stage2_inputs: str = "token"
@@ -48,6 +54,11 @@ class PolicyConfig:
     # the quantile of each tier's executed latencies that the tracked table estimates: at equilibrium
     # 1 - q of a tier's episodes exceed it, so a plan at the edge of a budget violates about 1 - q
     latency_shield_quantile: float = 0.95
+    # None: off; a rate in (0, 1): the shield also keeps a margin per budget bin that steers each bin's
+    # violation rate to it (envs/shield.py), and a served request's controller reads its budget divided by it
+    latency_shield_violation_target: Optional[float] = None
+    # the margin's bins: equal parts of the training budget range (evaluate.py: one per evaluated budget)
+    latency_shield_budget_bins: int = 8
     # true: while training, the controller reads budgets and times divided by the shield's tracked scale
     # (its time_scale, as evaluate.py and answer.py set it), so it picks plans the table now lets through
     follow_shield_scale: bool = False

@@ -7,7 +7,7 @@ transformers generate.
     python runners/bench.py --backend molmoe --model_path DIR --results_dir OUT --device cuda \
         --dtype bfloat16 --image_size 640 480 --output bench_molmoe.json --markdown bench_molmoe.md
 
-On CUDA one command measures everything issue 12 asks for (sections 1-3, and 4 below) and the
+On CUDA one command measures everything issue 12 asks for (sections 1, 2 and 4) and the
 `checks` field compares the numbers with its targets.
 
 Model: --backend vlm (default): --model_path (default: the shipped checkpoint
@@ -29,7 +29,12 @@ measures a MolmoE-shaped stand-in, not the port).
    high -> medium -> low, top-k max -> min, blocks max -> min) plus the cheapest configuration,
    all interleaved in one run; median, IQR and std per configuration and the slowest/fastest
    median ratio.
-3. MolmoE-1B shape (--molmoe_shape, default on CUDA): see envs/profiling/molmoe_shape.py. Decode
+3. Controller (--controller_pairs, default 100; 0: off): both stages' measured compute per request
+   as the env charges it (stage networks timed at batch size 1 between the model's phases, so with
+   the caches as a request leaves them), the default config's controller eager against compiled
+   (policy.compile_controller; same random weights), episodes alternating in random order within
+   each pair; median and p95 of each, and their ratio.
+4. MolmoE-1B shape (--molmoe_shape, default on CUDA): see envs/profiling/molmoe_shape.py. Decode
    ms/token per (top-k, blocks), prefill per tier, vision per crop count, whole requests, and stock
    transformers OlmoeForCausalLM.generate per experts implementation and cache, same run.
 No numbers are asserted here; tests check the output's schema only.
@@ -38,6 +43,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -46,6 +53,9 @@ from pathlib import Path
 
 import torch
 
+from agents.config import DEFAULT_CONFIG, apply_overrides, load_config
+from agents.evaluation import run_episodes
+from agents.factory import make_actor, make_env
 from envs.backends import backend_class, make_backend
 from envs.backends.vlm import DEFAULT_MODEL_PATH, VLMConfig, WordTokenizer, build_model
 from envs.backends.vlm.config import PRESETS
@@ -98,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="transformers experts implementations to time (none: skip stock generate)")
     ap.add_argument("--stock_caches", nargs="*", default=["dynamic", "static"], choices=("dynamic", "static"))
     ap.add_argument("--stock_reps", type=int, default=3)
+    ap.add_argument("--controller_pairs", type=int, default=100,
+                    help="eager/compiled controller episode pairs (section 3; 0: skip it)")
     ap.add_argument("--output", required=True, help="JSON results (rewritten after every section)")
     ap.add_argument("--markdown", default=None, help="also write the results as a markdown section here")
     return ap.parse_args(argv)
@@ -215,6 +227,11 @@ def main(argv=None) -> dict:
                              warmup=args.warmup, seed=args.seed)
         print(f"[bench] knobs: slowest/fastest = {knobs['slowest_over_fastest']:.2f}x", file=sys.stderr)
         save(knob_latency=knobs)
+        if args.controller_pairs:
+            controller = controller_cost(backend, args.split, args.controller_pairs, str(args.device), args.seed)
+            print(f"[bench] controller: eager {controller['eager']['median_ms']:.3f} ms, compiled "
+                  f"{controller['compiled']['median_ms']:.3f} ms per request (median)", file=sys.stderr)
+            save(controller=controller)
         del backend
     if args.molmoe_shape != "none":
         molmoe = {}
@@ -225,6 +242,28 @@ def main(argv=None) -> dict:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(to_markdown(result))
     return result
+
+
+def controller_cost(backend, split: str, pairs: int, device: str, seed: int) -> dict:
+    """Section 3 (module doc): both stages' time per request, eager vs compiled, in the env."""
+    cfg = apply_overrides(load_config(DEFAULT_CONFIG), {"train.device": device, "train.seed": seed})
+    actors = {"eager": make_actor(apply_overrides(cfg, {"policy.compile_controller": False}), backend)[0]}
+    actors["compiled"] = make_actor(apply_overrides(cfg, {"policy.compile_controller": True}), backend)[0]
+    actors["compiled"].load_state_dict(actors["eager"].state_dict())
+    env = make_env(cfg, backend, split, 1, 1)
+    lo, hi = backend.budget_range_ms
+    rng = random.Random(seed)
+    times = {name: [] for name in actors}
+    for i in range(-2, pairs):  # two warm-up pairs (the compiled stages compile in the first)
+        for name in rng.sample(list(actors), 2):
+            ep = run_episodes(env, actors[name].eval(), torch.tensor([max(i, 0) % len(env.samples)]),
+                              torch.tensor([(lo + hi) / 2]))["episode"]
+            if i >= 0:
+                times[name].append(float(ep["stage1_controller_ms"][0] + ep["stage2_controller_ms"][0]))
+    out = {name: {"n": len(t), "median_ms": statistics.median(t),
+                  "p95_ms": float(torch.quantile(torch.tensor(t), 0.95))} for name, t in times.items()}
+    out["compiled_over_eager"] = out["compiled"]["median_ms"] / out["eager"]["median_ms"]
+    return out
 
 
 def molmoe_shape_section(args, section: dict):
@@ -358,6 +397,13 @@ def to_markdown(r: dict) -> str:
             f"{c['vision_median_ms']:.2f} | {c['prefill_median_ms']:.2f} | {c['decode_median_ms']:.2f} |"
         )
     lines += ["", f"Slowest / fastest median: {k['slowest']} / {k['fastest']} = {k['slowest_over_fastest']:.2f}x", ""]
+    if "controller" in r:
+        c = r["controller"]
+        lines += ["Controller, both stages per request as the env charges them (eager vs compiled, same weights, "
+                  "alternating episodes):", "", "| stage networks | n | median (ms) | p95 (ms) |", "|---|---|---|---|"]
+        lines += [f"| {name} | {c[name]['n']} | {c[name]['median_ms']:.3f} | {c[name]['p95_ms']:.3f} |"
+                  for name in ("eager", "compiled")]
+        lines += ["", f"Compiled / eager median: {c['compiled_over_eager']:.2f}", ""]
     if "molmoe_shape" in r:
         lines += molmoe_markdown(r["molmoe_shape"])
     lines += ["Target checks (issue 12):", "", "| check | value | target | met |", "|---|---|---|---|"]

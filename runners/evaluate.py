@@ -118,10 +118,10 @@ from agents.budget_sweep import (
     measure_config_table,
     table_policy_rows,
 )
-from agents.checkpoint import actor_meta, build_actor, check_compatible, load_checkpoint
+from agents.checkpoint import actor_meta, check_compatible, load_checkpoint
 from agents.cli import user_input
 from agents.config import apply_overrides, config_from_dict
-from agents.factory import (check_latency_shield, controller_time_scale, make_backend_from_config, make_env,
+from agents.factory import (check_latency_shield, controller_time_scale, load_actor, make_backend_from_config, make_env,
                             make_latency_shield, make_lookup_profile, measure_profile_drift)
 from agents.reporting import controller_spread, paired_comparisons, write_outputs
 from agents.sweep_schedule import EnvPolicy, run_interleaved
@@ -186,8 +186,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "run's policy setting); several: every checkpoint behind each, in the same run, as "
                         "controller:<run>@q<Q>, grouped per Q and compared paired against the first")
     p.add_argument("--latency_shield_violation_target", nargs="+",
-                   help="off (default) or a violation rate in (0, 1), e.g. 0.015: each shield also keeps a margin "
-                        "per evaluated budget that steers the rate at which that budget is exceeded to the target "
+                   help="off or a violation rate in (0, 1), e.g. 0.03 (default: each run's "
+                        "policy.latency_shield_violation_target): each shield also keeps a margin per evaluated budget that steers the rate at which that budget is exceeded to the target "
                         "(envs/shield.py, adaptive conformal inference), and the controller reads its budget divided "
                         "by it; several: every checkpoint behind each (controller:<run>@v<T>, @voff), as for "
                         "--latency_shield_quantile (both several: every pair)")
@@ -442,13 +442,13 @@ def _run(args, log) -> dict:
         if spec.kind in ENV_POLICIES:
             if env is None:
                 env = make_env(cfg, backend, split, 1, 1)
-            policy, greedy = _env_policy(spec, ckpts.get(spec.name), cfg, backend)
             own = (cfg if ckpts[spec.name] is ckpt else resolve_config(args, ckpts[spec.name])
                    ) if spec.kind == "controller" else None  # the controller's run's config
+            policy, greedy = _env_policy(spec, ckpts.get(spec.name), cfg, own, backend)
             rescale = spec.kind == "controller" and args.time_rescale == "on" and ckpts[spec.name].get("latency_scales")
             shielded = own is not None and _shield_on(args, own)
             _, quantile, target = variant_of.get(spec.name, (None, None, None))
-            if (len(variants) > 1 or target is not None) and spec.kind == "controller" and not shielded:
+            if (len(variants) > 1 or target not in (None, RUN_SETTING)) and spec.kind == "controller" and not shielded:
                 raise ValueError(f"--latency_shield_quantile / --latency_shield_violation_target set {spec.name}'s "
                                  f"shield, but its run has policy.latency_shield off: pass --latency_shield on")
             if drift is None and (rescale or shielded):
@@ -463,11 +463,12 @@ def _run(args, log) -> dict:
                 tracking = (own.policy.latency_shield_tracking if args.latency_shield_tracking is None
                             else args.latency_shield_tracking)
                 quantile = own.policy.latency_shield_quantile if quantile is None else quantile
+                target = own.policy.latency_shield_violation_target if target == RUN_SETTING else target
                 shields[spec.name] = make_latency_shield(
                     apply_overrides(cfg, {"policy.latency_shield": True, "policy.latency_shield_tracking": tracking,
-                                          "policy.latency_shield_quantile": quantile}),
-                    backend, policy, drift, table=machine_now, violation_target=target,
-                    budget_edges_ms=budget_bin_edges(budgets))
+                                          "policy.latency_shield_quantile": quantile,
+                                          "policy.latency_shield_violation_target": target}),
+                    backend, policy, drift, table=machine_now, budget_edges_ms=budget_bin_edges(budgets))
             env_policies.append(EnvPolicy(spec.name, policy, greedy, shields.get(spec.name), time_scales.get(spec.name)))
     log(f"interleaved run: {n} {split} samples x ({len(configs)} static configurations + {len(env_policies)} env "
         f"policies x {len(budgets)} budgets) + {len(calibration_index)} {calibration_split} calibration samples x "
@@ -591,13 +592,11 @@ def controller_checkpoints(paths, variants: list[str] | None = None) -> dict[str
     return {f"{name}@{v}": ck for name, ck in out.items() for v in variants} if variants else out
 
 
-def _env_policy(spec, ckpt, cfg, backend) -> tuple:
-    """(policy, greedy) of an env policy: the checkpoint's controller, or the seeded random policy."""
+def _env_policy(spec, ckpt, cfg, own_cfg, backend) -> tuple:
+    """(policy, greedy) of an env policy: the checkpoint's controller (as its run's config `own_cfg`
+    runs it, on this run's device), or the seeded random policy."""
     if spec.kind == "controller":
-        actor = build_actor(ckpt["policy_meta"]).to(cfg.train.device)
-        actor.load_state_dict(ckpt["policy"])
-        actor.eval()
-        return actor, True
+        return load_actor(ckpt, apply_overrides(own_cfg, {"train.device": cfg.train.device})), True
     return RandomPolicy(backend.knob_space, backend.d_model, seed=cfg.train.seed), False
 
 
@@ -612,14 +611,19 @@ def _violation_target(value: str) -> float | None:
     return check_violation_target(target, "--latency_shield_violation_target")
 
 
-def shield_variants(quantiles: list[float], targets: list[float | None]) -> list[tuple[str, float | None, float | None]]:
+# A shield variant's violation target when --latency_shield_violation_target is not given.
+RUN_SETTING = "run"
+
+
+def shield_variants(quantiles: list[float], targets: list[float | None]) -> list[tuple[str, float | None, object]]:
     """(label, quantile, violation target) of every shield the checkpoints run behind: each pair of the
-    given values (None: the run's quantile / no margin); a label names the settings given several values."""
+    given values (quantile None: the run's; target None: no margin, RUN_SETTING: the run's); a label
+    names the settings given several values."""
     def label(q, t) -> str:
         parts = [f"q{q:g}"] if len(quantiles) > 1 else []
         parts += [f"v{t:g}" if t is not None else "voff"] if len(targets) > 1 else []
         return "+".join(parts)
-    return [(label(q, t), q, t) for q in (quantiles or [None]) for t in (targets or [None])]
+    return [(label(q, t), q, t) for q in (quantiles or [None]) for t in (targets or [RUN_SETTING])]
 
 
 def budget_bin_edges(budgets: list[float]) -> list[float]:

@@ -42,6 +42,7 @@ from agents.baselines import PROFILE_DRIFT_TOLERANCE, RandomPolicy
 from agents.budget_sweep import controller_budget_sweep, default_budgets
 from agents.cli import UserError, fail, user_input
 from agents.config import (
+    DEFAULT_CONFIG,
     RESUMABLE_FIELDS,
     Config,
     apply_overrides,
@@ -69,10 +70,10 @@ from agents.distributed import (
 )
 from agents.constraint import episode_budgets
 from agents.evaluation import beats_incumbent, dummy_reference_rewards, heldout_budgets, run_episodes, summarize
-from agents.factory import (check_best_margin, check_follow_shield_scale, check_latency_shield, check_shield_quantile,
-                            check_shield_tracking, check_warm_start, make_actor, make_backend_from_config, make_env,
-                            make_latency_shield, make_logger, make_loss, make_violation_multiplier,
-                            measure_profile_drift, warm_start_actor)
+from agents.factory import (check_best_margin, check_follow_shield_scale, check_latency_shield, check_shield_budget_bins,
+                            check_shield_quantile, check_shield_tracking, check_shield_violation_target, check_warm_start,
+                            make_actor, make_backend_from_config, make_env, make_latency_shield, make_logger, make_loss,
+                            make_violation_multiplier, measure_profile_drift, warm_start_actor)
 from agents.grpo import grpo_update, make_optimizer, set_learning_rate
 from agents.reporting import accuracy_vs_budget_figure
 from agents.rollout import collect_rollouts
@@ -83,7 +84,6 @@ from envs.shield import following_time_scale
 from policies import STAGE2_INPUTS
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 # Flags of the original design (same names) mapped onto config fields.
 FLAG_TO_FIELD = {
     "results_dir": "data.results_dir",
@@ -375,6 +375,8 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         check_latency_shield(cfg)
         check_shield_tracking(cfg)
         check_shield_quantile(cfg)
+        check_shield_violation_target(cfg)
+        check_shield_budget_bins(cfg)
         follow_shield = check_follow_shield_scale(cfg)
         check_best_margin(cfg)
         optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)

@@ -380,3 +380,17 @@ def test_violation_targets_put_the_checkpoint_behind_a_margin_per_budget(run_dir
     assert "policy.latency_shield off: pass --latency_shield on" in _error(
         evaluate_main, *base, "--latency_shield_violation_target", "0.02")
     assert not (tmp_path / "bad" / "eval.json").exists()
+
+
+def test_without_the_flag_each_controller_keeps_its_runs_violation_target(run_dir, tmp_path, evaluate_main):
+    own = tmp_path / "own.yaml"
+    own.write_text("policy: {latency_shield: true, latency_shield_violation_target: 0.05}\n")
+    result = evaluate_main(["--checkpoint", str(run_dir), "--output_dir", str(tmp_path / "own"), "--num_samples", "3",
+                            "--budgets", "60", "140", "--policies", "controller", "--config", str(own)])
+    meta = result["meta"]["latency_shield"]
+    assert meta["violation_targets"] == {"controller": 0.05}
+    assert meta["tables"]["controller"]["budget_edges_ms"] == [100.0]  # one bin per evaluated budget
+    result = evaluate_main(["--checkpoint", str(run_dir), "--output_dir", str(tmp_path / "off"), "--num_samples", "3",
+                            "--budgets", "60", "140", "--policies", "controller", "--config", str(own),
+                            "--latency_shield_violation_target", "off"])
+    assert result["meta"]["latency_shield"]["violation_targets"] == {"controller": None}

@@ -113,3 +113,31 @@ def test_config_fixes_the_controller_time_for_training():
     env = make_env("dummy", batch_size=1, group_size=2)
     with torch.no_grad():
         assert (actor(env.reset())["action", "controller_ms"] == 0.3).all()
+
+
+def test_compiled_stages_act_as_the_eager_ones_and_a_new_time_scale_does_not_recompile():
+    import torch._dynamo
+
+    from agents.config import config_from_dict
+    from agents.factory import make_actor, make_backend_from_config
+
+    cfg = config_from_dict({"policy": {"hidden_dim": 16, "sinusoidal_dim": 16, "compile_controller": True}})
+    backend = make_backend_from_config(cfg)
+    compiled, _ = make_actor(cfg, backend)
+    eager, _ = make_actor(config_from_dict({"policy": {"hidden_dim": 16, "sinusoidal_dim": 16}}), backend)
+    eager.load_state_dict(compiled.state_dict())
+    assert compiled.compiled_stages and not eager.compiled_stages
+    env = make_env(backend, batch_size=3, group_size=1)
+    td = env.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        for scale in (1.0, 1.3, 0.7):
+            compiled.time_scale = eager.time_scale = scale
+            a, b = compiled(td.clone()), eager(td.clone())
+            assert torch.allclose(a["action", "budget_token"], b["action", "budget_token"], atol=1e-5)
+            for head in ("tier", "insertion"):
+                assert (a["action", head] == b["action", head]).all()
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames == 1  # Stage 1 compiled once, whatever the time scale
+    with pytest.raises(ValueError, match="policy.compile_controller='yes': expected true or false"):
+        make_actor(config_from_dict({"policy": {"compile_controller": "yes"}}), backend)

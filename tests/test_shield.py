@@ -10,8 +10,8 @@ import torch
 from agents.baselines import dummy_closed_form_profile, load_profile
 from agents.config import config_from_dict
 from agents.evaluation import run_episodes, summarize
-from agents.factory import (check_follow_shield_scale, check_latency_shield, check_shield_quantile, check_shield_tracking,
-                            make_actor, make_backend_from_config, make_latency_shield, make_loss, make_lookup_profile,
+from agents.factory import (check_follow_shield_scale, check_latency_shield, check_shield_budget_bins, check_shield_quantile,
+                            check_shield_tracking, check_shield_violation_target, make_actor, make_backend_from_config, make_latency_shield, make_loss, make_lookup_profile,
                             shield_from_profile)
 from envs import make_env
 from envs.knobs import KnobSpace
@@ -131,6 +131,32 @@ def test_make_latency_shield_adds_the_controllers_own_time_to_the_profile():
     strict = {**TINY["policy"], "latency_shield": True, "latency_shield_tracking": 0.05, "latency_shield_quantile": 0.98}
     tracked = make_latency_shield(config_from_dict({**TINY, "policy": strict}), backend, actor)
     assert (tracked.quantile, tracked.tracking_rate, shield.quantile) == (0.98, 0.05, 0.95)  # the settings reach it
+    assert shield.violation_target is None and (shield.margin == 1).all()
+
+
+def test_the_violation_target_setting_gives_the_shield_a_margin_per_equal_part_of_the_budget_range():
+    policy = {**TINY["policy"], "latency_shield": True, "latency_shield_violation_target": 0.03,
+              "latency_shield_budget_bins": 4}
+    cfg = config_from_dict({**TINY, "policy": policy})
+    backend = make_backend_from_config(cfg)
+    shield = make_latency_shield(cfg, backend, make_actor(cfg, backend)[0])
+    lo, hi = backend.budget_range_ms
+    assert shield.violation_target == 0.03
+    assert shield.budget_edges_ms.tolist() == pytest.approx([lo + (hi - lo) * i / 4 for i in (1, 2, 3)])
+    assert [shield.budget_bin(b) for b in (lo, (lo + hi) / 2 + 1e-6, hi, hi * 2)] == [0, 2, 3, 3]
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("latency_shield_violation_target", 0.0, r"expected a number in \(0, 1\)"),
+    ("latency_shield_violation_target", "low", r"expected a number in \(0, 1\)"),
+    ("latency_shield_budget_bins", 0, "expected an integer >= 1"),
+    ("latency_shield_budget_bins", 2.5, "expected an integer >= 1"),
+])
+def test_bad_margin_settings_fail_naming_the_field(field, value, expected):
+    cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True, field: value}})
+    check = check_shield_violation_target if "target" in field else check_shield_budget_bins
+    with pytest.raises(ValueError, match=rf"policy.{field}={value!r}: {expected}"):
+        check(cfg)
 
 
 def test_the_shields_table_never_passes_a_plan_while_it_cuts_a_cheaper_one(tmp_path):
