@@ -152,7 +152,7 @@ def test_the_violation_target_setting_gives_the_shield_a_margin_per_equal_part_o
     ("latency_shield_budget_bins", 0, "expected an integer >= 1"),
     ("latency_shield_budget_bins", 2.5, "expected an integer >= 1"),
 ])
-def test_bad_margin_settings_fail_naming_the_field(field, value, expected):
+def test_bad_margin_config_settings_fail_naming_the_field(field, value, expected):
     cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True, field: value}})
     check = check_shield_violation_target if "target" in field else check_shield_budget_bins
     with pytest.raises(ValueError, match=rf"policy.{field}={value!r}: {expected}"):
