@@ -187,7 +187,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "controller:<run>@q<Q>, grouped per Q and compared paired against the first")
     p.add_argument("--latency_shield_violation_target", nargs="+",
                    help="off or a violation rate in (0, 1), e.g. 0.03 (default: each run's "
-                        "policy.latency_shield_violation_target): each shield also keeps a margin per evaluated budget that steers the rate at which that budget is exceeded to the target "
+                        "policy.latency_shield_violation_target): each shield also keeps a margin per evaluated "
+                        "budget that steers the rate at which that budget is exceeded to the target "
                         "(envs/shield.py, adaptive conformal inference), and the controller reads its budget divided "
                         "by it; several: every checkpoint behind each (controller:<run>@v<T>, @voff), as for "
                         "--latency_shield_quantile (both several: every pair)")
