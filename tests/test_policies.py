@@ -139,8 +139,8 @@ def test_compiled_stages_act_as_the_eager_ones_and_a_new_time_scale_does_not_rec
                 assert (a["action", head] == b["action", head]).all()
         for actor in (compiled, eager):  # an optimiser step: the compiled graph reads the new weights
             actor.budget_encoder.mlp[0].bias.add_(0.5)
-        assert torch.allclose(compiled(td.clone())["action", "budget_token"], eager(td.clone())["action", "budget_token"],
-                              atol=1e-5)
+        tokens = [actor(td.clone())["action", "budget_token"] for actor in (compiled, eager)]
+        assert torch.allclose(*tokens, atol=1e-5)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames == 1  # Stage 1 compiled once, whatever the time scale
     with pytest.raises(ValueError, match="policy.compile_controller='yes': expected true or false"):

@@ -10,8 +10,9 @@ import torch
 from agents.baselines import dummy_closed_form_profile, load_profile
 from agents.config import config_from_dict
 from agents.evaluation import run_episodes, summarize
-from agents.factory import (check_follow_shield_scale, check_latency_shield, check_shield_budget_bins, check_shield_quantile,
-                            check_shield_tracking, check_shield_violation_target, make_actor, make_backend_from_config, make_latency_shield, make_loss, make_lookup_profile,
+from agents.factory import (check_follow_shield_scale, check_latency_shield, check_shield_budget_bins,
+                            check_shield_quantile, check_shield_tracking, check_shield_violation_target, make_actor,
+                            make_backend_from_config, make_latency_shield, make_loss, make_lookup_profile,
                             shield_from_profile)
 from envs import make_env
 from envs.knobs import KnobSpace
@@ -183,7 +184,8 @@ def test_a_non_boolean_setting_fails_naming_the_field():
 
 def test_a_shielded_training_run_logs_its_shield_rate_and_evaluates_through_it(tmp_path):
     config = tiny_config(tmp_path, policy={**TINY["policy"], "latency_shield": True, "latency_shield_tracking": 0.2,
-                                           "follow_shield_scale": True}, train={"num_epochs": 1})
+                                           "follow_shield_scale": True, "latency_shield_violation_target": 0.03,
+                                           "latency_shield_budget_bins": 2}, train={"num_epochs": 1})
     out = tmp_path / "run"
     train_main("--config", config, "--output_dir", out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -194,6 +196,9 @@ def test_a_shielded_training_run_logs_its_shield_rate_and_evaluates_through_it(t
     # the controller read times divided by the tracking shield's scale, which every episode moved
     scales = [r["train/time_scale"] for r in rows if "train/time_scale" in r]
     assert scales and all(math.isfinite(x) and x > 0 for x in scales) and any(x != 1.0 for x in scales)
+    # the margin per half of the budget range, which the training episodes moved
+    margins = [[r[f"train/shield_margin_bin{b}"] for b in (0, 1)] for r in rows if "train/shield_margin_bin0" in r]
+    assert margins and all(0.8 <= m <= 1.5 for row in margins for m in row) and margins[-1] != [1.0, 1.0]
     final = json.loads((out / "final_eval.json").read_text())
     # the random floor as it is, and its same draws through the shield
     assert final["uniform_random"]["shield_rate"] == 0.0
