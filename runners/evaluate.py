@@ -14,7 +14,8 @@ family-oracle is left out when the samples carry no question family):
                               gives their mean and standard deviation per budget; with several
                               --latency_shield_quantile or --latency_shield_violation_target values,
                               every checkpoint behind each shield (controller:<run>@q<Q>, @v<T> / @voff,
-                              @q<Q>+v<T> for both), grouped per shield, each group paired against the first
+                              @q<Q>+v<T> for both: every pair, or with --latency_shield_pairing zip the
+                              i-th of each), grouped per shield, each group paired against the first
   static:<tier>,<top_k>,<N>   one fixed configuration (insertion = the smallest p)
   lookup-calibrated           per budget, the configuration with the best accuracy on the calibration
                               set (the first M samples of --calibration_split, disjoint from the test
@@ -192,6 +193,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(envs/shield.py, adaptive conformal inference), and the controller reads its budget divided "
                         "by it; several: every checkpoint behind each (controller:<run>@v<T>, @voff), as for "
                         "--latency_shield_quantile (both several: every pair)")
+    p.add_argument("--latency_shield_pairing", choices=("product", "zip"), default="product",
+                   help="product (default): every pair of the --latency_shield_quantile and "
+                        "--latency_shield_violation_target values; zip: the i-th quantile with the i-th target, "
+                        "e.g. 0.98 0.95 with off 0.03: two shields, @q0.98+voff and @q0.95+v0.03")
     p.add_argument("--time_rescale", choices=("on", "off"), default="on",
                    help="on (default): each controller reads budgets and times in its training machine's units, "
                         "divided by this machine's latency over the training run's at its start (measured here at "
@@ -327,12 +332,20 @@ def _run(args, log) -> dict:
     if args.calibration_samples < 1:
         raise ValueError(f"--calibration_samples={args.calibration_samples}: expected >= 1")
     quantiles = [check_quantile(q, "--latency_shield_quantile") for q in args.latency_shield_quantile or ()]
-    if len(set(quantiles)) < len(quantiles):
+    targets = [_violation_target(t) for t in args.latency_shield_violation_target or ()]
+    paired = args.latency_shield_pairing == "zip"
+    if paired and (len(quantiles) != len(targets) or len(quantiles) < 2):
+        raise ValueError(f"--latency_shield_pairing zip pairs the i-th --latency_shield_quantile with the i-th "
+                         f"--latency_shield_violation_target: got {len(quantiles)} and {len(targets)} values; expected "
+                         f"as many of each, >= 2")
+    if paired and len(set(zip(quantiles, targets))) < len(quantiles):
+        raise ValueError(f"--latency_shield_pairing zip: a (quantile, violation target) pair given twice in "
+                         f"{list(zip(quantiles, targets))}; expected distinct pairs")
+    if not paired and len(set(quantiles)) < len(quantiles):
         raise ValueError(f"--latency_shield_quantile={quantiles}: a value given twice; expected distinct quantiles")
     if len(quantiles) > 1 and args.latency_shield == "off":
         raise ValueError(f"--latency_shield_quantile={quantiles} compares shields, but --latency_shield is off")
-    targets = [_violation_target(t) for t in args.latency_shield_violation_target or ()]
-    if len(set(targets)) < len(targets):
+    if not paired and len(set(targets)) < len(targets):
         raise ValueError(f"--latency_shield_violation_target={args.latency_shield_violation_target}: a value given "
                          f"twice; expected distinct targets")
     if any(t is not None for t in targets) and args.latency_shield == "off":
@@ -350,7 +363,7 @@ def _run(args, log) -> dict:
         raise ValueError(f"--latency_reference calibration needs --calibration_phase first or two-pass (got "
                          f"{args.calibration_phase!r}): the calibration must be measured before anything it sets")
 
-    variants = shield_variants(quantiles, targets)
+    variants = shield_variants(quantiles, targets, paired)
     ckpts = controller_checkpoints(args.checkpoint, [label for label, _, _ in variants] if len(variants) > 1 else None)
     by_label = {v[0]: v for v in variants}  # one variant: label "", every checkpoint behind it
     variant_of = {name: by_label[name.rpartition("@")[2] if len(variants) > 1 else ""] for name in ckpts}
@@ -616,15 +629,18 @@ def _violation_target(value: str) -> float | None:
 RUN_SETTING = "run"
 
 
-def shield_variants(quantiles: list[float], targets: list[float | None]) -> list[tuple[str, float | None, object]]:
+def shield_variants(quantiles: list[float], targets: list[float | None],
+                    paired: bool = False) -> list[tuple[str, float | None, object]]:
     """(label, quantile, violation target) of every shield the checkpoints run behind: each pair of the
-    given values (quantile None: the run's; target None: no margin, RUN_SETTING: the run's); a label
-    names the settings given several values."""
+    given values, or with `paired` the i-th quantile with the i-th target (quantile None: the run's;
+    target None: no margin, RUN_SETTING: the run's); a label names the settings given several values."""
     def label(q, t) -> str:
         parts = [f"q{q:g}"] if len(quantiles) > 1 else []
         parts += [f"v{t:g}" if t is not None else "voff"] if len(targets) > 1 else []
         return "+".join(parts)
-    return [(label(q, t), q, t) for q in (quantiles or [None]) for t in (targets or [RUN_SETTING])]
+    pairs = (zip(quantiles, targets) if paired
+             else [(q, t) for q in (quantiles or [None]) for t in (targets or [RUN_SETTING])])
+    return [(label(q, t), q, t) for q, t in pairs]
 
 
 def budget_bin_edges(budgets: list[float]) -> list[float]:

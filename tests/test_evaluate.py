@@ -382,6 +382,26 @@ def test_violation_targets_put_the_checkpoint_behind_a_margin_per_budget(run_dir
     assert not (tmp_path / "bad" / "eval.json").exists()
 
 
+def test_zip_pairing_puts_the_checkpoint_behind_the_ith_quantile_and_target(run_dir, tmp_path, evaluate_main):
+    result = evaluate_main(["--checkpoint", str(run_dir), "--output_dir", str(tmp_path / "z"), "--num_samples", "3",
+                            "--budgets", "60", "140", "--policies", "controller", "--latency_shield", "on",
+                            "--latency_shield_quantile", "0.95", "0.95", "--latency_shield_violation_target", "off",
+                            "0.05", "--latency_shield_pairing", "zip"])
+    names = ["controller:run@q0.95+voff", "controller:run@q0.95+v0.05"]
+    meta = result["meta"]["latency_shield"]
+    assert result["meta"]["policies"] == names and meta["violation_targets"] == dict(zip(names, [None, 0.05]))
+    assert meta["quantiles"] == dict.fromkeys(names, 0.95)
+    assert "controllers@q0.95+v0.05 - controllers@q0.95+voff" in result["meta"]["paired_differences"]
+    base = ["--checkpoint", run_dir, "--output_dir", tmp_path / "bad", "--num_samples", "2", "--latency_shield", "on",
+            "--latency_shield_pairing", "zip"]
+    assert "got 2 and 1 values; expected as many of each, >= 2" in _error(
+        evaluate_main, *base, "--latency_shield_quantile", "0.9", "0.95", "--latency_shield_violation_target", "off")
+    assert "a (quantile, violation target) pair given twice" in _error(
+        evaluate_main, *base, "--latency_shield_quantile", "0.9", "0.9",
+        "--latency_shield_violation_target", "off", "off")
+    assert not (tmp_path / "bad" / "eval.json").exists()
+
+
 def test_without_the_flag_each_controller_keeps_its_runs_violation_target(run_dir, tmp_path, evaluate_main):
     own = tmp_path / "own.yaml"
     own.write_text("policy: {latency_shield: true, latency_shield_violation_target: 0.05}\n")
