@@ -30,8 +30,8 @@ measures a MolmoE-shaped stand-in, not the port).
    all interleaved in one run; median, IQR and std per configuration and the slowest/fastest
    median ratio.
 3. Controller (--controller_pairs, default 100; 0: off): both stages' measured compute per request
-   as the env charges it (stage networks timed at batch size 1 between the model's phases, so with
-   the caches as a request leaves them), the default config's controller eager against compiled
+   as the env charges it (stage networks timed at batch size 1 between the model's phases, as a
+   request runs them), the default config's controller eager against compiled
    (policy.compile_controller; same random weights), episodes alternating in random order within
    each pair; median and p95 of each, and their ratio.
 4. MolmoE-1B shape (--molmoe_shape, default on CUDA): see envs/profiling/molmoe_shape.py. Decode
@@ -119,6 +119,8 @@ def validate(args) -> None:
     for name in ("pairs", "knob_samples", "repeats", "max_new_tokens", "threads", "decode_tokens", "molmoe_reps",
                  "stock_reps"):
         check_positive_int(f"--{name}", getattr(args, name))
+    if args.controller_pairs < 0:
+        raise ValueError(f"--controller_pairs={args.controller_pairs}: expected >= 0 (0 skips section 3)")
     if args.backend not in PROFILE_BACKENDS:
         raise ValueError(f"--backend={args.backend!r} is not known; expected one of {PROFILE_BACKENDS}")
     dtypes = backend_class(args.backend).DTYPES

@@ -105,6 +105,13 @@ def test_molmoe_shape_section_schema(tmp_path):
     assert "MolmoE-1B shape" in md.read_text() and "Stock transformers" in md.read_text()
 
 
+def test_negative_controller_pairs_fail_naming_the_flag(tmp_path):
+    with pytest.raises(ValueError, match=r"--controller_pairs=-1: expected >= 0"):
+        bench.main(["--random_model", "--preset", "test", *FAST, "--controller_pairs", "-1",
+                    "--output", str(tmp_path / "b.json")])
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_bench_random_model_says_so(tmp_path):
     result = bench.main(["--random_model", "--preset", "test", *FAST, "--output", str(tmp_path / "b.json")])
     assert result["model"].startswith("random weights, preset test")
