@@ -155,7 +155,6 @@ class HierarchicalController(TensorDictModuleBase):
         # A plain tuple: the actors are views over the predictors registered above, so every
         # parameter (and state_dict key) appears once, under stage1. / stage2. / budget_encoder.
         self.stage_actors = (stage1_actor, stage2_actor)
-        self.compiled_stages = False  # compile_stages
         self.in_keys = ["stage", *dict.fromkeys(k for actor in self.stage_actors for k in actor.in_keys)]
         self.out_keys = self.action_keys + [(ACTION_KEY, "budget_token"), (ACTION_KEY, "controller_ms")] + self.log_prob_keys
 
@@ -181,7 +180,11 @@ class HierarchicalController(TensorDictModuleBase):
         the timed part; the loss's batched calls stay eager."""
         for actor in self.stage_actors:
             actor.module[0].compiled = torch.compile(actor.module[0]._outputs, dynamic=False)
-        self.compiled_stages = True
+
+    @property
+    def compiled_stages(self) -> bool:
+        """Whether compile_stages has run."""
+        return all(actor.module[0].compiled is not None for actor in self.stage_actors)
 
     @property
     def stage1_actor(self) -> ProbabilisticTensorDictSequential:
@@ -240,7 +243,7 @@ class HierarchicalController(TensorDictModuleBase):
             outputs = network.compute(*inputs)
             controller_ms = torch.full((n, 1), self.fixed_controller_ms, device=device)
         else:
-            compiled = self.compiled_stages and not torch.is_grad_enabled()
+            compiled = network.compiled is not None and not torch.is_grad_enabled()
             if compiled and not network.compiled_warm:  # compiles here, not in a request's time
                 for _ in range(2):
                     network.compute(*(x[:1] for x in inputs), compiled=True)
