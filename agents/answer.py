@@ -65,6 +65,9 @@ def load_controller(run: str | Path, device: str | None = None) -> Controller:
         # The run's CPU threads: its latencies (and so its budgets) were measured with them.
         torch.set_num_threads(cfg.train.num_threads)
     backend = make_backend_from_config(cfg)
+    # The range the controller trained at (with env.budget_range "machine", its machine's, not the
+    # profile's): the shield's budget bins and budget_in_trained_range read it.
+    backend.budget_range_ms = tuple(ckpt["policy_meta"]["budget_range_ms"])
     policy = cfg.policy
     expected = actor_meta(backend, policy.hidden_dim, policy.sinusoidal_dim, policy.stage2_inputs)
     check_compatible(ckpt["policy_meta"], expected, ckpt["path"])

@@ -17,6 +17,10 @@ class EnvConfig:
     backend: str = "dummy"  # "dummy" (closed-form stand-in) or "vlm" (the embedded MoE VLM)
     backend_options: dict = field(default_factory=dict)  # extra keyword arguments of the backend
     reward: dict = field(default_factory=dict)  # reward weights (accuracy, latency, violation, complexity, efficiency)
+    # the training budgets' range: "profile" (the backend's: profile.json's, or backend_options'
+    # budget_range_ms) or "machine" (the profile runner's rule over the profile rescaled by the
+    # training run's start-up measurement of this machine, agents.factory.machine_budget_range)
+    budget_range: str = "profile"
 
 
 @dataclass

@@ -121,7 +121,7 @@ from agents.budget_sweep import (
 )
 from agents.checkpoint import actor_meta, check_compatible, load_checkpoint
 from agents.cli import user_input
-from agents.config import apply_overrides, config_from_dict
+from agents.config import Config, apply_overrides, config_from_dict
 from agents.factory import (check_latency_shield, controller_time_scale, load_actor, make_backend_from_config, make_env,
                             make_latency_shield, make_lookup_profile, measure_profile_drift)
 from agents.reporting import controller_spread, paired_comparisons, write_outputs
@@ -258,10 +258,10 @@ def resolve_config(args, ckpt: dict):
     return config_from_dict(_merge(raw, {k: v for k, v in flags.items() if v}))
 
 
-def check_checkpoint_fits(ckpt: dict, policy, backend) -> list[str]:
-    """check_compatible (against `policy`, a policy config section) plus the backend/model it was
-    trained on; returns warnings."""
-    meta = ckpt["policy_meta"]
+def check_checkpoint_fits(ckpt: dict, run_cfg: Config, backend) -> list[str]:
+    """check_compatible (against the policy section of `run_cfg`, its run's config) plus the
+    backend/model it was trained on; returns warnings."""
+    meta, policy = ckpt["policy_meta"], run_cfg.policy
     check_compatible(meta, actor_meta(backend, policy.hidden_dim, policy.sinusoidal_dim, policy.stage2_inputs), ckpt["path"])
     trained = meta.get("backend") or {}
     now = backend.describe()
@@ -271,7 +271,8 @@ def check_checkpoint_fits(ckpt: dict, policy, backend) -> list[str]:
     warnings = []
     if trained.get("model_path") and trained["model_path"] != now.get("model_path"):
         warnings.append(f"checkpoint was trained on model {trained['model_path']}, evaluating on {now.get('model_path')}")
-    if list(meta.get("budget_range_ms", [])) != list(backend.budget_range_ms):
+    # env.budget_range "machine": the run measured its range on its machine, as this evaluation does on this one
+    if run_cfg.env.budget_range != "machine" and list(meta.get("budget_range_ms", [])) != list(backend.budget_range_ms):
         warnings.append(f"checkpoint's budget range {meta.get('budget_range_ms')} differs from the backend's "
                         f"{list(backend.budget_range_ms)}")
     return warnings
@@ -380,7 +381,7 @@ def _run(args, log) -> dict:
     specs = parse_policies(args.policies or DEFAULT_POLICIES, ks)  # before the checkpoint check: a typo fails first
     specs = [c for s in specs for c in ([PolicySpec(name, s.kind) for name in ckpts] if s.kind == "controller" else [s])]
     warnings = [w if len(ckpts) == 1 else f"{name}: {w}" for name, ck in ckpts.items()
-                for w in check_checkpoint_fits(ck, cfg.policy if ck is ckpt else resolve_config(args, ck).policy, backend)]
+                for w in check_checkpoint_fits(ck, cfg if ck is ckpt else resolve_config(args, ck), backend)]
     for w in warnings:
         log(f"warning: {w}")
     samples = backend.dataset(split)

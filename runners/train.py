@@ -70,11 +70,11 @@ from agents.distributed import (
 )
 from agents.constraint import episode_budgets
 from agents.evaluation import beats_incumbent, dummy_reference_rewards, heldout_budgets, run_episodes, summarize
-from agents.factory import (check_best_margin, check_follow_shield_scale, check_latency_shield,
+from agents.factory import (check_best_margin, check_budget_range, check_follow_shield_scale, check_latency_shield,
                             check_shield_budget_bins, check_shield_quantile, check_shield_tracking,
                             check_shield_violation_target, check_warm_start, make_actor, make_backend_from_config,
-                            make_env, make_latency_shield, make_logger, make_loss, make_violation_multiplier,
-                            measure_profile_drift, warm_start_actor)
+                            machine_budget_range, make_env, make_latency_shield, make_logger, make_loss,
+                            make_violation_multiplier, measure_profile_drift, warm_start_actor)
 from agents.grpo import grpo_update, make_optimizer, set_learning_rate
 from agents.reporting import accuracy_vs_budget_figure
 from agents.rollout import collect_rollouts
@@ -217,16 +217,36 @@ def check_same_device_model(ranks: RankContext) -> None:
                          f"run on one GPU model (CUDA_VISIBLE_DEVICES)")
 
 
-def report_drift(scales: dict[str, float]) -> None:
+def report_drift(scales: dict[str, float], range_rescaled: bool) -> None:
     """One line with this machine's mean latency against the profile's per tier, and a warning when a
     tier is off by more than PROFILE_DRIFT_TOLERANCE."""
     line = ", ".join(f"{tier} x{v:.2f}" for tier, v in scales.items())
     off = [tier for tier, v in scales.items() if abs(v - 1) > PROFILE_DRIFT_TOLERANCE]
     print(f"latency against the profile (mean here / profiled): {line}", flush=True)
     if off:
+        what = ("the lookup tables and budget range are rescaled by these ratios" if range_rescaled else
+                "the lookup tables are rescaled by these ratios, the budget range is not (env.budget_range profile)")
         print(f"warning: tier(s) {', '.join(off)} run more than {PROFILE_DRIFT_TOLERANCE:.0%} off the profile's "
-              f"latency on this machine: its budget range and lookup tables may not fit here; re-profile with "
-              f"runners/profile_configs.py for budgets measured on this machine", file=sys.stderr, flush=True)
+              f"latency on this machine: {what}; re-profile with runners/profile_configs.py for tables measured "
+              f"on this machine", file=sys.stderr, flush=True)
+
+
+def set_machine_budget_range(backend, drift: dict[str, float] | None, resume_ckpt: dict | None,
+                             ranks: RankContext) -> None:
+    """env.budget_range "machine": the backend's training budget range becomes this machine's
+    (agents.factory.machine_budget_range on rank 0's start-up measurement, the same on every rank);
+    a resumed run keeps the range it trained at; a backend without a profile (the dummy) keeps its own."""
+    if resume_ckpt is not None:
+        lo_hi = resume_ckpt["policy_meta"]["budget_range_ms"]
+    else:
+        lo_hi = broadcast_object(ranks, machine_budget_range(backend, drift) if drift else None,
+                                 "the machine's budget range")
+    if lo_hi is None:
+        return
+    if ranks.is_main and resume_ckpt is None:
+        print(f"budget range on this machine: [{lo_hi[0]:.1f}, {lo_hi[1]:.1f}] ms (the profile's: "
+              f"[{backend.budget_range_ms[0]:.1f}, {backend.budget_range_ms[1]:.1f}])", flush=True)
+    backend.budget_range_ms = tuple(float(v) for v in lo_hi)
 
 
 def on_main_rank(ranks: RankContext, check) -> None:
@@ -361,6 +381,12 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         rank_cfg = apply_overrides(cfg, {"train.device": str(ranks.device),
                                          "train.seed": rank_seed(tc.seed, ranks.rank)})
         backend = make_backend_from_config(rank_cfg)
+        # This machine's latency against the profile, measured once at the run's start (rank 0): the
+        # tables the warm start and the shield read are rescaled by it, the policy learns its budgets in
+        # its units, and with env.budget_range "machine" it sets the training budget range.
+        drift = measure_profile_drift(backend) if ranks.is_main and resume_ckpt is None else None
+        if check_budget_range(cfg) == "machine":
+            set_machine_budget_range(backend, drift, resume_ckpt, ranks)
         # The batch's groups are split over the ranks; their episodes run on this rank's backend.
         local_groups = len(range(tc.batch_size)[shard(tc.batch_size, ranks)])
         train_env = make_env(rank_cfg, backend, "train", local_groups, tc.group_size)
@@ -479,13 +505,11 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
             best_val, best_val_rewards = metrics["reward_mean"], rewards
             checkpoint("best.pt")
 
-    drift = None
     if step == 0:
-        if ranks.is_main:  # a stale profile makes the budget range and every lookup table wrong: say so
-            drift = latency_scales = measure_profile_drift(backend)
-            if drift:
-                log({f"profile/latency_scale_{tier}": v for tier, v in drift.items()}, 0)
-                report_drift(drift)
+        latency_scales = drift
+        if drift:  # a stale profile makes the budget range and every lookup table wrong: say so
+            log({f"profile/latency_scale_{tier}": v for tier, v in drift.items()}, 0)
+            report_drift(drift, cfg.env.budget_range == "machine")
         if cfg.policy.warm_start is not None:  # rank 0 imitates the lookup table; every rank takes its weights
             warm = warm_start_actor(rank_cfg, actor, backend, drift) if ranks.is_main else {}
             broadcast_module_state(ranks, actor, "the warm-started weights' broadcast")

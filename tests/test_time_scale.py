@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from agents.checkpoint import load_checkpoint
-from agents.factory import controller_time_scale
+from agents.config import config_from_dict
+from agents.factory import check_budget_range, controller_time_scale, machine_budget_range, make_backend_from_config
 from agents.rollout import collect_rollouts
 from agents.sweep_schedule import EnvPolicy
 from envs import KnobSpace, make_env
 from envs.shield import LatencyShield, following_time_scale
 from helpers import load_runner
 from policies import HierarchicalController
-from train_runs import tiny_config, train_main
+from train_runs import TINY, tiny_config, train_main
 
 
 def _logits(actor, stage: int, td) -> torch.Tensor:
@@ -108,3 +109,29 @@ def test_the_controller_reads_its_budget_divided_by_the_shields_margin_for_it():
     env, policy = type("Env", (), {"shield": None})(), type("Policy", (), {"time_scale": 1.0})()
     EnvPolicy("controller", policy, True, shield, time_scale=1.2).prepare(env, 110.0)
     assert policy.time_scale == pytest.approx(1.2 * math.exp(0.1 * 0.98))
+
+
+def test_a_machine_budget_range_run_trains_at_the_profiles_range_rescaled_to_its_machine(tmp_path, monkeypatch):
+    train = load_runner("train")
+    backend = make_backend_from_config(config_from_dict(TINY))  # the dummy: its closed form is its profile
+    at_profile = machine_budget_range(backend, {"low": 1.0, "medium": 1.0, "high": 1.0})
+    monkeypatch.setattr(train, "measure_profile_drift", lambda backend: {"low": 0.5, "medium": 0.5, "high": 0.5})
+    out = tmp_path / "run"
+    config = tiny_config(tmp_path, env={**TINY["env"], "budget_range": "machine"}, train={"num_epochs": 1})
+    train.main(["--config", str(config), "--output_dir", str(out)])
+    ckpt = load_checkpoint(out)
+    # the range the envs drew the budgets from and the budget encoder spans: the rule's on this machine
+    assert ckpt["policy_meta"]["budget_range_ms"] == pytest.approx([v * 0.5 for v in at_profile])
+    # a resumed run keeps the range it trained at, whatever the machine reads now
+    monkeypatch.setattr(train, "measure_profile_drift", lambda backend: {"low": 2.0, "medium": 2.0, "high": 2.0})
+    train.main(["--output_dir", str(out), "--num_epochs", "2", "--resume"])
+    assert load_checkpoint(out)["policy_meta"]["budget_range_ms"] == pytest.approx([v * 0.5 for v in at_profile])
+
+    monkeypatch.setattr(train, "measure_profile_drift", lambda backend: {"low": 0.5, "medium": 0.5, "high": 0.5})
+    train.main(["--config", str(tiny_config(tmp_path, train={"num_epochs": 1})), "--output_dir", str(tmp_path / "p")])
+    assert load_checkpoint(tmp_path / "p")["policy_meta"]["budget_range_ms"] == list(backend.budget_range_ms)
+
+
+def test_a_bad_budget_range_setting_fails_naming_the_field():
+    with pytest.raises(ValueError, match=r"env.budget_range='fast': expected one of \['profile', 'machine'\]"):
+        check_budget_range(config_from_dict({**TINY, "env": {**TINY["env"], "budget_range": "fast"}}))
