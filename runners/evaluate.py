@@ -452,7 +452,7 @@ def _run(args, log) -> dict:
             configs = [c for c in configs if c in needed]
         if args.calibration_phase == "first" or not any(s.needs_calibration for s in specs):
             calibration_samples, calibration_index = None, []  # else two-pass: measured again, interleaved
-    env, env_policies, shields, drift, time_scales = None, [], {}, None, {}
+    env, env_policies, shields, drift, time_scales, trained_ranges = None, [], {}, None, {}, {}
     for spec in specs:
         if spec.kind in ENV_POLICIES:
             if env is None:
@@ -484,6 +484,16 @@ def _run(args, log) -> dict:
                                           "policy.latency_shield_quantile": quantile,
                                           "policy.latency_shield_violation_target": target}),
                     backend, policy, drift, table=machine_now, budget_edges_ms=budget_bin_edges(budgets))
+            if spec.kind == "controller":  # the budgets it reads (in its training machine's ms) vs those it trained at
+                t_lo, t_hi = ckpts[spec.name]["policy_meta"]["budget_range_ms"]
+                scale = time_scales.get(spec.name, 1.0)
+                trained_ranges[spec.name] = {
+                    "budget_range_ms": [t_lo, t_hi], "time_scale": scale,
+                    "budgets_outside": [b for b in budgets if not t_lo <= b / scale <= t_hi]}
+                if trained_ranges[spec.name]["budgets_outside"]:
+                    log(f"{spec.name}: budgets {[round(b, 1) for b in trained_ranges[spec.name]['budgets_outside']]} "
+                        f"read outside the range it trained at, [{t_lo:.1f}, {t_hi:.1f}] ms (its budget / time "
+                        f"scale {scale:.3f}): it extrapolates there")
             env_policies.append(EnvPolicy(spec.name, policy, greedy, shields.get(spec.name), time_scales.get(spec.name)))
     log(f"interleaved run: {n} {split} samples x ({len(configs)} static configurations + {len(env_policies)} env "
         f"policies x {len(budgets)} budgets) + {len(calibration_index)} {calibration_split} calibration samples x "
@@ -530,6 +540,8 @@ def _run(args, log) -> dict:
                     "the profile rescaled by a start-up measurement (agents.factory.measure_profile_drift); "
                     "budget_range_ms: the profile's"},
         "budgets_outside_training_range": outside,
+        # per controller: its run's training range and the evaluated budgets it reads outside it
+        "controller_trained_ranges": trained_ranges,
         "policies": [s.name for s in specs],
         "calibration": None if calibration is None else {
             "split": calibration_split, "num_samples": int(calibration.table.sample_index.numel()),

@@ -256,6 +256,8 @@ def test_budgets_outside_the_training_range_are_reported_apart(run_dir, tmp_path
                                                                 for b in (30.0, 400.0)}
     assert all(not r["in_training_range"] and r["num_episodes"] == 4 for r in beyond)  # the controller answered
     assert result["meta"]["budgets_outside_training_range"] == [30.0, 400.0]
+    # the controller's own run's range, in its units (the dummy: time scale 1, its trained range is the backend's)
+    assert result["meta"]["controller_trained_ranges"]["controller"]["budgets_outside"] == [30.0, 400.0]
     data = json.loads((out / "eval.json").read_text())
     assert len(data["rows"]) == 2 and len(data["rows_outside_training_range"]) == 4
     with open(out / "eval_outside_range.csv") as fh:
