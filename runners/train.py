@@ -385,6 +385,8 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         # tables the warm start and the shield read are rescaled by it, the policy learns its budgets in
         # its units, and with env.budget_range "machine" it sets the training budget range.
         drift = measure_profile_drift(backend) if ranks.is_main and resume_ckpt is None else None
+        if drift:  # a stale profile makes the budget range and every lookup table wrong: say so
+            report_drift(drift, check_budget_range(cfg) == "machine")
         if check_budget_range(cfg) == "machine":
             set_machine_budget_range(backend, drift, resume_ckpt, ranks)
         # The batch's groups are split over the ranks; their episodes run on this rank's backend.
@@ -507,9 +509,8 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
 
     if step == 0:
         latency_scales = drift
-        if drift:  # a stale profile makes the budget range and every lookup table wrong: say so
+        if drift:
             log({f"profile/latency_scale_{tier}": v for tier, v in drift.items()}, 0)
-            report_drift(drift, cfg.env.budget_range == "machine")
         if cfg.policy.warm_start is not None:  # rank 0 imitates the lookup table; every rank takes its weights
             warm = warm_start_actor(rank_cfg, actor, backend, drift) if ranks.is_main else {}
             broadcast_module_state(ranks, actor, "the warm-started weights' broadcast")
