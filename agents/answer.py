@@ -117,7 +117,8 @@ def answer_request(run: str | Path, image: str | Path | Image.Image, question: s
         "accuracy": float(info["accuracy"]) if reference is not None else None,
         "question": sample.question,
         "budget_ms": float(budget_ms),
-        "budget_in_trained_range": bool(lo <= float(budget_ms) <= hi),
+        # in the training machine's ms, as the controller reads it (evaluate.py's controller_trained_ranges)
+        "budget_in_trained_range": bool(lo <= float(budget_ms) / time_scale <= hi),
         "knobs": {  # the plan that ran
             "tier": ks.tiers[int(info["tier_index"])],
             "insertion": ks.insertion_positions[int(info["insertion_index"])],

@@ -113,3 +113,21 @@ def test_a_dummy_run_is_refused_clearly(tmp_path):
                     epoch=0, config=cfg.to_dict())
     with pytest.raises(ValueError, match="trained on the dummy backend"):
         load_controller(tmp_path)
+
+
+def test_the_trained_range_is_the_checkpoints_and_read_in_its_machines_units(tmp_path):
+    cfg = _config(make_tiny_model_dir(tmp_path / "model"))
+    actor, meta = make_actor(cfg, make_backend_from_config(cfg))
+    meta = {**meta, "budget_range_ms": [10.0, 30.0]}  # trained at its machine's range (env.budget_range machine)
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", policy=actor.state_dict(), policy_meta=meta, step=1,
+                    epoch=0, config=cfg.to_dict())
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(tmp_path / "image.png")
+    controller = load_controller(tmp_path / "run")
+    assert controller.backend.budget_range_ms == (10.0, 30.0)  # not the profile's
+
+    def inside(budget_ms: float, time_scale: float) -> bool:
+        return answer_request(tmp_path / "run", tmp_path / "image.png", "what color is it?", budget_ms, warmup=0,
+                              controller=controller._replace(time_scale=time_scale))["budget_in_trained_range"]
+
+    assert inside(20.0, 1.0) and not inside(40.0, 1.0)
+    assert inside(40.0, 2.0)  # this machine twice as slow: 40 ms here reads 20 ms of the training machine
