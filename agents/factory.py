@@ -199,7 +199,7 @@ def check_budget_range(cfg: Config) -> str:
 
 def machine_budget_range(backend, latency_scales: Mapping[str, float]) -> tuple[float, float]:
     """env.budget_range "machine": the profile runner's rule (envs.profiling.BUDGET_RANGE_RULE) over the
-    lookup profile rescaled by `latency_scales` (measure_profile_drift): from 1.1 x the fastest useful
+    profile as measured, rescaled by `latency_scales` (measure_profile_drift): from 1.1 x the fastest useful
     plan's p95 to the most accurate one's p95, on this machine. The profile's own range holds on the
     machine it was measured on; on one running 2.5x faster every plan fits every budget of it, so
     neither the warm start nor GRPO ever meets a budget that binds, and evaluate.py, which measures

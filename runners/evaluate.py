@@ -59,7 +59,10 @@ lowest budget fitted no configuration), and each controller's shield table and t
 it instead of a 24-request start-up measurement, so a controller knows what the baselines know.
 
 Budgets outside the training range are evaluated like the others and reported separately
-(`rows_outside_training_range` in eval.json, eval_outside_range.csv); a NaN, infinite, zero or
+(`rows_outside_training_range` in eval.json, eval_outside_range.csv); meta.controller_trained_ranges
+lists, per controller, the budgets it read (budget / its time scale) outside the range its run
+trained at (its checkpoint's budget_range_ms: the profile's, or with env.budget_range machine its
+machine's), where it extrapolates; a NaN, infinite, zero or
 negative budget is an error naming --budgets. meta.structural_headroom gives, per budget,
 family-oracle minus lookup-calibrated accuracy and each controller's gain and share of it;
 meta.budget_feasibility the measured static configuration that exceeded each budget least often on
