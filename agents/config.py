@@ -50,6 +50,9 @@ class PolicyConfig:
     warm_start_steps: int = 300  # imitation minibatches of 64
     warm_start_lr: float = 1.0e-3
     warm_start_label_smoothing: float = 0.2  # keeps GRPO's groups sampling different actions
+    # family_request: one request per family for each of this many equal parts of the training budget
+    # range, each scored over the request budgets in its part (1: one request for every budget)
+    warm_start_request_bins: int = 1
     # every episode executes the nearest plan whose p95 latency (the profile rescaled to this machine
     # at start-up, plus the controller's own time) fits the budget (envs/shield.py)
     latency_shield: bool = False

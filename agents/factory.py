@@ -158,6 +158,10 @@ def check_warm_start(cfg: Config) -> None:
         raise ValueError(f"policy.warm_start_lr={c.warm_start_lr!r}: expected a learning rate > 0")
     if not 0 <= c.warm_start_label_smoothing < 1:
         raise ValueError(f"policy.warm_start_label_smoothing={c.warm_start_label_smoothing!r}: expected a value in [0, 1)")
+    v = c.warm_start_request_bins
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= REQUEST_BUDGETS:
+        raise ValueError(f"policy.warm_start_request_bins={v!r}: expected an integer in [1, {REQUEST_BUDGETS}] (the "
+                         f"parts of the budget range that each get their own family requests)")
     if c.warm_start == "family_request" and c.latency_shield is not True:
         raise ValueError(f"policy.warm_start='family_request' teaches one plan per question family for every budget "
                          f"and leaves the budget to the latency shield, but policy.latency_shield={c.latency_shield!r}: "
@@ -238,7 +242,8 @@ def warm_start_actor(cfg: Config, actor, backend, latency_scales: dict[str, floa
                        if c.warm_start == "family_request" else None)
     return lookup_warm_start(actor, env, make_lookup_profile(backend), c.warm_start_samples, c.warm_start_steps,
                              c.warm_start_lr, c.warm_start_label_smoothing, seed=cfg.train.seed,
-                             latency_scales=latency_scales, family_table=family_table, request_budgets=request_budgets)
+                             latency_scales=latency_scales, family_table=family_table, request_budgets=request_budgets,
+                             request_edges=equal_budget_edges(backend.budget_range_ms, c.warm_start_request_bins))
 
 
 # Requests whose controller time (both stages, p95) the latency shield adds to every plan.

@@ -30,7 +30,8 @@ Three tables (policy.warm_start):
                   the training sample's label (SynthVQA's question family, a real dataset's name), so
                   at test time Stage 1 must infer it from the question alone. A family the table
                   lacks takes the lookup-p95 choice.
-  family_request  per question family, one plan for every budget: the request whose plan after the
+  family_request  per question family, one plan for every budget (or for every part of the budget range,
+                  policy.warm_start_request_bins): the request whose plan after the
                   latency shield's projection (envs/shield.py: the tier, then top-k and blocks, cut
                   to what fits) has the best family accuracy averaged over budgets evenly spread over
                   the training range (family_requests). The budget is then the shield's to meet, on
@@ -48,6 +49,7 @@ the profile's, measured on the tier's cheapest and largest configuration
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import replace
 from typing import Mapping, Sequence
 
@@ -71,14 +73,16 @@ def sample_family(sample) -> str:
 
 def lookup_targets(entries: Sequence[ProfileEntry], budgets: torch.Tensor, knob_space: KnobSpace,
                    families: Sequence | None = None, family_table: Mapping[str, Mapping[str, float]] | None = None,
-                   requests: Mapping[str, StaticChoice] | None = None) -> dict:
+                   requests: Sequence[Mapping[str, StaticChoice]] | None = None, request_edges: Sequence[float] = ()) -> dict:
     """Per budget, the lookup-p95 configuration's action index of every head; with `family_table`
     ({family: {config name: accuracy}}) and each row's family, the family's choice (family_select);
-    with `requests` ({family: plan}, family_requests), the family's request at every budget (a
-    family it lacks: lookup-p95's choice)."""
+    with `requests` (one {family: plan} of family_requests per budget bin, `request_edges` the bins'
+    increasing interior edges), the family's request in the budget's bin (a family it lacks:
+    lookup-p95's choice)."""
     budgets = [float(b) for b in budgets.reshape(-1)]
     if requests is not None:
-        configs = [requests.get(f) or lookup_select(entries, b, "p95")[0] for b, f in zip(budgets, families, strict=True)]
+        configs = [requests[bisect.bisect_right(request_edges, b)].get(f) or lookup_select(entries, b, "p95")[0]
+                   for b, f in zip(budgets, families, strict=True)]
     elif family_table is None:
         configs = [lookup_select(entries, b, "p95")[0] for b in budgets]
     else:
@@ -180,7 +184,8 @@ def _fit(network, heads: Sequence[str], obs: TensorDict, targets: dict, params, 
 def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: int, steps: int,
                       lr: float, label_smoothing: float, seed: int, latency_scales: dict[str, float] | None = None,
                       batch_size: int = 64, family_table: Mapping[str, Mapping[str, float]] | None = None,
-                      request_budgets: Sequence[float] | None = None) -> dict[str, float]:
+                      request_budgets: Sequence[float] | None = None,
+                      request_edges: Sequence[float] = ()) -> dict[str, float]:
     """Teach both stages the lookup table (module doc), Stage 1 first: Stage 2's data is collected
     with the taught Stage 1's budget token, since the latency token is computed from it. Returns
     each head's last minibatch loss and its greedy agreement with the targets on the imitation data.
@@ -188,7 +193,8 @@ def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: 
     (agents.baselines.profile_latency_scales), applied to the profile before the targets are read;
     family_table: the family_lookup table (module doc), None for lookup; request_budgets: with it,
     family_request on those budgets instead (family_requests, on the shield the profile plus the
-    controller's time gives). The metrics include the controller time added to the profile
+    controller's time gives), one request per family for each budget bin (`request_edges`: the bins'
+    increasing interior edges; none: one request for every budget). The metrics include the controller time added to the profile
     (warm_start/controller_p95_ms)."""
     generator = torch.Generator().manual_seed(seed)
     ks, n = env.knob_space, env.batch_size[0]
@@ -203,10 +209,15 @@ def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: 
     first = lookup_targets(entries, resets[0]["budget_ms"], ks, families and families[:n], family_table)
     controller_ms = measure_controller_ms(actor, env, resets[0], first["tier"], first["insertion"])
     entries = add_controller_time(entries, controller_ms)
-    requests = None if request_budgets is None else family_requests(shield_from_profile(entries, ks), family_table,
-                                                                    request_budgets)
+    requests = None
+    if request_budgets is not None:
+        shield = shield_from_profile(entries, ks)
+        bins = [bisect.bisect_right(request_edges, b) for b in request_budgets]
+        requests = [family_requests(shield, family_table, [b for b, j in zip(request_budgets, bins) if j == i])
+                    for i in range(len(request_edges) + 1)]
     stage1 = torch.cat([td.select(*stage1_net.in_keys) for td in resets])
-    targets = lookup_targets(entries, stage1["budget_ms"], ks, families, family_table, requests)  # every row's, in order
+    targets = lookup_targets(entries, stage1["budget_ms"], ks, families, family_table, requests,
+                             request_edges)  # every row's, in order
     taught = {h: t[:num_samples] for h, t in targets.items()}
     metrics = _fit(stage1_net, TAUGHT_HEADS[0], stage1[:num_samples], taught, actor.stage1_parameters(), steps, lr,
                    label_smoothing, generator, batch_size)

@@ -1,6 +1,7 @@
 """agents/warm_start.py: the lookup warm start teaches both stages the profile's lookup-p95 choice;
 and the profile drift it (and train.py's report) reads."""
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,7 @@ from agents.baselines import (ProfileEntry, StaticChoice, dummy_closed_form_prof
                               rescale_profile, shield_from_profile)
 from agents.budget_sweep import default_budgets
 from agents.config import config_from_dict
-from agents.factory import (REQUEST_BUDGETS, make_actor, make_backend_from_config, make_env, make_family_table,
+from agents.factory import (REQUEST_BUDGETS, equal_budget_edges, make_actor, make_backend_from_config, make_env, make_family_table,
                             measure_profile_drift, warm_start_actor)
 from agents.rollout import collect_rollouts
 from agents.warm_start import add_controller_time, family_requests, family_select, lookup_targets
@@ -75,6 +76,8 @@ def test_train_logs_the_warm_start_before_the_first_validation(tmp_path):
     ({"warm_start": "lookup", "warm_start_lr": 0.0}, r"policy.warm_start_lr=0.0: expected a learning rate > 0"),
     ({"warm_start": "lookup", "warm_start_label_smoothing": 1.0},
      r"policy.warm_start_label_smoothing=1.0: expected a value in \[0, 1\)"),
+    ({"warm_start": "family_request", "latency_shield": True, "warm_start_request_bins": 0},
+     r"policy.warm_start_request_bins=0: expected an integer in \[1, 32\]"),
 ])
 def test_bad_warm_start_settings_name_the_field(tmp_path, policy, match):
     config = tiny_config(tmp_path, policy={**TINY["policy"], **policy})
@@ -113,11 +116,14 @@ def test_profile_drift_is_this_machines_mean_over_the_profiles_per_tier():
 
 def test_drift_report_warns_only_beyond_the_tolerance(capsys):
     report_drift = load_runner("train").report_drift
-    report_drift({"low": 1.05, "high": 1.44})
+    report_drift({"low": 1.05, "high": 1.44}, range_rescaled=False)
     out = capsys.readouterr()
     assert "low x1.05, high x1.44" in out.out
     assert "tier(s) high run more than 10% off" in out.err and "low" not in out.err.split("tier(s)")[1].split("run")[0]
-    report_drift({"low": 0.95})
+    assert "the budget range is not (env.budget_range profile)" in out.err
+    report_drift({"high": 1.44}, range_rescaled=True)  # env.budget_range machine
+    assert "the lookup tables and budget range are rescaled by these ratios" in capsys.readouterr().err
+    report_drift({"low": 0.95}, range_rescaled=False)
     assert capsys.readouterr().err == ""
 
 
@@ -185,21 +191,28 @@ def test_family_requests_pick_the_plan_whose_shielded_cuts_score_best_over_the_b
     assert family_requests(shield, lacking, budgets) == {}  # every request is cut to low/k4/N12 at 10 ms
 
 
-def test_family_request_warm_start_asks_each_family_one_plan_at_every_budget():
+@pytest.mark.parametrize("bins", [1, 4])
+def test_family_request_warm_start_asks_each_family_one_plan_per_part_of_the_budget_range(bins):
     cfg = _config(warm_start="family_request", warm_start_samples=256, warm_start_steps=300,
-                  warm_start_label_smoothing=0.0, stage2_inputs="token+elapsed", latency_shield=True)
+                  warm_start_label_smoothing=0.0, stage2_inputs="token+elapsed", latency_shield=True,
+                  warm_start_request_bins=bins)
     torch.manual_seed(0)
     backend = make_backend_from_config(cfg)
     actor, _ = make_actor(cfg, backend)
     entries, table = dummy_closed_form_profile(backend, "val"), make_family_table(backend)
     entries = add_controller_time(entries, warm_start_actor(cfg, actor, backend)["warm_start/controller_p95_ms"])
-    requests = family_requests(shield_from_profile(entries, backend.knob_space), table,
-                               default_budgets(backend.budget_range_ms, REQUEST_BUDGETS))
-    assert len({r.name for r in requests.values()}) > 1  # the families ask for different plans
+    shield, budgets = shield_from_profile(entries, backend.knob_space), default_budgets(backend.budget_range_ms,
+                                                                                        REQUEST_BUDGETS)
+    edges = equal_budget_edges(backend.budget_range_ms, bins)
+    requests = [family_requests(shield, table, [b for b in budgets if lo <= b < hi])
+                for lo, hi in zip([-math.inf, *edges], [*edges, math.inf])]
+    assert any(len({r.name for r in part.values()}) > 1 for part in requests)  # the families ask for different plans
+    if bins > 1:  # ... and a family asks for different plans in different parts of the range
+        assert any(len({r[f].name for r in requests}) > 1 for f in requests[0])
     env = make_env(cfg, backend, "test", 64, 1)  # held out: the table is the val split's
     rollout = collect_rollouts(env, actor, greedy=True)
     families = [env.samples[int(i)].family for i in rollout["sample_index"][:, 0].reshape(-1)]
-    target = lookup_targets(entries, rollout["budget_ms"][:, 0], backend.knob_space, families, table, requests)
+    target = lookup_targets(entries, rollout["budget_ms"][:, 0], backend.knob_space, families, table, requests, edges)
     for head in ("tier", "top_k", "num_blocks"):  # the actions asked for, before the env's shield cuts them
         step = 0 if head == "tier" else 1
         asked = rollout["action", head][:, step].reshape(-1)
