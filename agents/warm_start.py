@@ -73,7 +73,8 @@ def sample_family(sample) -> str:
 
 def lookup_targets(entries: Sequence[ProfileEntry], budgets: torch.Tensor, knob_space: KnobSpace,
                    families: Sequence | None = None, family_table: Mapping[str, Mapping[str, float]] | None = None,
-                   requests: Sequence[Mapping[str, StaticChoice]] | None = None, request_edges: Sequence[float] = ()) -> dict:
+                   requests: Sequence[Mapping[str, StaticChoice]] | None = None,
+                   request_edges: Sequence[float] = ()) -> dict:
     """Per budget, the lookup-p95 configuration's action index of every head; with `family_table`
     ({family: {config name: accuracy}}) and each row's family, the family's choice (family_select);
     with `requests` (one {family: plan} of family_requests per budget bin, `request_edges` the bins'
@@ -194,8 +195,8 @@ def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: 
     family_table: the family_lookup table (module doc), None for lookup; request_budgets: with it,
     family_request on those budgets instead (family_requests, on the shield the profile plus the
     controller's time gives), one request per family for each budget bin (`request_edges`: the bins'
-    increasing interior edges; none: one request for every budget). The metrics include the controller time added to the profile
-    (warm_start/controller_p95_ms)."""
+    increasing interior edges; none: one request for every budget). The metrics include the
+    controller time added to the profile (warm_start/controller_p95_ms)."""
     generator = torch.Generator().manual_seed(seed)
     ks, n = env.knob_space, env.batch_size[0]
     if latency_scales:

@@ -11,8 +11,8 @@ from agents.baselines import (ProfileEntry, StaticChoice, dummy_closed_form_prof
                               rescale_profile, shield_from_profile)
 from agents.budget_sweep import default_budgets
 from agents.config import config_from_dict
-from agents.factory import (REQUEST_BUDGETS, equal_budget_edges, make_actor, make_backend_from_config, make_env, make_family_table,
-                            measure_profile_drift, warm_start_actor)
+from agents.factory import (REQUEST_BUDGETS, equal_budget_edges, make_actor, make_backend_from_config, make_env,
+                            make_family_table, measure_profile_drift, warm_start_actor)
 from agents.rollout import collect_rollouts
 from agents.warm_start import add_controller_time, family_requests, family_select, lookup_targets
 from helpers import load_runner
