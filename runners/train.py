@@ -384,10 +384,11 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         # This machine's latency against the profile, measured once at the run's start (rank 0): the
         # tables the warm start and the shield read are rescaled by it, the policy learns its budgets in
         # its units, and with env.budget_range "machine" it sets the training budget range.
+        machine_range = check_budget_range(cfg) == "machine"
         drift = measure_profile_drift(backend) if ranks.is_main and resume_ckpt is None else None
         if drift:  # a stale profile makes the budget range and every lookup table wrong: say so
-            report_drift(drift, check_budget_range(cfg) == "machine")
-        if check_budget_range(cfg) == "machine":
+            report_drift(drift, machine_range)
+        if machine_range:
             set_machine_budget_range(backend, drift, resume_ckpt, ranks)
         # The batch's groups are split over the ranks; their episodes run on this rank's backend.
         local_groups = len(range(tc.batch_size)[shard(tc.batch_size, ranks)])
