@@ -73,7 +73,8 @@ def load_controller(run: str | Path, device: str | None = None) -> Controller:
     check_compatible(ckpt["policy_meta"], expected, ckpt["path"])
     actor = load_actor(ckpt, cfg)
     drift = measure_profile_drift(backend) if cfg.policy.latency_shield or ckpt.get("latency_scales") else None
-    shield = make_latency_shield(cfg, backend, actor, drift) if cfg.policy.latency_shield else None
+    shield = (make_latency_shield(cfg, backend, actor, drift, requests=ckpt["policy_meta"].get("family_requests"))
+              if cfg.policy.latency_shield else None)
     return Controller(actor, backend, cfg, ckpt, shield, controller_time_scale(ckpt.get("latency_scales"), drift))
 
 

@@ -66,6 +66,10 @@ class PolicyConfig:
     latency_shield_violation_target: Optional[float] = None
     # the margin's bins: equal parts of the training budget range (evaluate.py: one per evaluated budget)
     latency_shield_budget_bins: int = 8
+    # how the shield spends a bin's violation target: "margin" (one margin for every plan) or "value"
+    # (the plan with the best accuracy for the request minus a steered price x P(violation); needs
+    # warm_start family_request, whose family table gives each request's values; envs/shield.py)
+    latency_shield_allocation: str = "margin"
     # true: while training, the controller reads budgets and times divided by the shield's tracked scale
     # (its time_scale, as evaluate.py and answer.py set it), so it picks plans the table now lets through
     follow_shield_scale: bool = False

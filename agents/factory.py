@@ -22,7 +22,8 @@ from agents.checkpoint import actor_meta, build_actor
 from agents.config import Config
 from agents.constraint import ViolationMultiplier
 from agents.grpo import JointGRPOLoss
-from agents.warm_start import add_controller_time, lookup_warm_start, measure_controller_ms
+from agents.warm_start import (add_controller_time, family_request_values, lookup_warm_start,
+                               measure_controller_ms)
 from envs import BudgetVLMEnv, RewardWeights, make_backend
 from envs.shield import LatencyShield, check_quantile, check_violation_target
 from envs.machine import resolve_device
@@ -229,13 +230,15 @@ def controller_time_scale(reference: Mapping[str, float] | None, now: Mapping[st
     return math.exp(sum(math.log(b / a) for a, b in pairs) / len(pairs)) if pairs else 1.0
 
 
-def warm_start_actor(cfg: Config, actor, backend, latency_scales: dict[str, float] | None = None) -> dict[str, float]:
+def warm_start_actor(cfg: Config, actor, backend, latency_scales: dict[str, float] | None = None
+                     ) -> tuple[dict[str, float], list[dict[str, str]] | None]:
     """policy.warm_start on `actor` in place (agents/warm_start.py), on the profile rescaled by
-    latency_scales (measure_profile_drift); returns its metrics ({} if off)."""
+    latency_scales (measure_profile_drift); returns its metrics ({} if off) and, with family_request,
+    the requests taught ({family: plan name} per budget part; else None)."""
     check_warm_start(cfg)
     c = cfg.policy
     if c.warm_start is None:
-        return {}
+        return {}, None
     env = make_env(cfg, backend, "train", min(64, c.warm_start_samples), 1)
     family_table = make_family_table(backend) if c.warm_start in ("family_lookup", "family_request") else None
     request_budgets = (default_budgets(backend.budget_range_ms, REQUEST_BUDGETS)
@@ -252,17 +255,26 @@ SHIELD_CONTROLLER_SAMPLES = 32
 
 def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, float] | None = None,
                         table: Sequence[ProfileEntry] | None = None,
-                        budget_edges_ms: Sequence[float] | None = None) -> LatencyShield | None:
+                        budget_edges_ms: Sequence[float] | None = None,
+                        requests: Sequence[Mapping[str, str]] | None = None) -> LatencyShield | None:
     """policy.latency_shield's shield (envs/shield.py), None when off: `table` (this machine's latency
     measured now, e.g. evaluate.py's calibration set), else the lookup profile rescaled by
     latency_scales (measure_profile_drift, this machine now), plus the p95 of `actor`'s own time for
     both stages, measured here on SHIELD_CONTROLLER_SAMPLES training requests; with
     policy.latency_shield_violation_target, a margin per budget bin that steers each bin's violation
     rate to it (budget_edges_ms, default: policy.latency_shield_budget_bins equal parts of the
-    backend's budget range)."""
+    backend's budget range); with policy.latency_shield_allocation value, the values of `requests`
+    (the run's family requests, in its checkpoints' policy_meta) on the backend's family table."""
     if not check_latency_shield(cfg):
         return None
     target = check_shield_violation_target(cfg)
+    values = None
+    if check_shield_allocation(cfg) == "value":
+        if not requests:
+            raise ValueError("policy.latency_shield_allocation='value' needs the run's family requests "
+                             "(policy_meta 'family_requests', written by policy.warm_start family_request); "
+                             "this run has none")
+        values = family_request_values(requests, make_family_table(backend), backend.knob_space)
     if budget_edges_ms is None:
         budget_edges_ms = equal_budget_edges(backend.budget_range_ms, check_shield_budget_bins(cfg))
     entries = list(table) if table is not None else make_lookup_profile(backend)
@@ -273,7 +285,7 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
     controller_ms = measure_controller_ms(actor, env, env.reset(), lowest, lowest)
     return shield_from_profile(add_controller_time(entries, controller_ms), backend.knob_space,
                                tracking_rate=check_shield_tracking(cfg), quantile=check_shield_quantile(cfg),
-                               violation_target=target, budget_edges_ms=budget_edges_ms)
+                               violation_target=target, budget_edges_ms=budget_edges_ms, values=values)
 
 
 def equal_budget_edges(budget_range_ms: Sequence[float], bins: int) -> list[float]:
@@ -321,6 +333,24 @@ def check_shield_violation_target(cfg: Config) -> float | None:
     """policy.latency_shield_violation_target (None: off), or an error naming it when it is not a rate in (0, 1)."""
     value = cfg.policy.latency_shield_violation_target
     return None if value is None else check_violation_target(value, "policy.latency_shield_violation_target")
+
+
+SHIELD_ALLOCATIONS = ("margin", "value")
+
+
+def check_shield_allocation(cfg: Config) -> str:
+    """policy.latency_shield_allocation, or an error naming it when it is not one of SHIELD_ALLOCATIONS
+    or "value" lacks what it reads (a violation target, the family requests)."""
+    c = cfg.policy
+    if c.latency_shield_allocation not in SHIELD_ALLOCATIONS:
+        raise ValueError(f"policy.latency_shield_allocation={c.latency_shield_allocation!r}: expected one of "
+                         f"{list(SHIELD_ALLOCATIONS)}")
+    if c.latency_shield_allocation == "value" and (c.latency_shield_violation_target is None
+                                                   or c.warm_start != "family_request"):
+        raise ValueError(f"policy.latency_shield_allocation='value' needs policy.latency_shield_violation_target "
+                         f"(the rate its price is steered to; got {c.latency_shield_violation_target!r}) and "
+                         f"policy.warm_start='family_request' (whose requests name the values; got {c.warm_start!r})")
+    return c.latency_shield_allocation
 
 
 def check_shield_budget_bins(cfg: Config) -> int:

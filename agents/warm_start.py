@@ -50,6 +50,7 @@ the profile's, measured on the tier's cheapest and largest configuration
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import replace
 from typing import Mapping, Sequence
 
@@ -134,6 +135,28 @@ def family_requests(shield: LatencyShield, family_table: Mapping[str, Mapping[st
     return out
 
 
+def family_request_values(requests: Sequence[Mapping[str, str]], family_table: Mapping[str, Mapping[str, float]],
+                          knob_space: KnobSpace) -> dict[tuple[int, int, int], torch.Tensor]:
+    """The latency shield's values (envs/shield.py): per requested plan ({family: plan name} per budget
+    part, family_requests' names), each plan's accuracy for the families that request it (their mean
+    over every family and part asking for it), as a (tiers, top-k values, block counts) table
+    (NaN: a plan the family table lacks)."""
+    shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
+    asked: dict[tuple[int, int, int], list[torch.Tensor]] = {}
+    for part in requests:
+        for family, name in part.items():
+            if family not in family_table:
+                raise ValueError(f"family request {family!r}: {name!r}: the family table has no family {family!r}; "
+                                 f"expected one of {sorted(family_table)}")
+            table = torch.full(shape, math.nan, dtype=torch.float64)
+            for plan, accuracy in family_table[family].items():
+                i = parse_static_spec(f"static:{plan}", knob_space).indices(knob_space)
+                table[i["tier"], i["top_k"], i["num_blocks"]] = accuracy
+            i = parse_static_spec(f"static:{name}", knob_space).indices(knob_space)
+            asked.setdefault((i["tier"], i["top_k"], i["num_blocks"]), []).append(table)
+    return {request: torch.stack(tables).mean(0) for request, tables in asked.items()}
+
+
 def add_controller_time(entries: Sequence[ProfileEntry], controller_ms: float) -> list[ProfileEntry]:
     """Each entry's latencies plus the controller's own time (a static configuration runs none)."""
     return [replace(e, latency_mean_ms=e.latency_mean_ms + controller_ms,
@@ -186,10 +209,11 @@ def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: 
                       lr: float, label_smoothing: float, seed: int, latency_scales: dict[str, float] | None = None,
                       batch_size: int = 64, family_table: Mapping[str, Mapping[str, float]] | None = None,
                       request_budgets: Sequence[float] | None = None,
-                      request_edges: Sequence[float] = ()) -> dict[str, float]:
+                      request_edges: Sequence[float] = ()) -> tuple[dict[str, float], list[dict[str, str]] | None]:
     """Teach both stages the lookup table (module doc), Stage 1 first: Stage 2's data is collected
     with the taught Stage 1's budget token, since the latency token is computed from it. Returns
-    each head's last minibatch loss and its greedy agreement with the targets on the imitation data.
+    each head's last minibatch loss and its greedy agreement with the targets on the imitation data,
+    and with family_request the requests taught ({family: plan name} per budget part; else None).
     env: an env of group size 1; latency_scales: this machine's mean latency / the profile's per tier
     (agents.baselines.profile_latency_scales), applied to the profile before the targets are read;
     family_table: the family_lookup table (module doc), None for lookup; request_budgets: with it,
@@ -232,4 +256,5 @@ def lookup_warm_start(actor, env, entries: Sequence[ProfileEntry], num_samples: 
             stage2.append(env.step(td)["next"].select(*stage2_net.in_keys).clone())
     metrics.update(_fit(stage2_net, TAUGHT_HEADS[1], torch.cat(stage2)[:num_samples], taught,
                         actor.stage2_parameters(), steps, lr, label_smoothing, generator, batch_size))
-    return {**metrics, "warm_start/controller_p95_ms": controller_ms}
+    taught_requests = None if requests is None else [{f: c.name for f, c in part.items()} for part in requests]
+    return {**metrics, "warm_start/controller_p95_ms": controller_ms}, taught_requests

@@ -117,6 +117,7 @@ class BudgetVLMEnv(EnvBase):
         self._insertion_index = torch.zeros(n, dtype=torch.long)
         self._stage1_controller_ms = torch.zeros(n)
         self._stage1_shielded = torch.zeros(n, dtype=torch.bool)
+        self._requested_tier = torch.zeros(n, dtype=torch.long)  # Stage 1's chosen tier (the shield's request)
         self._stage1_cut = torch.zeros(n, dtype=torch.bool)
         self._elapsed_ms = torch.zeros(n)  # measured at the end of Stage 1, Stage 2's elapsed input
         self._group_id = torch.arange(n) // self.group_size
@@ -301,6 +302,7 @@ class BudgetVLMEnv(EnvBase):
     def _run_stage1(self, row: int, action: TensorDictBase):
         ks = self.knob_space
         tier_index, p_index = int(action["tier"]), int(action["insertion"])
+        self._requested_tier[row] = tier_index
         if self.shield is not None:
             tier_index, p_index = self.shield.stage1(tier_index, p_index, float(self._budget[row]))
             self._stage1_shielded[row] = (tier_index, p_index) != (int(action["tier"]), int(action["insertion"]))
@@ -340,7 +342,8 @@ class BudgetVLMEnv(EnvBase):
         chosen = int(action["top_k"]), int(action["num_blocks"])
         k_index, n_index = chosen
         if self.shield is not None:
-            k_index, n_index = self.shield.stage2(int(self._tier_index[row]), *chosen, float(self._budget[row]))
+            k_index, n_index = self.shield.stage2(int(self._tier_index[row]), *chosen, float(self._budget[row]),
+                                                  requested_tier=int(self._requested_tier[row]))
         cut = bool(self._stage1_cut[row]) or (k_index, n_index) != chosen
         shielded = bool(self._stage1_shielded[row]) or cut
         top_k, num_blocks = ks.top_k_values[k_index], ks.num_blocks_values[n_index]

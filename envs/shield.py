@@ -41,6 +41,24 @@ and after each episode of the bin margin <- margin x exp(violation_rate * (viola
 margin range + rate) / (rate x T) of the target, unless the margin sits at a bound (a budget no plan
 meets at the target). A controller reads its budgets divided by the margin too
 (following_time_scale), so it picks among the plans the shield now lets through.
+
+One margin per bin gives every request the same risk, wherever its blocks buy accuracy: at the lowest
+budget of one run the shield cut 71% of a seed's knowledge questions to 12 blocks (0.69 right on them),
+while the family oracle ran them at (low, 4, 15), 10% of them late, 0.97 right, and held 3.3% over
+all questions, because coarse questions lose nothing at 12 blocks (RESULTS 0, eval29). With `values`
+({requested plan: accuracy of each plan for the questions that request it}, agents.warm_start's
+family_request_values) the shield spends the bin's violations where they buy the most: it executes
+the plan that maximizes value - price x P(latency > budget), the bin's price steered to the target
+by the same adaptive update as the margin (price x exp(violation_rate x (violated - target))):
+  Stage 1  among the tiers at or below the chosen one, the one whose best plan scores highest on the
+           values of the requests made at the chosen tier (their mean; ties: the higher tier);
+  Stage 2  among the pairs at or below the chosen one in both knobs, the best-scoring one on the
+           request's values (a request without values: the mean of all requests'; ties: the lower
+           risk, then the larger p95).
+P(latency > budget) is the fraction of recent executed episodes whose latency / their plan's table
+time exceeded budget / this plan's table time (a pool of RATIO_WINDOW ratios, started from a
+lognormal prior whose 95% quantile is the table, RATIO_PRIOR_SIGMA wide): the spread of this machine
+around its table, shared by every plan.
 """
 from __future__ import annotations
 
@@ -53,17 +71,26 @@ from envs.knobs import KnobSpace
 
 # The per-bin margin's range (module doc): below 0.8 a plan's table time is no longer a useful guide.
 MARGIN_MIN, MARGIN_MAX = 0.8, 1.5
+# The per-bin price of a violation with values (module doc), in accuracy per unit of probability: at
+# 1 or more no accuracy gain (at most 1) buys a certain violation over a plan that surely fits.
+PRICE_MIN, PRICE_MAX, PRICE_START = 1.0, 100.0, 4.0
+# Latency / table ratios kept for P(latency > budget), and the prior's log-spread (the 2-core VM's
+# request-to-request noise is 2-15%).
+RATIO_WINDOW, RATIO_PRIOR_SIGMA, RATIO_PRIOR_SIZE = 512, 0.1, 20
 
 
 class LatencyShield:
     """p95_ms: (tiers, top-k values, block counts) p95 latency of each plan at the table's insertion
     (inf: not timed), in the knob space's index order; insertion_index: that insertion's index;
     violation_target (None: off), violation_rate and budget_edges_ms (the increasing interior edges of
-    the budget bins, () for one bin): the per-bin margin (module doc)."""
+    the budget bins, () for one bin): the per-bin margin (module doc); values ({(tier, top-k, blocks)
+    index of a request: (tiers, top-k values, block counts) accuracy of each plan for it}, needs
+    violation_target; NaN: a plan without a value, never picked): the per-bin price instead of the
+    margin (module doc)."""
 
     def __init__(self, knob_space: KnobSpace, p95_ms: torch.Tensor, insertion_index: int = 0,
                  tracking_rate: float = 0.0, quantile: float = 0.95, violation_target: float | None = None,
-                 violation_rate: float = 0.1, budget_edges_ms=()):
+                 violation_rate: float = 0.1, budget_edges_ms=(), values=None):
         shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
         p95_ms = torch.as_tensor(p95_ms, dtype=torch.float64)
         if tuple(p95_ms.shape) != shape:
@@ -98,6 +125,56 @@ class LatencyShield:
         self.scale = torch.ones(shape[0], dtype=torch.float64)  # per tier, tracked online when tracking_rate > 0
         self.p95_ms = p95_ms
         self.insertion_index = int(insertion_index)
+        self.values = None if values is None else self._check_values(values, shape)
+        self.price = torch.full((len(edges) + 1,), PRICE_START, dtype=torch.float64)  # per budget bin, with values
+        prior = torch.special.ndtri((torch.arange(RATIO_PRIOR_SIZE, dtype=torch.float64) + 0.5) / RATIO_PRIOR_SIZE)
+        self.ratios = torch.exp(RATIO_PRIOR_SIGMA * (prior - torch.special.ndtri(torch.tensor(0.95, dtype=torch.float64))))
+
+    def _check_values(self, values, shape) -> dict[tuple[int, int, int], torch.Tensor]:
+        if self.violation_target is None:
+            raise ValueError("latency shield values need a violation_target (the rate their price is steered to)")
+        if not values:
+            raise ValueError("latency shield values are empty; expected {(tier, top-k, blocks) index: accuracies}")
+        out = {}
+        for request, table in values.items():
+            key = tuple(int(i) for i in request)
+            table = torch.as_tensor(table, dtype=torch.float64)
+            if len(key) != 3 or not all(0 <= i < n for i, n in zip(key, shape)):
+                raise ValueError(f"latency shield values: request {request!r}: expected a (tier, top-k, blocks) "
+                                 f"index within {shape}")
+            if tuple(table.shape) != shape or bool(torch.isinf(table).any()) or not bool(
+                    (torch.isfinite(self.p95_ms) & ~torch.isnan(table)).flatten(1).any(1).all()):
+                raise ValueError(f"latency shield values for request {key}: expected a {shape} table of "
+                                 f"accuracies (NaN: unknown) with a timed, known plan in every tier")
+            out[key] = table
+        return out
+
+    def _values(self, tier: int, top_k: int, num_blocks: int) -> torch.Tensor:
+        """The request's plan values: its own, else the mean of every request's."""
+        own = self.values.get((int(tier), int(top_k), int(num_blocks)))
+        return own if own is not None else self._mean_values(self.values.values())
+
+    @staticmethod
+    def _mean_values(tables) -> torch.Tensor:
+        return torch.stack(list(tables)).mean(0)
+
+    def violation_probability(self, table_ms: torch.Tensor, budget_ms: float) -> torch.Tensor:
+        """P(latency > budget) of plans whose scaled table time is `table_ms` (module doc; inf: 1)."""
+        ratios = self.ratios.sort().values
+        limit = float(budget_ms) / table_ms
+        above = len(ratios) - torch.searchsorted(ratios, limit.contiguous(), right=True)
+        return above.to(torch.float64) / len(ratios)
+
+    def _best(self, values: torch.Tensor, table_ms: torch.Tensor, budget_ms: float) -> tuple[torch.Tensor, int]:
+        """Per row of the (rows, plans) tables, the best score of value - price x risk, and the flat index
+        of the best plan overall (ties: the lower risk, then the larger table time: the least change)."""
+        risk = self.violation_probability(table_ms, budget_ms)
+        known = torch.isfinite(table_ms) & ~torch.isnan(values)  # a plan without a value is never picked
+        scores = torch.where(known, values - self.price[self.budget_bin(budget_ms)] * risk, -math.inf).flatten(1)
+        best = scores == scores.max()
+        best &= risk.flatten(1) == torch.where(best, risk.flatten(1), math.inf).min()
+        flat = int(torch.where(best, table_ms.flatten(1), -math.inf).flatten().argmax())
+        return scores.max(1).values, flat
 
     def budget_bin(self, budget_ms: float) -> int:
         """The index of the budget bin `budget_ms` falls in (budgets outside the edges: the end bins)."""
@@ -109,12 +186,26 @@ class LatencyShield:
 
     def stage1(self, tier: int, insertion: int, budget_ms: float) -> tuple[int, int]:
         """(tier index, insertion index) to execute for the chosen ones (module doc)."""
+        if self.values is not None:
+            made_here = [v for (t, _, _), v in self.values.items() if t == int(tier)]
+            values = self._mean_values(made_here or self.values.values())[: int(tier) + 1]
+            best, _ = self._best(values, (self.p95_ms * self.scale[:, None, None])[: int(tier) + 1], budget_ms)
+            return int(torch.nonzero(best == best.max()).max()), self.insertion_index
         cheapest = self.p95_ms.flatten(1).min(1).values * self.scale * self.budget_margin(budget_ms)
         fitting = [t for t in range(int(tier) + 1) if float(cheapest[t]) <= budget_ms]
         return (fitting[-1] if fitting else int(cheapest.argmin())), self.insertion_index
 
-    def stage2(self, tier: int, top_k: int, num_blocks: int, budget_ms: float) -> tuple[int, int]:
-        """(top-k index, blocks index) to execute at `tier` for the chosen ones (module doc)."""
+    def stage2(self, tier: int, top_k: int, num_blocks: int, budget_ms: float,
+               requested_tier: int | None = None) -> tuple[int, int]:
+        """(top-k index, blocks index) to execute at `tier` for the chosen ones (module doc);
+        requested_tier: the tier Stage 1 chose (default `tier`), which names the request's values."""
+        if self.values is not None:
+            request = (int(tier) if requested_tier is None else int(requested_tier), int(top_k), int(num_blocks))
+            table, values = self.p95_ms[int(tier)] * self.scale[int(tier)], self._values(*request)[int(tier)]
+            below, values = table[: top_k + 1, : num_blocks + 1], values[: top_k + 1, : num_blocks + 1]
+            if not bool((torch.isfinite(below) & ~torch.isnan(values)).any()):  # none known below: the whole tier
+                below, values = table, self._values(*request)[int(tier)]
+            return divmod(self._best(values, below, budget_ms)[1], below.shape[1])
         table = self.p95_ms[int(tier)] * self.scale[int(tier)] * self.budget_margin(budget_ms)
         if float(table[top_k, num_blocks]) <= budget_ms:
             return int(top_k), int(num_blocks)
@@ -128,15 +219,21 @@ class LatencyShield:
 
     def observe(self, tier: int, top_k: int, num_blocks: int, latency_ms: float, budget_ms: float) -> None:
         """An executed episode's measured latency at its budget: moves its tier's scale and its budget
-        bin's margin (module doc)."""
+        bin's margin (with values: its price, and the ratio joins the pool) (module doc)."""
         if not math.isfinite(float(latency_ms)):
             return
+        predicted = float(self.p95_ms[tier, top_k, num_blocks] * self.scale[tier])
         if self.violation_target is not None:
             b = self.budget_bin(budget_ms)
             violated = float(float(latency_ms) > float(budget_ms))
             step = math.exp(self.violation_rate * (violated - self.violation_target))
-            self.margin[b] = min(max(float(self.margin[b]) * step, MARGIN_MIN), MARGIN_MAX)
-        predicted = float(self.p95_ms[tier, top_k, num_blocks] * self.scale[tier])
+            if self.values is None:
+                self.margin[b] = min(max(float(self.margin[b]) * step, MARGIN_MIN), MARGIN_MAX)
+            else:
+                self.price[b] = min(max(float(self.price[b]) * step, PRICE_MIN), PRICE_MAX)
+                if math.isfinite(predicted) and predicted > 0:
+                    ratio = torch.tensor([float(latency_ms) / predicted], dtype=torch.float64)
+                    self.ratios = torch.cat([self.ratios, ratio])[-RATIO_WINDOW:]
         if self.tracking_rate == 0 or not math.isfinite(predicted):
             return
         exceeded = float(float(latency_ms) > predicted)
@@ -151,7 +248,10 @@ class LatencyShield:
         return {"p95_ms": self.p95_ms.tolist(), "insertion_index": self.insertion_index,
                 "tracking_rate": self.tracking_rate, "quantile": self.quantile, "scale": self.scale.tolist(),
                 "violation_target": self.violation_target, "violation_rate": self.violation_rate,
-                "budget_edges_ms": self.budget_edges_ms.tolist(), "margin": self.margin.tolist()}
+                "budget_edges_ms": self.budget_edges_ms.tolist(), "margin": self.margin.tolist(),
+                "values": None if self.values is None else {",".join(map(str, k)): v.tolist()
+                                                            for k, v in self.values.items()},
+                "price": self.price.tolist()}
 
 
 def _fraction(value, field: str, example: str) -> float:

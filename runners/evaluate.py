@@ -485,8 +485,11 @@ def _run(args, log) -> dict:
                 shields[spec.name] = make_latency_shield(
                     apply_overrides(cfg, {"policy.latency_shield": True, "policy.latency_shield_tracking": tracking,
                                           "policy.latency_shield_quantile": quantile,
-                                          "policy.latency_shield_violation_target": target}),
-                    backend, policy, drift, table=machine_now, budget_edges_ms=budget_bin_edges(budgets))
+                                          "policy.latency_shield_violation_target": target,
+                                          "policy.latency_shield_allocation": own.policy.latency_shield_allocation,
+                                          "policy.warm_start": own.policy.warm_start}),
+                    backend, policy, drift, table=machine_now, budget_edges_ms=budget_bin_edges(budgets),
+                    requests=ckpts[spec.name]["policy_meta"].get("family_requests"))
             if spec.kind == "controller":  # the budgets it reads (in its training machine's ms) vs those it trained at
                 t_lo, t_hi = ckpts[spec.name]["policy_meta"]["budget_range_ms"]
                 scale = time_scales.get(spec.name, 1.0)

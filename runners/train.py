@@ -71,8 +71,8 @@ from agents.distributed import (
 from agents.constraint import episode_budgets
 from agents.evaluation import beats_incumbent, dummy_reference_rewards, heldout_budgets, run_episodes, summarize
 from agents.factory import (check_best_margin, check_budget_range, check_follow_shield_scale, check_latency_shield,
-                            check_shield_budget_bins, check_shield_quantile, check_shield_tracking,
-                            check_shield_violation_target, check_warm_start, make_actor, make_backend_from_config,
+                            check_shield_allocation, check_shield_budget_bins, check_shield_quantile,
+                            check_shield_tracking, check_shield_violation_target, check_warm_start, make_actor, make_backend_from_config,
                             machine_budget_range, make_env, make_latency_shield, make_logger, make_loss,
                             make_violation_multiplier, measure_profile_drift, warm_start_actor)
 from agents.grpo import grpo_update, make_optimizer, set_learning_rate
@@ -407,6 +407,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         check_shield_quantile(cfg)
         check_shield_violation_target(cfg)
         check_shield_budget_bins(cfg)
+        check_shield_allocation(cfg)
         follow_shield = check_follow_shield_scale(cfg)
         check_best_margin(cfg)
         optimizer = make_optimizer(actor, cfg.optim.lr, cfg.optim.stage1_lr_ratio, cfg.optim.weight_decay)
@@ -422,6 +423,8 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         skipped_updates, skipped_in_a_row = 0, 0
         if resume_ckpt is not None:
             check_compatible(resume_ckpt["policy_meta"], meta, resume_ckpt["path"])
+            if "family_requests" in resume_ckpt["policy_meta"]:  # taught at its step 0
+                meta["family_requests"] = resume_ckpt["policy_meta"]["family_requests"]
         on_main_rank(ranks, lambda: prepare_output_dir(output_dir, resume=args.resume is not None))
     if resume_ckpt is not None:
         actor.load_state_dict(resume_ckpt["policy"])
@@ -513,15 +516,18 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         if drift:
             log({f"profile/latency_scale_{tier}": v for tier, v in drift.items()}, 0)
         if cfg.policy.warm_start is not None:  # rank 0 imitates the lookup table; every rank takes its weights
-            warm = warm_start_actor(rank_cfg, actor, backend, drift) if ranks.is_main else {}
+            warm, requests = warm_start_actor(rank_cfg, actor, backend, drift) if ranks.is_main else ({}, None)
             broadcast_module_state(ranks, actor, "the warm-started weights' broadcast")
+            requests = broadcast_object(ranks, requests, "the family requests' broadcast")
+            if requests is not None:  # the value shield's values name them; checkpoints keep them
+                meta["family_requests"] = requests
             loss_module.anchor_reference()  # loss.beta's KL holds GRPO near the taught table, not the random init
             log(warm, 0)
             if ranks.is_main:
                 print("warm start: " + " ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in warm.items()), flush=True)
     if cfg.policy.latency_shield:  # each rank's episodes pass its own machine's shield (measured now)
         shield = make_latency_shield(rank_cfg, backend, actor, drift if ranks.is_main and step == 0
-                                     else measure_profile_drift(backend))
+                                     else measure_profile_drift(backend), requests=meta.get("family_requests"))
         train_env.shield = val_env.shield = shield
     if step == 0:  # the starting policy (the warm start's, if any) is a candidate for the best checkpoint
         validate_and_keep_best()
@@ -571,9 +577,9 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
                 violated, _ = all_gather_cat(ranks, info["violation"].reshape(-1).float(), "the violations' gather (constraint)")
                 multiplier.update(budgets, violated)
                 train_metrics.update(multiplier.metrics())
-            if train_env.shield is not None and train_env.shield.violation_target is not None:  # this rank's margins
-                train_metrics.update({f"train/shield_margin_bin{b}": float(m)
-                                      for b, m in enumerate(train_env.shield.margin)})
+            if train_env.shield is not None and train_env.shield.violation_target is not None:  # this rank's bins
+                steered = ("price", train_env.shield.price) if train_env.shield.values else ("margin", train_env.shield.margin)
+                train_metrics.update({f"train/shield_{steered[0]}_bin{b}": float(m) for b, m in enumerate(steered[1])})
             progress.update(1)
             progress.set_postfix(reward=f"{train_metrics['train/reward']:.3f}",
                                  viol=f"{train_metrics['train/violation_rate']:.2f}")

@@ -10,13 +10,14 @@ import torch
 from agents.baselines import dummy_closed_form_profile, load_profile
 from agents.config import config_from_dict
 from agents.evaluation import run_episodes, summarize
-from agents.factory import (check_follow_shield_scale, check_latency_shield, check_shield_budget_bins,
-                            check_shield_quantile, check_shield_tracking, check_shield_violation_target, make_actor,
-                            make_backend_from_config, make_latency_shield, make_loss, make_lookup_profile,
-                            shield_from_profile)
+from agents.factory import (check_follow_shield_scale, check_latency_shield, check_shield_allocation,
+                            check_shield_budget_bins, check_shield_quantile, check_shield_tracking,
+                            check_shield_violation_target, make_actor, make_backend_from_config, make_family_table,
+                            make_latency_shield, make_loss, make_lookup_profile, shield_from_profile)
 from envs import make_env
 from envs.knobs import KnobSpace
 from envs.shield import LatencyShield
+from helpers import load_runner
 from train_runs import TINY, tiny_config, train_main
 
 KS = KnobSpace(tiers=("low", "high"), insertion_positions=(1, 2), top_k_values=(4, 8), num_blocks_values=(12, 16))
@@ -325,3 +326,128 @@ def test_bad_margin_settings_fail_naming_the_field():
     for edges in ([40.0, 25.0], [25.0, 25.0], [float("nan")]):
         with pytest.raises(ValueError, match=r"budget_edges_ms=.*expected finite, strictly increasing edges"):
             LatencyShield(KS, TABLE, violation_target=0.02, budget_edges_ms=edges)
+
+
+# Values of two requests over TABLE's plans (tier, top-k, blocks): one whose questions gain nothing from
+# a larger plan, one whose questions need 16 blocks (the test bed's coarse and knowledge questions).
+FLAT = torch.full((2, 2, 2), 1.0)
+BLOCKS = torch.tensor([[[0.5, 1.0], [0.5, 1.0]], [[0.5, 1.0], [0.5, 1.0]]])
+VALUES = {(0, 0, 0): FLAT, (0, 0, 1): BLOCKS}
+
+
+def _value_shield(**kw):
+    return LatencyShield(KS, TABLE, 0, violation_target=0.02, values=VALUES, **kw)
+
+
+def test_a_value_shield_spends_the_risk_where_the_request_gains_from_it():
+    s = _value_shield()
+    s.price[:] = 4.0
+    # at 14.2 ms low/k4/N16 (14 ms) is 1.4% below the budget: the prior's top twentieth exceeds it
+    assert float(s.violation_probability(torch.tensor([14.0]), 14.2)) == 0.05
+    assert float(s.violation_probability(torch.tensor([10.0]), 14.2)) == 0.0
+    assert s.stage2(0, 0, 1, 14.2) == (0, 1)  # 1.0 - 4 x 0.05 beats 0.5
+    # the same plan asked with flat values: nothing to gain, so the plan that surely fits
+    s.values = {(0, 0, 1): FLAT}
+    assert s.stage2(0, 0, 1, 14.2) == (0, 0)
+    s.values = VALUES
+    # a request without values of its own reads the mean of all (0.75 at 12 blocks, 1.0 at 16)
+    assert s.stage2(0, 1, 1, 14.2) == (0, 1)
+    # a higher price buys safety: at 40 the gain of 0.5 no longer pays for the risk
+    s.price[:] = 40.0
+    assert s.stage2(0, 0, 1, 14.2) == (0, 0)
+    # a certain violation never beats a plan that surely fits, even at the lowest price and a gain of 1
+    s.price[:] = 1.0
+    s.ratios = torch.tensor([0.9, 1.0], dtype=torch.float64)
+    s.values = {(0, 0, 1): torch.tensor([[[0.0, 1.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])}
+    assert s.stage2(0, 0, 1, 11.0) == (0, 0)
+
+
+def test_a_value_shields_stage1_reads_the_values_of_the_requests_made_at_that_tier():
+    high_flat = {(1, 0, 0): torch.tensor([[[0.2, 0.2], [0.2, 0.2]], [[1.0, 1.0], [1.0, 1.0]]]), (0, 0, 1): BLOCKS}
+    s = LatencyShield(KS, TABLE, 1, violation_target=0.02, values=high_flat)
+    assert s.stage1(1, 0, 21.0) == (1, 1)  # high/k4/N12 (20 ms) fits with 5% risk: worth 0.8
+    assert s.stage1(1, 0, 15.0) == (0, 1)  # surely over: low
+    assert s.stage1(0, 0, 50.0) == (0, 1)  # never up
+
+
+def test_a_value_shields_price_steers_each_bins_violation_rate_and_its_pool_learns_the_spread():
+    g = torch.Generator().manual_seed(2)
+    draws = torch.exp(0.08 * torch.randn(6000, generator=g)).tolist()
+    largest = torch.tensor([[[0.5, 0.5], [0.5, 0.5]], [[0.5, 0.5], [0.5, 1.0]]])  # only high/k8/N16 gains
+    s = LatencyShield(KS, TABLE, 0, violation_target=0.02, values={(1, 1, 1): largest}, budget_edges_ms=[25.0, 40.0])
+    budget, violated = 30.5, []  # high/k8/N16 (30 ms) sits at the edge: about 40% of its episodes exceed
+    for d in draws:
+        tier, _ = s.stage1(1, 0, budget)
+        k, n = s.stage2(tier, 1, 1, budget)
+        latency = float(s.p95_ms[tier, k, n]) * d
+        violated.append(latency > budget)
+        s.observe(tier, k, n, latency, budget)
+    rate = sum(violated) / len(violated)
+    assert abs(rate - 0.02) < 0.01, rate
+    assert s.budget_bin(budget) == 1 and float(s.price[1]) != 4.0 and s.price[[0, 2]].tolist() == [4.0, 4.0]
+    assert s.margin.tolist() == [1.0, 1.0, 1.0]  # the price steers, not the margin
+    assert len(s.ratios) == 512 and float(s.ratios.std()) == pytest.approx(0.08, rel=0.2)  # the draws' spread
+    state = s.state_dict()
+    assert state["values"] == {"1,1,1": largest.tolist()} and len(state["price"]) == 3
+
+
+def test_bad_values_fail_clearly():
+    with pytest.raises(ValueError, match="values need a violation_target"):
+        LatencyShield(KS, TABLE, values=VALUES)
+    for values, match in (({}, "values are empty"),
+                          ({(0, 0, 2): FLAT}, r"request \(0, 0, 2\): expected a \(tier, top-k, blocks\) index"),
+                          ({(0, 0, 0): FLAT[:1]}, r"expected a \(2, 2, 2\) table"),
+                          ({(0, 0, 0): FLAT.clone().index_fill_(0, torch.tensor([1]), math.nan)},
+                           "a timed, known plan in every tier"),
+                          ({(0, 0, 0): FLAT.clone().index_fill_(0, torch.tensor([1]), math.inf)}, "table of accuracies")):
+        with pytest.raises(ValueError, match=match):
+            LatencyShield(KS, TABLE, violation_target=0.02, values=values)
+
+
+@pytest.mark.parametrize("policy, match", [
+    ({"latency_shield_allocation": "risk"}, r"latency_shield_allocation='risk': expected one of \['margin', 'value'\]"),
+    ({"latency_shield_allocation": "value", "warm_start": "family_request"},
+     r"needs policy.latency_shield_violation_target .* got None"),
+    ({"latency_shield_allocation": "value", "latency_shield_violation_target": 0.02, "warm_start": "lookup"},
+     r"and policy.warm_start='family_request' .* got 'lookup'"),
+])
+def test_bad_allocation_settings_fail_naming_the_field(policy, match):
+    cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True, **policy}})
+    with pytest.raises(ValueError, match=match):
+        check_shield_allocation(cfg)
+
+
+def test_a_value_shield_needs_the_runs_family_requests():
+    policy = {**TINY["policy"], "latency_shield": True, "latency_shield_violation_target": 0.02,
+              "latency_shield_allocation": "value", "warm_start": "family_request"}
+    cfg = config_from_dict({**TINY, "policy": policy})
+    backend = make_backend_from_config(cfg)
+    actor = make_actor(cfg, backend)[0]
+    with pytest.raises(ValueError, match="needs the run's family requests"):
+        make_latency_shield(cfg, backend, actor)
+    family = next(iter(make_family_table(backend)))
+    top = backend.knob_space
+    plan = f"{top.tiers[-1]},{top.top_k_values[-1]},{top.num_blocks_values[-1]}"
+    shield = make_latency_shield(cfg, backend, actor, requests=[{family: plan}])
+    key = (len(top.tiers) - 1, len(top.top_k_values) - 1, len(top.num_blocks_values) - 1)
+    assert list(shield.values) == [key]
+
+
+def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_path):
+    policy = {**TINY["policy"], "latency_shield": True, "latency_shield_violation_target": 0.03,
+              "latency_shield_allocation": "value", "warm_start": "family_request", "warm_start_samples": 32,
+              "warm_start_steps": 5, "latency_shield_budget_bins": 2}
+    out = tmp_path / "run"
+    train_main("--config", tiny_config(tmp_path, policy=policy, train={"num_epochs": 1}), "--output_dir", out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    prices = [[r[f"train/shield_price_bin{b}"] for b in (0, 1)] for r in rows if "train/shield_price_bin0" in r]
+    assert prices and all(1.0 <= p <= 100.0 for row in prices for p in row)
+    assert not any("train/shield_margin_bin0" in r for r in rows)
+    meta = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["policy_meta"]
+    families = make_family_table(make_backend_from_config(config_from_dict({**TINY, "policy": policy})))
+    assert set(meta["family_requests"][0]) == set(families)
+    # the evaluation rebuilds the run's value shield from them
+    result = load_runner("evaluate").main(["--checkpoint", str(out), "--output_dir", str(tmp_path / "eval"),
+                                            "--num_samples", "4", "--num_budgets", "2", "--policies", "controller"])
+    table = result["meta"]["latency_shield"]["tables"]["controller"]
+    assert table["values"] and len(table["price"]) == 2

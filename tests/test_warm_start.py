@@ -14,7 +14,7 @@ from agents.config import config_from_dict
 from agents.factory import (REQUEST_BUDGETS, equal_budget_edges, make_actor, make_backend_from_config, make_env,
                             make_family_table, measure_profile_drift, warm_start_actor)
 from agents.rollout import collect_rollouts
-from agents.warm_start import add_controller_time, family_requests, family_select, lookup_targets
+from agents.warm_start import add_controller_time, family_request_values, family_requests, family_select, lookup_targets
 from helpers import load_runner
 from train_runs import TINY, tiny_config, train_main
 
@@ -42,7 +42,7 @@ def test_warm_started_controller_acts_as_the_lookup_table():
                          .float().mean()) for h in target}
 
     before = agreement(entries)
-    metrics = warm_start_actor(cfg, actor, backend)
+    metrics, _ = warm_start_actor(cfg, actor, backend)
     # The table the controller imitates charges every configuration the controller's own time.
     assert metrics["warm_start/controller_p95_ms"] > 0
     after = agreement(add_controller_time(entries, metrics["warm_start/controller_p95_ms"]))
@@ -154,7 +154,7 @@ def test_family_warm_start_follows_each_family_choice():
     actor, _ = make_actor(cfg, backend)
     entries, table = dummy_closed_form_profile(backend, "val"), make_family_table(backend)
     env = make_env(cfg, backend, "test", 64, 1)  # held out: the table is the val split's
-    entries = add_controller_time(entries, warm_start_actor(cfg, actor, backend)["warm_start/controller_p95_ms"])
+    entries = add_controller_time(entries, warm_start_actor(cfg, actor, backend)[0]["warm_start/controller_p95_ms"])
     rollout = collect_rollouts(env, actor, greedy=True)
     families = [env.samples[int(i)].family for i in rollout["sample_index"][:, 0].reshape(-1)]
     target = lookup_targets(entries, rollout["budget_ms"][:, 0], backend.knob_space, families, table)
@@ -200,7 +200,7 @@ def test_family_request_warm_start_asks_each_family_one_plan_per_part_of_the_bud
     backend = make_backend_from_config(cfg)
     actor, _ = make_actor(cfg, backend)
     entries, table = dummy_closed_form_profile(backend, "val"), make_family_table(backend)
-    entries = add_controller_time(entries, warm_start_actor(cfg, actor, backend)["warm_start/controller_p95_ms"])
+    entries = add_controller_time(entries, warm_start_actor(cfg, actor, backend)[0]["warm_start/controller_p95_ms"])
     shield, budgets = shield_from_profile(entries, backend.knob_space), default_budgets(backend.budget_range_ms,
                                                                                         REQUEST_BUDGETS)
     edges = equal_budget_edges(backend.budget_range_ms, bins)
@@ -217,3 +217,21 @@ def test_family_request_warm_start_asks_each_family_one_plan_per_part_of_the_bud
         step = 0 if head == "tier" else 1
         asked = rollout["action", head][:, step].reshape(-1)
         assert float((asked == target[head]).float().mean()) >= 0.85, head
+
+
+def test_family_request_values_give_each_request_the_accuracy_of_the_families_asking_for_it():
+    from envs.knobs import KnobSpace
+
+    ks = KnobSpace(tiers=("low", "high"), insertion_positions=(1, 2), top_k_values=(4, 8), num_blocks_values=(12, 16))
+    table = {"coarse": {"low,4,12": 1.0, "low,4,16": 1.0, "high,4,16": 1.0},
+             "knowledge": {"low,4,12": 0.5, "low,4,16": 1.0, "high,4,16": 1.0},
+             "detail": {"low,4,12": 0.2, "low,4,16": 0.2, "high,4,16": 0.9}}
+    values = family_request_values([{"coarse": "low,4,16", "knowledge": "low,4,16"}, {"detail": "high,4,16"}],
+                                   table, ks)
+    assert set(values) == {(0, 0, 1), (1, 0, 1)}
+    shared = values[(0, 0, 1)]  # coarse's and knowledge's mean
+    assert float(shared[0, 0, 0]) == 0.75 and float(shared[0, 0, 1]) == 1.0 and float(shared[1, 0, 1]) == 1.0
+    assert math.isnan(float(shared[1, 1, 1]))  # a plan the family table lacks
+    assert float(values[(1, 0, 1)][1, 0, 1]) == 0.9
+    with pytest.raises(ValueError, match=r"family request 'reasoning': 'low,4,16': the family table has no family"):
+        family_request_values([{"reasoning": "low,4,16"}], table, ks)
