@@ -384,7 +384,7 @@ def test_a_value_shields_price_steers_each_bins_violation_rate_and_its_pool_lear
         s.observe(tier, k, n, latency, budget)
     rate = sum(violated) / len(violated)
     assert abs(rate - 0.02) < 0.01, rate
-    assert s.budget_bin(budget) == 1 and float(s.price[1]) != 4.0 and s.price[[0, 2]].tolist() == [4.0, 4.0]
+    assert s.budget_bin(budget) == 1 and float(s.price[1]) > 1.0 and s.price[[0, 2]].tolist() == [1.0, 1.0]
     assert s.margin.tolist() == [1.0, 1.0, 1.0]  # the price steers, not the margin
     assert len(s.ratios) == 512 and float(s.ratios.std()) == pytest.approx(0.08, rel=0.2)  # the draws' spread
     state = s.state_dict()
