@@ -70,6 +70,9 @@ class PolicyConfig:
     # (the plan with the best accuracy for the request minus a steered price x P(violation); needs
     # warm_start family_request, whose family table gives each request's values; envs/shield.py)
     latency_shield_allocation: str = "margin"
+    # with "value": true, the request is a ceiling (the plan runs at or below it); false, a request the
+    # values know only names its family's values, and any plan may run (envs/shield.py)
+    latency_shield_value_ceiling: bool = True
     # true: while training, the controller reads budgets and times divided by the shield's tracked scale
     # (its time_scale, as evaluate.py and answer.py set it), so it picks plans the table now lets through
     follow_shield_scale: bool = False

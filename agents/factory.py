@@ -285,7 +285,9 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
     controller_ms = measure_controller_ms(actor, env, env.reset(), lowest, lowest)
     return shield_from_profile(add_controller_time(entries, controller_ms), backend.knob_space,
                                tracking_rate=check_shield_tracking(cfg), quantile=check_shield_quantile(cfg),
-                               violation_target=target, budget_edges_ms=budget_edges_ms, values=values)
+                               violation_target=target, budget_edges_ms=budget_edges_ms, values=values,
+                               value_ceiling=_boolean_setting("policy.latency_shield_value_ceiling",
+                                                              cfg.policy.latency_shield_value_ceiling))
 
 
 def equal_budget_edges(budget_range_ms: Sequence[float], bins: int) -> list[float]:

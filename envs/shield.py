@@ -55,6 +55,9 @@ by the same adaptive update as the margin (price x exp(violation_rate x (violate
   Stage 2  among the pairs at or below the chosen one in both knobs, the best-scoring one on the
            request's values (a request without values: the mean of all requests'; ties: the lower
            risk, then the larger p95).
+With value_ceiling off, a request that has values of its own only names them: Stage 1 reads every
+tier for a tier at which such requests are made, Stage 2 every pair of the tier, and ties go to the
+cheaper plan and the lower tier.
 P(latency > budget) is the fraction of recent executed episodes whose latency / their plan's table
 time exceeded budget / this plan's table time (a pool of RATIO_WINDOW ratios, started from a
 lognormal prior whose 95% quantile is the table, RATIO_PRIOR_SIGMA wide): the spread of this machine
@@ -93,7 +96,7 @@ class LatencyShield:
 
     def __init__(self, knob_space: KnobSpace, p95_ms: torch.Tensor, insertion_index: int = 0,
                  tracking_rate: float = 0.0, quantile: float = 0.95, violation_target: float | None = None,
-                 violation_rate: float = 0.1, budget_edges_ms=(), values=None):
+                 violation_rate: float = 0.1, budget_edges_ms=(), values=None, value_ceiling: bool = True):
         shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
         p95_ms = torch.as_tensor(p95_ms, dtype=torch.float64)
         if tuple(p95_ms.shape) != shape:
@@ -129,6 +132,7 @@ class LatencyShield:
         self.p95_ms = p95_ms
         self.insertion_index = int(insertion_index)
         self.values = None if values is None else self._check_values(values, shape)
+        self.value_ceiling = bool(value_ceiling)
         self.price = torch.full((len(edges) + 1,), PRICE_START, dtype=torch.float64)  # per budget bin, with values
         prior = torch.special.ndtri((torch.arange(RATIO_PRIOR_SIZE, dtype=torch.float64) + 0.5) / RATIO_PRIOR_SIZE)
         self.ratios = torch.exp(RATIO_PRIOR_SIGMA * (prior - torch.special.ndtri(torch.tensor(0.95, dtype=torch.float64))))
@@ -170,13 +174,15 @@ class LatencyShield:
 
     def _best(self, values: torch.Tensor, table_ms: torch.Tensor, budget_ms: float) -> tuple[torch.Tensor, int]:
         """Per row of the (rows, plans) tables, the best score of value - price x risk, and the flat index
-        of the best plan overall (ties: the lower risk, then the larger table time: the least change)."""
+        of the best plan overall (ties: the lower risk, then with the ceiling the larger table time, the
+        least change; without it the smaller, the cheapest)."""
         risk = self.violation_probability(table_ms, budget_ms)
         known = torch.isfinite(table_ms) & ~torch.isnan(values)  # a plan without a value is never picked
         scores = torch.where(known, values - self.price[self.budget_bin(budget_ms)] * risk, -math.inf).flatten(1)
         best = scores == scores.max()
         best &= risk.flatten(1) == torch.where(best, risk.flatten(1), math.inf).min()
-        flat = int(torch.where(best, table_ms.flatten(1), -math.inf).flatten().argmax())
+        sign = 1.0 if self.value_ceiling else -1.0
+        flat = int(torch.where(best, sign * table_ms.flatten(1), -math.inf).flatten().argmax())
         return scores.max(1).values, flat
 
     def budget_bin(self, budget_ms: float) -> int:
@@ -191,9 +197,11 @@ class LatencyShield:
         """(tier index, insertion index) to execute for the chosen ones (module doc)."""
         if self.values is not None:
             made_here = [v for (t, _, _), v in self.values.items() if t == int(tier)]
-            values = self._mean_values(made_here or self.values.values())[: int(tier) + 1]
-            best, _ = self._best(values, (self.p95_ms * self.scale[:, None, None])[: int(tier) + 1], budget_ms)
-            return int(torch.nonzero(best == best.max()).max()), self.insertion_index
+            top = int(tier) + 1 if self.value_ceiling or not made_here else len(self.p95_ms)
+            values = self._mean_values(made_here or self.values.values())[:top]
+            best, _ = self._best(values, (self.p95_ms * self.scale[:, None, None])[:top], budget_ms)
+            tied = torch.nonzero(best == best.max())  # ties: the higher tier with the ceiling, else the lower
+            return int(tied.max() if self.value_ceiling else tied.min()), self.insertion_index
         cheapest = self.p95_ms.flatten(1).min(1).values * self.scale * self.budget_margin(budget_ms)
         fitting = [t for t in range(int(tier) + 1) if float(cheapest[t]) <= budget_ms]
         return (fitting[-1] if fitting else int(cheapest.argmin())), self.insertion_index
@@ -205,7 +213,10 @@ class LatencyShield:
         if self.values is not None:
             request = (int(tier) if requested_tier is None else int(requested_tier), int(top_k), int(num_blocks))
             table, values = self.p95_ms[int(tier)] * self.scale[int(tier)], self._values(*request)[int(tier)]
-            below, values = table[: top_k + 1, : num_blocks + 1], values[: top_k + 1, : num_blocks + 1]
+            if self.value_ceiling or request not in self.values:
+                below, values = table[: top_k + 1, : num_blocks + 1], values[: top_k + 1, : num_blocks + 1]
+            else:
+                below = table
             if not bool((torch.isfinite(below) & ~torch.isnan(values)).any()):  # none known below: the whole tier
                 below, values = table, self._values(*request)[int(tier)]
             return divmod(self._best(values, below, budget_ms)[1], below.shape[1])
@@ -254,7 +265,7 @@ class LatencyShield:
                 "budget_edges_ms": self.budget_edges_ms.tolist(), "margin": self.margin.tolist(),
                 "values": None if self.values is None else {",".join(map(str, k)): v.tolist()
                                                             for k, v in self.values.items()},
-                "price": self.price.tolist()}
+                "price": self.price.tolist(), "value_ceiling": self.value_ceiling}
 
 
 def _fraction(value, field: str, example: str) -> float:

@@ -362,6 +362,18 @@ def test_a_value_shield_spends_the_risk_where_the_request_gains_from_it():
     assert s.stage2(0, 0, 1, 11.0) == (0, 0)
 
 
+def test_without_the_ceiling_a_known_request_only_names_its_values():
+    values = {(0, 0, 0): BLOCKS, (1, 0, 0): torch.tensor([[[0.2, 0.2], [0.2, 0.2]], [[1.0, 1.0], [1.0, 1.0]]])}
+    capped = LatencyShield(KS, TABLE, 0, violation_target=0.02, values=values)
+    free = LatencyShield(KS, TABLE, 0, violation_target=0.02, values=values, value_ceiling=False)
+    assert capped.stage2(0, 0, 0, 50.0) == (0, 0)  # at or below the request
+    assert free.stage2(0, 0, 0, 50.0) == (0, 1)  # its values say 16 blocks (k 4 or 8 alike: the cheaper)
+    assert free.stage2(0, 1, 0, 50.0) == (0, 0)  # a request without values of its own keeps the ceiling (12 blocks)
+    assert capped.stage1(0, 0, 50.0) == (0, 0) and free.stage1(0, 0, 50.0) == (0, 0)  # low requests: no gain up
+    assert free.stage1(1, 0, 50.0) == (1, 0)
+    assert free.state_dict()["value_ceiling"] is False
+
+
 def test_a_value_shields_stage1_reads_the_values_of_the_requests_made_at_that_tier():
     high_flat = {(1, 0, 0): torch.tensor([[[0.2, 0.2], [0.2, 0.2]], [[1.0, 1.0], [1.0, 1.0]]]), (0, 0, 1): BLOCKS}
     s = LatencyShield(KS, TABLE, 1, violation_target=0.02, values=high_flat)
@@ -384,7 +396,7 @@ def test_a_value_shields_price_steers_each_bins_violation_rate_and_its_pool_lear
         s.observe(tier, k, n, latency, budget)
     rate = sum(violated) / len(violated)
     assert abs(rate - 0.02) < 0.01, rate
-    assert s.budget_bin(budget) == 1 and float(s.price[1]) > 1.0 and s.price[[0, 2]].tolist() == [1.0, 1.0]
+    assert s.budget_bin(budget) == 1 and float(s.price[1]) != 2.0 and s.price[[0, 2]].tolist() == [2.0, 2.0]
     assert s.margin.tolist() == [1.0, 1.0, 1.0]  # the price steers, not the margin
     assert len(s.ratios) == 512 and float(s.ratios.std()) == pytest.approx(0.08, rel=0.2)  # the draws' spread
     state = s.state_dict()
