@@ -286,8 +286,7 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
     return shield_from_profile(add_controller_time(entries, controller_ms), backend.knob_space,
                                tracking_rate=check_shield_tracking(cfg), quantile=check_shield_quantile(cfg),
                                violation_target=target, budget_edges_ms=budget_edges_ms, values=values,
-                               value_ceiling=_boolean_setting("policy.latency_shield_value_ceiling",
-                                                              cfg.policy.latency_shield_value_ceiling))
+                               value_ceiling=cfg.policy.latency_shield_value_ceiling)
 
 
 def equal_budget_edges(budget_range_ms: Sequence[float], bins: int) -> list[float]:
@@ -342,8 +341,10 @@ SHIELD_ALLOCATIONS = ("margin", "value")
 
 def check_shield_allocation(cfg: Config) -> str:
     """policy.latency_shield_allocation, or an error naming it when it is not one of SHIELD_ALLOCATIONS
-    or "value" lacks what it reads (a violation target, the family requests)."""
+    or "value" lacks what it reads (a violation target, the family requests), or naming
+    policy.latency_shield_value_ceiling when it is not a boolean."""
     c = cfg.policy
+    _boolean_setting("policy.latency_shield_value_ceiling", c.latency_shield_value_ceiling)
     if c.latency_shield_allocation not in SHIELD_ALLOCATIONS:
         raise ValueError(f"policy.latency_shield_allocation={c.latency_shield_allocation!r}: expected one of "
                          f"{list(SHIELD_ALLOCATIONS)}")

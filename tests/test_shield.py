@@ -422,6 +422,7 @@ def test_bad_values_fail_clearly():
      r"needs policy.latency_shield_violation_target .* got None"),
     ({"latency_shield_allocation": "value", "latency_shield_violation_target": 0.02, "warm_start": "lookup"},
      r"and policy.warm_start='family_request' .* got 'lookup'"),
+    ({"latency_shield_value_ceiling": "yes"}, r"policy.latency_shield_value_ceiling='yes': expected true or false"),
 ])
 def test_bad_allocation_settings_fail_naming_the_field(policy, match):
     cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True, **policy}})
