@@ -142,19 +142,24 @@ def family_request_values(requests: Sequence[Mapping[str, str]], family_table: M
     over every family and part asking for it), as a (tiers, top-k values, block counts) table
     (NaN: a plan the family table lacks)."""
     shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
+
+    def plan_index(name: str) -> tuple[int, int, int]:
+        i = parse_static_spec(f"static:{name}", knob_space).indices(knob_space)
+        return i["tier"], i["top_k"], i["num_blocks"]
+
+    tables: dict[str, torch.Tensor] = {}  # per family asked for, its accuracies as a table
     asked: dict[tuple[int, int, int], list[torch.Tensor]] = {}
     for part in requests:
         for family, name in part.items():
             if family not in family_table:
                 raise ValueError(f"family request {family!r}: {name!r}: the family table has no family {family!r}; "
                                  f"expected one of {sorted(family_table)}")
-            table = torch.full(shape, math.nan, dtype=torch.float64)
-            for plan, accuracy in family_table[family].items():
-                i = parse_static_spec(f"static:{plan}", knob_space).indices(knob_space)
-                table[i["tier"], i["top_k"], i["num_blocks"]] = accuracy
-            i = parse_static_spec(f"static:{name}", knob_space).indices(knob_space)
-            asked.setdefault((i["tier"], i["top_k"], i["num_blocks"]), []).append(table)
-    return {request: torch.stack(tables).mean(0) for request, tables in asked.items()}
+            if family not in tables:
+                tables[family] = torch.full(shape, math.nan, dtype=torch.float64)
+                for plan, accuracy in family_table[family].items():
+                    tables[family][plan_index(plan)] = accuracy
+            asked.setdefault(plan_index(name), []).append(tables[family])
+    return {request: torch.stack(rows).mean(0) for request, rows in asked.items()}
 
 
 def add_controller_time(entries: Sequence[ProfileEntry], controller_ms: float) -> list[ProfileEntry]:

@@ -135,7 +135,8 @@ class LatencyShield:
         self.value_ceiling = bool(value_ceiling)
         self.price = torch.full((len(edges) + 1,), PRICE_START, dtype=torch.float64)  # per budget bin, with values
         prior = torch.special.ndtri((torch.arange(RATIO_PRIOR_SIZE, dtype=torch.float64) + 0.5) / RATIO_PRIOR_SIZE)
-        self.ratios = torch.exp(RATIO_PRIOR_SIGMA * (prior - torch.special.ndtri(torch.tensor(0.95, dtype=torch.float64))))
+        q95 = torch.special.ndtri(torch.tensor(0.95, dtype=torch.float64))
+        self.ratios = torch.exp(RATIO_PRIOR_SIGMA * (prior - q95))
 
     def _check_values(self, values, shape) -> dict[tuple[int, int, int], torch.Tensor]:
         if self.violation_target is None:
@@ -212,13 +213,12 @@ class LatencyShield:
         requested_tier: the tier Stage 1 chose (default `tier`), which names the request's values."""
         if self.values is not None:
             request = (int(tier) if requested_tier is None else int(requested_tier), int(top_k), int(num_blocks))
-            table, values = self.p95_ms[int(tier)] * self.scale[int(tier)], self._values(*request)[int(tier)]
+            table, whole = self.p95_ms[int(tier)] * self.scale[int(tier)], self._values(*request)[int(tier)]
+            below, values = table, whole
             if self.value_ceiling or request not in self.values:
-                below, values = table[: top_k + 1, : num_blocks + 1], values[: top_k + 1, : num_blocks + 1]
-            else:
-                below = table
+                below, values = table[: top_k + 1, : num_blocks + 1], whole[: top_k + 1, : num_blocks + 1]
             if not bool((torch.isfinite(below) & ~torch.isnan(values)).any()):  # none known below: the whole tier
-                below, values = table, self._values(*request)[int(tier)]
+                below, values = table, whole
             return divmod(self._best(values, below, budget_ms)[1], below.shape[1])
         table = self.p95_ms[int(tier)] * self.scale[int(tier)] * self.budget_margin(budget_ms)
         if float(table[top_k, num_blocks]) <= budget_ms:

@@ -72,9 +72,10 @@ from agents.constraint import episode_budgets
 from agents.evaluation import beats_incumbent, dummy_reference_rewards, heldout_budgets, run_episodes, summarize
 from agents.factory import (check_best_margin, check_budget_range, check_follow_shield_scale, check_latency_shield,
                             check_shield_allocation, check_shield_budget_bins, check_shield_quantile,
-                            check_shield_tracking, check_shield_violation_target, check_warm_start, make_actor, make_backend_from_config,
-                            machine_budget_range, make_env, make_latency_shield, make_logger, make_loss,
-                            make_violation_multiplier, measure_profile_drift, warm_start_actor)
+                            check_shield_tracking, check_shield_violation_target, check_warm_start, make_actor,
+                            make_backend_from_config, machine_budget_range, make_env, make_latency_shield,
+                            make_logger, make_loss, make_violation_multiplier, measure_profile_drift,
+                            warm_start_actor)
 from agents.grpo import grpo_update, make_optimizer, set_learning_rate
 from agents.reporting import accuracy_vs_budget_figure
 from agents.rollout import collect_rollouts
@@ -577,9 +578,10 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
                 violated, _ = all_gather_cat(ranks, info["violation"].reshape(-1).float(), "the violations' gather (constraint)")
                 multiplier.update(budgets, violated)
                 train_metrics.update(multiplier.metrics())
-            if train_env.shield is not None and train_env.shield.violation_target is not None:  # this rank's bins
-                steered = ("price", train_env.shield.price) if train_env.shield.values else ("margin", train_env.shield.margin)
-                train_metrics.update({f"train/shield_{steered[0]}_bin{b}": float(m) for b, m in enumerate(steered[1])})
+            shield = train_env.shield
+            if shield is not None and shield.violation_target is not None:  # this rank's per-bin price or margin
+                name, steered = ("price", shield.price) if shield.values else ("margin", shield.margin)
+                train_metrics.update({f"train/shield_{name}_bin{b}": float(m) for b, m in enumerate(steered)})
             progress.update(1)
             progress.set_postfix(reward=f"{train_metrics['train/reward']:.3f}",
                                  viol=f"{train_metrics['train/violation_rate']:.2f}")

@@ -411,7 +411,8 @@ def test_bad_values_fail_clearly():
                           ({(0, 0, 0): FLAT[:1]}, r"expected a \(2, 2, 2\) table"),
                           ({(0, 0, 0): FLAT.clone().index_fill_(0, torch.tensor([1]), math.nan)},
                            "a timed, known plan in every tier"),
-                          ({(0, 0, 0): FLAT.clone().index_fill_(0, torch.tensor([1]), math.inf)}, "table of accuracies")):
+                          ({(0, 0, 0): FLAT.clone().index_fill_(0, torch.tensor([1]), math.inf)},
+                           "table of accuracies")):
         with pytest.raises(ValueError, match=match):
             LatencyShield(KS, TABLE, violation_target=0.02, values=values)
 
