@@ -73,6 +73,10 @@ class PolicyConfig:
     # with "value": true, the request is a ceiling (the plan runs at or below it); false, a request the
     # values know only names its family's values, and any plan may run (envs/shield.py)
     latency_shield_value_ceiling: bool = True
+    # with "value", whose accuracies each request's values are: "taught" (the families the warm start
+    # taught to make it), "measured" (the family mix of the training questions for which the controller
+    # makes it greedily, measured when the shield is built: its confusions are in it; envs/shield.py)
+    latency_shield_request_mix: str = "taught"
     # true: while training, the controller reads budgets and times divided by the shield's tracked scale
     # (its time_scale, as evaluate.py and answer.py set it), so it picks plans the table now lets through
     follow_shield_scale: bool = False

@@ -23,7 +23,7 @@ from agents.config import Config
 from agents.constraint import ViolationMultiplier
 from agents.grpo import JointGRPOLoss
 from agents.warm_start import (add_controller_time, family_request_values, lookup_warm_start,
-                               measure_controller_ms)
+                               measure_controller_ms, measure_request_mix, request_mix_values)
 from envs import BudgetVLMEnv, RewardWeights, make_backend
 from envs.shield import LatencyShield, check_quantile, check_violation_target
 from envs.machine import resolve_device
@@ -251,6 +251,10 @@ def warm_start_actor(cfg: Config, actor, backend, latency_scales: dict[str, floa
 
 # Requests whose controller time (both stages, p95) the latency shield adds to every plan.
 SHIELD_CONTROLLER_SAMPLES = 32
+# Training requests (in batches of) on which policy.latency_shield_request_mix "measured" counts the
+# family mix of each request the controller makes: 256 put about 64 questions of each family behind
+# the values, in about 8 s on the 2-core VM (each runs up to its latency token).
+REQUEST_MIX_SAMPLES, REQUEST_MIX_BATCH = 256, 64
 
 
 def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, float] | None = None,
@@ -264,7 +268,9 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
     policy.latency_shield_violation_target, a margin per budget bin that steers each bin's violation
     rate to it (budget_edges_ms, default: policy.latency_shield_budget_bins equal parts of the
     backend's budget range); with policy.latency_shield_allocation value, the values of `requests`
-    (the run's family requests, in its checkpoints' policy_meta) on the backend's family table."""
+    (the run's family requests, in its checkpoints' policy_meta) on the backend's family table, or with
+    policy.latency_shield_request_mix "measured" those of the requests `actor` makes on
+    REQUEST_MIX_SAMPLES training requests, each weighted by the families that made it."""
     if not check_latency_shield(cfg):
         return None
     target = check_shield_violation_target(cfg)
@@ -274,7 +280,12 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
             raise ValueError("policy.latency_shield_allocation='value' needs the run's family requests "
                              "(policy_meta 'family_requests', written by policy.warm_start family_request); "
                              "this run has none")
-        values = family_request_values(requests, make_family_table(backend), backend.knob_space)
+        if cfg.policy.latency_shield_request_mix == "measured":
+            mix_env = make_env(cfg, backend, "train", REQUEST_MIX_BATCH, 1)
+            values = request_mix_values(measure_request_mix(actor, mix_env, REQUEST_MIX_SAMPLES // REQUEST_MIX_BATCH),
+                                        make_family_table(backend), backend.knob_space)
+        else:
+            values = family_request_values(requests, make_family_table(backend), backend.knob_space)
     if budget_edges_ms is None:
         budget_edges_ms = equal_budget_edges(backend.budget_range_ms, check_shield_budget_bins(cfg))
     entries = list(table) if table is not None else make_lookup_profile(backend)
@@ -337,17 +348,26 @@ def check_shield_violation_target(cfg: Config) -> float | None:
 
 
 SHIELD_ALLOCATIONS = ("margin", "value")
+REQUEST_MIXES = ("taught", "measured")
 
 
 def check_shield_allocation(cfg: Config) -> str:
     """policy.latency_shield_allocation, or an error naming it when it is not one of SHIELD_ALLOCATIONS
     or "value" lacks what it reads (a violation target, the family requests), or naming
-    policy.latency_shield_value_ceiling when it is not a boolean."""
+    policy.latency_shield_value_ceiling when it is not a boolean or policy.latency_shield_request_mix
+    when it is not one of REQUEST_MIXES or weighs values the allocation lacks."""
     c = cfg.policy
     _boolean_setting("policy.latency_shield_value_ceiling", c.latency_shield_value_ceiling)
     if c.latency_shield_allocation not in SHIELD_ALLOCATIONS:
         raise ValueError(f"policy.latency_shield_allocation={c.latency_shield_allocation!r}: expected one of "
                          f"{list(SHIELD_ALLOCATIONS)}")
+    if c.latency_shield_request_mix not in REQUEST_MIXES:
+        raise ValueError(f"policy.latency_shield_request_mix={c.latency_shield_request_mix!r}: expected one of "
+                         f"{list(REQUEST_MIXES)}")
+    if c.latency_shield_request_mix != "taught" and c.latency_shield_allocation != "value":
+        raise ValueError(f"policy.latency_shield_request_mix={c.latency_shield_request_mix!r} weighs the value "
+                         f"shield's values; policy.latency_shield_allocation={c.latency_shield_allocation!r} has none: "
+                         f"pass policy.latency_shield_allocation='value' or latency_shield_request_mix='taught'")
     if c.latency_shield_allocation == "value" and (c.latency_shield_violation_target is None
                                                    or c.warm_start != "family_request"):
         raise ValueError(f"policy.latency_shield_allocation='value' needs policy.latency_shield_violation_target "

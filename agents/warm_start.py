@@ -57,6 +57,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from agents.baselines import (ProfileEntry, StaticChoice, lookup_select, parse_static_spec, rescale_profile,
                               shield_from_profile)
@@ -137,29 +138,70 @@ def family_requests(shield: LatencyShield, family_table: Mapping[str, Mapping[st
 
 def family_request_values(requests: Sequence[Mapping[str, str]], family_table: Mapping[str, Mapping[str, float]],
                           knob_space: KnobSpace) -> dict[tuple[int, int, int], torch.Tensor]:
-    """The latency shield's values (envs/shield.py): per requested plan ({family: plan name} per budget
-    part, family_requests' names), each plan's accuracy for the families that request it (their mean
-    over every family and part asking for it), as a (tiers, top-k values, block counts) table
-    (NaN: a plan the family table lacks)."""
-    shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
-
-    def plan_index(name: str) -> tuple[int, int, int]:
-        i = parse_static_spec(f"static:{name}", knob_space).indices(knob_space)
-        return i["tier"], i["top_k"], i["num_blocks"]
-
-    tables: dict[str, torch.Tensor] = {}  # per family asked for, its accuracies as a table
-    asked: dict[tuple[int, int, int], list[torch.Tensor]] = {}
+    """The latency shield's values (envs/shield.py) with policy.latency_shield_request_mix "taught": per
+    requested plan ({family: plan name} per budget part, family_requests' names), each plan's accuracy
+    for the families taught to request it (their mean over every family and part asking for it)."""
+    mix: dict[tuple[int, int, int], dict[str, float]] = {}
     for part in requests:
         for family, name in part.items():
             if family not in family_table:
                 raise ValueError(f"family request {family!r}: {name!r}: the family table has no family {family!r}; "
                                  f"expected one of {sorted(family_table)}")
+            counts = mix.setdefault(plan_index(name, knob_space), {})
+            counts[family] = counts.get(family, 0.0) + 1.0
+    return request_mix_values(mix, family_table, knob_space)
+
+
+def request_mix_values(mix: Mapping[tuple[int, int, int], Mapping[str, float]],
+                       family_table: Mapping[str, Mapping[str, float]],
+                       knob_space: KnobSpace) -> dict[tuple[int, int, int], torch.Tensor]:
+    """Per request ((tier, top-k, blocks) index), the accuracy of each plan for the questions that make
+    it: the family tables weighted by `mix` ({request: {family: weight}}), as a (tiers, top-k values,
+    block counts) table (NaN: a plan the family table lacks)."""
+    shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
+    tables: dict[str, torch.Tensor] = {}  # per family asked for, its accuracies as a table
+    out = {}
+    for request, weights in mix.items():
+        missing = sorted(set(weights) - set(family_table))
+        if missing:
+            raise ValueError(f"request {request}: families {missing} make it, but the family table has none of them; "
+                             f"expected families among {sorted(family_table)}")
+        if not weights or not all(math.isfinite(w) and w >= 0 for w in weights.values()) or not sum(weights.values()):
+            raise ValueError(f"request {request}: family weights {dict(weights)}: expected finite weights >= 0, "
+                             f"not all 0")
+        for family in weights:
             if family not in tables:
                 tables[family] = torch.full(shape, math.nan, dtype=torch.float64)
                 for plan, accuracy in family_table[family].items():
-                    tables[family][plan_index(plan)] = accuracy
-            asked.setdefault(plan_index(name), []).append(tables[family])
-    return {request: torch.stack(rows).mean(0) for request, rows in asked.items()}
+                    tables[family][plan_index(plan, knob_space)] = accuracy
+        total = sum(weights.values())
+        out[request] = sum(tables[f] * (w / total) for f, w in weights.items() if w > 0)
+    return out
+
+
+def plan_index(name: str, knob_space: KnobSpace) -> tuple[int, int, int]:
+    """A plan's (tier, top-k, blocks) index from its name (e.g. "low,4,16")."""
+    i = parse_static_spec(f"static:{name}", knob_space).indices(knob_space)
+    return i["tier"], i["top_k"], i["num_blocks"]
+
+
+def measure_request_mix(actor, env, num_batches: int) -> dict[tuple[int, int, int], dict[str, int]]:
+    """policy.latency_shield_request_mix "measured": per request the actor makes greedily ((tier, top-k,
+    blocks) of both stages' actions), how many of `num_batches` resets of `env` (budgets drawn over its
+    range) made it, per question family. Each request runs up to its latency token, at the chosen tier
+    and p; nothing is decoded."""
+    mix: dict[tuple[int, int, int], dict[str, int]] = {}
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        for _ in range(num_batches):
+            td = actor(env.reset())
+            families = [sample_family(env.samples[int(i)]) for i in td["sample_index"].reshape(-1)]
+            tiers = td["action", "tier"].reshape(-1).tolist()
+            step2 = actor(env.step(td)["next"])
+            for family, tier, k, n in zip(families, tiers, step2["action", "top_k"].reshape(-1).tolist(),
+                                          step2["action", "num_blocks"].reshape(-1).tolist(), strict=True):
+                counts = mix.setdefault((int(tier), int(k), int(n)), {})
+                counts[family] = counts.get(family, 0) + 1
+    return mix
 
 
 def add_controller_time(entries: Sequence[ProfileEntry], controller_ms: float) -> list[ProfileEntry]:

@@ -489,6 +489,8 @@ def _run(args, log) -> dict:
                                           "policy.latency_shield_allocation": own.policy.latency_shield_allocation,
                                           "policy.latency_shield_value_ceiling":
                                               own.policy.latency_shield_value_ceiling,
+                                          "policy.latency_shield_request_mix":
+                                              own.policy.latency_shield_request_mix,
                                           "policy.warm_start": own.policy.warm_start}),
                     backend, policy, drift, table=machine_now, budget_edges_ms=budget_bin_edges(budgets),
                     requests=ckpts[spec.name]["policy_meta"].get("family_requests"))

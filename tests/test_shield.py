@@ -13,7 +13,10 @@ from agents.evaluation import run_episodes, summarize
 from agents.factory import (check_follow_shield_scale, check_latency_shield, check_shield_allocation,
                             check_shield_budget_bins, check_shield_quantile, check_shield_tracking,
                             check_shield_violation_target, make_actor, make_backend_from_config, make_family_table,
-                            make_latency_shield, make_loss, make_lookup_profile, shield_from_profile)
+                            make_latency_shield, make_loss, make_lookup_profile, shield_from_profile,
+                            REQUEST_MIX_BATCH, REQUEST_MIX_SAMPLES)
+from agents.factory import make_env as make_run_env
+from agents.warm_start import measure_request_mix, request_mix_values
 from envs import make_env
 from envs.knobs import KnobSpace
 from envs.shield import LatencyShield
@@ -424,6 +427,10 @@ def test_bad_values_fail_clearly():
     ({"latency_shield_allocation": "value", "latency_shield_violation_target": 0.02, "warm_start": "lookup"},
      r"and policy.warm_start='family_request' .* got 'lookup'"),
     ({"latency_shield_value_ceiling": "yes"}, r"policy.latency_shield_value_ceiling='yes': expected true or false"),
+    ({"latency_shield_request_mix": "counted"},
+     r"policy.latency_shield_request_mix='counted': expected one of \['taught', 'measured'\]"),
+    ({"latency_shield_request_mix": "measured"},
+     r"latency_shield_request_mix='measured' weighs .* policy.latency_shield_allocation='margin' has none"),
 ])
 def test_bad_allocation_settings_fail_naming_the_field(policy, match):
     cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True, **policy}})
@@ -445,6 +452,24 @@ def test_a_value_shield_needs_the_runs_family_requests():
     shield = make_latency_shield(cfg, backend, actor, requests=[{family: plan}])
     key = (len(top.tiers) - 1, len(top.top_k_values) - 1, len(top.num_blocks_values) - 1)
     assert list(shield.values) == [key]
+
+
+def test_a_measured_request_mix_gives_values_to_the_requests_the_controller_makes():
+    policy = {**TINY["policy"], "latency_shield": True, "latency_shield_violation_target": 0.02,
+              "latency_shield_allocation": "value", "warm_start": "family_request",
+              "latency_shield_request_mix": "measured"}
+    cfg = config_from_dict({**TINY, "policy": policy})
+    backend = make_backend_from_config(cfg)
+    actor = make_actor(cfg, backend)[0]
+    top = backend.knob_space
+    taught = [{next(iter(make_family_table(backend))): f"{top.tiers[-1]},{top.top_k_values[-1]},{top.num_blocks_values[-1]}"}]
+    shield = make_latency_shield(cfg, backend, actor, requests=taught)
+    mix = measure_request_mix(actor, make_run_env(cfg, backend, "train", REQUEST_MIX_BATCH, 1),
+                              REQUEST_MIX_SAMPLES // REQUEST_MIX_BATCH)
+    assert set(shield.values) == set(mix)  # the requests made, not the one taught
+    expected = request_mix_values(mix, make_family_table(backend), top)
+    assert all(torch.equal(shield.values[k].isnan(), v.isnan()) and torch.allclose(shield.values[k].nan_to_num(),
+               v.nan_to_num()) for k, v in expected.items())
 
 
 def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_path):

@@ -14,7 +14,8 @@ from agents.config import config_from_dict
 from agents.factory import (REQUEST_BUDGETS, equal_budget_edges, make_actor, make_backend_from_config, make_env,
                             make_family_table, measure_profile_drift, warm_start_actor)
 from agents.rollout import collect_rollouts
-from agents.warm_start import add_controller_time, family_request_values, family_requests, family_select, lookup_targets
+from agents.warm_start import (add_controller_time, family_request_values, family_requests, family_select, lookup_targets,
+                               measure_request_mix, request_mix_values)
 from helpers import load_runner
 from train_runs import TINY, tiny_config, train_main
 
@@ -235,3 +236,32 @@ def test_family_request_values_give_each_request_the_accuracy_of_the_families_as
     assert float(values[(1, 0, 1)][1, 0, 1]) == 0.9
     with pytest.raises(ValueError, match=r"family request 'reasoning': 'low,4,16': the family table has no family"):
         family_request_values([{"reasoning": "low,4,16"}], table, ks)
+
+
+def test_request_mix_values_weigh_each_family_by_how_often_it_makes_the_request():
+    from envs.knobs import KnobSpace
+
+    ks = KnobSpace(tiers=("low", "high"), insertion_positions=(1, 2), top_k_values=(4, 8), num_blocks_values=(12, 16))
+    table = {"coarse": {"low,4,12": 1.0, "low,4,16": 1.0}, "knowledge": {"low,4,12": 0.5, "low,4,16": 1.0}}
+    values = request_mix_values({(0, 0, 0): {"coarse": 3, "knowledge": 1}, (0, 0, 1): {"knowledge": 2}}, table, ks)
+    assert float(values[(0, 0, 0)][0, 0, 0]) == 0.875 and float(values[(0, 0, 0)][0, 0, 1]) == 1.0
+    assert float(values[(0, 0, 1)][0, 0, 0]) == 0.5  # only knowledge questions make it
+    for mix, match in (({(0, 0, 0): {"reasoning": 1}}, r"families \['reasoning'\] make it, but the family table"),
+                       ({(0, 0, 0): {"coarse": 0}}, r"family weights \{'coarse': 0\}: expected finite weights >= 0"),
+                       ({(0, 0, 0): {"coarse": -1, "knowledge": 2}}, "expected finite weights >= 0")):
+        with pytest.raises(ValueError, match=match):
+            request_mix_values(mix, table, ks)
+
+
+def test_measure_request_mix_counts_the_families_behind_each_greedy_request():
+    cfg = config_from_dict(TINY)
+    backend = make_backend_from_config(cfg)
+    actor = make_actor(cfg, backend)[0]
+    env = make_env(cfg, backend, "train", 8, 1)
+    mix = measure_request_mix(actor, env, 3)
+    assert sum(sum(c.values()) for c in mix.values()) == 24
+    ks = backend.knob_space
+    sizes = (len(ks.tiers), len(ks.top_k_values), len(ks.num_blocks_values))
+    assert all(0 <= i < n for key in mix for i, n in zip(key, sizes))
+    assert set().union(*mix.values()) <= set(make_family_table(backend))
+    assert measure_request_mix(actor, make_env(cfg, backend, "train", 8, 1), 3) == mix  # greedy, seeded draws
