@@ -22,8 +22,8 @@ from agents.checkpoint import actor_meta, build_actor
 from agents.config import Config
 from agents.constraint import ViolationMultiplier
 from agents.grpo import JointGRPOLoss
-from agents.warm_start import (add_controller_time, family_request_values, lookup_warm_start,
-                               measure_controller_ms, measure_request_mix, request_mix_values)
+from agents.warm_start import (add_controller_time, lookup_warm_start, measure_controller_ms, measure_request_mix,
+                               request_mix_values, taught_request_mix)
 from envs import BudgetVLMEnv, RewardWeights, make_backend
 from envs.shield import LatencyShield, check_quantile, check_violation_target
 from envs.machine import resolve_device
@@ -260,7 +260,8 @@ REQUEST_MIX_SAMPLES, REQUEST_MIX_BATCH = 256, 64
 def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, float] | None = None,
                         table: Sequence[ProfileEntry] | None = None,
                         budget_edges_ms: Sequence[float] | None = None,
-                        requests: Sequence[Mapping[str, str]] | None = None) -> LatencyShield | None:
+                        requests: Sequence[Mapping[str, str]] | None = None,
+                        mix_budget_range_ms: Sequence[float] | None = None) -> LatencyShield | None:
     """policy.latency_shield's shield (envs/shield.py), None when off: `table` (this machine's latency
     measured now, e.g. evaluate.py's calibration set), else the lookup profile rescaled by
     latency_scales (measure_profile_drift, this machine now), plus the p95 of `actor`'s own time for
@@ -270,22 +271,25 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
     backend's budget range); with policy.latency_shield_allocation value, the values of `requests`
     (the run's family requests, in its checkpoints' policy_meta) on the backend's family table, or with
     policy.latency_shield_request_mix "measured" those of the requests `actor` makes on
-    REQUEST_MIX_SAMPLES training requests, each weighted by the families that made it."""
+    REQUEST_MIX_SAMPLES training requests at budgets over `mix_budget_range_ms` (default: the
+    backend's range), each weighted by the families that made it; each request weighs as many
+    questions as make it."""
     if not check_latency_shield(cfg):
         return None
     target = check_shield_violation_target(cfg)
-    values = None
+    values = weights = None
     if check_shield_allocation(cfg) == "value":
         if not requests:
             raise ValueError("policy.latency_shield_allocation='value' needs the run's family requests "
                              "(policy_meta 'family_requests', written by policy.warm_start family_request); "
                              "this run has none")
+        family_table, ks = make_family_table(backend), backend.knob_space
         if cfg.policy.latency_shield_request_mix == "measured":
-            mix_env = make_env(cfg, backend, "train", REQUEST_MIX_BATCH, 1)
-            values = request_mix_values(measure_request_mix(actor, mix_env, REQUEST_MIX_SAMPLES // REQUEST_MIX_BATCH),
-                                        make_family_table(backend), backend.knob_space)
+            mix = measure_request_mix(actor, make_env(cfg, backend, "train", REQUEST_MIX_BATCH, 1),
+                                      REQUEST_MIX_SAMPLES // REQUEST_MIX_BATCH, mix_budget_range_ms, cfg.train.seed)
         else:
-            values = family_request_values(requests, make_family_table(backend), backend.knob_space)
+            mix = taught_request_mix(requests, family_table, ks)
+        values, weights = request_mix_values(mix, family_table, ks), {r: sum(c.values()) for r, c in mix.items()}
     if budget_edges_ms is None:
         budget_edges_ms = equal_budget_edges(backend.budget_range_ms, check_shield_budget_bins(cfg))
     entries = list(table) if table is not None else make_lookup_profile(backend)
@@ -297,7 +301,7 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
     return shield_from_profile(add_controller_time(entries, controller_ms), backend.knob_space,
                                tracking_rate=check_shield_tracking(cfg), quantile=check_shield_quantile(cfg),
                                violation_target=target, budget_edges_ms=budget_edges_ms, values=values,
-                               value_ceiling=cfg.policy.latency_shield_value_ceiling)
+                               value_ceiling=cfg.policy.latency_shield_value_ceiling, value_weights=weights)
 
 
 def equal_budget_edges(budget_range_ms: Sequence[float], bins: int) -> list[float]:

@@ -136,11 +136,10 @@ def family_requests(shield: LatencyShield, family_table: Mapping[str, Mapping[st
     return out
 
 
-def family_request_values(requests: Sequence[Mapping[str, str]], family_table: Mapping[str, Mapping[str, float]],
-                          knob_space: KnobSpace) -> dict[tuple[int, int, int], torch.Tensor]:
-    """The latency shield's values (envs/shield.py) with policy.latency_shield_request_mix "taught": per
-    requested plan ({family: plan name} per budget part, family_requests' names), each plan's accuracy
-    for the families taught to request it (their mean over every family and part asking for it)."""
+def taught_request_mix(requests: Sequence[Mapping[str, str]], family_table: Mapping[str, Mapping[str, float]],
+                       knob_space: KnobSpace) -> dict[tuple[int, int, int], dict[str, float]]:
+    """policy.latency_shield_request_mix "taught": per requested plan ({family: plan name} per budget part,
+    family_requests' names), the families taught to request it, each counted once per part asking."""
     mix: dict[tuple[int, int, int], dict[str, float]] = {}
     for part in requests:
         for family, name in part.items():
@@ -149,15 +148,16 @@ def family_request_values(requests: Sequence[Mapping[str, str]], family_table: M
                                  f"expected one of {sorted(family_table)}")
             counts = mix.setdefault(plan_index(name, knob_space), {})
             counts[family] = counts.get(family, 0.0) + 1.0
-    return request_mix_values(mix, family_table, knob_space)
+    return mix
 
 
 def request_mix_values(mix: Mapping[tuple[int, int, int], Mapping[str, float]],
                        family_table: Mapping[str, Mapping[str, float]],
                        knob_space: KnobSpace) -> dict[tuple[int, int, int], torch.Tensor]:
-    """Per request ((tier, top-k, blocks) index), the accuracy of each plan for the questions that make
-    it: the family tables weighted by `mix` ({request: {family: weight}}), as a (tiers, top-k values,
-    block counts) table (NaN: a plan the family table lacks)."""
+    """The latency shield's values (envs/shield.py): per request ((tier, top-k, blocks) index), the
+    accuracy of each plan for the questions that make it, the family tables weighted by `mix`
+    ({request: {family: weight}}: taught_request_mix or measure_request_mix), as a (tiers, top-k
+    values, block counts) table (NaN: a plan the family table lacks)."""
     shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
     tables: dict[str, torch.Tensor] = {}  # per family asked for, its accuracies as a table
     out = {}
@@ -185,21 +185,31 @@ def plan_index(name: str, knob_space: KnobSpace) -> tuple[int, int, int]:
     return i["tier"], i["top_k"], i["num_blocks"]
 
 
-def measure_request_mix(actor, env, num_batches: int) -> dict[tuple[int, int, int], dict[str, int]]:
+def measure_request_mix(actor, env, num_batches: int, budget_range_ms: Sequence[float] | None = None,
+                        seed: int = 0) -> dict[tuple[int, int, int], dict[str, int]]:
     """policy.latency_shield_request_mix "measured": per request the actor makes greedily ((tier, top-k,
-    blocks) of both stages' actions), how many of `num_batches` resets of `env` (budgets drawn over its
-    range) made it, per question family. Each request runs up to its latency token, at the chosen tier
-    and p; nothing is decoded."""
+    blocks) of both stages' actions), how many of `num_batches` resets of `env` made it, per question
+    family; budgets drawn uniformly over `budget_range_ms` (seeded by `seed`; None: the env's own
+    draws over its range). Each request runs up to its latency token, at the chosen tier and p;
+    nothing is decoded."""
+    n = env.batch_size[0]
+    generator = torch.Generator().manual_seed(seed)
     mix: dict[tuple[int, int, int], dict[str, int]] = {}
     with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
         for _ in range(num_batches):
-            td = actor(env.reset())
+            if budget_range_ms is None:
+                td = env.reset()
+            else:
+                lo, hi = (float(v) for v in budget_range_ms)
+                budgets = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+                td = env.reset(reset_to(n, budget_ms=budgets.to(torch.float32)))
+            td = actor(td)
             families = [sample_family(env.samples[int(i)]) for i in td["sample_index"].reshape(-1)]
             tiers = td["action", "tier"].reshape(-1).tolist()
             step2 = actor(env.step(td)["next"])
-            for family, tier, k, n in zip(families, tiers, step2["action", "top_k"].reshape(-1).tolist(),
-                                          step2["action", "num_blocks"].reshape(-1).tolist(), strict=True):
-                counts = mix.setdefault((int(tier), int(k), int(n)), {})
+            for family, tier, k, n_blocks in zip(families, tiers, step2["action", "top_k"].reshape(-1).tolist(),
+                                                 step2["action", "num_blocks"].reshape(-1).tolist(), strict=True):
+                counts = mix.setdefault((int(tier), int(k), int(n_blocks)), {})
                 counts[family] = counts.get(family, 0) + 1
     return mix
 

@@ -47,13 +47,14 @@ budget of one run the shield cut 71% of a seed's knowledge questions to 12 block
 while the family oracle ran them at (low, 4, 15), 10% of them late, 0.97 right, and held 3.3% over
 all questions, because coarse questions lose nothing at 12 blocks (RESULTS 0, eval29). With `values`
 ({requested plan: accuracy of each plan for the questions that request it}, agents.warm_start's
-family_request_values) the shield spends the bin's violations where they buy the most: it executes
+request_mix_values; value_weights: how many questions make each request) the shield spends the bin's violations where they buy the most: it executes
 the plan that maximizes value - price x P(latency > budget), the bin's price steered to the target
 by the same adaptive update as the margin (price x exp(violation_rate x (violated - target))):
   Stage 1  among the tiers at or below the chosen one, the one whose best plan scores highest on the
-           values of the requests made at the chosen tier (their mean; ties: the higher tier);
+           values of the requests made at the chosen tier (their mean weighted by value_weights;
+           ties: the higher tier);
   Stage 2  among the pairs at or below the chosen one in both knobs, the best-scoring one on the
-           request's values (a request without values: the mean of all requests'; ties: the lower
+           request's values (a request without values: the weighted mean of all requests'; ties: the lower
            risk, then the larger p95).
 With value_ceiling off, a request that has values of its own only names them: Stage 1 reads every
 tier for a tier at which such requests are made, Stage 2 every pair of the tier, and ties go to the
@@ -92,11 +93,13 @@ class LatencyShield:
     the budget bins, () for one bin): the per-bin margin (module doc); values ({(tier, top-k, blocks)
     index of a request: (tiers, top-k values, block counts) accuracy of each plan for it}, needs
     violation_target; NaN: a plan without a value, never picked): the per-bin price instead of the
-    margin (module doc)."""
+    margin (module doc); value_weights ({request: weight > 0}, None: 1 each): each request's weight
+    in a mean of several requests' values."""
 
     def __init__(self, knob_space: KnobSpace, p95_ms: torch.Tensor, insertion_index: int = 0,
                  tracking_rate: float = 0.0, quantile: float = 0.95, violation_target: float | None = None,
-                 violation_rate: float = 0.1, budget_edges_ms=(), values=None, value_ceiling: bool = True):
+                 violation_rate: float = 0.1, budget_edges_ms=(), values=None, value_ceiling: bool = True,
+                 value_weights=None):
         shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
         p95_ms = torch.as_tensor(p95_ms, dtype=torch.float64)
         if tuple(p95_ms.shape) != shape:
@@ -132,6 +135,7 @@ class LatencyShield:
         self.p95_ms = p95_ms
         self.insertion_index = int(insertion_index)
         self.values = None if values is None else self._check_values(values, shape)
+        self.value_weights = None if values is None else self._check_weights(value_weights)
         self.value_ceiling = bool(value_ceiling)
         self.price = torch.full((len(edges) + 1,), PRICE_START, dtype=torch.float64)  # per budget bin, with values
         prior = torch.special.ndtri((torch.arange(RATIO_PRIOR_SIZE, dtype=torch.float64) + 0.5) / RATIO_PRIOR_SIZE)
@@ -157,14 +161,26 @@ class LatencyShield:
             out[key] = table
         return out
 
-    def _values(self, tier: int, top_k: int, num_blocks: int) -> torch.Tensor:
-        """The request's plan values: its own, else the mean of every request's."""
-        own = self.values.get((int(tier), int(top_k), int(num_blocks)))
-        return own if own is not None else self._mean_values(self.values.values())
+    def _check_weights(self, weights) -> dict[tuple[int, int, int], float]:
+        if weights is None:
+            return {k: 1.0 for k in self.values}
+        weights = {tuple(int(i) for i in k): w for k, w in weights.items()}
+        bad = {k: w for k, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float))
+               or not (math.isfinite(w) and w > 0)}
+        if bad or set(weights) != set(self.values):
+            raise ValueError(f"latency shield value_weights: expected a finite weight > 0 for each request the values "
+                             f"name ({sorted(self.values)}); got {weights}")
+        return {k: float(w) for k, w in weights.items()}
 
-    @staticmethod
-    def _mean_values(tables) -> torch.Tensor:
-        return torch.stack(list(tables)).mean(0)
+    def _values(self, tier: int, top_k: int, num_blocks: int) -> torch.Tensor:
+        """The request's plan values: its own, else the weighted mean of every request's."""
+        own = self.values.get((int(tier), int(top_k), int(num_blocks)))
+        return own if own is not None else self._mean_values(self.values)
+
+    def _mean_values(self, requests) -> torch.Tensor:
+        """The mean of `requests`' values, each weighted by its value_weights (how many questions make it)."""
+        total = sum(self.value_weights[r] for r in requests)
+        return sum(self.values[r] * (self.value_weights[r] / total) for r in requests)
 
     def violation_probability(self, table_ms: torch.Tensor, budget_ms: float) -> torch.Tensor:
         """P(latency > budget) of plans whose scaled table time is `table_ms` (module doc; inf: 1)."""
@@ -197,9 +213,9 @@ class LatencyShield:
     def stage1(self, tier: int, insertion: int, budget_ms: float) -> tuple[int, int]:
         """(tier index, insertion index) to execute for the chosen ones (module doc)."""
         if self.values is not None:
-            made_here = [v for (t, _, _), v in self.values.items() if t == int(tier)]
+            made_here = [r for r in self.values if r[0] == int(tier)]
             top = int(tier) + 1 if self.value_ceiling or not made_here else len(self.p95_ms)
-            values = self._mean_values(made_here or self.values.values())[:top]
+            values = self._mean_values(made_here or list(self.values))[:top]
             best, _ = self._best(values, (self.p95_ms * self.scale[:, None, None])[:top], budget_ms)
             tied = torch.nonzero(best == best.max())  # ties: the higher tier with the ceiling, else the lower
             return int(tied.max() if self.value_ceiling else tied.min()), self.insertion_index
@@ -265,6 +281,8 @@ class LatencyShield:
                 "budget_edges_ms": self.budget_edges_ms.tolist(), "margin": self.margin.tolist(),
                 "values": None if self.values is None else {",".join(map(str, k)): v.tolist()
                                                             for k, v in self.values.items()},
+                "value_weights": None if self.values is None else {",".join(map(str, k)): w
+                                                                   for k, w in self.value_weights.items()},
                 "price": self.price.tolist(), "value_ceiling": self.value_ceiling}
 
 

@@ -493,7 +493,8 @@ def _run(args, log) -> dict:
                                               own.policy.latency_shield_request_mix,
                                           "policy.warm_start": own.policy.warm_start}),
                     backend, policy, drift, table=machine_now, budget_edges_ms=budget_bin_edges(budgets),
-                    requests=ckpts[spec.name]["policy_meta"].get("family_requests"))
+                    requests=ckpts[spec.name]["policy_meta"].get("family_requests"),
+                    mix_budget_range_ms=(min(budgets), max(budgets)))
             if spec.kind == "controller":  # the budgets it reads (in its training machine's ms) vs those it trained at
                 t_lo, t_hi = ckpts[spec.name]["policy_meta"]["budget_range_ms"]
                 scale = time_scales.get(spec.name, 1.0)

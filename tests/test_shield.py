@@ -385,6 +385,21 @@ def test_a_value_shields_stage1_reads_the_values_of_the_requests_made_at_that_ti
     assert s.stage1(0, 0, 50.0) == (0, 1)  # never up
 
 
+def test_a_value_shields_stage1_weighs_each_request_by_the_questions_that_make_it():
+    high_favoured = torch.tensor([[[0.2, 0.2], [0.2, 0.2]], [[1.0, 1.0], [1.0, 1.0]]])
+    low_favoured = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    values = {(1, 0, 0): high_favoured, (1, 1, 1): low_favoured}  # both made at the high tier
+    even = LatencyShield(KS, TABLE, 0, violation_target=0.02, values=values)
+    assert even.stage1(1, 0, 50.0)[0] == 0  # low 0.6 vs high 0.5: every plan fits
+    weighted = LatencyShield(KS, TABLE, 0, violation_target=0.02, values=values,
+                             value_weights={(1, 0, 0): 3, (1, 1, 1): 1})
+    assert weighted.stage1(1, 0, 50.0)[0] == 1  # low 0.4 vs high 0.75
+    assert weighted.state_dict()["value_weights"] == {"1,0,0": 3.0, "1,1,1": 1.0}
+    for weights in ({(1, 0, 0): 0, (1, 1, 1): 1}, {(1, 0, 0): 1}, {(1, 0, 0): 1, (1, 1, 1): math.nan}):
+        with pytest.raises(ValueError, match=r"value_weights: expected a finite weight > 0 for each request"):
+            LatencyShield(KS, TABLE, 0, violation_target=0.02, values=values, value_weights=weights)
+
+
 def test_a_value_shields_price_steers_each_bins_violation_rate_and_its_pool_learns_the_spread():
     g = torch.Generator().manual_seed(2)
     draws = torch.exp(0.08 * torch.randn(6000, generator=g)).tolist()
@@ -472,10 +487,11 @@ def test_a_measured_request_mix_gives_values_to_the_requests_the_controller_make
                v.nan_to_num()) for k, v in expected.items())
 
 
-def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_path):
+@pytest.mark.parametrize("request_mix", ["taught", "measured"])
+def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_path, request_mix):
     policy = {**TINY["policy"], "latency_shield": True, "latency_shield_violation_target": 0.03,
               "latency_shield_allocation": "value", "warm_start": "family_request", "warm_start_samples": 32,
-              "warm_start_steps": 5, "latency_shield_budget_bins": 2}
+              "warm_start_steps": 5, "latency_shield_budget_bins": 2, "latency_shield_request_mix": request_mix}
     out = tmp_path / "run"
     train_main("--config", tiny_config(tmp_path, policy=policy, train={"num_epochs": 1}), "--output_dir", out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -490,3 +506,5 @@ def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_
                                             "--num_samples", "4", "--num_budgets", "2", "--policies", "controller"])
     table = result["meta"]["latency_shield"]["tables"]["controller"]
     assert table["values"] and len(table["price"]) == 2
+    # measured: each request weighs the evaluation's 256 questions that made it; taught: one per family
+    assert sum(table["value_weights"].values()) == (REQUEST_MIX_SAMPLES if request_mix == "measured" else len(families))

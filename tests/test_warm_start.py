@@ -14,8 +14,8 @@ from agents.config import config_from_dict
 from agents.factory import (REQUEST_BUDGETS, equal_budget_edges, make_actor, make_backend_from_config, make_env,
                             make_family_table, measure_profile_drift, warm_start_actor)
 from agents.rollout import collect_rollouts
-from agents.warm_start import (add_controller_time, family_request_values, family_requests, family_select, lookup_targets,
-                               measure_request_mix, request_mix_values)
+from agents.warm_start import (add_controller_time, family_requests, family_select, lookup_targets, measure_request_mix,
+                               request_mix_values, taught_request_mix)
 from helpers import load_runner
 from train_runs import TINY, tiny_config, train_main
 
@@ -220,22 +220,23 @@ def test_family_request_warm_start_asks_each_family_one_plan_per_part_of_the_bud
         assert float((asked == target[head]).float().mean()) >= 0.85, head
 
 
-def test_family_request_values_give_each_request_the_accuracy_of_the_families_asking_for_it():
+def test_taught_values_give_each_request_the_accuracy_of_the_families_asking_for_it():
     from envs.knobs import KnobSpace
 
     ks = KnobSpace(tiers=("low", "high"), insertion_positions=(1, 2), top_k_values=(4, 8), num_blocks_values=(12, 16))
     table = {"coarse": {"low,4,12": 1.0, "low,4,16": 1.0, "high,4,16": 1.0},
              "knowledge": {"low,4,12": 0.5, "low,4,16": 1.0, "high,4,16": 1.0},
              "detail": {"low,4,12": 0.2, "low,4,16": 0.2, "high,4,16": 0.9}}
-    values = family_request_values([{"coarse": "low,4,16", "knowledge": "low,4,16"}, {"detail": "high,4,16"}],
-                                   table, ks)
+    mix = taught_request_mix([{"coarse": "low,4,16", "knowledge": "low,4,16"}, {"detail": "high,4,16"}], table, ks)
+    assert mix == {(0, 0, 1): {"coarse": 1.0, "knowledge": 1.0}, (1, 0, 1): {"detail": 1.0}}
+    values = request_mix_values(mix, table, ks)
     assert set(values) == {(0, 0, 1), (1, 0, 1)}
     shared = values[(0, 0, 1)]  # coarse's and knowledge's mean
     assert float(shared[0, 0, 0]) == 0.75 and float(shared[0, 0, 1]) == 1.0 and float(shared[1, 0, 1]) == 1.0
     assert math.isnan(float(shared[1, 1, 1]))  # a plan the family table lacks
     assert float(values[(1, 0, 1)][1, 0, 1]) == 0.9
     with pytest.raises(ValueError, match=r"family request 'reasoning': 'low,4,16': the family table has no family"):
-        family_request_values([{"reasoning": "low,4,16"}], table, ks)
+        taught_request_mix([{"reasoning": "low,4,16"}], table, ks)
 
 
 def test_request_mix_values_weigh_each_family_by_how_often_it_makes_the_request():
@@ -260,6 +261,15 @@ def test_measure_request_mix_counts_the_families_behind_each_greedy_request():
     env = make_env(cfg, backend, "train", 8, 1)
     mix = measure_request_mix(actor, env, 3)
     assert sum(sum(c.values()) for c in mix.values()) == 24
+    seen = []  # the budgets the controller is asked at
+
+    def recording(td):
+        seen.append(td["budget_ms"].reshape(-1).clone())
+        return actor(td)
+
+    measure_request_mix(recording, env, 2, (30.0, 40.0))
+    seen = torch.cat(seen)
+    assert len(seen) == 32 and bool(((seen >= 30.0) & (seen <= 40.0)).all()) and float(seen.std()) > 1.0
     ks = backend.knob_space
     sizes = (len(ks.tiers), len(ks.top_k_values), len(ks.num_blocks_values))
     assert all(0 <= i < n for key in mix for i, n in zip(key, sizes))
