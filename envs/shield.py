@@ -47,15 +47,16 @@ budget of one run the shield cut 71% of a seed's knowledge questions to 12 block
 while the family oracle ran them at (low, 4, 15), 10% of them late, 0.97 right, and held 3.3% over
 all questions, because coarse questions lose nothing at 12 blocks (RESULTS 0, eval29). With `values`
 ({requested plan: accuracy of each plan for the questions that request it}, agents.warm_start's
-request_mix_values; value_weights: how many questions make each request) the shield spends the bin's violations where they buy the most: it executes
-the plan that maximizes value - price x P(latency > budget), the bin's price steered to the target
-by the same adaptive update as the margin (price x exp(violation_rate x (violated - target))):
+request_mix_values; value_weights: how many questions make each request) the shield spends the bin's
+violations where they buy the most: it executes the plan that maximizes value - price x
+P(latency > budget), the bin's price steered to the target by the same adaptive update as the
+margin (price x exp(violation_rate x (violated - target))):
   Stage 1  among the tiers at or below the chosen one, the one whose best plan scores highest on the
            values of the requests made at the chosen tier (their mean weighted by value_weights;
            ties: the higher tier);
   Stage 2  among the pairs at or below the chosen one in both knobs, the best-scoring one on the
-           request's values (a request without values: the weighted mean of all requests'; ties: the lower
-           risk, then the larger p95).
+           request's values (a request without values: the weighted mean of all requests'; ties:
+           the lower risk, then the larger p95).
 With value_ceiling off, a request that has values of its own only names them: Stage 1 reads every
 tier for a tier at which such requests are made, Stage 2 every pair of the tier, and ties go to the
 cheaper plan and the lower tier.

@@ -477,7 +477,8 @@ def test_a_measured_request_mix_gives_values_to_the_requests_the_controller_make
     backend = make_backend_from_config(cfg)
     actor = make_actor(cfg, backend)[0]
     top = backend.knob_space
-    taught = [{next(iter(make_family_table(backend))): f"{top.tiers[-1]},{top.top_k_values[-1]},{top.num_blocks_values[-1]}"}]
+    largest = f"{top.tiers[-1]},{top.top_k_values[-1]},{top.num_blocks_values[-1]}"
+    taught = [{next(iter(make_family_table(backend))): largest}]
     shield = make_latency_shield(cfg, backend, actor, requests=taught)
     mix = measure_request_mix(actor, make_run_env(cfg, backend, "train", REQUEST_MIX_BATCH, 1),
                               REQUEST_MIX_SAMPLES // REQUEST_MIX_BATCH)
