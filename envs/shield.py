@@ -45,7 +45,7 @@ meets at the target). A controller reads its budgets divided by the margin too
 One margin per bin gives every request the same risk, wherever its blocks buy accuracy: at the lowest
 budget of one run the shield cut 71% of a seed's knowledge questions to 12 blocks (0.69 right on them),
 while the family oracle ran them at (low, 4, 15), 10% of them late, 0.97 right, and held 3.3% over
-all questions, because coarse questions lose nothing at 12 blocks (RESULTS 0, eval29). With `values`
+all questions, because coarse questions lose nothing at 12 blocks (RESULTS 0-s22, eval29). With `values`
 ({requested plan: accuracy of each plan for the questions that request it}, agents.warm_start's
 request_mix_values; value_weights: how many questions make each request) the shield spends the bin's
 violations where they buy the most: it executes the plan that maximizes value - price x
