@@ -253,7 +253,8 @@ def warm_start_actor(cfg: Config, actor, backend, latency_scales: dict[str, floa
 SHIELD_CONTROLLER_SAMPLES = 32
 # Training requests (in batches of) on which policy.latency_shield_request_mix "measured" counts the
 # family mix of each request the controller makes: 256 put about 64 questions of each family behind
-# the values, in about 8 s on the 2-core VM (each runs up to its latency token).
+# the values, in 4-6 s on the 2-core AMD EPYC VM (two checkpoints, 2026-12-06; each request runs up to
+# its latency token).
 REQUEST_MIX_SAMPLES, REQUEST_MIX_BATCH = 256, 64
 
 
