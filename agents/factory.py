@@ -23,7 +23,7 @@ from agents.config import Config
 from agents.constraint import ViolationMultiplier
 from agents.grpo import JointGRPOLoss
 from agents.warm_start import (add_controller_time, lookup_warm_start, measure_controller_ms, measure_request_mix,
-                               request_mix_values, taught_request_mix)
+                               request_ceilings, request_mix_values, taught_request_mix)
 from envs import BudgetVLMEnv, RewardWeights, make_backend
 from envs.shield import LatencyShield, check_quantile, check_violation_target
 from envs.machine import resolve_device
@@ -273,23 +273,23 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
     (the run's family requests, in its checkpoints' policy_meta) on the backend's family table, or with
     policy.latency_shield_request_mix "measured" those of the requests `actor` makes on
     REQUEST_MIX_SAMPLES training requests at budgets over `mix_budget_range_ms` (default: the
-    backend's range), each weighted by the families that made it; each request weighs as many
-    questions as make it."""
+    backend's range), each weighted by the families that made it and its ceiling lifted to the largest
+    plan taught to any of them (request_ceilings); each request weighs as many questions as make it."""
     if not check_latency_shield(cfg):
         return None
     target = check_shield_violation_target(cfg)
-    values = weights = None
+    values = weights = ceilings = None
     if check_shield_allocation(cfg) == "value":
         if not requests:
             raise ValueError("policy.latency_shield_allocation='value' needs the run's family requests "
                              "(policy_meta 'family_requests', written by policy.warm_start family_request); "
                              "this run has none")
         family_table, ks = make_family_table(backend), backend.knob_space
+        mix = taught = taught_request_mix(requests, family_table, ks)
         if cfg.policy.latency_shield_request_mix == "measured":
             mix = measure_request_mix(actor, make_env(cfg, backend, "train", REQUEST_MIX_BATCH, 1),
                                       REQUEST_MIX_SAMPLES // REQUEST_MIX_BATCH, mix_budget_range_ms, cfg.train.seed)
-        else:
-            mix = taught_request_mix(requests, family_table, ks)
+            ceilings = request_ceilings(mix, taught)
         values, weights = request_mix_values(mix, family_table, ks), {r: sum(c.values()) for r, c in mix.items()}
     if budget_edges_ms is None:
         budget_edges_ms = equal_budget_edges(backend.budget_range_ms, check_shield_budget_bins(cfg))
@@ -302,7 +302,8 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
     return shield_from_profile(add_controller_time(entries, controller_ms), backend.knob_space,
                                tracking_rate=check_shield_tracking(cfg), quantile=check_shield_quantile(cfg),
                                violation_target=target, budget_edges_ms=budget_edges_ms, values=values,
-                               value_ceiling=cfg.policy.latency_shield_value_ceiling, value_weights=weights)
+                               value_ceiling=cfg.policy.latency_shield_value_ceiling, value_weights=weights,
+                               value_ceilings=ceilings)
 
 
 def equal_budget_edges(budget_range_ms: Sequence[float], bins: int) -> list[float]:

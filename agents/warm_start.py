@@ -179,6 +179,20 @@ def request_mix_values(mix: Mapping[tuple[int, int, int], Mapping[str, float]],
     return out
 
 
+def request_ceilings(mix: Mapping[tuple[int, int, int], Mapping[str, float]],
+                     taught: Mapping[tuple[int, int, int], Mapping[str, float]]) -> dict[tuple[int, int, int],
+                                                                                     tuple[int, int, int]]:
+    """The latency shield's value_ceilings (envs/shield.py) for the requests of `mix`: per request, in each
+    knob the largest of its own and those of the requests `taught` (taught_request_mix) to any family that
+    makes it; a family taught nothing adds nothing."""
+    out = {}
+    for request, weights in mix.items():
+        families = {f for f, w in weights.items() if w > 0}
+        above = [t for t, taught_to in taught.items() if families & set(taught_to)]
+        out[request] = tuple(max(knob) for knob in zip(request, *above))
+    return out
+
+
 def plan_index(name: str, knob_space: KnobSpace) -> tuple[int, int, int]:
     """A plan's (tier, top-k, blocks) index from its name (e.g. "low,4,16")."""
     i = parse_static_spec(f"static:{name}", knob_space).indices(knob_space)

@@ -57,6 +57,13 @@ margin (price x exp(violation_rate x (violated - target))):
   Stage 2  among the pairs at or below the chosen one in both knobs, the best-scoring one on the
            request's values (a request without values: the weighted mean of all requests'; ties:
            the lower risk, then the larger p95).
+The ceiling is the request itself unless value_ceilings ({request: (tier, top-k, blocks) index at or
+above it}) lifts it: Stage 1 then reads the tiers up to the highest ceiling of the requests made at
+the chosen tier (ties: the highest at or below the chosen one, else the lowest above it), Stage 2
+the pairs up to the request's ceiling in both knobs. A measured request mix
+(agents.warm_start.request_ceilings) lifts a request to the largest plan any family making it was
+taught to ask for: a knowledge question that asks for coarse's (low, 4, 13) may then keep 16 blocks,
+while the val grid's noise above a taught request stays out of reach.
 With value_ceiling off, a request that has values of its own only names them: Stage 1 reads every
 tier for a tier at which such requests are made, Stage 2 every pair of the tier, and ties go to the
 cheaper plan and the lower tier.
@@ -95,12 +102,13 @@ class LatencyShield:
     index of a request: (tiers, top-k values, block counts) accuracy of each plan for it}, needs
     violation_target; NaN: a plan without a value, never picked): the per-bin price instead of the
     margin (module doc); value_weights ({request: weight > 0}, None: 1 each): each request's weight
-    in a mean of several requests' values."""
+    in a mean of several requests' values; value_ceilings ({request: index >= it in every knob}, None:
+    each request its own): the largest plan the shield may execute for it with value_ceiling on."""
 
     def __init__(self, knob_space: KnobSpace, p95_ms: torch.Tensor, insertion_index: int = 0,
                  tracking_rate: float = 0.0, quantile: float = 0.95, violation_target: float | None = None,
                  violation_rate: float = 0.1, budget_edges_ms=(), values=None, value_ceiling: bool = True,
-                 value_weights=None):
+                 value_weights=None, value_ceilings=None):
         shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
         p95_ms = torch.as_tensor(p95_ms, dtype=torch.float64)
         if tuple(p95_ms.shape) != shape:
@@ -138,6 +146,7 @@ class LatencyShield:
         self.values = None if values is None else self._check_values(values, shape)
         self.value_weights = None if values is None else self._check_weights(value_weights)
         self.value_ceiling = bool(value_ceiling)
+        self.value_ceilings = None if values is None else self._check_ceilings(value_ceilings, shape)
         self.price = torch.full((len(edges) + 1,), PRICE_START, dtype=torch.float64)  # per budget bin, with values
         prior = torch.special.ndtri((torch.arange(RATIO_PRIOR_SIZE, dtype=torch.float64) + 0.5) / RATIO_PRIOR_SIZE)
         q95 = torch.special.ndtri(torch.tensor(0.95, dtype=torch.float64))
@@ -172,6 +181,19 @@ class LatencyShield:
             raise ValueError(f"latency shield value_weights: expected a finite weight > 0 for each request the values "
                              f"name ({sorted(self.values)}); got {weights}")
         return {k: float(w) for k, w in weights.items()}
+
+    def _check_ceilings(self, ceilings, shape) -> dict[tuple[int, int, int], tuple[int, int, int]]:
+        out = {k: k for k in self.values}
+        if ceilings is None:
+            return out
+        for request, ceiling in ceilings.items():
+            key, top = tuple(int(i) for i in request), tuple(int(i) for i in ceiling)
+            if key not in self.values or len(top) != 3 or not all(r <= c < n for r, c, n in zip(key, top, shape)):
+                raise ValueError(f"latency shield value_ceilings: {request!r}: {ceiling!r}: expected, for a request the "
+                                 f"values name ({sorted(self.values)}), a (tier, top-k, blocks) index at or above it "
+                                 f"in every knob, within {shape}")
+            out[key] = top
+        return out
 
     def _values(self, tier: int, top_k: int, num_blocks: int) -> torch.Tensor:
         """The request's plan values: its own, else the weighted mean of every request's."""
@@ -215,11 +237,20 @@ class LatencyShield:
         """(tier index, insertion index) to execute for the chosen ones (module doc)."""
         if self.values is not None:
             made_here = [r for r in self.values if r[0] == int(tier)]
-            top = int(tier) + 1 if self.value_ceiling or not made_here else len(self.p95_ms)
+            if not made_here:
+                top = int(tier) + 1
+            elif self.value_ceiling:
+                top = max(self.value_ceilings[r][0] for r in made_here) + 1
+            else:
+                top = len(self.p95_ms)
             values = self._mean_values(made_here or list(self.values))[:top]
             best, _ = self._best(values, (self.p95_ms * self.scale[:, None, None])[:top], budget_ms)
-            tied = torch.nonzero(best == best.max())  # ties: the higher tier with the ceiling, else the lower
-            return int(tied.max() if self.value_ceiling else tied.min()), self.insertion_index
+            tied = torch.nonzero(best == best.max()).flatten().tolist()
+            if not self.value_ceiling:
+                return min(tied), self.insertion_index  # ties: the lower tier
+            # ties: the least change, the highest tier at or below the chosen one, else the lowest above it
+            at_or_below = [t for t in tied if t <= int(tier)]
+            return (max(at_or_below) if at_or_below else min(tied)), self.insertion_index
         cheapest = self.p95_ms.flatten(1).min(1).values * self.scale * self.budget_margin(budget_ms)
         fitting = [t for t in range(int(tier) + 1) if float(cheapest[t]) <= budget_ms]
         return (fitting[-1] if fitting else int(cheapest.argmin())), self.insertion_index
@@ -233,7 +264,8 @@ class LatencyShield:
             table, whole = self.p95_ms[int(tier)] * self.scale[int(tier)], self._values(*request)[int(tier)]
             below, values = table, whole
             if self.value_ceiling or request not in self.values:
-                below, values = table[: top_k + 1, : num_blocks + 1], whole[: top_k + 1, : num_blocks + 1]
+                _, k_top, n_top = self.value_ceilings.get(request, request)
+                below, values = table[: k_top + 1, : n_top + 1], whole[: k_top + 1, : n_top + 1]
             if not bool((torch.isfinite(below) & ~torch.isnan(values)).any()):  # none known below: the whole tier
                 below, values = table, whole
             return divmod(self._best(values, below, budget_ms)[1], below.shape[1])
@@ -284,6 +316,8 @@ class LatencyShield:
                                                             for k, v in self.values.items()},
                 "value_weights": None if self.values is None else {",".join(map(str, k)): w
                                                                    for k, w in self.value_weights.items()},
+                "value_ceilings": None if self.values is None else {",".join(map(str, k)): list(c)
+                                                                     for k, c in self.value_ceilings.items()},
                 "price": self.price.tolist(), "value_ceiling": self.value_ceiling}
 
 

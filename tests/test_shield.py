@@ -377,6 +377,28 @@ def test_without_the_ceiling_a_known_request_only_names_its_values():
     assert free.state_dict()["value_ceiling"] is False
 
 
+def test_a_lifted_ceiling_lets_a_request_run_up_to_it_and_no_further():
+    # a request for low/k4/N12 made by questions that need 16 blocks and the high tier
+    needs_more = torch.tensor([[[0.5, 0.8], [0.5, 0.8]], [[0.5, 1.0], [0.5, 1.0]]])
+    values = {(0, 0, 0): needs_more}
+    own = LatencyShield(KS, TABLE, 0, violation_target=0.02, values=values)
+    blocks = LatencyShield(KS, TABLE, 0, violation_target=0.02, values=values, value_ceilings={(0, 0, 0): (0, 0, 1)})
+    high = LatencyShield(KS, TABLE, 0, violation_target=0.02, values=values, value_ceilings={(0, 0, 0): (1, 0, 1)})
+    assert own.stage1(0, 0, 50.0) == (0, 0) and own.stage2(0, 0, 0, 50.0) == (0, 0)
+    assert blocks.stage1(0, 0, 50.0) == (0, 0) and blocks.stage2(0, 0, 0, 50.0) == (0, 1)  # 16 blocks, still k 4
+    assert high.stage1(0, 0, 50.0) == (1, 0) and high.stage2(1, 0, 0, 50.0, requested_tier=0) == (0, 1)
+    assert high.stage1(0, 0, 21.0) == (0, 0)  # high/k4/N16 (24 ms) surely over: low, 16 blocks (14 ms)
+    assert high.stage2(0, 0, 0, 21.0) == (0, 1)
+    assert high.state_dict()["value_ceilings"] == {"0,0,0": [1, 0, 1]}
+    assert own.state_dict()["value_ceilings"] == {"0,0,0": [0, 0, 0]}
+    for ceilings, bad in (({(0, 0, 0): (0, 0, 2)}, r"\(0, 0, 0\): \(0, 0, 2\)"),  # outside the table
+                          ({(0, 1, 0): (1, 1, 1)}, r"\(0, 1, 0\): \(1, 1, 1\)"),  # a request the values lack
+                          ({(0, 0, 1): (0, 0, 0)}, r"\(0, 0, 1\): \(0, 0, 0\)")):  # below the request
+        with pytest.raises(ValueError, match=r"value_ceilings: " + bad + r".*at or above it in every knob"):
+            LatencyShield(KS, TABLE, 0, violation_target=0.02, values={**values, (0, 0, 1): needs_more},
+                          value_ceilings=ceilings)
+
+
 def test_a_value_shields_stage1_reads_the_values_of_the_requests_made_at_that_tier():
     high_flat = {(1, 0, 0): torch.tensor([[[0.2, 0.2], [0.2, 0.2]], [[1.0, 1.0], [1.0, 1.0]]]), (0, 0, 1): BLOCKS}
     s = LatencyShield(KS, TABLE, 1, violation_target=0.02, values=high_flat)
@@ -483,6 +505,9 @@ def test_a_measured_request_mix_gives_values_to_the_requests_the_controller_make
     mix = measure_request_mix(actor, make_run_env(cfg, backend, "train", REQUEST_MIX_BATCH, 1),
                               REQUEST_MIX_SAMPLES // REQUEST_MIX_BATCH)
     assert set(shield.values) == set(mix)  # the requests made, not the one taught
+    # every request the family taught the largest plan makes may run up to it
+    assert all(shield.value_ceilings[r] == (len(top.tiers) - 1, len(top.top_k_values) - 1,
+                                            len(top.num_blocks_values) - 1) for r, c in mix.items() if taught[0].keys() & c.keys())
     expected = request_mix_values(mix, make_family_table(backend), top)
     assert all(torch.equal(shield.values[k].isnan(), v.isnan()) and torch.allclose(shield.values[k].nan_to_num(),
                v.nan_to_num()) for k, v in expected.items())

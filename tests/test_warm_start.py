@@ -15,7 +15,7 @@ from agents.factory import (REQUEST_BUDGETS, equal_budget_edges, make_actor, mak
                             make_family_table, measure_profile_drift, warm_start_actor)
 from agents.rollout import collect_rollouts
 from agents.warm_start import (add_controller_time, family_requests, family_select, lookup_targets, measure_request_mix,
-                               request_mix_values, taught_request_mix)
+                               request_ceilings, request_mix_values, taught_request_mix)
 from helpers import load_runner
 from train_runs import TINY, tiny_config, train_main
 
@@ -252,6 +252,18 @@ def test_request_mix_values_weigh_each_family_by_how_often_it_makes_the_request(
                        ({(0, 0, 0): {"coarse": -1, "knowledge": 2}}, "expected finite weights >= 0")):
         with pytest.raises(ValueError, match=match):
             request_mix_values(mix, table, ks)
+
+
+def test_a_measured_requests_ceiling_is_the_largest_plan_taught_to_a_family_that_makes_it():
+    taught = {(0, 0, 1): {"coarse": 1.0}, (0, 0, 4): {"knowledge": 1.0}, (1, 0, 4): {"reasoning": 1.0},
+              (2, 0, 1): {"detail": 1.0}}
+    mix = {(0, 0, 1): {"coarse": 60, "knowledge": 20},  # some knowledge questions ask for coarse's plan
+           (0, 1, 2): {"knowledge": 3},  # a request nobody was taught: its own knobs where they are larger
+           (1, 0, 4): {"reasoning": 50, "detail": 0},  # a family with no questions behind it adds nothing
+           (2, 0, 0): {"detail": 40}}
+    assert request_ceilings(mix, taught) == {(0, 0, 1): (0, 0, 4), (0, 1, 2): (0, 1, 4), (1, 0, 4): (1, 0, 4),
+                                             (2, 0, 0): (2, 0, 1)}
+    assert request_ceilings(taught, taught) == {r: r for r in taught}  # taught requests: their own ceilings
 
 
 def test_measure_request_mix_counts_the_families_behind_each_greedy_request():
