@@ -75,7 +75,8 @@ class PolicyConfig:
     latency_shield_value_ceiling: bool = True
     # with "value", whose accuracies each request's values are: "taught" (the families the warm start
     # taught to make it), "measured" (the family mix of the training questions for which the controller
-    # makes it greedily, measured when the shield is built: its confusions are in it; envs/shield.py)
+    # makes it greedily, measured when the shield is built: its confusions are in it; with the ceiling,
+    # each request's ceiling is then the largest plan taught to a family that makes it; envs/shield.py)
     latency_shield_request_mix: str = "taught"
     # true: while training, the controller reads budgets and times divided by the shield's tracked scale
     # (its time_scale, as evaluate.py and answer.py set it), so it picks plans the table now lets through
