@@ -468,7 +468,7 @@ class RandomPolicy:
 def shield_from_profile(entries: Sequence[ProfileEntry], knob_space: KnobSpace, tracking_rate: float = 0.0,
                         quantile: float = 0.95, **margin) -> LatencyShield:
     """The shield over the profile's p95 latencies at its smallest insertion (plans it lacks: not
-    timed); `margin`: LatencyShield's violation_target, violation_rate and budget_edges_ms."""
+    timed); `margin`: LatencyShield's keyword arguments from violation_target on (the margin, the values)."""
     p = min(e.config.insertion for e in entries)
     table = torch.full((len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values)),
                        float("inf"), dtype=torch.float64)

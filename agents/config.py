@@ -78,6 +78,10 @@ class PolicyConfig:
     # makes it greedily, measured when the shield is built: its confusions are in it; with the ceiling,
     # each request's ceiling is then the largest plan taught to a family that makes it; envs/shield.py)
     latency_shield_request_mix: str = "taught"
+    # with "value": true, the price of a violation at a decision is the smaller of the bin's steered price
+    # and the price at which the requests' best plans would meet the bin's (steered) target on average
+    # by the shield's own risk estimate, so a bin whose plans rarely violate spends its target (envs/shield.py)
+    latency_shield_expected_price: bool = False
     # true: while training, the controller reads budgets and times divided by the shield's tracked scale
     # (its time_scale, as evaluate.py and answer.py set it), so it picks plans the table now lets through
     follow_shield_scale: bool = False

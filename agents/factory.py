@@ -303,7 +303,7 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
                                tracking_rate=check_shield_tracking(cfg), quantile=check_shield_quantile(cfg),
                                violation_target=target, budget_edges_ms=budget_edges_ms, values=values,
                                value_ceiling=cfg.policy.latency_shield_value_ceiling, value_weights=weights,
-                               value_ceilings=ceilings)
+                               value_ceilings=ceilings, expected_price=cfg.policy.latency_shield_expected_price)
 
 
 def equal_budget_edges(budget_range_ms: Sequence[float], bins: int) -> list[float]:
@@ -360,10 +360,16 @@ REQUEST_MIXES = ("taught", "measured")
 def check_shield_allocation(cfg: Config) -> str:
     """policy.latency_shield_allocation, or an error naming it when it is not one of SHIELD_ALLOCATIONS
     or "value" lacks what it reads (a violation target, the family requests), or naming
-    policy.latency_shield_value_ceiling when it is not a boolean or policy.latency_shield_request_mix
-    when it is not one of REQUEST_MIXES or weighs values the allocation lacks."""
+    policy.latency_shield_value_ceiling or policy.latency_shield_expected_price when it is not a boolean (or
+    the latter prices values the allocation lacks) or policy.latency_shield_request_mix when it is not one
+    of REQUEST_MIXES or weighs values the allocation lacks."""
     c = cfg.policy
     _boolean_setting("policy.latency_shield_value_ceiling", c.latency_shield_value_ceiling)
+    _boolean_setting("policy.latency_shield_expected_price", c.latency_shield_expected_price)
+    if c.latency_shield_expected_price and c.latency_shield_allocation != "value":
+        raise ValueError(f"policy.latency_shield_expected_price=True prices the value shield's plans; "
+                         f"policy.latency_shield_allocation={c.latency_shield_allocation!r} has none: pass "
+                         f"policy.latency_shield_allocation='value' or latency_shield_expected_price=False")
     if c.latency_shield_allocation not in SHIELD_ALLOCATIONS:
         raise ValueError(f"policy.latency_shield_allocation={c.latency_shield_allocation!r}: expected one of "
                          f"{list(SHIELD_ALLOCATIONS)}")

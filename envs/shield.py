@@ -67,6 +67,17 @@ while the val grid's noise above a taught request stays out of reach.
 With value_ceiling off, a request that has values of its own only names them: Stage 1 reads every
 tier for a tier at which such requests are made, Stage 2 every pair of the tier, and ties go to the
 cheaper plan and the lower tier.
+The steered price only learns from violations: an episode in time lowers it by x0.998 at a 2% target,
+so a bin whose plans rarely exceed its budget keeps a price near its start for hundreds of episodes and
+stays under its target. Replaying eval36's test table with every question's family known, the top
+three budgets' bins violated 0.3-0.5% and ran reasoning questions at the high tier for 7-61% of them,
+where lookup-calibrated ran every question there (docs/RESULTS.md 0). With expected_price the price
+at a decision is the smaller of the steered one and the expected one: the smallest price (on a
+geometric grid, EXPECTED_PRICES) at which every request, weighted by value_weights, picking its best
+plan within its ceiling, would exceed the budget with probability <= the bin's expected target on
+average (by the risk below). That target starts at violation_target and is steered by the bin's
+violations like the price (x exp(violation_rate x (violation_target - violated)), within
+EXPECTED_TARGET_RANGE x violation_target), so a risk that proves too low is corrected.
 P(latency > budget) is the fraction of recent executed episodes whose latency / their plan's table
 time exceeded budget / this plan's table time (a pool of RATIO_WINDOW ratios, started from a
 lognormal prior whose 95% quantile is the table, RATIO_PRIOR_SIGMA wide): the spread of this machine
@@ -92,6 +103,10 @@ PRICE_MIN, PRICE_MAX, PRICE_START = 1.0, 100.0, 2.0
 # Latency / table ratios kept for P(latency > budget), and the prior's log-spread (the 2-core VM's
 # request-to-request noise is 2-15%).
 RATIO_WINDOW, RATIO_PRIOR_SIGMA, RATIO_PRIOR_SIZE = 512, 0.1, 20
+# expected_price (module doc): the prices it may name, down to 0.001 (a violation all but free), and the
+# range of its steered target, as factors of violation_target.
+EXPECTED_PRICES = torch.logspace(-3, math.log10(PRICE_MAX), 51, dtype=torch.float64)
+EXPECTED_TARGET_RANGE = (0.1, 10.0)
 
 
 class LatencyShield:
@@ -103,12 +118,14 @@ class LatencyShield:
     violation_target; NaN: a plan without a value, never picked): the per-bin price instead of the
     margin (module doc); value_weights ({request: weight > 0}, None: 1 each): each request's weight
     in a mean of several requests' values; value_ceilings ({request: index >= it in every knob}, None:
-    each request its own): the largest plan the shield may execute for it with value_ceiling on."""
+    each request its own): the largest plan the shield may execute for it with value_ceiling on;
+    expected_price (needs values): the price at a decision is the smaller of the steered one and the
+    expected one (module doc)."""
 
     def __init__(self, knob_space: KnobSpace, p95_ms: torch.Tensor, insertion_index: int = 0,
                  tracking_rate: float = 0.0, quantile: float = 0.95, violation_target: float | None = None,
                  violation_rate: float = 0.1, budget_edges_ms=(), values=None, value_ceiling: bool = True,
-                 value_weights=None, value_ceilings=None):
+                 value_weights=None, value_ceilings=None, expected_price: bool = False):
         shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
         p95_ms = torch.as_tensor(p95_ms, dtype=torch.float64)
         if tuple(p95_ms.shape) != shape:
@@ -148,6 +165,14 @@ class LatencyShield:
         self.value_ceiling = bool(value_ceiling)
         self.value_ceilings = None if values is None else self._check_ceilings(value_ceilings, shape)
         self.price = torch.full((len(edges) + 1,), PRICE_START, dtype=torch.float64)  # per budget bin, with values
+        if not isinstance(expected_price, bool) or (expected_price and values is None):
+            raise ValueError(f"latency shield expected_price={expected_price!r}: expected a boolean, true only with "
+                             f"values (the requests whose plans it prices)")
+        self.expected_price = expected_price
+        # per budget bin, the mean risk the expected price allows (module doc)
+        self.expected_target = torch.full((len(edges) + 1,), self.violation_target or 0.0, dtype=torch.float64)
+        self._expected_cache: tuple | None = None  # (budget, episodes observed, price): one solve per episode
+        self._observed = 0
         prior = torch.special.ndtri((torch.arange(RATIO_PRIOR_SIZE, dtype=torch.float64) + 0.5) / RATIO_PRIOR_SIZE)
         q95 = torch.special.ndtri(torch.tensor(0.95, dtype=torch.float64))
         self.ratios = torch.exp(RATIO_PRIOR_SIGMA * (prior - q95))
@@ -205,6 +230,39 @@ class LatencyShield:
         total = sum(self.value_weights[r] for r in requests)
         return sum(self.values[r] * (self.value_weights[r] / total) for r in requests)
 
+    def bin_price(self, budget_ms: float) -> float:
+        """The price of a violation at this budget: its bin's steered price, or with expected_price the
+        smaller of it and the expected price (module doc)."""
+        b = self.budget_bin(budget_ms)
+        steered = float(self.price[b])
+        if not self.expected_price:
+            return steered
+        key = (float(budget_ms), self._observed)
+        if self._expected_cache is None or self._expected_cache[:2] != key:
+            self._expected_cache = (*key, self._solve_expected_price(float(budget_ms), float(self.expected_target[b])))
+        return min(steered, self._expected_cache[2])
+
+    def _solve_expected_price(self, budget_ms: float, target: float) -> float:
+        """The smallest of EXPECTED_PRICES at which the requests' best plans (value - price x risk, within
+        each one's ceiling; ties: the lower risk) exceed `budget_ms` with a weighted mean probability <=
+        `target`; inf when none does."""
+        table = self.p95_ms * self.scale[:, None, None]
+        risk = self.violation_probability(table, budget_ms).flatten()
+        requests = list(self.values)
+        values = torch.stack([self.values[r] for r in requests]).flatten(1)  # (requests, plans)
+        known = torch.isfinite(table).flatten() & ~torch.isnan(values)
+        runnable = known
+        if self.value_ceiling:
+            knobs = torch.stack(torch.meshgrid(*(torch.arange(n) for n in table.shape), indexing="ij")).flatten(1)
+            tops = torch.tensor([self.value_ceilings[r] for r in requests])  # (requests, 3)
+            runnable = known & (knobs[None] <= tops[:, :, None]).all(1)
+            runnable = torch.where(runnable.any(1, keepdim=True), runnable, known)  # none below: anything (stage2)
+        scores = values[None] - EXPECTED_PRICES[:, None, None] * risk - 1e-9 * risk  # (prices, requests, plans)
+        chosen = risk[torch.where(runnable, scores, -math.inf).argmax(-1)]  # (prices, requests)
+        weights = torch.tensor([self.value_weights[r] for r in requests], dtype=torch.float64)
+        meeting = torch.nonzero((chosen * weights).sum(-1) / weights.sum() <= target).flatten()
+        return float(EXPECTED_PRICES[meeting[0]]) if len(meeting) else math.inf
+
     def violation_probability(self, table_ms: torch.Tensor, budget_ms: float) -> torch.Tensor:
         """P(latency > budget) of plans whose scaled table time is `table_ms` (module doc; inf: 1)."""
         ratios = self.ratios.sort().values
@@ -218,7 +276,7 @@ class LatencyShield:
         least change; without it the smaller, the cheapest)."""
         risk = self.violation_probability(table_ms, budget_ms)
         known = torch.isfinite(table_ms) & ~torch.isnan(values)  # a plan without a value is never picked
-        scores = torch.where(known, values - self.price[self.budget_bin(budget_ms)] * risk, -math.inf).flatten(1)
+        scores = torch.where(known, values - self.bin_price(budget_ms) * risk, -math.inf).flatten(1)
         best = scores == scores.max()
         best &= risk.flatten(1) == torch.where(best, risk.flatten(1), math.inf).min()
         sign = 1.0 if self.value_ceiling else -1.0
@@ -285,6 +343,7 @@ class LatencyShield:
         bin's margin (with values: its price, and the ratio joins the pool) (module doc)."""
         if not math.isfinite(float(latency_ms)):
             return
+        self._observed += 1
         predicted = float(self.p95_ms[tier, top_k, num_blocks] * self.scale[tier])
         if self.violation_target is not None:
             b = self.budget_bin(budget_ms)
@@ -294,6 +353,9 @@ class LatencyShield:
                 self.margin[b] = min(max(float(self.margin[b]) * step, MARGIN_MIN), MARGIN_MAX)
             else:
                 self.price[b] = min(max(float(self.price[b]) * step, PRICE_MIN), PRICE_MAX)
+                if self.expected_price:
+                    low, high = (f * self.violation_target for f in EXPECTED_TARGET_RANGE)
+                    self.expected_target[b] = min(max(float(self.expected_target[b]) / step, low), min(high, 1.0))
                 if math.isfinite(predicted) and predicted > 0:
                     ratio = torch.tensor([float(latency_ms) / predicted], dtype=torch.float64)
                     self.ratios = torch.cat([self.ratios, ratio])[-RATIO_WINDOW:]
@@ -318,7 +380,8 @@ class LatencyShield:
                                                                    for k, w in self.value_weights.items()},
                 "value_ceilings": None if self.values is None else {",".join(map(str, k)): list(c)
                                                                      for k, c in self.value_ceilings.items()},
-                "price": self.price.tolist(), "value_ceiling": self.value_ceiling}
+                "price": self.price.tolist(), "value_ceiling": self.value_ceiling,
+                "expected_price": self.expected_price, "expected_target": self.expected_target.tolist()}
 
 
 def _fraction(value, field: str, example: str) -> float:

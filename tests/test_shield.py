@@ -2,6 +2,7 @@
 projected plan (on the dummy backend, whose closed-form profile is the shield's table)."""
 import json
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -122,6 +123,31 @@ def test_the_env_executes_the_shielded_plan_and_records_it():
     plan["insertion"] = torch.tensor([[shield.insertion_index]])
     roomy = run_episodes(env, _always(plan, env.backend.d_model), index, torch.full((16,), hi * 10))
     assert not roomy["episode", "shielded"].any()
+
+
+class _SlowShield(LatencyShield):
+    """A shield whose every decision takes at least `pause_ms`."""
+    pause_ms = 20.0
+
+    def stage1(self, *args, **kwargs):
+        time.sleep(self.pause_ms / 1e3)
+        return super().stage1(*args, **kwargs)
+
+    def stage2(self, *args, **kwargs):
+        time.sleep(self.pause_ms / 1e3)
+        return super().stage2(*args, **kwargs)
+
+
+def test_the_shields_decisions_count_in_each_stages_controller_time_and_the_latency():
+    env = make_env("dummy", batch_size=4, group_size=1, seed=0)
+    profile = shield_from_profile(dummy_closed_form_profile(env.backend, "val"), env.knob_space)
+    env.shield = _SlowShield(env.knob_space, profile.p95_ms, profile.insertion_index)
+    lo, hi = env.backend.budget_range_ms
+    out = run_episodes(env, _always(_largest_plan(), env.backend.d_model), torch.arange(4), torch.full((4,), hi))
+    info, pause = out["episode"], _SlowShield.pause_ms
+    assert (info["stage1_controller_ms"] >= 0.1 + pause).all() and (info["stage2_controller_ms"] >= 0.1 + pause).all()
+    parts = sum(info[k] for k in ("preprocess_ms", "vision_ms", "prefill_ms", "decode_ms", "controller_ms"))
+    assert torch.allclose(info["latency_ms"], parts, rtol=1e-5) and (info["latency_ms"] >= 2 * pause).all()
 
 
 def test_make_latency_shield_adds_the_controllers_own_time_to_the_profile():
@@ -443,6 +469,45 @@ def test_a_value_shields_price_steers_each_bins_violation_rate_and_its_pool_lear
     assert state["values"] == {"1,1,1": largest.tolist()} and len(state["price"]) == 3
 
 
+def test_the_expected_price_spends_a_bins_target_that_the_steered_price_leaves_unspent():
+    # the high tier gains 0.01 for the request; at 21 ms high/k4/N12 (20 ms) exceeds the budget only
+    # when a ratio of the pool does (1 of 100: 1% risk), the larger high plans on every ratio
+    gain = torch.tensor([[[0.5, 0.5], [0.5, 0.5]], [[0.51, 0.51], [0.51, 0.51]]])
+    pool = torch.ones(100).index_fill_(0, torch.tensor([0]), 2.0)
+    steered, expected = (LatencyShield(KS, TABLE, 0, violation_target=0.02, values={(1, 1, 1): gain},
+                                       value_ceiling=False, expected_price=e) for e in (False, True))
+    for s in (steered, expected):
+        s.ratios = pool.clone()
+    assert float(steered.violation_probability(torch.tensor([20.0]), 21.0)) == 0.01
+    # steered at its start (2): 0.51 - 2 x 1% < 0.5, so the low tier; the request's best plan risks 1%, under
+    # the 2% target, so the expected price is the grid's lowest and the high tier runs
+    assert steered.stage1(1, 0, 21.0)[0] == 0 and steered.bin_price(21.0) == 2.0
+    assert expected.bin_price(21.0) == pytest.approx(1e-3) and expected.stage1(1, 0, 21.0)[0] == 1
+    assert expected.stage2(1, 1, 1, 21.0) == (0, 0)  # high/k4/N12: the larger ones surely violate
+    # violations lower the bin's expected target like they raise the steered price, until the 1% plan no
+    # longer meets it and the expected price rises to where the low tier wins again
+    for _ in range(10):
+        expected.observe(1, 0, 0, 25.0, 21.0)
+    expected.ratios = pool.clone()
+    assert float(expected.expected_target[0]) == pytest.approx(0.02 * math.exp(0.1 * (0.02 - 1)) ** 10)
+    assert expected.bin_price(21.0) == pytest.approx(1.0, rel=0.3) and expected.stage1(1, 0, 21.0)[0] == 0
+    state = expected.state_dict()
+    assert state["expected_price"] is True and state["expected_target"] == expected.expected_target.tolist()
+    for bad in ("yes", 1):
+        with pytest.raises(ValueError, match=r"expected_price=.*expected a boolean, true only with values"):
+            LatencyShield(KS, TABLE, 0, violation_target=0.02, values={(1, 1, 1): gain}, expected_price=bad)
+    with pytest.raises(ValueError, match=r"expected_price=True: expected a boolean, true only with values"):
+        LatencyShield(KS, TABLE, 0, violation_target=0.02, expected_price=True)
+
+
+def test_the_expected_price_reads_each_request_within_its_ceiling():
+    # with the ceiling the request (low/k4/N12) may run nothing larger, so its expected risk is 0 at any price
+    gain = torch.tensor([[[0.5, 0.5], [0.5, 0.5]], [[0.51, 0.51], [0.51, 0.51]]])
+    s = LatencyShield(KS, TABLE, 0, violation_target=0.02, values={(0, 0, 0): gain}, expected_price=True)
+    s.ratios = torch.full((100,), 2.0)  # every plan but the cheapest low one exceeds 21 ms
+    assert s.bin_price(21.0) == pytest.approx(1e-3) and s.stage2(0, 0, 0, 21.0) == (0, 0)
+
+
 def test_bad_values_fail_clearly():
     with pytest.raises(ValueError, match="values need a violation_target"):
         LatencyShield(KS, TABLE, values=VALUES)
@@ -468,6 +533,9 @@ def test_bad_values_fail_clearly():
      r"policy.latency_shield_request_mix='counted': expected one of \['taught', 'measured'\]"),
     ({"latency_shield_request_mix": "measured"},
      r"latency_shield_request_mix='measured' weighs .* policy.latency_shield_allocation='margin' has none"),
+    ({"latency_shield_expected_price": "yes"}, r"policy.latency_shield_expected_price='yes': expected true or false"),
+    ({"latency_shield_expected_price": True},
+     r"latency_shield_expected_price=True prices .* policy.latency_shield_allocation='margin' has none"),
 ])
 def test_bad_allocation_settings_fail_naming_the_field(policy, match):
     cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True, **policy}})
@@ -488,7 +556,9 @@ def test_a_value_shield_needs_the_runs_family_requests():
     plan = f"{top.tiers[-1]},{top.top_k_values[-1]},{top.num_blocks_values[-1]}"
     shield = make_latency_shield(cfg, backend, actor, requests=[{family: plan}])
     key = (len(top.tiers) - 1, len(top.top_k_values) - 1, len(top.num_blocks_values) - 1)
-    assert list(shield.values) == [key]
+    assert list(shield.values) == [key] and not shield.expected_price
+    priced = config_from_dict({**TINY, "policy": {**policy, "latency_shield_expected_price": True}})
+    assert make_latency_shield(priced, backend, actor, requests=[{family: plan}]).expected_price
 
 
 def test_a_measured_request_mix_gives_values_to_the_requests_the_controller_makes():
