@@ -55,7 +55,8 @@ margin (price x exp(violation_rate x (violated - target))):
            values of the requests made at the chosen tier (their mean weighted by value_weights;
            ties: the higher tier);
   Stage 2  among the pairs at or below the chosen one in both knobs, the best-scoring one on the
-           request's values (a request without values: the weighted mean of all requests'; ties:
+           request's values (a request without values: with the ceiling the weighted mean of all
+           requests', without it those Stage 1 read, and any pair of the tier; ties:
            the lower risk, then the larger p95).
 The ceiling is the request itself unless value_ceilings ({request: (tier, top-k, blocks) index at or
 above it}) lifts it: Stage 1 then reads the tiers up to the highest ceiling of the requests made at
@@ -66,7 +67,12 @@ taught to ask for: a knowledge question that asks for coarse's (low, 4, 13) may 
 while the val grid's noise above a taught request stays out of reach.
 With value_ceiling off, a request that has values of its own only names them: Stage 1 reads every
 tier for a tier at which such requests are made, Stage 2 every pair of the tier, and ties go to the
-cheaper plan and the lower tier.
+cheaper plan and the lower tier. A request without values then takes those Stage 1 read for its
+requested tier, over every pair: Stage 2 answers the latency token of the tier the shield ran, and
+lifted to the high tier, seeds 43 and 44 asked (4, 13) for half of their reasoning questions, a pair
+no question asked at the medium tier, and ran high,4,13 under the mean of all requests' values
+(0.59-0.62 of them right at the top budgets, against 0.73 for seed 42, whose measured mix knew that
+request; docs/RESULTS.md 0, eval38).
 The steered price only learns from violations: an episode in time lowers it by x0.998 at a 2% target,
 so a bin whose plans rarely exceed its budget keeps a price near its start for hundreds of episodes and
 stays under its target. Replaying eval36's test table with every question's family known, the top
@@ -319,7 +325,13 @@ class LatencyShield:
         requested_tier: the tier Stage 1 chose (default `tier`), which names the request's values."""
         if self.values is not None:
             request = (int(tier) if requested_tier is None else int(requested_tier), int(top_k), int(num_blocks))
-            table, whole = self.p95_ms[int(tier)] * self.scale[int(tier)], self._values(*request)[int(tier)]
+            table = self.p95_ms[int(tier)] * self.scale[int(tier)]
+            if self.value_ceiling or request in self.values:
+                whole = self._values(*request)[int(tier)]
+            else:  # free: Stage 1's values, those of the requests made at the requested tier
+                made_here = [r for r in self.values if r[0] == request[0]]
+                whole = self._mean_values(made_here or list(self.values))[int(tier)]
+                return divmod(self._best(whole, table, budget_ms)[1], table.shape[1])
             below, values = table, whole
             if self.value_ceiling or request not in self.values:
                 _, k_top, n_top = self.value_ceilings.get(request, request)

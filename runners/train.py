@@ -582,6 +582,9 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
             if shield is not None and shield.violation_target is not None:  # this rank's per-bin price or margin
                 name, steered = ("price", shield.price) if shield.values else ("margin", shield.margin)
                 train_metrics.update({f"train/shield_{name}_bin{b}": float(m) for b, m in enumerate(steered)})
+                if shield.expected_price:  # the mean risk its expected price lets the bin's requests take
+                    train_metrics.update({f"train/shield_expected_target_bin{b}": float(t)
+                                          for b, t in enumerate(shield.expected_target)})
             progress.update(1)
             progress.set_postfix(reward=f"{train_metrics['train/reward']:.3f}",
                                  viol=f"{train_metrics['train/violation_rate']:.2f}")

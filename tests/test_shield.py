@@ -397,7 +397,7 @@ def test_without_the_ceiling_a_known_request_only_names_its_values():
     free = LatencyShield(KS, TABLE, 0, violation_target=0.02, values=values, value_ceiling=False)
     assert capped.stage2(0, 0, 0, 50.0) == (0, 0)  # at or below the request
     assert free.stage2(0, 0, 0, 50.0) == (0, 1)  # its values say 16 blocks (k 4 or 8 alike: the cheaper)
-    assert free.stage2(0, 1, 0, 50.0) == (0, 0)  # a request without values of its own keeps the ceiling (12 blocks)
+    assert free.stage2(0, 1, 0, 50.0) == (0, 1)  # a request without values: Stage 1's (BLOCKS), any pair
     assert capped.stage1(0, 0, 50.0) == (0, 0) and free.stage1(0, 0, 50.0) == (0, 0)  # low requests: no gain up
     assert free.stage1(1, 0, 50.0) == (1, 0)
     assert free.state_dict()["value_ceiling"] is False
@@ -423,6 +423,18 @@ def test_a_lifted_ceiling_lets_a_request_run_up_to_it_and_no_further():
         with pytest.raises(ValueError, match=r"value_ceilings: " + bad + r".*at or above it in every knob"):
             LatencyShield(KS, TABLE, 0, violation_target=0.02, values={**values, (0, 0, 1): needs_more},
                           value_ceilings=ceilings)
+
+
+def test_without_the_ceiling_an_unknown_request_takes_stage1s_values_over_every_pair():
+    s = _value_shield(value_ceiling=False)
+    s.values = {(0, 0, 1): BLOCKS, (1, 0, 0): FLAT}
+    s.value_weights = {(0, 0, 1): 1.0, (1, 0, 0): 1.0}
+    # (0, 0, 0) names no values: low's requests (BLOCKS) rule, so 16 blocks, above the pair asked
+    assert s.stage2(0, 0, 0, 100.0, requested_tier=0) == (0, 1)
+    # asked at the high tier, FLAT's cheapest pair
+    assert s.stage2(1, 1, 1, 100.0, requested_tier=1) == (0, 0)
+    # with the ceiling the unknown request is its own ceiling
+    assert _value_shield().stage2(0, 0, 0, 100.0, requested_tier=0) == (0, 0)
 
 
 def test_a_value_shields_stage1_reads_the_values_of_the_requests_made_at_that_tier():
@@ -584,17 +596,21 @@ def test_a_measured_request_mix_gives_values_to_the_requests_the_controller_make
                v.nan_to_num()) for k, v in expected.items())
 
 
-@pytest.mark.parametrize("request_mix", ["taught", "measured"])
-def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_path, request_mix):
+@pytest.mark.parametrize("request_mix, expected_price", [("taught", False), ("measured", True)])
+def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_path, request_mix, expected_price):
     policy = {**TINY["policy"], "latency_shield": True, "latency_shield_violation_target": 0.03,
               "latency_shield_allocation": "value", "warm_start": "family_request", "warm_start_samples": 32,
-              "warm_start_steps": 5, "latency_shield_budget_bins": 2, "latency_shield_request_mix": request_mix}
+              "warm_start_steps": 5, "latency_shield_budget_bins": 2, "latency_shield_request_mix": request_mix,
+              "latency_shield_expected_price": expected_price}
     out = tmp_path / "run"
     train_main("--config", tiny_config(tmp_path, policy=policy, train={"num_epochs": 1}), "--output_dir", out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     prices = [[r[f"train/shield_price_bin{b}"] for b in (0, 1)] for r in rows if "train/shield_price_bin0" in r]
     assert prices and all(1.0 <= p <= 100.0 for row in prices for p in row)
     assert not any("train/shield_margin_bin0" in r for r in rows)
+    targets = [[r[f"train/shield_expected_target_bin{b}"] for b in (0, 1)] for r in rows
+               if "train/shield_expected_target_bin0" in r]
+    assert bool(targets) == expected_price and all(0.003 <= t <= 0.3 for row in targets for t in row)
     meta = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["policy_meta"]
     families = make_family_table(make_backend_from_config(config_from_dict({**TINY, "policy": policy})))
     assert set(meta["family_requests"][0]) == set(families)
@@ -602,6 +618,6 @@ def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_
     result = load_runner("evaluate").main(["--checkpoint", str(out), "--output_dir", str(tmp_path / "eval"),
                                             "--num_samples", "4", "--num_budgets", "2", "--policies", "controller"])
     table = result["meta"]["latency_shield"]["tables"]["controller"]
-    assert table["values"] and len(table["price"]) == 2
+    assert table["values"] and len(table["price"]) == 2 and table["expected_price"] == expected_price
     # measured: each request weighs the evaluation's 256 questions that made it; taught: one per family
     assert sum(table["value_weights"].values()) == (REQUEST_MIX_SAMPLES if request_mix == "measured" else len(families))
