@@ -69,14 +69,14 @@ With value_ceiling off, a request that has values of its own only names them: St
 tier for a tier at which such requests are made, Stage 2 every pair of the tier, and ties go to the
 cheaper plan and the lower tier. A request without values then takes those Stage 1 read for its
 requested tier, over every pair: Stage 2 answers the latency token of the tier the shield ran, and
-lifted to the high tier, seeds 43 and 44 asked (4, 13) for half of their reasoning questions, a pair
-no question asked at the medium tier, and ran high,4,13 under the mean of all requests' values
-(0.59-0.62 of them right at the top budgets, against 0.73 for seed 42, whose measured mix knew that
-request; docs/RESULTS.md 0, eval38).
+lifted to the high tier, seeds 43 and 44 asked a 13-block pair for half of their reasoning questions,
+a request no question made at the medium tier, and ran 13 blocks under the mean of all requests'
+values (0.59-0.62 of them right at the top budgets, against 0.73 for seed 42, whose measured mix
+knew its request; docs/RESULTS.md 0, eval38).
 The steered price only learns from violations: an episode in time lowers it by x0.998 at a 2% target,
 so a bin whose plans rarely exceed its budget keeps a price near its start for hundreds of episodes and
 stays under its target. Replaying eval36's test table with every question's family known, the top
-three budgets' bins violated 0.3-0.5% and ran reasoning questions at the high tier for 7-61% of them,
+three budgets' bins violated 0.3-0.5% and ran reasoning questions at the high tier for 7-64% of them,
 where lookup-calibrated ran every question there (docs/RESULTS.md 0). With expected_price the price
 at a decision is the smaller of the steered one and the expected one: the smallest price (on a
 geometric grid, EXPECTED_PRICES) at which every request, weighted by value_weights, picking its best
