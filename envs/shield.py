@@ -231,6 +231,12 @@ class LatencyShield:
         own = self.values.get((int(tier), int(top_k), int(num_blocks)))
         return own if own is not None else self._mean_values(self.values)
 
+    def _made_at(self, tier: int) -> tuple[list, torch.Tensor]:
+        """The requests made at `tier` and the values Stage 1 reads for it: their weighted mean, or every
+        request's when none is made there."""
+        made_here = [r for r in self.values if r[0] == tier]
+        return made_here, self._mean_values(made_here or list(self.values))
+
     def _mean_values(self, requests) -> torch.Tensor:
         """The mean of `requests`' values, each weighted by its value_weights (how many questions make it)."""
         total = sum(self.value_weights[r] for r in requests)
@@ -300,14 +306,14 @@ class LatencyShield:
     def stage1(self, tier: int, insertion: int, budget_ms: float) -> tuple[int, int]:
         """(tier index, insertion index) to execute for the chosen ones (module doc)."""
         if self.values is not None:
-            made_here = [r for r in self.values if r[0] == int(tier)]
+            made_here, values = self._made_at(int(tier))
             if not made_here:
                 top = int(tier) + 1
             elif self.value_ceiling:
                 top = max(self.value_ceilings[r][0] for r in made_here) + 1
             else:
                 top = len(self.p95_ms)
-            values = self._mean_values(made_here or list(self.values))[:top]
+            values = values[:top]
             best, _ = self._best(values, (self.p95_ms * self.scale[:, None, None])[:top], budget_ms)
             tied = torch.nonzero(best == best.max()).flatten().tolist()
             if not self.value_ceiling:
@@ -328,12 +334,10 @@ class LatencyShield:
             table = self.p95_ms[int(tier)] * self.scale[int(tier)]
             if self.value_ceiling or request in self.values:
                 whole = self._values(*request)[int(tier)]
-            else:  # free: Stage 1's values, those of the requests made at the requested tier
-                made_here = [r for r in self.values if r[0] == request[0]]
-                whole = self._mean_values(made_here or list(self.values))[int(tier)]
-                return divmod(self._best(whole, table, budget_ms)[1], table.shape[1])
+            else:  # free: Stage 1's values for the requested tier
+                whole = self._made_at(request[0])[1][int(tier)]
             below, values = table, whole
-            if self.value_ceiling or request not in self.values:
+            if self.value_ceiling:
                 _, k_top, n_top = self.value_ceilings.get(request, request)
                 below, values = table[: k_top + 1, : n_top + 1], whole[: k_top + 1, : n_top + 1]
             if not bool((torch.isfinite(below) & ~torch.isnan(values)).any()):  # none known below: the whole tier
