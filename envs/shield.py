@@ -91,8 +91,10 @@ around its table, shared by every plan.
 """
 from __future__ import annotations
 
+import bisect
 import math
 
+import numpy as np
 import torch
 
 from envs.knobs import KnobSpace
@@ -159,17 +161,22 @@ class LatencyShield:
         self.violation_target = None if violation_target is None else float(violation_target)
         self.violation_rate = float(violation_rate)
         self.budget_edges_ms = torch.tensor(edges, dtype=torch.float64)
+        self._budget_edges = edges
         self.margin = torch.ones(len(edges) + 1, dtype=torch.float64)  # per budget bin, moved with violation_target
         self.knob_space = knob_space
         self.quantile = check_quantile(quantile, "latency shield quantile")
         self.tracking_rate = float(tracking_rate)
         self.scale = torch.ones(shape[0], dtype=torch.float64)  # per tier, tracked online when tracking_rate > 0
         self.p95_ms = p95_ms
+        self._p95 = p95_ms.numpy()
         self.insertion_index = int(insertion_index)
-        self.values = None if values is None else self._check_values(values, shape)
-        self.value_weights = None if values is None else self._check_weights(value_weights)
+        # fixed at construction: what the decisions derive from them is computed once, here
+        self._values = None if values is None else self._check_values(values, shape)
+        self._value_weights = None if values is None else self._check_weights(value_weights)
         self.value_ceiling = bool(value_ceiling)
-        self.value_ceilings = None if values is None else self._check_ceilings(value_ceilings, shape)
+        self._value_ceilings = None if values is None else self._check_ceilings(value_ceilings, shape)
+        if values is not None:
+            self._derive_request_tables()
         self.price = torch.full((len(edges) + 1,), PRICE_START, dtype=torch.float64)  # per budget bin, with values
         if not isinstance(expected_price, bool) or (expected_price and values is None):
             raise ValueError(f"latency shield expected_price={expected_price!r}: expected a boolean, true only with "
@@ -178,10 +185,60 @@ class LatencyShield:
         # per budget bin, the mean risk the expected price allows (module doc)
         self.expected_target = torch.full((len(edges) + 1,), self.violation_target or 0.0, dtype=torch.float64)
         self._expected_cache: tuple | None = None  # (budget, episodes observed, price): one solve per episode
+        self._table_cache: tuple | None = None  # ((budget, episodes observed), scaled table, risk)
         self._observed = 0
         prior = torch.special.ndtri((torch.arange(RATIO_PRIOR_SIZE, dtype=torch.float64) + 0.5) / RATIO_PRIOR_SIZE)
         q95 = torch.special.ndtri(torch.tensor(0.95, dtype=torch.float64))
         self.ratios = torch.exp(RATIO_PRIOR_SIGMA * (prior - q95))
+
+    @property
+    def ratios(self) -> torch.Tensor:
+        """The pool of latency / table ratios (module doc), in arrival order."""
+        return self._ratios
+
+    @ratios.setter
+    def ratios(self, pool: torch.Tensor) -> None:
+        # sorted here, when an episode is observed after its latency, not in the next request's decisions
+        self._ratios = pool
+        self._sorted_ratios = np.sort(pool.numpy())
+        self._table_cache = None
+
+    @property
+    def values(self) -> dict | None:
+        """{request: (tiers, top-k values, block counts) accuracies}, as constructed (read-only)."""
+        return self._values
+
+    @property
+    def value_weights(self) -> dict | None:
+        return self._value_weights
+
+    @property
+    def value_ceilings(self) -> dict | None:
+        return self._value_ceilings
+
+    def _derive_request_tables(self) -> None:
+        """What the decisions read off the values, computed once: per tier the requests made there and
+        the values Stage 1 reads for it, every request's weighted mean, and the expected price's stacked
+        values, plans each request may run and weights."""
+        # numpy: a decision is a few dozen operations on at most 75 plans, where each torch call costs more
+        # than its arithmetic (0.85 -> 0.46 ms an episode with torch caches alone, runs/s27 bench)
+        requests = list(self._values)
+        self._own_values = {r: v.numpy() for r, v in self._values.items()}
+        self._mean_of_all = self._mean_values(requests).numpy()
+        self._made = {}
+        for tier in range(len(self.p95_ms)):
+            made_here = [r for r in requests if r[0] == tier]
+            self._made[tier] = (made_here, self._mean_values(made_here).numpy() if made_here else self._mean_of_all)
+        values = np.stack([self._own_values[r] for r in requests]).reshape(len(requests), -1)  # (requests, plans)
+        runnable = np.isfinite(self._p95).reshape(-1) & ~np.isnan(values)
+        if self.value_ceiling:
+            knobs = np.indices(self._p95.shape).reshape(3, -1)
+            tops = np.array([self._value_ceilings[r] for r in requests])  # (requests, 3)
+            within = runnable & (knobs[None] <= tops[:, :, None]).all(1)
+            runnable = np.where(within.any(1, keepdims=True), within, runnable)  # none below: anything (stage2)
+        self._priced_values = np.where(runnable, values, -np.inf)
+        weights = np.array([self._value_weights[r] for r in requests], dtype=np.float64)
+        self._priced_weights = weights / weights.sum()
 
     def _check_values(self, values, shape) -> dict[tuple[int, int, int], torch.Tensor]:
         if self.violation_target is None:
@@ -226,21 +283,20 @@ class LatencyShield:
             out[key] = top
         return out
 
-    def _values(self, tier: int, top_k: int, num_blocks: int) -> torch.Tensor:
+    def _request_values(self, request: tuple[int, int, int]) -> np.ndarray:
         """The request's plan values: its own, else the weighted mean of every request's."""
-        own = self.values.get((int(tier), int(top_k), int(num_blocks)))
-        return own if own is not None else self._mean_values(self.values)
+        own = self._own_values.get(request)
+        return own if own is not None else self._mean_of_all
 
-    def _made_at(self, tier: int) -> tuple[list, torch.Tensor]:
+    def _made_at(self, tier: int) -> tuple[list, np.ndarray]:
         """The requests made at `tier` and the values Stage 1 reads for it: their weighted mean, or every
         request's when none is made there."""
-        made_here = [r for r in self.values if r[0] == tier]
-        return made_here, self._mean_values(made_here or list(self.values))
+        return self._made[tier]
 
     def _mean_values(self, requests) -> torch.Tensor:
         """The mean of `requests`' values, each weighted by its value_weights (how many questions make it)."""
-        total = sum(self.value_weights[r] for r in requests)
-        return sum(self.values[r] * (self.value_weights[r] / total) for r in requests)
+        total = sum(self._value_weights[r] for r in requests)
+        return sum(self._values[r] * (self._value_weights[r] / total) for r in requests)
 
     def bin_price(self, budget_ms: float) -> float:
         """The price of a violation at this budget: its bin's steered price, or with expected_price the
@@ -258,46 +314,51 @@ class LatencyShield:
         """The smallest of EXPECTED_PRICES at which the requests' best plans (value - price x risk, within
         each one's ceiling; ties: the lower risk) exceed `budget_ms` with a weighted mean probability <=
         `target`; inf when none does."""
-        table = self.p95_ms * self.scale[:, None, None]
-        risk = self.violation_probability(table, budget_ms).flatten()
-        requests = list(self.values)
-        values = torch.stack([self.values[r] for r in requests]).flatten(1)  # (requests, plans)
-        known = torch.isfinite(table).flatten() & ~torch.isnan(values)
-        runnable = known
-        if self.value_ceiling:
-            knobs = torch.stack(torch.meshgrid(*(torch.arange(n) for n in table.shape), indexing="ij")).flatten(1)
-            tops = torch.tensor([self.value_ceilings[r] for r in requests])  # (requests, 3)
-            runnable = known & (knobs[None] <= tops[:, :, None]).all(1)
-            runnable = torch.where(runnable.any(1, keepdim=True), runnable, known)  # none below: anything (stage2)
-        scores = values[None] - EXPECTED_PRICES[:, None, None] * risk - 1e-9 * risk  # (prices, requests, plans)
-        chosen = risk[torch.where(runnable, scores, -math.inf).argmax(-1)]  # (prices, requests)
-        weights = torch.tensor([self.value_weights[r] for r in requests], dtype=torch.float64)
-        meeting = torch.nonzero((chosen * weights).sum(-1) / weights.sum() <= target).flatten()
-        return float(EXPECTED_PRICES[meeting[0]]) if len(meeting) else math.inf
+        risk = self._scaled_table(budget_ms)[1].flatten()
+        prices = EXPECTED_PRICES.numpy()
+        scores = self._priced_values[None] - prices[:, None, None] * risk - 1e-9 * risk  # (prices, requests, plans)
+        chosen = risk[scores.argmax(-1)]  # (prices, requests)
+        meeting = np.flatnonzero((chosen * self._priced_weights).sum(-1) <= target)
+        return float(prices[meeting[0]]) if len(meeting) else math.inf
 
     def violation_probability(self, table_ms: torch.Tensor, budget_ms: float) -> torch.Tensor:
         """P(latency > budget) of plans whose scaled table time is `table_ms` (module doc; inf: 1)."""
-        ratios = self.ratios.sort().values
-        limit = float(budget_ms) / table_ms
-        above = len(ratios) - torch.searchsorted(ratios, limit.contiguous(), right=True)
-        return above.to(torch.float64) / len(ratios)
+        return torch.from_numpy(self._risk(np.asarray(table_ms, dtype=np.float64), budget_ms))
 
-    def _best(self, values: torch.Tensor, table_ms: torch.Tensor, budget_ms: float) -> tuple[torch.Tensor, int]:
-        """Per row of the (rows, plans) tables, the best score of value - price x risk, and the flat index
-        of the best plan overall (ties: the lower risk, then with the ceiling the larger table time, the
-        least change; without it the smaller, the cheapest)."""
-        risk = self.violation_probability(table_ms, budget_ms)
-        known = torch.isfinite(table_ms) & ~torch.isnan(values)  # a plan without a value is never picked
-        scores = torch.where(known, values - self.bin_price(budget_ms) * risk, -math.inf).flatten(1)
+    def _risk(self, table_ms: np.ndarray, budget_ms: float) -> np.ndarray:
+        ratios = self._sorted_ratios
+        with np.errstate(divide="ignore"):  # a plan timed at 0 ms: limit inf, risk 0
+            limit = float(budget_ms) / table_ms
+        return (len(ratios) - np.searchsorted(ratios, limit, side="right")) / len(ratios)
+
+    def _scaled_table(self, budget_ms: float) -> tuple[np.ndarray, np.ndarray]:
+        """Every plan's scaled table time and P(latency > budget_ms), computed once per episode: both stages'
+        decisions and the expected price read them, and only an observed episode changes them."""
+        key = (float(budget_ms), self._observed)
+        if self._table_cache is None or self._table_cache[0] != key:
+            table = self._p95 * self.scale.numpy()[:, None, None]
+            self._table_cache = (key, table, self._risk(table, budget_ms))
+        return self._table_cache[1], self._table_cache[2]
+
+    def _best(self, values: np.ndarray, table_ms: np.ndarray, risk: np.ndarray,
+              budget_ms: float) -> tuple[np.ndarray, int]:
+        """Per row of the (rows, plans) tables (risk: each plan's P(latency > budget)), the best score of
+        value - price x risk, and the flat index of the best plan overall (ties: the lower risk, then with
+        the ceiling the larger table time, the least change; without it the smaller, the cheapest)."""
+        rows = len(values)
+        known = np.isfinite(table_ms) & ~np.isnan(values)  # a plan without a value is never picked
+        with np.errstate(invalid="ignore"):  # NaN values, masked out here
+            scores = np.where(known, values - self.bin_price(budget_ms) * risk, -np.inf).reshape(rows, -1)
         best = scores == scores.max()
-        best &= risk.flatten(1) == torch.where(best, risk.flatten(1), math.inf).min()
+        risk = risk.reshape(rows, -1)
+        best &= risk == np.where(best, risk, np.inf).min()
         sign = 1.0 if self.value_ceiling else -1.0
-        flat = int(torch.where(best, sign * table_ms.flatten(1), -math.inf).flatten().argmax())
-        return scores.max(1).values, flat
+        flat = int(np.where(best, sign * table_ms.reshape(rows, -1), -np.inf).argmax())
+        return scores.max(1), flat
 
     def budget_bin(self, budget_ms: float) -> int:
         """The index of the budget bin `budget_ms` falls in (budgets outside the edges: the end bins)."""
-        return int(torch.bucketize(torch.tensor(float(budget_ms), dtype=torch.float64), self.budget_edges_ms, right=True))
+        return bisect.bisect_right(self._budget_edges, float(budget_ms))
 
     def budget_margin(self, budget_ms: float) -> float:
         """The factor on the table at this budget: its bin's margin (1 with violation_target off)."""
@@ -313,9 +374,9 @@ class LatencyShield:
                 top = max(self.value_ceilings[r][0] for r in made_here) + 1
             else:
                 top = len(self.p95_ms)
-            values = values[:top]
-            best, _ = self._best(values, (self.p95_ms * self.scale[:, None, None])[:top], budget_ms)
-            tied = torch.nonzero(best == best.max()).flatten().tolist()
+            table, risk = self._scaled_table(budget_ms)
+            best, _ = self._best(values[:top], table[:top], risk[:top], budget_ms)
+            tied = np.flatnonzero(best == best.max()).tolist()
             if not self.value_ceiling:
                 return min(tied), self.insertion_index  # ties: the lower tier
             # ties: the least change, the highest tier at or below the chosen one, else the lowest above it
@@ -331,18 +392,18 @@ class LatencyShield:
         requested_tier: the tier Stage 1 chose (default `tier`), which names the request's values."""
         if self.values is not None:
             request = (int(tier) if requested_tier is None else int(requested_tier), int(top_k), int(num_blocks))
-            table = self.p95_ms[int(tier)] * self.scale[int(tier)]
-            if self.value_ceiling or request in self.values:
-                whole = self._values(*request)[int(tier)]
+            table, risk = (x[int(tier)] for x in self._scaled_table(budget_ms))
+            if self.value_ceiling or request in self._values:
+                whole = self._request_values(request)[int(tier)]
             else:  # free: Stage 1's values for the requested tier
                 whole = self._made_at(request[0])[1][int(tier)]
-            below, values = table, whole
+            below, values, below_risk = table, whole, risk
             if self.value_ceiling:
                 _, k_top, n_top = self.value_ceilings.get(request, request)
-                below, values = table[: k_top + 1, : n_top + 1], whole[: k_top + 1, : n_top + 1]
-            if not bool((torch.isfinite(below) & ~torch.isnan(values)).any()):  # none known below: the whole tier
-                below, values = table, whole
-            return divmod(self._best(values, below, budget_ms)[1], below.shape[1])
+                below, values, below_risk = (x[: k_top + 1, : n_top + 1] for x in (table, whole, risk))
+            if not (np.isfinite(below) & ~np.isnan(values)).any():  # none known below: the whole tier
+                below, values, below_risk = table, whole, risk
+            return divmod(self._best(values, below, below_risk, budget_ms)[1], below.shape[1])
         table = self.p95_ms[int(tier)] * self.scale[int(tier)] * self.budget_margin(budget_ms)
         if float(table[top_k, num_blocks]) <= budget_ms:
             return int(top_k), int(num_blocks)

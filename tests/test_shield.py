@@ -376,18 +376,19 @@ def test_a_value_shield_spends_the_risk_where_the_request_gains_from_it():
     assert float(s.violation_probability(torch.tensor([10.0]), 14.2)) == 0.0
     assert s.stage2(0, 0, 1, 14.2) == (0, 1)  # 1.0 - 4 x 0.05 beats 0.5
     # the same plan asked with flat values: nothing to gain, so the plan that surely fits
-    s.values = {(0, 0, 1): FLAT}
-    assert s.stage2(0, 0, 1, 14.2) == (0, 0)
-    s.values = VALUES
+    flat = LatencyShield(KS, TABLE, 0, violation_target=0.02, values={(0, 0, 1): FLAT})
+    flat.price[:] = 4.0
+    assert flat.stage2(0, 0, 1, 14.2) == (0, 0)
     # a request without values of its own reads the mean of all (0.75 at 12 blocks, 1.0 at 16)
     assert s.stage2(0, 1, 1, 14.2) == (0, 1)
     # a higher price buys safety: at 40 the gain of 0.5 no longer pays for the risk
     s.price[:] = 40.0
     assert s.stage2(0, 0, 1, 14.2) == (0, 0)
     # a certain violation never beats a plan that surely fits, even at the lowest price and a gain of 1
+    s = LatencyShield(KS, TABLE, 0, violation_target=0.02,
+                      values={(0, 0, 1): torch.tensor([[[0.0, 1.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])})
     s.price[:] = 1.0
     s.ratios = torch.tensor([0.9, 1.0], dtype=torch.float64)
-    s.values = {(0, 0, 1): torch.tensor([[[0.0, 1.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])}
     assert s.stage2(0, 0, 1, 11.0) == (0, 0)
 
 
@@ -426,9 +427,8 @@ def test_a_lifted_ceiling_lets_a_request_run_up_to_it_and_no_further():
 
 
 def test_without_the_ceiling_an_unknown_request_takes_stage1s_values_over_every_pair():
-    s = _value_shield(value_ceiling=False)
-    s.values = {(0, 0, 1): BLOCKS, (1, 0, 0): FLAT}
-    s.value_weights = {(0, 0, 1): 1.0, (1, 0, 0): 1.0}
+    s = LatencyShield(KS, TABLE, 0, violation_target=0.02, values={(0, 0, 1): BLOCKS, (1, 0, 0): FLAT},
+                      value_ceiling=False)
     # (0, 0, 0) names no values: low's requests (BLOCKS) rule, so 16 blocks, above the pair asked
     assert s.stage2(0, 0, 0, 100.0, requested_tier=0) == (0, 1)
     # asked at the high tier, FLAT's cheapest pair
@@ -621,3 +621,10 @@ def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_
     assert table["values"] and len(table["price"]) == 2 and table["expected_price"] == expected_price
     # measured: each request weighs the evaluation's 256 questions that made it; taught: one per family
     assert sum(table["value_weights"].values()) == (REQUEST_MIX_SAMPLES if request_mix == "measured" else len(families))
+
+
+def test_a_shields_values_are_fixed_at_construction():
+    # what the decisions read off the values is derived once, so a reassignment could only go stale
+    s = _value_shield()
+    with pytest.raises(AttributeError):
+        s.values = {(0, 0, 1): FLAT}
