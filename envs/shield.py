@@ -447,16 +447,14 @@ class LatencyShield:
         return float(self.scale.log().mean().exp())
 
     def state_dict(self) -> dict:
+        def by_request(table, entry):  # JSON keys: a request's (tier, top-k, blocks) index as "t,k,n"
+            return None if table is None else {",".join(map(str, k)): entry(v) for k, v in table.items()}
         return {"p95_ms": self.p95_ms.tolist(), "insertion_index": self.insertion_index,
                 "tracking_rate": self.tracking_rate, "quantile": self.quantile, "scale": self.scale.tolist(),
                 "violation_target": self.violation_target, "violation_rate": self.violation_rate,
                 "budget_edges_ms": self.budget_edges_ms.tolist(), "margin": self.margin.tolist(),
-                "values": None if self.values is None else {",".join(map(str, k)): v.tolist()
-                                                            for k, v in self.values.items()},
-                "value_weights": None if self.values is None else {",".join(map(str, k)): w
-                                                                   for k, w in self.value_weights.items()},
-                "value_ceilings": None if self.values is None else {",".join(map(str, k)): list(c)
-                                                                     for k, c in self.value_ceilings.items()},
+                "values": by_request(self.values, torch.Tensor.tolist),
+                "value_weights": by_request(self.value_weights, float), "value_ceilings": by_request(self.value_ceilings, list),
                 "price": self.price.tolist(), "value_ceiling": self.value_ceiling,
                 "expected_price": self.expected_price, "expected_target": self.expected_target.tolist()}
 
