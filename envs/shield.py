@@ -72,12 +72,12 @@ requested tier, over every pair: Stage 2 answers the latency token of the tier t
 lifted to the high tier, seeds 43 and 44 asked a 13-block pair for half of their reasoning questions,
 a request no question made at the medium tier, and ran 13 blocks under the mean of all requests'
 values (0.59-0.62 of them right at the top budgets, against 0.73 for seed 42, whose measured mix
-knew its request; docs/RESULTS.md 0, eval38).
+knew its request; docs/RESULTS.md 0-s26, eval38).
 The steered price only learns from violations: an episode in time lowers it by x0.998 at a 2% target,
 so a bin whose plans rarely exceed its budget keeps a price near its start for hundreds of episodes and
 stays under its target. Replaying eval36's test table with every question's family known, the top
 three budgets' bins violated 0.3-0.5% and ran reasoning questions at the high tier for 7-64% of them,
-where lookup-calibrated ran every question there (docs/RESULTS.md 0). With expected_price the price
+where lookup-calibrated ran every question there (docs/RESULTS.md 0-s26). With expected_price the price
 at a decision is the smaller of the steered one and the expected one: the smallest price (on a
 geometric grid, EXPECTED_PRICES) at which every request, weighted by value_weights, picking its best
 plan within its ceiling, would exceed the budget with probability <= the bin's expected target on
@@ -221,7 +221,7 @@ class LatencyShield:
         the values Stage 1 reads for it, every request's weighted mean, and the expected price's stacked
         values, plans each request may run and weights."""
         # numpy: a decision is a few dozen operations on at most 75 plans, where each torch call costs more
-        # than its arithmetic (0.85 -> 0.46 ms an episode with torch caches alone, runs/s27 bench)
+        # than its arithmetic (an episode's two decisions 0.745 -> 0.197 ms, docs/BENCHMARKS.md 2c)
         requests = list(self._values)
         self._own_values = {r: v.numpy() for r, v in self._values.items()}
         self._mean_of_all = self._mean_values(requests).numpy()
@@ -326,6 +326,7 @@ class LatencyShield:
         return torch.from_numpy(self._risk(np.asarray(table_ms, dtype=np.float64), budget_ms))
 
     def _risk(self, table_ms: np.ndarray, budget_ms: float) -> np.ndarray:
+        """violation_probability on numpy, for the decisions."""
         ratios = self._sorted_ratios
         with np.errstate(divide="ignore"):  # a plan timed at 0 ms: limit inf, risk 0
             limit = float(budget_ms) / table_ms
