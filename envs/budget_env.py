@@ -13,8 +13,8 @@ the budget; the episode info records the plan that ran. Each stage's controller 
 request is measured by the policy (at batch size 1) and passed in as that step's `controller_ms`:
 it is part of the request's latency but runs outside the env. The shield's decision at each step is
 the controller's too, so the env times it and adds it to that stage's controller time (the value
-shield's two decisions: 0.13-0.20 ms an episode on the 2-core VM, docs/BENCHMARKS.md 2c). The latency is preprocess + vision + prefill + decode +
-both stages' controller time.
+shield's two decisions: 0.13-0.20 ms an episode on the 2-core VM, docs/BENCHMARKS.md 2c). The
+latency is preprocess + vision + prefill + decode + both stages' controller time.
 
 Resets draw each group's sample and budget from the env's generator. A caller fixes them only
 through the explicit keys ("reset_to", "sample_index") and ("reset_to", "budget_ms") (see

@@ -455,7 +455,8 @@ class LatencyShield:
                 "violation_target": self.violation_target, "violation_rate": self.violation_rate,
                 "budget_edges_ms": self.budget_edges_ms.tolist(), "margin": self.margin.tolist(),
                 "values": by_request(self.values, torch.Tensor.tolist),
-                "value_weights": by_request(self.value_weights, float), "value_ceilings": by_request(self.value_ceilings, list),
+                "value_weights": by_request(self.value_weights, float),
+                "value_ceilings": by_request(self.value_ceilings, list),
                 "price": self.price.tolist(), "value_ceiling": self.value_ceiling,
                 "expected_price": self.expected_price, "expected_target": self.expected_target.tolist()}
 
