@@ -113,7 +113,7 @@ PRICE_MIN, PRICE_MAX, PRICE_START = 1.0, 100.0, 2.0
 RATIO_WINDOW, RATIO_PRIOR_SIGMA, RATIO_PRIOR_SIZE = 512, 0.1, 20
 # expected_price (module doc): the prices it may name, down to 0.001 (a violation all but free), and the
 # range of its steered target, as factors of violation_target.
-EXPECTED_PRICES = torch.logspace(-3, math.log10(PRICE_MAX), 51, dtype=torch.float64)
+EXPECTED_PRICES = torch.logspace(-3, math.log10(PRICE_MAX), 51, dtype=torch.float64).numpy()
 EXPECTED_TARGET_RANGE = (0.1, 10.0)
 
 
@@ -184,8 +184,7 @@ class LatencyShield:
         self.expected_price = expected_price
         # per budget bin, the mean risk the expected price allows (module doc)
         self.expected_target = torch.full((len(edges) + 1,), self.violation_target or 0.0, dtype=torch.float64)
-        self._expected_cache: tuple | None = None  # (budget, episodes observed, price): one solve per episode
-        self._table_cache: tuple | None = None  # ((budget, episodes observed), scaled table, risk)
+        self._episode: dict | None = None  # what this episode's decisions read (_episode_tables)
         self._observed = 0
         prior = torch.special.ndtri((torch.arange(RATIO_PRIOR_SIZE, dtype=torch.float64) + 0.5) / RATIO_PRIOR_SIZE)
         q95 = torch.special.ndtri(torch.tensor(0.95, dtype=torch.float64))
@@ -201,7 +200,7 @@ class LatencyShield:
         # sorted here, when an episode is observed after its latency, not in the next request's decisions
         self._ratios = pool
         self._sorted_ratios = np.sort(pool.numpy())
-        self._table_cache = None
+        self._episode = None
 
     @property
     def values(self) -> dict | None:
@@ -305,17 +304,16 @@ class LatencyShield:
         steered = float(self.price[b])
         if not self.expected_price:
             return steered
-        key = (float(budget_ms), self._observed)
-        if self._expected_cache is None or self._expected_cache[:2] != key:
-            self._expected_cache = (*key, self._solve_expected_price(float(budget_ms), float(self.expected_target[b])))
-        return min(steered, self._expected_cache[2])
+        episode = self._episode_tables(budget_ms)
+        if "expected_price" not in episode:  # solved once per episode
+            episode["expected_price"] = self._solve_expected_price(episode["risk"], float(self.expected_target[b]))
+        return min(steered, episode["expected_price"])
 
-    def _solve_expected_price(self, budget_ms: float, target: float) -> float:
+    def _solve_expected_price(self, risk: np.ndarray, target: float) -> float:
         """The smallest of EXPECTED_PRICES at which the requests' best plans (value - price x risk, within
         each one's ceiling; ties: the lower risk) exceed `budget_ms` with a weighted mean probability <=
-        `target`; inf when none does."""
-        risk = self._scaled_table(budget_ms)[1].flatten()
-        prices = EXPECTED_PRICES.numpy()
+        `target`; inf when none does. risk: every plan's P(latency > budget)."""
+        risk, prices = risk.reshape(-1), EXPECTED_PRICES
         scores = self._priced_values[None] - prices[:, None, None] * risk - 1e-9 * risk  # (prices, requests, plans)
         chosen = risk[scores.argmax(-1)]  # (prices, requests)
         meeting = np.flatnonzero((chosen * self._priced_weights).sum(-1) <= target)
@@ -332,14 +330,15 @@ class LatencyShield:
             limit = float(budget_ms) / table_ms
         return (len(ratios) - np.searchsorted(ratios, limit, side="right")) / len(ratios)
 
-    def _scaled_table(self, budget_ms: float) -> tuple[np.ndarray, np.ndarray]:
-        """Every plan's scaled table time and P(latency > budget_ms), computed once per episode: both stages'
-        decisions and the expected price read them, and only an observed episode changes them."""
+    def _episode_tables(self, budget_ms: float) -> dict:
+        """Every plan's scaled table time ("table") and P(latency > budget_ms) ("risk"), and with expected_price
+        the expected price (bin_price adds it), computed once per episode: both stages' decisions read them,
+        and only an observed episode or a new ratio pool changes them."""
         key = (float(budget_ms), self._observed)
-        if self._table_cache is None or self._table_cache[0] != key:
+        if self._episode is None or self._episode["key"] != key:
             table = self._p95 * self.scale.numpy()[:, None, None]
-            self._table_cache = (key, table, self._risk(table, budget_ms))
-        return self._table_cache[1], self._table_cache[2]
+            self._episode = {"key": key, "table": table, "risk": self._risk(table, budget_ms)}
+        return self._episode
 
     def _best(self, values: np.ndarray, table_ms: np.ndarray, risk: np.ndarray,
               budget_ms: float) -> tuple[np.ndarray, int]:
@@ -375,7 +374,8 @@ class LatencyShield:
                 top = max(self.value_ceilings[r][0] for r in made_here) + 1
             else:
                 top = len(self.p95_ms)
-            table, risk = self._scaled_table(budget_ms)
+            episode = self._episode_tables(budget_ms)
+            table, risk = episode["table"], episode["risk"]
             best, _ = self._best(values[:top], table[:top], risk[:top], budget_ms)
             tied = np.flatnonzero(best == best.max()).tolist()
             if not self.value_ceiling:
@@ -393,7 +393,8 @@ class LatencyShield:
         requested_tier: the tier Stage 1 chose (default `tier`), which names the request's values."""
         if self.values is not None:
             request = (int(tier) if requested_tier is None else int(requested_tier), int(top_k), int(num_blocks))
-            table, risk = (x[int(tier)] for x in self._scaled_table(budget_ms))
+            episode = self._episode_tables(budget_ms)
+            table, risk = episode["table"][int(tier)], episode["risk"][int(tier)]
             if self.value_ceiling or request in self._values:
                 whole = self._request_values(request)[int(tier)]
             else:  # free: Stage 1's values for the requested tier
