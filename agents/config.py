@@ -82,12 +82,6 @@ class PolicyConfig:
     # and the price at which the requests' best plans would meet the bin's (steered) target on average
     # by the shield's own risk estimate, so a bin whose plans rarely violate spends its target (envs/shield.py)
     latency_shield_expected_price: bool = False
-    # with "value": over what the price steers violations to latency_shield_violation_target: "bin" (each
-    # budget bin to it) or "average" (one pooled price over every bin, so their mean meets it and each bin
-    # spends violations where they buy accuracy, with a cap factor per bin that holds its rate at
-    # latency_shield_violation_cap; needs latency_shield_expected_price false; envs/shield.py)
-    latency_shield_violation_scope: str = "bin"
-    latency_shield_violation_cap: Optional[float] = None
     # true: while training, the controller reads budgets and times divided by the shield's tracked scale
     # (its time_scale, as evaluate.py and answer.py set it), so it picks plans the table now lets through
     follow_shield_scale: bool = False

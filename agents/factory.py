@@ -25,7 +25,7 @@ from agents.grpo import JointGRPOLoss
 from agents.warm_start import (add_controller_time, lookup_warm_start, measure_controller_ms, measure_request_mix,
                                request_ceilings, request_mix_values, taught_request_mix)
 from envs import BudgetVLMEnv, RewardWeights, make_backend
-from envs.shield import VIOLATION_SCOPES, LatencyShield, check_quantile, check_violation_target
+from envs.shield import LatencyShield, check_quantile, check_violation_target
 from envs.machine import resolve_device
 from envs.profiling.pareto import budget_range
 
@@ -303,9 +303,7 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
                                tracking_rate=check_shield_tracking(cfg), quantile=check_shield_quantile(cfg),
                                violation_target=target, budget_edges_ms=budget_edges_ms, values=values,
                                value_ceiling=cfg.policy.latency_shield_value_ceiling, value_weights=weights,
-                               value_ceilings=ceilings, expected_price=cfg.policy.latency_shield_expected_price,
-                               violation_scope=cfg.policy.latency_shield_violation_scope,
-                               violation_cap=cfg.policy.latency_shield_violation_cap)
+                               value_ceilings=ceilings, expected_price=cfg.policy.latency_shield_expected_price)
 
 
 def equal_budget_edges(budget_range_ms: Sequence[float], bins: int) -> list[float]:
@@ -363,10 +361,8 @@ def check_shield_allocation(cfg: Config) -> str:
     """policy.latency_shield_allocation, or an error naming it when it is not one of SHIELD_ALLOCATIONS
     or "value" lacks what it reads (a violation target, the family requests), or naming
     policy.latency_shield_value_ceiling or policy.latency_shield_expected_price when it is not a boolean (or
-    the latter prices values the allocation lacks), policy.latency_shield_request_mix when it is not one
-    of REQUEST_MIXES or weighs values the allocation lacks, or policy.latency_shield_violation_scope /
-    _cap when the scope is not one of VIOLATION_SCOPES, "average" lacks what it pools or caps, or a cap
-    is given without it."""
+    the latter prices values the allocation lacks) or policy.latency_shield_request_mix when it is not one
+    of REQUEST_MIXES or weighs values the allocation lacks."""
     c = cfg.policy
     _boolean_setting("policy.latency_shield_value_ceiling", c.latency_shield_value_ceiling)
     _boolean_setting("policy.latency_shield_expected_price", c.latency_shield_expected_price)
@@ -384,24 +380,6 @@ def check_shield_allocation(cfg: Config) -> str:
         raise ValueError(f"policy.latency_shield_request_mix={c.latency_shield_request_mix!r} weighs the value "
                          f"shield's values; policy.latency_shield_allocation={c.latency_shield_allocation!r} has none: "
                          f"pass policy.latency_shield_allocation='value' or latency_shield_request_mix='taught'")
-    if c.latency_shield_violation_scope not in VIOLATION_SCOPES:
-        raise ValueError(f"policy.latency_shield_violation_scope={c.latency_shield_violation_scope!r}: expected one "
-                         f"of {list(VIOLATION_SCOPES)}")
-    if c.latency_shield_violation_scope == "average":
-        if c.latency_shield_allocation != "value" or c.latency_shield_expected_price:
-            raise ValueError(f"policy.latency_shield_violation_scope='average' pools the value shield's steered "
-                             f"price: it needs policy.latency_shield_allocation='value' (got "
-                             f"{c.latency_shield_allocation!r}) and latency_shield_expected_price=False (got "
-                             f"{c.latency_shield_expected_price!r})")
-        cap = check_violation_target(c.latency_shield_violation_cap, "policy.latency_shield_violation_cap")
-        if c.latency_shield_violation_target is not None and cap <= c.latency_shield_violation_target:
-            raise ValueError(f"policy.latency_shield_violation_cap={cap}: expected a rate above "
-                             f"policy.latency_shield_violation_target ({c.latency_shield_violation_target}), the "
-                             f"average it caps each budget bin above")
-    elif c.latency_shield_violation_cap is not None:
-        raise ValueError(f"policy.latency_shield_violation_cap={c.latency_shield_violation_cap!r} caps a budget bin "
-                         f"only with policy.latency_shield_violation_scope='average' (got "
-                         f"{c.latency_shield_violation_scope!r}): pass it or latency_shield_violation_cap=null")
     if c.latency_shield_allocation == "value" and (c.latency_shield_violation_target is None
                                                    or c.warm_start != "family_request"):
         raise ValueError(f"policy.latency_shield_allocation='value' needs policy.latency_shield_violation_target "

@@ -84,15 +84,6 @@ plan within its ceiling, would exceed the budget with probability <= the bin's e
 average (by the risk below). That target starts at violation_target and is steered by the bin's
 violations like the price (x exp(violation_rate x (violation_target - violated)), within
 EXPECTED_TARGET_RANGE x violation_target), so a risk that proves too low is corrected.
-The issue's constraint is on the mean over budgets (<= 2%) with a cap at each (<= 5%), and one target per
-bin spends the same 2% at a budget where a violation buys a knowledge question's blocks and at one
-where it buys nothing. With violation_scope "average" (a Lagrangian relaxation of that constraint) the
-price at a decision is one pooled price x the bin's cap factor: the pooled price is steered by every
-episode, whatever its bin, to violation_target (x exp(violation_rate x (violated - target)), within
-[POOLED_PRICE_MIN, PRICE_MAX]), so the bins' rates average to it and each bin spends violations as far
-as their value pays the common price; the cap factor (>= 1, 1 at the start) is steered by the bin's
-own episodes to violation_cap, so it rises only while the bin exceeds its cap. The expected price
-solves one bin's target and is off with this scope.
 P(latency > budget) is the fraction of recent executed episodes whose latency / their plan's table
 time exceeded budget / this plan's table time (a pool of RATIO_WINDOW ratios, started from a
 lognormal prior whose 95% quantile is the table, RATIO_PRIOR_SIGMA wide): the spread of this machine
@@ -124,11 +115,6 @@ RATIO_WINDOW, RATIO_PRIOR_SIGMA, RATIO_PRIOR_SIZE = 512, 0.1, 20
 # range of its steered target, as factors of violation_target.
 EXPECTED_PRICES = torch.logspace(-3, math.log10(PRICE_MAX), 51, dtype=torch.float64).numpy()
 EXPECTED_TARGET_RANGE = (0.1, 10.0)
-# violation_scope (module doc): "bin", each budget bin's price steered to violation_target; "average", one
-# pooled price steered to it over every bin, times each bin's cap factor steered to violation_cap. The
-# pooled price may fall as low as the expected price's grid: at the top budgets a violation buys almost nothing.
-VIOLATION_SCOPES = ("bin", "average")
-POOLED_PRICE_MIN = float(EXPECTED_PRICES[0])
 
 
 class LatencyShield:
@@ -142,15 +128,12 @@ class LatencyShield:
     in a mean of several requests' values; value_ceilings ({request: index >= it in every knob}, None:
     each request its own): the largest plan the shield may execute for it with value_ceiling on;
     expected_price (needs values): the price at a decision is the smaller of the steered one and the
-    expected one (module doc); violation_scope (VIOLATION_SCOPES; "average" needs values, no expected_price
-    and violation_cap, a rate above violation_target): over what the price steers violations to the target
-    (module doc)."""
+    expected one (module doc)."""
 
     def __init__(self, knob_space: KnobSpace, p95_ms: torch.Tensor, insertion_index: int = 0,
                  tracking_rate: float = 0.0, quantile: float = 0.95, violation_target: float | None = None,
                  violation_rate: float = 0.1, budget_edges_ms=(), values=None, value_ceiling: bool = True,
-                 value_weights=None, value_ceilings=None, expected_price: bool = False,
-                 violation_scope: str = "bin", violation_cap: float | None = None):
+                 value_weights=None, value_ceilings=None, expected_price: bool = False):
         shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
         p95_ms = torch.as_tensor(p95_ms, dtype=torch.float64)
         if tuple(p95_ms.shape) != shape:
@@ -199,9 +182,6 @@ class LatencyShield:
             raise ValueError(f"latency shield expected_price={expected_price!r}: expected a boolean, true only with "
                              f"values (the requests whose plans it prices)")
         self.expected_price = expected_price
-        self.violation_scope, self.violation_cap = self._check_scope(violation_scope, violation_cap)
-        self.pooled_price = PRICE_START  # violation_scope "average": over every bin
-        self.cap_factor = torch.ones(len(edges) + 1, dtype=torch.float64)  # per budget bin, with "average"
         # per budget bin, the mean risk the expected price allows (module doc)
         self.expected_target = torch.full((len(edges) + 1,), self.violation_target or 0.0, dtype=torch.float64)
         self._episode: dict | None = None  # what this episode's decisions read (_episode_tables)
@@ -258,23 +238,6 @@ class LatencyShield:
         self._priced_values = np.where(runnable, values, -np.inf)
         weights = np.array([self._value_weights[r] for r in requests], dtype=np.float64)
         self._priced_weights = weights / weights.sum()
-
-    def _check_scope(self, scope, cap) -> tuple[str, float | None]:
-        if scope not in VIOLATION_SCOPES:
-            raise ValueError(f"latency shield violation_scope={scope!r}: expected one of {list(VIOLATION_SCOPES)}")
-        if scope == "bin":
-            if cap is not None:
-                raise ValueError(f"latency shield violation_cap={cap!r}: a cap per bin is kept only with "
-                                 f"violation_scope='average' (with 'bin' each bin is steered to the target itself)")
-            return scope, None
-        if self._values is None or self.expected_price:
-            raise ValueError("latency shield violation_scope='average' pools the value shield's steered price: it "
-                             "needs values and expected_price off (the expected price solves one bin's target)")
-        cap = check_violation_target(cap, "latency shield violation_cap")
-        if cap <= self.violation_target:
-            raise ValueError(f"latency shield violation_cap={cap}: expected a rate above violation_target "
-                             f"({self.violation_target}), the average it caps each bin above")
-        return scope, cap
 
     def _check_values(self, values, shape) -> dict[tuple[int, int, int], torch.Tensor]:
         if self.violation_target is None:
@@ -334,18 +297,11 @@ class LatencyShield:
         total = sum(self._value_weights[r] for r in requests)
         return sum(self._values[r] * (self._value_weights[r] / total) for r in requests)
 
-    @property
-    def steered_prices(self) -> torch.Tensor:
-        """Per budget bin, the steered price of a violation (with violation_scope "average" the pooled price x
-        the bin's cap factor)."""
-        return self.pooled_price * self.cap_factor if self.violation_scope == "average" else self.price.clone()
-
     def bin_price(self, budget_ms: float) -> float:
-        """The price of a violation at this budget: its bin's steered price (steered_prices), or with
-        expected_price the smaller of it and the expected price (module doc)."""
+        """The price of a violation at this budget: its bin's steered price, or with expected_price the
+        smaller of it and the expected price (module doc)."""
         b = self.budget_bin(budget_ms)
-        steered = (self.pooled_price * float(self.cap_factor[b]) if self.violation_scope == "average"
-                   else float(self.price[b]))
+        steered = float(self.price[b])
         if not self.expected_price:
             return steered
         episode = self._episode_tables(budget_ms)
@@ -463,8 +419,7 @@ class LatencyShield:
 
     def observe(self, tier: int, top_k: int, num_blocks: int, latency_ms: float, budget_ms: float) -> None:
         """An executed episode's measured latency at its budget: moves its tier's scale and its budget
-        bin's margin (with values: its price, or the pooled price and its cap factor, and the ratio joins
-        the pool) (module doc)."""
+        bin's margin (with values: its price, and the ratio joins the pool) (module doc)."""
         if not math.isfinite(float(latency_ms)):
             return
         self._observed += 1
@@ -476,12 +431,7 @@ class LatencyShield:
             if self.values is None:
                 self.margin[b] = min(max(float(self.margin[b]) * step, MARGIN_MIN), MARGIN_MAX)
             else:
-                if self.violation_scope == "average":
-                    self.pooled_price = min(max(self.pooled_price * step, POOLED_PRICE_MIN), PRICE_MAX)
-                    cap_step = math.exp(self.violation_rate * (violated - self.violation_cap))
-                    self.cap_factor[b] = min(max(float(self.cap_factor[b]) * cap_step, 1.0), PRICE_MAX)
-                else:
-                    self.price[b] = min(max(float(self.price[b]) * step, PRICE_MIN), PRICE_MAX)
+                self.price[b] = min(max(float(self.price[b]) * step, PRICE_MIN), PRICE_MAX)
                 if self.expected_price:
                     low, high = (f * self.violation_target for f in EXPECTED_TARGET_RANGE)
                     self.expected_target[b] = min(max(float(self.expected_target[b]) / step, low), min(high, 1.0))
@@ -509,9 +459,7 @@ class LatencyShield:
                 "value_weights": by_request(self.value_weights, float),
                 "value_ceilings": by_request(self.value_ceilings, list),
                 "price": self.price.tolist(), "value_ceiling": self.value_ceiling,
-                "expected_price": self.expected_price, "expected_target": self.expected_target.tolist(),
-                "violation_scope": self.violation_scope, "violation_cap": self.violation_cap,
-                "pooled_price": self.pooled_price, "cap_factor": self.cap_factor.tolist()}
+                "expected_price": self.expected_price, "expected_target": self.expected_target.tolist()}
 
 
 def _fraction(value, field: str, example: str) -> float:

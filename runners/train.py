@@ -580,7 +580,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
                 train_metrics.update(multiplier.metrics())
             shield = train_env.shield
             if shield is not None and shield.violation_target is not None:  # this rank's per-bin price or margin
-                name, steered = ("price", shield.steered_prices) if shield.values else ("margin", shield.margin)
+                name, steered = ("price", shield.price) if shield.values else ("margin", shield.margin)
                 train_metrics.update({f"train/shield_{name}_bin{b}": float(m) for b, m in enumerate(steered)})
                 if shield.expected_price:  # the mean risk its expected price lets the bin's requests take
                     train_metrics.update({f"train/shield_expected_target_bin{b}": float(t)

@@ -481,57 +481,6 @@ def test_a_value_shields_price_steers_each_bins_violation_rate_and_its_pool_lear
     assert state["values"] == {"1,1,1": largest.tolist()} and len(state["price"]) == 3
 
 
-@pytest.mark.parametrize("cap, edge_rate", [(0.06, 0.04), (0.03, 0.03)])
-def test_a_pooled_price_spends_the_average_target_where_violations_buy_accuracy(cap, edge_rate):
-    # half the episodes at 30.5 ms, where only high/k8/N16 (30 ms, about 40% over) gains, half at 50 ms,
-    # where every plan fits: one target per bin spends 2% at the edge and nothing above it, a pooled
-    # price 4% at the edge (2% on average) unless the cap holds the edge's bin lower
-    g = torch.Generator().manual_seed(2)
-    draws = torch.exp(0.08 * torch.randn(8000, generator=g)).tolist()
-    largest = torch.tensor([[[0.5, 0.5], [0.5, 0.5]], [[0.5, 0.5], [0.5, 1.0]]])
-    shields = {scope: LatencyShield(KS, TABLE, 0, violation_target=0.02, values={(1, 1, 1): largest},
-                                    budget_edges_ms=[25.0, 40.0], violation_scope=scope,
-                                    violation_cap=cap if scope == "average" else None)
-               for scope in ("bin", "average")}
-    rates = {}
-    for scope, s in shields.items():
-        violated = {30.5: [], 50.0: []}
-        for i, d in enumerate(draws):
-            budget = (30.5, 50.0)[i % 2]
-            tier, _ = s.stage1(1, 0, budget)
-            k, n = s.stage2(tier, 1, 1, budget)
-            latency = float(s.p95_ms[tier, k, n]) * d
-            violated[budget].append(latency > budget)
-            s.observe(tier, k, n, latency, budget)
-        rates[scope] = {b: sum(v) / len(v) for b, v in violated.items()}
-    assert rates["bin"][50.0] == 0 and abs(rates["bin"][30.5] - 0.02) < 0.01, rates
-    assert rates["average"][50.0] == 0 and abs(rates["average"][30.5] - edge_rate) < 0.01, rates
-    pooled = shields["average"]
-    assert pooled.price.tolist() == [2.0, 2.0, 2.0]  # the bins' own prices stay out of it
-    assert pooled.cap_factor[[0, 2]].tolist() == [1.0, 1.0]  # no episode of bin 0; none late in bin 2
-    assert pooled.steered_prices[1] == pytest.approx(pooled.pooled_price * float(pooled.cap_factor[1]))
-    assert pooled.bin_price(30.5) == pytest.approx(float(pooled.steered_prices[1]))
-    state = pooled.state_dict()
-    assert state["violation_scope"] == "average" and state["violation_cap"] == cap
-    assert state["pooled_price"] == pooled.pooled_price and state["cap_factor"] == pooled.cap_factor.tolist()
-
-
-def test_bad_violation_scopes_fail_clearly():
-    gain = {(1, 1, 1): torch.full((2, 2, 2), 0.5)}
-    for kw, match in (({"violation_scope": "budget"}, r"violation_scope='budget': expected one of \['bin', 'average'\]"),
-                      ({"violation_cap": 0.05}, r"violation_cap=0.05: a cap per bin is kept only with "
-                                                r"violation_scope='average'"),
-                      ({"violation_scope": "average", "violation_cap": 0.05, "expected_price": True},
-                       r"violation_scope='average' pools .* needs values and expected_price off"),
-                      ({"violation_scope": "average"}, r"violation_cap=None: expected a number in \(0, 1\)"),
-                      ({"violation_scope": "average", "violation_cap": 0.01},
-                       r"violation_cap=0.01: expected a rate above violation_target \(0.02\)")):
-        with pytest.raises(ValueError, match=match):
-            LatencyShield(KS, TABLE, 0, violation_target=0.02, values=gain, **kw)
-    with pytest.raises(ValueError, match=r"violation_scope='average' pools .* needs values"):
-        LatencyShield(KS, TABLE, 0, violation_target=0.02, violation_scope="average", violation_cap=0.05)
-
-
 def test_the_expected_price_spends_a_bins_target_that_the_steered_price_leaves_unspent():
     # the high tier gains 0.01 for the request; at 21 ms high/k4/N12 (20 ms) exceeds the budget only
     # when a ratio of the pool does (1 of 100: 1% risk), the larger high plans on every ratio
@@ -599,18 +548,6 @@ def test_bad_values_fail_clearly():
     ({"latency_shield_expected_price": "yes"}, r"policy.latency_shield_expected_price='yes': expected true or false"),
     ({"latency_shield_expected_price": True},
      r"latency_shield_expected_price=True prices .* policy.latency_shield_allocation='margin' has none"),
-    ({"latency_shield_violation_scope": "global"},
-     r"policy.latency_shield_violation_scope='global': expected one of \['bin', 'average'\]"),
-    ({"latency_shield_violation_scope": "average", "latency_shield_violation_cap": 0.05},
-     r"violation_scope='average' pools .* needs policy.latency_shield_allocation='value' \(got 'margin'\)"),
-    ({"latency_shield_violation_scope": "average", "latency_shield_allocation": "value",
-      "latency_shield_violation_target": 0.02, "warm_start": "family_request"},
-     r"policy.latency_shield_violation_cap=None: expected a number in \(0, 1\)"),
-    ({"latency_shield_violation_scope": "average", "latency_shield_allocation": "value",
-      "latency_shield_violation_target": 0.02, "latency_shield_violation_cap": 0.02, "warm_start": "family_request"},
-     r"policy.latency_shield_violation_cap=0.02: expected a rate above policy.latency_shield_violation_target"),
-    ({"latency_shield_violation_cap": 0.05},
-     r"policy.latency_shield_violation_cap=0.05 caps a budget bin only with .*violation_scope='average'"),
 ])
 def test_bad_allocation_settings_fail_naming_the_field(policy, match):
     cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True, **policy}})
@@ -659,21 +596,17 @@ def test_a_measured_request_mix_gives_values_to_the_requests_the_controller_make
                v.nan_to_num()) for k, v in expected.items())
 
 
-@pytest.mark.parametrize("request_mix, expected_price, scope", [("taught", False, "bin"), ("measured", True, "bin"),
-                                                                 ("measured", False, "average")])
-def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_path, request_mix, expected_price,
-                                                                            scope):
+@pytest.mark.parametrize("request_mix, expected_price", [("taught", False), ("measured", True)])
+def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_path, request_mix, expected_price):
     policy = {**TINY["policy"], "latency_shield": True, "latency_shield_violation_target": 0.03,
               "latency_shield_allocation": "value", "warm_start": "family_request", "warm_start_samples": 32,
               "warm_start_steps": 5, "latency_shield_budget_bins": 2, "latency_shield_request_mix": request_mix,
-              "latency_shield_expected_price": expected_price, "latency_shield_violation_scope": scope,
-              "latency_shield_violation_cap": 0.06 if scope == "average" else None}
+              "latency_shield_expected_price": expected_price}
     out = tmp_path / "run"
     train_main("--config", tiny_config(tmp_path, policy=policy, train={"num_epochs": 1}), "--output_dir", out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     prices = [[r[f"train/shield_price_bin{b}"] for b in (0, 1)] for r in rows if "train/shield_price_bin0" in r]
-    floor = 1e-3 if scope == "average" else 1.0  # a pooled price may fall below the bins' floor
-    assert prices and all(floor <= p <= 100.0 for row in prices for p in row)
+    assert prices and all(1.0 <= p <= 100.0 for row in prices for p in row)
     assert not any("train/shield_margin_bin0" in r for r in rows)
     targets = [[r[f"train/shield_expected_target_bin{b}"] for b in (0, 1)] for r in rows
                if "train/shield_expected_target_bin0" in r]
@@ -686,7 +619,6 @@ def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_
                                             "--num_samples", "4", "--num_budgets", "2", "--policies", "controller"])
     table = result["meta"]["latency_shield"]["tables"]["controller"]
     assert table["values"] and len(table["price"]) == 2 and table["expected_price"] == expected_price
-    assert table["violation_scope"] == scope and table["violation_cap"] == (0.06 if scope == "average" else None)
     # measured: each request weighs the evaluation's 256 questions that made it; taught: one per family
     assert sum(table["value_weights"].values()) == (REQUEST_MIX_SAMPLES if request_mix == "measured" else len(families))
 
