@@ -311,7 +311,7 @@ class LatencyShield:
 
     def _solve_expected_price(self, risk: np.ndarray, target: float) -> float:
         """The smallest of EXPECTED_PRICES at which the requests' best plans (value - price x risk, within
-        each one's ceiling; ties: the lower risk) exceed `budget_ms` with a weighted mean probability <=
+        each one's ceiling; ties: the lower risk) exceed the budget with a weighted mean probability <=
         `target`; inf when none does. risk: every plan's P(latency > budget)."""
         risk, prices = risk.reshape(-1), EXPECTED_PRICES
         scores = self._priced_values[None] - prices[:, None, None] * risk - 1e-9 * risk  # (prices, requests, plans)
