@@ -82,6 +82,9 @@ class PolicyConfig:
     # and the price at which the requests' best plans would meet the bin's (steered) target on average
     # by the shield's own risk estimate, so a bin whose plans rarely violate spends its target (envs/shield.py)
     latency_shield_expected_price: bool = False
+    # with "value", how Stage 2 reads P(violation): "pooled" (every recent episode's latency / table ratio
+    # alike, as Stage 1) or "elapsed" (as predicted by how fast this request ran before Stage 2; envs/shield.py)
+    latency_shield_stage2_risk: str = "pooled"
     # true: while training, the controller reads budgets and times divided by the shield's tracked scale
     # (its time_scale, as evaluate.py and answer.py set it), so it picks plans the table now lets through
     follow_shield_scale: bool = False

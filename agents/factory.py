@@ -25,7 +25,7 @@ from agents.grpo import JointGRPOLoss
 from agents.warm_start import (add_controller_time, lookup_warm_start, measure_controller_ms, measure_request_mix,
                                request_ceilings, request_mix_values, taught_request_mix)
 from envs import BudgetVLMEnv, RewardWeights, make_backend
-from envs.shield import LatencyShield, check_quantile, check_violation_target
+from envs.shield import STAGE2_RISKS, LatencyShield, check_quantile, check_violation_target
 from envs.machine import resolve_device
 from envs.profiling.pareto import budget_range
 
@@ -303,7 +303,8 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
                                tracking_rate=check_shield_tracking(cfg), quantile=check_shield_quantile(cfg),
                                violation_target=target, budget_edges_ms=budget_edges_ms, values=values,
                                value_ceiling=cfg.policy.latency_shield_value_ceiling, value_weights=weights,
-                               value_ceilings=ceilings, expected_price=cfg.policy.latency_shield_expected_price)
+                               value_ceilings=ceilings, expected_price=cfg.policy.latency_shield_expected_price,
+                               stage2_risk=cfg.policy.latency_shield_stage2_risk)
 
 
 def equal_budget_edges(budget_range_ms: Sequence[float], bins: int) -> list[float]:
@@ -361,8 +362,9 @@ def check_shield_allocation(cfg: Config) -> str:
     """policy.latency_shield_allocation, or an error naming it when it is not one of SHIELD_ALLOCATIONS
     or "value" lacks what it reads (a violation target, the family requests), or naming
     policy.latency_shield_value_ceiling or policy.latency_shield_expected_price when it is not a boolean (or
-    the latter prices values the allocation lacks) or policy.latency_shield_request_mix when it is not one
-    of REQUEST_MIXES or weighs values the allocation lacks."""
+    the latter prices values the allocation lacks) or policy.latency_shield_request_mix or
+    policy.latency_shield_stage2_risk when it is not one of REQUEST_MIXES / STAGE2_RISKS or reads values
+    the allocation lacks."""
     c = cfg.policy
     _boolean_setting("policy.latency_shield_value_ceiling", c.latency_shield_value_ceiling)
     _boolean_setting("policy.latency_shield_expected_price", c.latency_shield_expected_price)
@@ -373,6 +375,13 @@ def check_shield_allocation(cfg: Config) -> str:
     if c.latency_shield_allocation not in SHIELD_ALLOCATIONS:
         raise ValueError(f"policy.latency_shield_allocation={c.latency_shield_allocation!r}: expected one of "
                          f"{list(SHIELD_ALLOCATIONS)}")
+    if c.latency_shield_stage2_risk not in STAGE2_RISKS:
+        raise ValueError(f"policy.latency_shield_stage2_risk={c.latency_shield_stage2_risk!r}: expected one of "
+                         f"{list(STAGE2_RISKS)}")
+    if c.latency_shield_stage2_risk != "pooled" and c.latency_shield_allocation != "value":
+        raise ValueError(f"policy.latency_shield_stage2_risk={c.latency_shield_stage2_risk!r} reads the value "
+                         f"shield's risk; policy.latency_shield_allocation={c.latency_shield_allocation!r} has none: "
+                         f"pass policy.latency_shield_allocation='value' or latency_shield_stage2_risk='pooled'")
     if c.latency_shield_request_mix not in REQUEST_MIXES:
         raise ValueError(f"policy.latency_shield_request_mix={c.latency_shield_request_mix!r}: expected one of "
                          f"{list(REQUEST_MIXES)}")

@@ -352,7 +352,8 @@ class BudgetVLMEnv(EnvBase):
         if self.shield is not None:
             start = time.perf_counter()
             k_index, n_index = self.shield.stage2(int(self._tier_index[row]), *chosen, float(self._budget[row]),
-                                                  requested_tier=int(self._requested_tier[row]))
+                                                  requested_tier=int(self._requested_tier[row]),
+                                                  elapsed_ms=float(self._elapsed_ms[row]))
             shield_ms = (time.perf_counter() - start) * 1e3
         cut = bool(self._stage1_cut[row]) or (k_index, n_index) != chosen
         shielded = bool(self._stage1_shielded[row]) or cut
@@ -366,7 +367,8 @@ class BudgetVLMEnv(EnvBase):
         latency = t["preprocess"] + t["vision"] + t["prefill"] + t["decode"] + controller_ms
         budget = float(self._budget[row])
         if self.shield is not None:  # a tracking shield's table and margins follow what ran (envs/shield.py)
-            self.shield.observe(int(self._tier_index[row]), k_index, n_index, float(latency), budget)
+            self.shield.observe(int(self._tier_index[row]), k_index, n_index, float(latency), budget,
+                                elapsed_ms=float(self._elapsed_ms[row]))
         complexity = ks.complexity(int(self._tier_index[row]), top_k, num_blocks)
         reward = compute_reward(
             torch.tensor(result.accuracy), torch.tensor(latency), torch.tensor(budget),

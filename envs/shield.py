@@ -88,6 +88,17 @@ P(latency > budget) is the fraction of recent executed episodes whose latency / 
 time exceeded budget / this plan's table time (a pool of RATIO_WINDOW ratios, started from a
 lognormal prior whose 95% quantile is the table, RATIO_PRIOR_SIGMA wide): the spread of this machine
 around its table, shared by every plan.
+
+With stage2_risk "elapsed", Stage 2 reads P(latency > budget) as predicted by how fast this request has
+run so far. On the 2-core VM a request's slowness persists: over 800 requests of four fixed plans the
+log of the time before Stage 2 (over its plan's median) and of the rest correlated 0.78-0.82, and a
+least-squares line on the first cut the spread of the rest's 95% point over its median from 0.31-0.36
+to 0.18-0.24 in log (a check outside the repository, docs/RESULTS.md 0). Each observed episode keeps,
+beside its ratio, its time before Stage 2 (`elapsed_ms`, the Stage-1 controller's included) over its
+tier's tracked scale; its speed is that over the median of the pool's episodes of its tier. A line
+log ratio = a + b log speed fitted to the pool's episodes that have one gives Stage 2 the risk
+P(residual > log(budget / plan's table time) - a - b log speed now) over the line's residuals; with
+fewer than SPEED_MIN_EPISODES such episodes, or no elapsed time given, Stage 2 reads the pool as Stage 1.
 """
 from __future__ import annotations
 
@@ -115,6 +126,9 @@ RATIO_WINDOW, RATIO_PRIOR_SIGMA, RATIO_PRIOR_SIZE = 512, 0.1, 20
 # range of its steered target, as factors of violation_target.
 EXPECTED_PRICES = torch.logspace(-3, math.log10(PRICE_MAX), 51, dtype=torch.float64).numpy()
 EXPECTED_TARGET_RANGE = (0.1, 10.0)
+# How Stage 2 reads P(violation) (module doc), and the fewest episodes with a speed before its line is used.
+STAGE2_RISKS = ("pooled", "elapsed")
+SPEED_MIN_EPISODES = 32
 
 
 class LatencyShield:
@@ -128,12 +142,14 @@ class LatencyShield:
     in a mean of several requests' values; value_ceilings ({request: index >= it in every knob}, None:
     each request its own): the largest plan the shield may execute for it with value_ceiling on;
     expected_price (needs values): the price at a decision is the smaller of the steered one and the
-    expected one (module doc)."""
+    expected one (module doc); stage2_risk (one of STAGE2_RISKS, "elapsed" needs values): how Stage 2
+    reads P(violation) (module doc)."""
 
     def __init__(self, knob_space: KnobSpace, p95_ms: torch.Tensor, insertion_index: int = 0,
                  tracking_rate: float = 0.0, quantile: float = 0.95, violation_target: float | None = None,
                  violation_rate: float = 0.1, budget_edges_ms=(), values=None, value_ceiling: bool = True,
-                 value_weights=None, value_ceilings=None, expected_price: bool = False):
+                 value_weights=None, value_ceilings=None, expected_price: bool = False,
+                 stage2_risk: str = "pooled"):
         shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
         p95_ms = torch.as_tensor(p95_ms, dtype=torch.float64)
         if tuple(p95_ms.shape) != shape:
@@ -182,6 +198,10 @@ class LatencyShield:
             raise ValueError(f"latency shield expected_price={expected_price!r}: expected a boolean, true only with "
                              f"values (the requests whose plans it prices)")
         self.expected_price = expected_price
+        if stage2_risk not in STAGE2_RISKS or (stage2_risk == "elapsed" and values is None):
+            raise ValueError(f"latency shield stage2_risk={stage2_risk!r}: expected one of {list(STAGE2_RISKS)}, "
+                             f"'elapsed' only with values (the plans whose risk it reads)")
+        self.stage2_risk = stage2_risk
         # per budget bin, the mean risk the expected price allows (module doc)
         self.expected_target = torch.full((len(edges) + 1,), self.violation_target or 0.0, dtype=torch.float64)
         self._episode: dict | None = None  # what this episode's decisions read (_episode_tables)
@@ -197,10 +217,40 @@ class LatencyShield:
 
     @ratios.setter
     def ratios(self, pool: torch.Tensor) -> None:
-        # sorted here, when an episode is observed after its latency, not in the next request's decisions
+        """A pool set from outside has no times before Stage 2 (observe keeps them)."""
+        self._set_pool(pool, np.full(len(pool), np.nan), np.zeros(len(pool), dtype=np.int64))
+
+    def _set_pool(self, pool: torch.Tensor, elapsed: np.ndarray, tiers: np.ndarray) -> None:
+        """The ratios with each one's time before Stage 2 over its tier's scale (NaN: none) and tier.
+        Sorted and fitted here, when an episode is observed after its latency, not in the next request's
+        decisions."""
         self._ratios = pool
         self._sorted_ratios = np.sort(pool.numpy())
+        self._pool_elapsed, self._pool_tiers = elapsed, tiers
+        self._speed_line = self._fit_speed_line() if self.stage2_risk == "elapsed" else None
         self._episode = None
+
+    @property
+    def speed_slope(self) -> float | None:
+        """b of the line log ratio = a + b log speed Stage 2 reads now (stage2_risk "elapsed"; None: no line)."""
+        return None if self._speed_line is None else self._speed_line[1]
+
+    def _fit_speed_line(self):
+        """(a, b, sorted residuals, each tier's median time before Stage 2 over its scale) of the line
+        log ratio = a + b log speed over the pool's episodes with a time (module doc); None with fewer
+        than SPEED_MIN_EPISODES."""
+        has = np.isfinite(self._pool_elapsed)
+        if int(has.sum()) < SPEED_MIN_EPISODES:
+            return None
+        tiers, elapsed = self._pool_tiers[has], self._pool_elapsed[has]
+        medians = np.full(len(self._p95), np.nan)
+        for t in np.unique(tiers):
+            medians[t] = np.median(elapsed[tiers == t])
+        x, y = np.log(elapsed / medians[tiers]), np.log(self._ratios.numpy()[has])
+        var = float(((x - x.mean()) ** 2).mean())
+        b = float(((x - x.mean()) * (y - y.mean())).mean() / var) if var > 0 else 0.0
+        a = float(y.mean() - b * x.mean())
+        return a, b, np.sort(y - a - b * x), medians
 
     @property
     def values(self) -> dict | None:
@@ -330,6 +380,19 @@ class LatencyShield:
             limit = float(budget_ms) / table_ms
         return (len(ratios) - np.searchsorted(ratios, limit, side="right")) / len(ratios)
 
+    def stage2_violation_probability(self, tier: int, elapsed_ms: float | None, budget_ms: float) -> np.ndarray:
+        """(top-k values, block counts) P(latency > budget) of the tier's plans at Stage 2 (module doc):
+        with stage2_risk "elapsed" and a fitted line, as predicted by the request's time before Stage 2."""
+        table = self._episode_tables(budget_ms)["table"][int(tier)]
+        line = self._speed_line
+        if elapsed_ms is None or line is None or not np.isfinite(line[3][int(tier)]):
+            return self._episode_tables(budget_ms)["risk"][int(tier)]
+        a, b, residuals, medians = line
+        speed = float(elapsed_ms) / float(self.scale[int(tier)]) / medians[int(tier)]
+        with np.errstate(divide="ignore"):  # a plan timed at 0 ms: limit inf, risk 0
+            limit = np.log(float(budget_ms) / table) - a - b * math.log(max(speed, 1e-9))
+        return (len(residuals) - np.searchsorted(residuals, limit, side="right")) / len(residuals)
+
     def _episode_tables(self, budget_ms: float) -> dict:
         """Every plan's scaled table time ("table") and P(latency > budget_ms) ("risk"), and with expected_price
         the expected price (bin_price adds it), computed once per episode: both stages' decisions read them,
@@ -388,13 +451,14 @@ class LatencyShield:
         return (fitting[-1] if fitting else int(cheapest.argmin())), self.insertion_index
 
     def stage2(self, tier: int, top_k: int, num_blocks: int, budget_ms: float,
-               requested_tier: int | None = None) -> tuple[int, int]:
+               requested_tier: int | None = None, elapsed_ms: float | None = None) -> tuple[int, int]:
         """(top-k index, blocks index) to execute at `tier` for the chosen ones (module doc);
-        requested_tier: the tier Stage 1 chose (default `tier`), which names the request's values."""
+        requested_tier: the tier Stage 1 chose (default `tier`), which names the request's values;
+        elapsed_ms: the request's measured time before Stage 2 (stage2_risk "elapsed" reads it)."""
         if self.values is not None:
             request = (int(tier) if requested_tier is None else int(requested_tier), int(top_k), int(num_blocks))
-            episode = self._episode_tables(budget_ms)
-            table, risk = episode["table"][int(tier)], episode["risk"][int(tier)]
+            table = self._episode_tables(budget_ms)["table"][int(tier)]
+            risk = self.stage2_violation_probability(tier, elapsed_ms, budget_ms)
             if self.value_ceiling or request in self._values:
                 whole = self._request_values(request)[int(tier)]
             else:  # free: Stage 1's values for the requested tier
@@ -417,9 +481,11 @@ class LatencyShield:
             below, flat = table, int(table.flatten().argmin())
         return divmod(flat, below.shape[1])
 
-    def observe(self, tier: int, top_k: int, num_blocks: int, latency_ms: float, budget_ms: float) -> None:
+    def observe(self, tier: int, top_k: int, num_blocks: int, latency_ms: float, budget_ms: float,
+                elapsed_ms: float | None = None) -> None:
         """An executed episode's measured latency at its budget: moves its tier's scale and its budget
-        bin's margin (with values: its price, and the ratio joins the pool) (module doc)."""
+        bin's margin (with values: its price, and the ratio joins the pool, with its time before Stage 2
+        `elapsed_ms` when given) (module doc)."""
         if not math.isfinite(float(latency_ms)):
             return
         self._observed += 1
@@ -437,7 +503,10 @@ class LatencyShield:
                     self.expected_target[b] = min(max(float(self.expected_target[b]) / step, low), min(high, 1.0))
                 if math.isfinite(predicted) and predicted > 0:
                     ratio = torch.tensor([float(latency_ms) / predicted], dtype=torch.float64)
-                    self.ratios = torch.cat([self.ratios, ratio])[-RATIO_WINDOW:]
+                    elapsed = math.nan if elapsed_ms is None else float(elapsed_ms) / float(self.scale[tier])
+                    self._set_pool(torch.cat([self.ratios, ratio])[-RATIO_WINDOW:],
+                                   np.append(self._pool_elapsed, elapsed)[-RATIO_WINDOW:],
+                                   np.append(self._pool_tiers, int(tier))[-RATIO_WINDOW:])
         if self.tracking_rate == 0 or not math.isfinite(predicted):
             return
         exceeded = float(float(latency_ms) > predicted)
@@ -459,7 +528,8 @@ class LatencyShield:
                 "value_weights": by_request(self.value_weights, float),
                 "value_ceilings": by_request(self.value_ceilings, list),
                 "price": self.price.tolist(), "value_ceiling": self.value_ceiling,
-                "expected_price": self.expected_price, "expected_target": self.expected_target.tolist()}
+                "expected_price": self.expected_price, "expected_target": self.expected_target.tolist(),
+                "stage2_risk": self.stage2_risk, "speed_slope": self.speed_slope}
 
 
 def _fraction(value, field: str, example: str) -> float:

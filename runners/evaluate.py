@@ -493,6 +493,8 @@ def _run(args, log) -> dict:
                                               own.policy.latency_shield_request_mix,
                                           "policy.latency_shield_expected_price":
                                               own.policy.latency_shield_expected_price,
+                                          "policy.latency_shield_stage2_risk":
+                                              own.policy.latency_shield_stage2_risk,
                                           "policy.warm_start": own.policy.warm_start}),
                     backend, policy, drift, table=machine_now, budget_edges_ms=budget_bin_edges(budgets),
                     requests=ckpts[spec.name]["policy_meta"].get("family_requests"),

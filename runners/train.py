@@ -585,6 +585,8 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
                 if shield.expected_price:  # the mean risk its expected price lets the bin's requests take
                     train_metrics.update({f"train/shield_expected_target_bin{b}": float(t)
                                           for b, t in enumerate(shield.expected_target)})
+                if shield.speed_slope is not None:  # how much of a request's slowness before Stage 2 persists
+                    train_metrics["train/shield_speed_slope"] = shield.speed_slope
             progress.update(1)
             progress.set_postfix(reward=f"{train_metrics['train/reward']:.3f}",
                                  viol=f"{train_metrics['train/violation_rate']:.2f}")

@@ -5,6 +5,7 @@ import math
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ from agents.factory import make_env as make_run_env
 from agents.warm_start import measure_request_mix, request_mix_values
 from envs import make_env
 from envs.knobs import KnobSpace
-from envs.shield import LatencyShield
+from envs.shield import SPEED_MIN_EPISODES, STAGE2_RISKS, LatencyShield
 from helpers import load_runner
 from train_runs import TINY, tiny_config, train_main
 
@@ -392,6 +393,40 @@ def test_a_value_shield_spends_the_risk_where_the_request_gains_from_it():
     assert s.stage2(0, 0, 1, 11.0) == (0, 0)
 
 
+def test_an_elapsed_stage2_risk_cuts_the_requests_that_ran_slow_and_keeps_the_fast_ones():
+    # 400 episodes of low/k4/N16 (14 ms): each request's speed sets both its time before Stage 2 (5 ms x
+    # speed) and its latency (0.85 x table x speed), within 2%
+    rng = np.random.default_rng(0)
+    speeds = np.exp(0.15 * rng.standard_normal(400))
+    shields = {risk: _value_shield(stage2_risk=risk) for risk in STAGE2_RISKS}
+    for shield in shields.values():
+        for i, speed in enumerate(speeds):
+            if i == SPEED_MIN_EPISODES - 1:  # one short of a line: Stage 2 reads the pool as Stage 1
+                pooled = shield.stage2_violation_probability(0, 6.5, 14.2)
+                assert np.array_equal(pooled, shield.violation_probability(TABLE[0], 14.2).numpy())
+            shield.observe(0, 0, 1, 0.85 * 14.0 * speed * math.exp(0.02 * rng.standard_normal()), 50.0,
+                           elapsed_ms=5.0 * speed)
+        shield.price[:] = 4.0
+    elapsed = shields["elapsed"]
+    fast, slow = (elapsed.stage2_violation_probability(0, 5.0 * v, 14.2)[0, 1] for v in (0.8, 1.3))
+    pooled = float(shields["pooled"].violation_probability(torch.tensor([14.0]), 14.2))
+    assert fast == 0.0 and slow > 0.9 and 0.05 < pooled < 0.25
+    # the pooled risk keeps 16 blocks for every request (1 - 4 x risk > 0.5); the elapsed one cuts the slow
+    for v, plan in ((0.8, (0, 1)), (1.3, (0, 0))):
+        assert elapsed.stage2(0, 0, 1, 14.2, elapsed_ms=5.0 * v) == plan
+        assert shields["pooled"].stage2(0, 0, 1, 14.2, elapsed_ms=5.0 * v) == (0, 1)
+    assert elapsed.stage2(0, 0, 1, 14.2) == (0, 1)  # no time given: the pool, as Stage 1
+    assert elapsed.state_dict()["stage2_risk"] == "elapsed" and 0.8 < elapsed.speed_slope < 1.2
+    assert shields["pooled"].speed_slope is None
+
+
+def test_bad_stage2_risk_settings_fail_naming_the_field():
+    with pytest.raises(ValueError, match=r"stage2_risk='soon': expected one of \['pooled', 'elapsed'\]"):
+        _value_shield(stage2_risk="soon")
+    with pytest.raises(ValueError, match=r"stage2_risk='elapsed': .* only with values"):
+        LatencyShield(KS, TABLE, 0, violation_target=0.02, stage2_risk="elapsed")
+
+
 def test_without_the_ceiling_a_known_request_only_names_its_values():
     values = {(0, 0, 0): BLOCKS, (1, 0, 0): torch.tensor([[[0.2, 0.2], [0.2, 0.2]], [[1.0, 1.0], [1.0, 1.0]]])}
     capped = LatencyShield(KS, TABLE, 0, violation_target=0.02, values=values)
@@ -548,6 +583,10 @@ def test_bad_values_fail_clearly():
     ({"latency_shield_expected_price": "yes"}, r"policy.latency_shield_expected_price='yes': expected true or false"),
     ({"latency_shield_expected_price": True},
      r"latency_shield_expected_price=True prices .* policy.latency_shield_allocation='margin' has none"),
+    ({"latency_shield_stage2_risk": "soon"},
+     r"policy.latency_shield_stage2_risk='soon': expected one of \['pooled', 'elapsed'\]"),
+    ({"latency_shield_stage2_risk": "elapsed"},
+     r"latency_shield_stage2_risk='elapsed' reads .* policy.latency_shield_allocation='margin' has none"),
 ])
 def test_bad_allocation_settings_fail_naming_the_field(policy, match):
     cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True, **policy}})
@@ -596,12 +635,14 @@ def test_a_measured_request_mix_gives_values_to_the_requests_the_controller_make
                v.nan_to_num()) for k, v in expected.items())
 
 
-@pytest.mark.parametrize("request_mix, expected_price", [("taught", False), ("measured", True)])
-def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_path, request_mix, expected_price):
+@pytest.mark.parametrize("request_mix, expected_price, stage2_risk",
+                         [("taught", False, "pooled"), ("measured", True, "elapsed")])
+def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_path, request_mix, expected_price,
+                                                                             stage2_risk):
     policy = {**TINY["policy"], "latency_shield": True, "latency_shield_violation_target": 0.03,
               "latency_shield_allocation": "value", "warm_start": "family_request", "warm_start_samples": 32,
               "warm_start_steps": 5, "latency_shield_budget_bins": 2, "latency_shield_request_mix": request_mix,
-              "latency_shield_expected_price": expected_price}
+              "latency_shield_expected_price": expected_price, "latency_shield_stage2_risk": stage2_risk}
     out = tmp_path / "run"
     train_main("--config", tiny_config(tmp_path, policy=policy, train={"num_epochs": 1}), "--output_dir", out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -611,6 +652,7 @@ def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_
     targets = [[r[f"train/shield_expected_target_bin{b}"] for b in (0, 1)] for r in rows
                if "train/shield_expected_target_bin0" in r]
     assert bool(targets) == expected_price and all(0.003 <= t <= 0.3 for row in targets for t in row)
+    assert any("train/shield_speed_slope" in r for r in rows) == (stage2_risk == "elapsed")
     meta = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)["policy_meta"]
     families = make_family_table(make_backend_from_config(config_from_dict({**TINY, "policy": policy})))
     assert set(meta["family_requests"][0]) == set(families)
@@ -619,6 +661,7 @@ def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_
                                             "--num_samples", "4", "--num_budgets", "2", "--policies", "controller"])
     table = result["meta"]["latency_shield"]["tables"]["controller"]
     assert table["values"] and len(table["price"]) == 2 and table["expected_price"] == expected_price
+    assert table["stage2_risk"] == stage2_risk
     # measured: each request weighs the evaluation's 256 questions that made it; taught: one per family
     assert sum(table["value_weights"].values()) == (REQUEST_MIX_SAMPLES if request_mix == "measured" else len(families))
 
