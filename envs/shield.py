@@ -383,11 +383,11 @@ class LatencyShield:
     def stage2_violation_probability(self, tier: int, elapsed_ms: float | None, budget_ms: float) -> np.ndarray:
         """(top-k values, block counts) P(latency > budget) of the tier's plans at Stage 2 (module doc):
         with stage2_risk "elapsed" and a fitted line, as predicted by the request's time before Stage 2."""
-        table = self._episode_tables(budget_ms)["table"][int(tier)]
-        line = self._speed_line
+        episode, line = self._episode_tables(budget_ms), self._speed_line
         if elapsed_ms is None or line is None or not np.isfinite(line[3][int(tier)]):
-            return self._episode_tables(budget_ms)["risk"][int(tier)]
+            return episode["risk"][int(tier)]
         a, b, residuals, medians = line
+        table = episode["table"][int(tier)]
         speed = float(elapsed_ms) / float(self.scale[int(tier)]) / medians[int(tier)]
         with np.errstate(divide="ignore"):  # a plan timed at 0 ms: limit inf, risk 0
             limit = np.log(float(budget_ms) / table) - a - b * math.log(max(speed, 1e-9))
