@@ -358,6 +358,17 @@ SHIELD_ALLOCATIONS = ("margin", "value")
 REQUEST_MIXES = ("taught", "measured")
 
 
+def _value_shield_choice(policy, name: str, choices: tuple[str, ...], reads: str) -> None:
+    """An error naming policy.<name> when it is not one of `choices`, or is not the first (the one without
+    the value shield) while policy.latency_shield_allocation is not "value" (`reads`: what it needs of it)."""
+    value, allocation = getattr(policy, name), policy.latency_shield_allocation
+    if value not in choices:
+        raise ValueError(f"policy.{name}={value!r}: expected one of {list(choices)}")
+    if value != choices[0] and allocation != "value":
+        raise ValueError(f"policy.{name}={value!r} {reads}; policy.latency_shield_allocation={allocation!r} has none: "
+                         f"pass policy.latency_shield_allocation='value' or {name}={choices[0]!r}")
+
+
 def check_shield_allocation(cfg: Config) -> str:
     """policy.latency_shield_allocation, or an error naming it when it is not one of SHIELD_ALLOCATIONS
     or "value" lacks what it reads (a violation target, the family requests), or naming
@@ -375,20 +386,8 @@ def check_shield_allocation(cfg: Config) -> str:
     if c.latency_shield_allocation not in SHIELD_ALLOCATIONS:
         raise ValueError(f"policy.latency_shield_allocation={c.latency_shield_allocation!r}: expected one of "
                          f"{list(SHIELD_ALLOCATIONS)}")
-    if c.latency_shield_stage2_risk not in STAGE2_RISKS:
-        raise ValueError(f"policy.latency_shield_stage2_risk={c.latency_shield_stage2_risk!r}: expected one of "
-                         f"{list(STAGE2_RISKS)}")
-    if c.latency_shield_stage2_risk != "pooled" and c.latency_shield_allocation != "value":
-        raise ValueError(f"policy.latency_shield_stage2_risk={c.latency_shield_stage2_risk!r} reads the value "
-                         f"shield's risk; policy.latency_shield_allocation={c.latency_shield_allocation!r} has none: "
-                         f"pass policy.latency_shield_allocation='value' or latency_shield_stage2_risk='pooled'")
-    if c.latency_shield_request_mix not in REQUEST_MIXES:
-        raise ValueError(f"policy.latency_shield_request_mix={c.latency_shield_request_mix!r}: expected one of "
-                         f"{list(REQUEST_MIXES)}")
-    if c.latency_shield_request_mix != "taught" and c.latency_shield_allocation != "value":
-        raise ValueError(f"policy.latency_shield_request_mix={c.latency_shield_request_mix!r} weighs the value "
-                         f"shield's values; policy.latency_shield_allocation={c.latency_shield_allocation!r} has none: "
-                         f"pass policy.latency_shield_allocation='value' or latency_shield_request_mix='taught'")
+    _value_shield_choice(c, "latency_shield_stage2_risk", STAGE2_RISKS, "reads the value shield's risk")
+    _value_shield_choice(c, "latency_shield_request_mix", REQUEST_MIXES, "weighs the value shield's values")
     if c.latency_shield_allocation == "value" and (c.latency_shield_violation_target is None
                                                    or c.warm_start != "family_request"):
         raise ValueError(f"policy.latency_shield_allocation='value' needs policy.latency_shield_violation_target "
