@@ -36,9 +36,11 @@ class PolicyConfig:
     hidden_dim: int = 256  # width of both predictors' MLPs
     sinusoidal_dim: int = 256  # size of the fixed sinusoidal budget code
     fixed_controller_ms: Optional[float] = None  # replaces the measured controller time (bit-reproducible runs)
-    # true: each request's stage networks run through torch.compile (policies/controller.py): less of
-    # the request's time goes to the controller; the first request of a process compiles them (seconds)
-    compile_controller: bool = False
+    # how each request's stage networks run (policies/controller.py, the part of the request's time that
+    # is the controller's): "eager" (torch), "compiled" (torch.compile; the first request of a process
+    # compiles them, seconds) or "native" (one C call per stage, policies/native.py; CPU; built once per
+    # machine with the C compiler)
+    controller_runtime: str = "eager"
     # what Stage 2 reads besides p: "token" (the latency token, the design's), "token+elapsed" (and the
     # request's measured elapsed / remaining time), "elapsed" (those times, no token)
     stage2_inputs: str = "token"
@@ -175,6 +177,11 @@ def _build_section(cls, values: Mapping[str, Any], where: str):
     return cls(**values)
 
 
+# Configs and checkpoints written before policy.controller_runtime (2026-12-07) hold this boolean:
+# true reads as "compiled", false as "eager".
+LEGACY_COMPILE_KEY = "compile_controller"
+
+
 def config_from_dict(raw: Mapping[str, Any] | None) -> Config:
     """Build a Config; unknown sections or keys raise a KeyError naming them."""
     raw = dict(raw or {})
@@ -182,6 +189,16 @@ def config_from_dict(raw: Mapping[str, Any] | None) -> Config:
     unknown = set(raw) - set(sections)
     if unknown:
         raise KeyError(f"unknown config section(s) {sorted(unknown)}; expected a subset of {sorted(sections)}")
+    policy = raw.get("policy")
+    if isinstance(policy, Mapping) and LEGACY_COMPILE_KEY in policy:
+        raw["policy"] = policy = dict(policy)
+        if "controller_runtime" in policy:
+            raise KeyError(f"policy.{LEGACY_COMPILE_KEY} and policy.controller_runtime are both set; keep "
+                           f"controller_runtime (compile_controller is its older boolean form)")
+        legacy = policy.pop(LEGACY_COMPILE_KEY)
+        if not isinstance(legacy, bool):
+            raise ValueError(f"policy.{LEGACY_COMPILE_KEY}={legacy!r}: expected true or false")
+        policy["controller_runtime"] = "compiled" if legacy else "eager"
     defaults = Config()
     return Config(
         **{

@@ -85,10 +85,13 @@ def load_actor(ckpt: Mapping, cfg: Config):
 
 
 def prepare_actor(actor, cfg: Config):
-    """`actor` on the run's device, its stages compiled when policy.compile_controller says so."""
+    """`actor` on the run's device, its stages run as policy.controller_runtime says."""
+    runtime = cfg.policy.controller_runtime
+    if runtime == "native" and torch.device(cfg.train.device).type != "cpu":
+        raise ValueError(f"policy.controller_runtime='native' runs the stage networks on the CPU, but "
+                         f"train.device={cfg.train.device!r}: use 'compiled' or 'eager' there")
     actor = actor.to(cfg.train.device)
-    if _boolean_setting("policy.compile_controller", cfg.policy.compile_controller):
-        actor.compile_stages()
+    actor.set_runtime(runtime)
     return actor
 
 

@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 
-def sinusoidal_code(x: torch.Tensor, dim: int, max_period: float = 100.0, scale: float = 25.0) -> torch.Tensor:
+# sinusoidal_code's defaults (policies/native.py reads them too)
+SINUSOID_MAX_PERIOD, SINUSOID_SCALE = 100.0, 25.0
+
+
+def sinusoidal_code(x: torch.Tensor, dim: int, max_period: float = SINUSOID_MAX_PERIOD,
+                    scale: float = SINUSOID_SCALE) -> torch.Tensor:
     """Transformer-style code of x in [0, 1] (treated as position x*scale): (..., 1) -> (..., dim).
 
     The defaults make every component vary smoothly over the budget range, from ~4 cycles (the
@@ -16,12 +21,16 @@ def sinusoidal_code(x: torch.Tensor, dim: int, max_period: float = 100.0, scale:
     10^4) made most components alias across budgets a few ms apart, and the controller could not
     learn budget-dependent choices before its tier head collapsed to one value.
     """
+    angles = x.float() * scale * sinusoid_frequencies(dim, max_period, x.device)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def sinusoid_frequencies(dim: int, max_period: float = SINUSOID_MAX_PERIOD, device=None) -> torch.Tensor:
+    """The dim // 2 frequencies of `sinusoidal_code` (float32)."""
     if dim % 2:
         raise ValueError(f"sinusoidal dim={dim}: expected an even number")
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = x.float() * scale * freqs
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+    return torch.exp(-math.log(max_period) * torch.arange(half, device=device, dtype=torch.float32) / half)
 
 
 class LatencyBudgetEncoder(nn.Module):

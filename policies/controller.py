@@ -10,9 +10,9 @@ entropies and the greedy switch (torchrl's `set_exploration_type(DETERMINISTIC o
 tensordict's. `HierarchicalController` dispatches each env row to the actor of its `stage`.
 
 The controller runs inside the request, so its time is part of the request's latency: each row's
-stage networks run alone at batch size 1 (as a deployed controller serves one request) and the wall
-time of that call is written to ("action", "controller_ms"); the actions are drawn from exactly
-those logits. `fixed_controller_ms` replaces the measurement by a constant (the networks then run
+stage networks run alone at batch size 1 (as a deployed controller serves one request), through torch,
+torch.compile or one C call (`set_runtime`, policy.controller_runtime), and the wall time of that call
+is written to ("action", "controller_ms"); the actions are drawn from exactly those logits. `fixed_controller_ms` replaces the measurement by a constant (the networks then run
 batched), for tests that need bit-identical episodes.
 """
 from __future__ import annotations
@@ -34,9 +34,11 @@ from torch import distributions as D
 
 from envs.knobs import KnobSpace
 from policies.budget_encoder import LatencyBudgetEncoder
+from policies.native import NativeStage
 from policies.predictors import Knob1PredictorBudgetLanguage, Knob2Knob3Predictor
 
 STAGE_HEADS = (("tier", "insertion"), ("top_k", "num_blocks"))
+CONTROLLER_RUNTIMES = ("eager", "compiled", "native")  # policy.controller_runtime (HierarchicalController.set_runtime)
 ACTION_KEY = "action"
 
 
@@ -84,8 +86,11 @@ class _StageNetwork(TensorDictModuleBase):
         if budget_encoder is not None:
             self.out_keys.append((ACTION_KEY, "budget_token"))
         self.time_scale = 1.0  # HierarchicalController.time_scale
-        self.compiled = None  # torch.compile of `_outputs` (HierarchicalController.compile_stages)
-        self.compiled_warm = False  # whether `compiled` has run (compiled) yet
+        # How each request's call runs (HierarchicalController.set_runtime): torch.compile of `_outputs`,
+        # whether it has run (compiled) yet, or the C stage (policies/native.py)
+        self.compiled = None
+        self.compiled_warm = False
+        self.native: NativeStage | None = None
 
     def compute(self, *inputs: torch.Tensor, compiled: bool = False) -> dict:
         """in_keys' tensors -> {out_key: tensor}; `compiled`: through the compiled networks. The times
@@ -138,6 +143,7 @@ class HierarchicalController(TensorDictModuleBase):
         self.stage2 = Knob2Knob3Predictor(d_model, hidden_dim, sizes["insertion"], sizes["top_k"], sizes["num_blocks"],
                                           inputs=stage2_inputs, budget_range_ms=budget_range_ms)
         self.stage2_inputs = stage2_inputs
+        self.runtime = "eager"
         s1, s2 = STAGE_HEADS
         stage1_actor = ProbabilisticTensorDictSequential(
             _StageNetwork(self.stage1, s1, {"language_feature": "language_feature", "budget_ms": "budget_feature"},
@@ -173,18 +179,20 @@ class HierarchicalController(TensorDictModuleBase):
         for actor in self.stage_actors:
             actor.module[0].time_scale = value
 
-    def compile_stages(self) -> None:
-        """Run each request's stage networks (the timed, gradient-free calls) through torch.compile:
-        one fused graph per stage instead of ~25 small kernels, each of whose launch costs about as
-        much as its arithmetic at batch size 1. Each stage compiles on its first request, outside
-        the timed part; the loss's batched calls stay eager."""
+    def set_runtime(self, runtime: str) -> None:
+        """How each request's stage networks run (the timed, gradient-free calls; the loss's batched calls
+        stay eager): "eager" (torch), "compiled" (torch.compile, one fused graph per stage instead of
+        ~25 small kernels; each stage compiles on its first request, outside the timed part) or
+        "native" (one C call per stage over the same parameters, policies/native.py; CPU)."""
+        if runtime not in CONTROLLER_RUNTIMES:
+            raise ValueError(f"policy.controller_runtime={runtime!r}: expected one of {list(CONTROLLER_RUNTIMES)}")
         for actor in self.stage_actors:
-            actor.module[0].compiled = torch.compile(actor.module[0]._outputs, dynamic=False)
-
-    @property
-    def compiled_stages(self) -> bool:
-        """Whether compile_stages has run."""
-        return all(actor.module[0].compiled is not None for actor in self.stage_actors)
+            network = actor.module[0]
+            network.compiled = torch.compile(network._outputs, dynamic=False) if runtime == "compiled" else None
+            network.compiled_warm = False
+            network.native = (NativeStage(network.predictor, network.heads, network.budget_encoder,
+                                          network.argument_names) if runtime == "native" else None)
+        self.runtime = runtime
 
     @property
     def stage1_actor(self) -> ProbabilisticTensorDictSequential:
@@ -234,7 +242,8 @@ class HierarchicalController(TensorDictModuleBase):
         every row's actions from those logits with the actor's categorical heads.
 
         The draw (a sample or an argmax over a handful of logits per head) runs batched and is not
-        in the timed part. With fixed_controller_ms the networks run batched (nothing is timed).
+        in the timed part. With fixed_controller_ms the networks run batched (nothing is timed); with
+        gradients on (not a request) they run through torch whatever the runtime.
         """
         network, heads = actor.module[0], actor.module[-1]
         inputs = [td.get(k) for k in network.in_keys]
@@ -242,6 +251,10 @@ class HierarchicalController(TensorDictModuleBase):
         if self.fixed_controller_ms is not None:
             outputs = network.compute(*inputs)
             controller_ms = torch.full((n, 1), self.fixed_controller_ms, device=device)
+        elif network.native is not None and not torch.is_grad_enabled():
+            network.native.refresh()
+            outputs, times = network.native.run(inputs, network.time_scale)
+            controller_ms = torch.tensor(times, device=device).reshape(n, 1)
         else:
             compiled = network.compiled is not None and not torch.is_grad_enabled()
             if compiled and not network.compiled_warm:  # compiles here, not in a request's time

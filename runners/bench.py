@@ -29,11 +29,11 @@ measures a MolmoE-shaped stand-in, not the port).
    high -> medium -> low, top-k max -> min, blocks max -> min) plus the cheapest configuration,
    all interleaved in one run; median, IQR and std per configuration and the slowest/fastest
    median ratio.
-3. Controller (--controller_pairs, default 100; 0: off): both stages' measured compute per request
+3. Controller (--controller_rounds, default 100; 0: off): both stages' measured compute per request
    as the env charges it (stage networks timed at batch size 1 between the model's phases, as a
-   request runs them), the default config's controller eager against compiled
-   (policy.compile_controller; same random weights), episodes alternating in random order within
-   each pair; median and p95 of each, and their ratio.
+   request runs them), the default config's controller under each policy.controller_runtime (eager,
+   compiled and, on CPU, native; the same random weights), episodes in random order within each
+   round of one per runtime; median and p95 of each, and their ratios to eager.
 4. MolmoE-1B shape (--molmoe_shape, default on CUDA): see envs/profiling/molmoe_shape.py. Decode
    ms/token per (top-k, blocks), prefill per tier, vision per crop count, whole requests, and stock
    transformers OlmoeForCausalLM.generate per experts implementation and cache, same run.
@@ -76,6 +76,7 @@ from envs.profiling import (
     weights_sha256,
     write_json,
 )
+from policies.controller import CONTROLLER_RUNTIMES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -108,8 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="transformers experts implementations to time (none: skip stock generate)")
     ap.add_argument("--stock_caches", nargs="*", default=["dynamic", "static"], choices=("dynamic", "static"))
     ap.add_argument("--stock_reps", type=int, default=3)
-    ap.add_argument("--controller_pairs", type=int, default=100,
-                    help="eager/compiled controller episode pairs (section 3; 0: skip it)")
+    ap.add_argument("--controller_rounds", type=int, default=100,
+                    help="controller rounds, one episode per runtime each (section 3; 0: skip it)")
     ap.add_argument("--output", required=True, help="JSON results (rewritten after every section)")
     ap.add_argument("--markdown", default=None, help="also write the results as a markdown section here")
     return ap.parse_args(argv)
@@ -119,8 +120,8 @@ def validate(args) -> None:
     for name in ("pairs", "knob_samples", "repeats", "max_new_tokens", "threads", "decode_tokens", "molmoe_reps",
                  "stock_reps"):
         check_positive_int(f"--{name}", getattr(args, name))
-    if args.controller_pairs < 0:
-        raise ValueError(f"--controller_pairs={args.controller_pairs}: expected >= 0 (0 skips section 3)")
+    if args.controller_rounds < 0:
+        raise ValueError(f"--controller_rounds={args.controller_rounds}: expected >= 0 (0 skips section 3)")
     if args.backend not in PROFILE_BACKENDS:
         raise ValueError(f"--backend={args.backend!r} is not known; expected one of {PROFILE_BACKENDS}")
     dtypes = backend_class(args.backend).DTYPES
@@ -229,10 +230,11 @@ def main(argv=None) -> dict:
                              warmup=args.warmup, seed=args.seed)
         print(f"[bench] knobs: slowest/fastest = {knobs['slowest_over_fastest']:.2f}x", file=sys.stderr)
         save(knob_latency=knobs)
-        if args.controller_pairs:
-            controller = controller_cost(backend, args.split, args.controller_pairs, str(args.device), args.seed)
-            print(f"[bench] controller: eager {controller['eager']['median_ms']:.3f} ms, compiled "
-                  f"{controller['compiled']['median_ms']:.3f} ms per request (median)", file=sys.stderr)
+        if args.controller_rounds:
+            controller = controller_cost(backend, args.split, args.controller_rounds, str(args.device), args.seed)
+            print("[bench] controller per request (median): " + ", ".join(
+                f"{r} {controller[r]['median_ms']:.3f} ms" for r in CONTROLLER_RUNTIMES if r in controller),
+                file=sys.stderr)
             save(controller=controller)
         del backend
     if args.molmoe_shape != "none":
@@ -246,25 +248,27 @@ def main(argv=None) -> dict:
     return result
 
 
-def controller_cost(backend, split: str, pairs: int, device: str, seed: int) -> dict:
-    """Section 3 (module doc): both stages' time per request, eager vs compiled, in the env."""
+def controller_cost(backend, split: str, rounds: int, device: str, seed: int) -> dict:
+    """Section 3 (module doc): both stages' time per request under each controller runtime, in the env."""
     cfg = apply_overrides(load_config(DEFAULT_CONFIG), {"train.device": device, "train.seed": seed})
-    actors = {"eager": make_actor(apply_overrides(cfg, {"policy.compile_controller": False}), backend)[0]}
-    actors["compiled"] = make_actor(apply_overrides(cfg, {"policy.compile_controller": True}), backend)[0]
-    actors["compiled"].load_state_dict(actors["eager"].state_dict())
+    runtimes = [r for r in CONTROLLER_RUNTIMES if r != "native" or torch.device(device).type == "cpu"]
+    actors = {r: make_actor(apply_overrides(cfg, {"policy.controller_runtime": r}), backend)[0] for r in runtimes}
+    for actor in actors.values():
+        actor.load_state_dict(actors["eager"].state_dict())
     env = make_env(cfg, backend, split, 1, 1)
     lo, hi = backend.budget_range_ms
     rng = random.Random(seed)
     times = {name: [] for name in actors}
-    for i in range(-2, pairs):  # two warm-up pairs (the compiled stages compile in the first)
-        for name in rng.sample(list(actors), 2):
+    for i in range(-2, rounds):  # two warm-up rounds (the compiled stages compile in the first)
+        for name in rng.sample(list(actors), len(actors)):
             ep = run_episodes(env, actors[name].eval(), torch.tensor([max(i, 0) % len(env.samples)]),
                               torch.tensor([(lo + hi) / 2]))["episode"]
             if i >= 0:
                 times[name].append(float(ep["stage1_controller_ms"][0] + ep["stage2_controller_ms"][0]))
     out = {name: {"n": len(t), "median_ms": statistics.median(t),
                   "p95_ms": float(torch.quantile(torch.tensor(t), 0.95))} for name, t in times.items()}
-    out["compiled_over_eager"] = out["compiled"]["median_ms"] / out["eager"]["median_ms"]
+    for name in runtimes[1:]:
+        out[f"{name}_over_eager"] = out[name]["median_ms"] / out["eager"]["median_ms"]
     return out
 
 
@@ -401,11 +405,13 @@ def to_markdown(r: dict) -> str:
     lines += ["", f"Slowest / fastest median: {k['slowest']} / {k['fastest']} = {k['slowest_over_fastest']:.2f}x", ""]
     if "controller" in r:
         c = r["controller"]
-        lines += ["Controller, both stages per request as the env charges them (eager vs compiled, same weights, "
-                  "alternating episodes):", "", "| stage networks | n | median (ms) | p95 (ms) |", "|---|---|---|---|"]
-        lines += [f"| {name} | {c[name]['n']} | {c[name]['median_ms']:.3f} | {c[name]['p95_ms']:.3f} |"
-                  for name in ("eager", "compiled")]
-        lines += ["", f"Compiled / eager median: {c['compiled_over_eager']:.2f}", ""]
+        runtimes = [r for r in CONTROLLER_RUNTIMES if r in c]
+        lines += ["Controller, both stages per request as the env charges them (each policy.controller_runtime, "
+                  "same weights, episodes in random order per round):", "",
+                  "| runtime | n | median (ms) | p95 (ms) | median / eager |", "|---|---|---|---|---|"]
+        lines += [f"| {r} | {c[r]['n']} | {c[r]['median_ms']:.3f} | {c[r]['p95_ms']:.3f} | "
+                  f"{c[r]['median_ms'] / c['eager']['median_ms']:.2f} |" for r in runtimes]
+        lines += [""]
     if "molmoe_shape" in r:
         lines += molmoe_markdown(r["molmoe_shape"])
     lines += ["Target checks (issue 12):", "", "| check | value | target | met |", "|---|---|---|---|"]

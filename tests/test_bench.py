@@ -26,19 +26,20 @@ def model_dir(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_vlm"))
 
 
-FAST = ["--pairs", "3", "--knob_samples", "2", "--repeats", "1", "--warmup", "1", "--controller_pairs", "0"]
+FAST = ["--pairs", "3", "--knob_samples", "2", "--repeats", "1", "--warmup", "1", "--controller_rounds", "0"]
 
 
 def test_bench_output_schema(model_dir, tmp_path):
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
-    result = bench.main(["--model_path", str(model_dir), *FAST, "--controller_pairs", "2", "--output", str(out),
+    result = bench.main(["--model_path", str(model_dir), *FAST, "--controller_rounds", "2", "--output", str(out),
                          "--markdown", str(md)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     controller = result["controller"]
-    for name in ("eager", "compiled"):
+    for name in ("eager", "compiled", "native"):
         assert controller[name]["n"] == 2 and 0 < controller[name]["median_ms"] <= controller[name]["p95_ms"]
-    assert controller["compiled_over_eager"] == pytest.approx(
-        controller["compiled"]["median_ms"] / controller["eager"]["median_ms"])
+    for name in ("compiled", "native"):
+        assert controller[f"{name}_over_eager"] == pytest.approx(
+            controller[name]["median_ms"] / controller["eager"]["median_ms"])
     assert result["model"].startswith("given checkpoint")
     assert {"cpu_model", "cpu_cores", "torch_version"} <= set(result["machine"])
     assert set(result["meter_overhead"]) == {"full", "cheapest"}
@@ -58,7 +59,7 @@ def test_bench_output_schema(model_dir, tmp_path):
     assert knobs["slowest_over_fastest"] == pytest.approx(max(medians.values()) / min(medians.values()))
     text = md.read_text()
     assert "Meter overhead" in text and "Slowest / fastest median" in text and result["machine"]["cpu_model"] in text
-    assert "Compiled / eager median" in text
+    assert "| compiled | 2 |" in text and "| native | 2 |" in text and "median / eager" in text
     assert result["device"] == "cpu" and "molmoe_shape" not in result  # the MolmoE shape defaults to CUDA runs
     assert result["backend"]["expert_kernel"] == "grouped_mm" and result["backend"]["executor"]["decode"] == "eager"
     assert result["checks"]["meter_overhead_pct"]["target"] == "<= 2" and "Target checks" in text
@@ -105,9 +106,9 @@ def test_molmoe_shape_section_schema(tmp_path):
     assert "MolmoE-1B shape" in md.read_text() and "Stock transformers" in md.read_text()
 
 
-def test_negative_controller_pairs_fail_naming_the_flag(tmp_path):
-    with pytest.raises(ValueError, match=r"--controller_pairs=-1: expected >= 0"):
-        bench.main(["--random_model", "--preset", "test", *FAST, "--controller_pairs", "-1",
+def test_negative_controller_rounds_fail_naming_the_flag(tmp_path):
+    with pytest.raises(ValueError, match=r"--controller_rounds=-1: expected >= 0"):
+        bench.main(["--random_model", "--preset", "test", *FAST, "--controller_rounds", "-1",
                     "--output", str(tmp_path / "b.json")])
     assert not (tmp_path / "b.json").exists()
 

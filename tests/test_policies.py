@@ -121,12 +121,12 @@ def test_compiled_stages_act_as_the_eager_ones_and_a_new_time_scale_does_not_rec
     from agents.config import config_from_dict
     from agents.factory import make_actor, make_backend_from_config
 
-    cfg = config_from_dict({"policy": {"hidden_dim": 16, "sinusoidal_dim": 16, "compile_controller": True}})
+    cfg = config_from_dict({"policy": {"hidden_dim": 16, "sinusoidal_dim": 16, "controller_runtime": "compiled"}})
     backend = make_backend_from_config(cfg)
     compiled, _ = make_actor(cfg, backend)
     eager, _ = make_actor(config_from_dict({"policy": {"hidden_dim": 16, "sinusoidal_dim": 16}}), backend)
     eager.load_state_dict(compiled.state_dict())
-    assert compiled.compiled_stages and not eager.compiled_stages
+    assert compiled.runtime == "compiled" and eager.runtime == "eager"
     env = make_env(backend, batch_size=3, group_size=1)
     td = env.reset()
     torch._dynamo.utils.counters.clear()
@@ -143,5 +143,3 @@ def test_compiled_stages_act_as_the_eager_ones_and_a_new_time_scale_does_not_rec
         assert torch.allclose(*tokens, atol=1e-5)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames == 1  # Stage 1 compiled once, whatever the time scale
-    with pytest.raises(ValueError, match="policy.compile_controller='yes': expected true or false"):
-        make_actor(config_from_dict({"policy": {"compile_controller": "yes"}}), backend)
