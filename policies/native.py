@@ -92,6 +92,7 @@ class NativeStage:
             self.sizes = (predictor.tier_head.out_features, predictor.insertion_head.out_features)
             dims = (enc.sinusoidal_dim, d, lang, hidden, *self.sizes)
             self.token = d
+            self.widths = {"budget_feature": 1, "language_feature": lang}
             work = enc.sinusoidal_dim + 2 * d + lang + 2 * hidden
         elif isinstance(predictor, Knob2Knob3Predictor):
             self.stage = 2
@@ -110,6 +111,8 @@ class NativeStage:
             self.sizes = (predictor.top_k_head.out_features, predictor.num_blocks_head.out_features)
             dims = (d, hidden, half, *self.sizes)
             self.token = 0
+            self.widths = {"latency_token": d, "insertion_index": 1, "elapsed_ms": 1, "remaining_ms": 1}
+            self.num_insertions = predictor.insertion_embedding.num_embeddings
             work = d + hidden + 4 * half + 2 * hidden
         else:
             raise TypeError(f"no native stage for {type(predictor).__name__}")
@@ -137,7 +140,9 @@ class NativeStage:
         each row's call time in ms). The output rows and input addresses are laid out before the
         timed calls (a served request's buffers exist before it arrives); a call reads its row's
         times, scales them and runs the stage."""
-        x = {name: t.contiguous() for name, t in zip(self.argument_names, inputs)}
+        x = {name: (t.long() if name == "insertion_index" else t.float()).contiguous()
+             for name, t in zip(self.argument_names, inputs)}
+        self._check(x)
         n = next(iter(x.values())).shape[0]
         a, b = self.sizes
         logits = torch.empty(n, a + b)
@@ -148,16 +153,28 @@ class NativeStage:
             rows = [x["budget_feature"], x["language_feature"], logits, token]
             call = functools.partial(self.lib.stage1, self.pointers, self.dims, time_scale, SINUSOID_SCALE)
         else:
-            rows = [x.get("latency_token"), x["insertion_index"].long().contiguous(), x.get("elapsed_ms"),
-                    x.get("remaining_ms"), logits]
+            rows = [x.get("latency_token"), x["insertion_index"], x.get("elapsed_ms"), x.get("remaining_ms"), logits]
             call = functools.partial(self.lib.stage2, self.pointers, self.dims, time_scale, SINUSOID_SCALE)
         # (address of row 0, bytes per row) of each argument; None: the option does not read it
         steps = [(t.data_ptr(), t.stride(0) * t.element_size()) if t is not None else (None, 0) for t in rows]
-        times = []
+        times, work = [], self.work.data_ptr()
         for i in range(n):
             start = time.perf_counter()
-            call(*[base + i * step if base is not None else None for base, step in steps], self.work.data_ptr())
+            call(*[base + i * step if base is not None else None for base, step in steps], work)
             times.append((time.perf_counter() - start) * 1e3)
         out[("logits", self.heads[0], "logits")] = logits[:, :a].unsqueeze(1)
         out[("logits", self.heads[1], "logits")] = logits[:, a:].unsqueeze(1)
         return out, times
+
+    def _check(self, x: dict) -> None:
+        """The C code reads fixed widths and indexes the insertion embedding unchecked: check them here."""
+        for name, t in x.items():
+            width = self.widths[name]
+            if t.device.type != "cpu" or t.dim() != 2 or t.shape[1] != width:
+                raise ValueError(f"native Stage {self.stage} input {name!r}: expected a CPU (rows, {width}) tensor, "
+                                 f"got {tuple(t.shape)} on {t.device}")
+        if "insertion_index" in x:
+            bad = (x["insertion_index"] < 0) | (x["insertion_index"] >= self.num_insertions)
+            if bool(bad.any()):
+                raise ValueError(f"native Stage 2 input 'insertion_index'={int(x['insertion_index'][bad][0])}: expected "
+                                 f"an index in [0, {self.num_insertions - 1}]")

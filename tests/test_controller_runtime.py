@@ -120,3 +120,16 @@ def test_a_missing_compiler_is_a_clear_error(monkeypatch):
             native_library()
     finally:
         native_library.cache_clear()
+
+
+def test_native_stage_inputs_of_the_wrong_width_or_insertion_fail_naming_them():
+    env = make_env("dummy", batch_size=2, group_size=1)
+    native, _ = _pair(env)
+    stage1, stage2 = (a.module[0].native for a in native.stage_actors)
+    language = torch.zeros(2, env.backend.language_dim + 1)
+    with pytest.raises(ValueError, match=rf"native Stage 1 input 'language_feature': expected a CPU \(rows, "
+                                         rf"{env.backend.language_dim}\) tensor, got \(2, {env.backend.language_dim + 1}\)"):
+        stage1.run([language, torch.full((2, 1), 80.0)], 1.0)
+    token, times = torch.zeros(2, env.backend.d_model), torch.ones(2, 1)
+    with pytest.raises(ValueError, match=r"native Stage 2 input 'insertion_index'=5: expected an index in \[0, 4\]"):
+        stage2.run([token, torch.tensor([[0], [5]]), times, times], 1.0)
