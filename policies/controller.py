@@ -12,8 +12,9 @@ tensordict's. `HierarchicalController` dispatches each env row to the actor of i
 The controller runs inside the request, so its time is part of the request's latency: each row's
 stage networks run alone at batch size 1 (as a deployed controller serves one request), through torch,
 torch.compile or one C call (`set_runtime`, policy.controller_runtime), and the wall time of that call
-is written to ("action", "controller_ms"); the actions are drawn from exactly those logits. `fixed_controller_ms` replaces the measurement by a constant (the networks then run
-batched), for tests that need bit-identical episodes.
+is written to ("action", "controller_ms"); the actions are drawn from exactly those logits.
+`fixed_controller_ms` replaces the measurement by a constant (the networks then run batched), for
+tests that need bit-identical episodes.
 """
 from __future__ import annotations
 
