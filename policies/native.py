@@ -2,8 +2,8 @@
 
 A request's two stage networks are ~155k multiply-adds at the default width, but through torch they
 cost what ~25 small ops (eager) or one compiled graph's guards and wrapper (torch.compile) cost right
-after the model's phases have evicted the caches: 1.5-1.9 ms a request on the 2-core VM, which is 2-3%
-of the lowest budget (docs/BENCHMARKS.md 2b). `NativeStage` runs the same arithmetic
+after the model's phases have evicted the caches: 1.58 (compiled) to 1.99 ms (eager) a request in the env
+on the 2-core VM, 2-3% of the lowest evaluated budget, against 0.16 ms here (docs/BENCHMARKS.md 2d). `NativeStage` runs the same arithmetic
 (policies/native_stages.c) over the parameters' own float32 storage, so an optimiser step or a
 load_state_dict (both in place) is read at the next call; `refresh` re-reads the storage addresses
 (outside the request's time) in case a parameter was replaced. CPU only.

@@ -2,7 +2,7 @@
 
    A request's stage networks are ~155k multiply-adds; through torch (eager or compiled) their time in
    a request is the dispatch of ~25 small ops or one compiled graph's guards, run with caches the
-   model's phases just evicted (~0.7 ms a stage on the 2-core VM, docs/BENCHMARKS.md 2b). Here a stage
+   model's phases just evicted (0.8-1.0 ms a stage on the 2-core VM, docs/BENCHMARKS.md 2d). Here a stage
    is one call over the parameters' own float32 storage (torch's (out, in) layout), computing what
    policies/predictors.py and policies/budget_encoder.py compute: Linear, LayerNorm (eps 1e-5, biased
    variance), exact GELU (erf), the sinusoidal code with frequencies computed by torch. */
