@@ -144,7 +144,6 @@ class HierarchicalController(TensorDictModuleBase):
         self.stage2 = Knob2Knob3Predictor(d_model, hidden_dim, sizes["insertion"], sizes["top_k"], sizes["num_blocks"],
                                           inputs=stage2_inputs, budget_range_ms=budget_range_ms)
         self.stage2_inputs = stage2_inputs
-        self.runtime = "eager"
         s1, s2 = STAGE_HEADS
         stage1_actor = ProbabilisticTensorDictSequential(
             _StageNetwork(self.stage1, s1, {"language_feature": "language_feature", "budget_ms": "budget_feature"},
@@ -191,9 +190,13 @@ class HierarchicalController(TensorDictModuleBase):
             network = actor.module[0]
             network.compiled = torch.compile(network._outputs, dynamic=False) if runtime == "compiled" else None
             network.compiled_warm = False
-            network.native = (NativeStage(network.predictor, network.heads, network.budget_encoder,
-                                          network.argument_names) if runtime == "native" else None)
-        self.runtime = runtime
+            network.native = NativeStage(network) if runtime == "native" else None
+
+    @property
+    def runtime(self) -> str:
+        """The runtime set_runtime last set ("eager" until then)."""
+        network = self.stage_actors[0].module[0]
+        return "native" if network.native is not None else "compiled" if network.compiled is not None else "eager"
 
     @property
     def stage1_actor(self) -> ProbabilisticTensorDictSequential:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from policies.budget_encoder import SINUSOID_SCALE, LatencyBudgetEncoder, sinusoid_frequencies
+from policies.budget_encoder import SINUSOID_SCALE, sinusoid_frequencies
 from policies.predictors import Knob1PredictorBudgetLanguage, Knob2Knob3Predictor
 
 SOURCE = Path(__file__).with_name("native_stages.c")
@@ -69,14 +69,14 @@ def _linear(m: torch.nn.Linear) -> list[torch.Tensor]:
 
 
 class NativeStage:
-    """One stage's networks (a policies.controller._StageNetwork's predictor and budget encoder) at batch
-    size 1 in C: `run` gives the same {out_key: tensor} as the network's torch forward, up to float
-    rounding, and each row's time."""
+    """One stage's networks (a policies.controller._StageNetwork: its predictor, budget encoder, heads and
+    argument names) at batch size 1 in C: `run` gives the same {out_key: tensor} as the network's torch
+    forward, up to float rounding, and each row's time."""
 
-    def __init__(self, predictor: torch.nn.Module, heads: tuple[str, ...], budget_encoder: LatencyBudgetEncoder | None,
-                 argument_names: list[str]):
+    def __init__(self, network: torch.nn.Module):
         self.lib = native_library()
-        self.heads, self.argument_names = heads, list(argument_names)
+        predictor, budget_encoder = network.predictor, network.budget_encoder
+        self.heads, self.argument_names = network.heads, list(network.argument_names)
         if isinstance(predictor, Knob1PredictorBudgetLanguage):
             if budget_encoder is None:
                 raise ValueError("native Stage 1 needs its budget encoder")
