@@ -66,6 +66,11 @@ class PolicyConfig:
     # None: off; a rate in (0, 1): the shield also keeps a margin per budget bin that steers each bin's
     # violation rate to it (envs/shield.py), and a served request's controller reads its budget divided by it
     latency_shield_violation_target: Optional[float] = None
+    # the step of that steering (adaptive conformal inference's gamma): a violation multiplies the bin's
+    # margin or price by exp(rate x (1 - target)), an episode in time by exp(-rate x target); over T of a
+    # bin's episodes its violation rate is within (log of the steered range + rate) / (rate x T) of the
+    # target (envs/shield.py)
+    latency_shield_violation_rate: float = 0.1
     # the margin's bins: equal parts of the training budget range (evaluate.py: one per evaluated budget)
     latency_shield_budget_bins: int = 8
     # how the shield spends a bin's violation target: "margin" (one margin for every plan) or "value"

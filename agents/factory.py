@@ -304,7 +304,8 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
     controller_ms = measure_controller_ms(actor, env, env.reset(), lowest, lowest)
     return shield_from_profile(add_controller_time(entries, controller_ms), backend.knob_space,
                                tracking_rate=check_shield_tracking(cfg), quantile=check_shield_quantile(cfg),
-                               violation_target=target, budget_edges_ms=budget_edges_ms, values=values,
+                               violation_target=target, violation_rate=check_shield_violation_rate(cfg),
+                               budget_edges_ms=budget_edges_ms, values=values,
                                value_ceiling=cfg.policy.latency_shield_value_ceiling, value_weights=weights,
                                value_ceilings=ceilings, expected_price=cfg.policy.latency_shield_expected_price,
                                stage2_risk=cfg.policy.latency_shield_stage2_risk)
@@ -355,6 +356,15 @@ def check_shield_violation_target(cfg: Config) -> float | None:
     """policy.latency_shield_violation_target (None: off), or an error naming it when it is not a rate in (0, 1)."""
     value = cfg.policy.latency_shield_violation_target
     return None if value is None else check_violation_target(value, "policy.latency_shield_violation_target")
+
+
+def check_shield_violation_rate(cfg: Config) -> float:
+    """policy.latency_shield_violation_rate, or an error naming it when it is not a finite rate > 0."""
+    value = cfg.policy.latency_shield_violation_rate
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"policy.latency_shield_violation_rate={value!r}: expected a finite rate > 0 (the step "
+                         f"by which each budget bin's margin or price follows its violations, e.g. 0.1)")
+    return float(value)
 
 
 SHIELD_ALLOCATIONS = ("margin", "value")

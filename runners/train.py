@@ -72,7 +72,8 @@ from agents.constraint import episode_budgets
 from agents.evaluation import beats_incumbent, dummy_reference_rewards, heldout_budgets, run_episodes, summarize
 from agents.factory import (check_best_margin, check_budget_range, check_follow_shield_scale, check_latency_shield,
                             check_shield_allocation, check_shield_budget_bins, check_shield_quantile,
-                            check_shield_tracking, check_shield_violation_target, check_warm_start, make_actor,
+                            check_shield_tracking, check_shield_violation_rate, check_shield_violation_target,
+                            check_warm_start, make_actor,
                             make_backend_from_config, machine_budget_range, make_env, make_latency_shield,
                             make_logger, make_loss, make_violation_multiplier, measure_profile_drift,
                             warm_start_actor)
@@ -407,6 +408,7 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
         check_shield_tracking(cfg)
         check_shield_quantile(cfg)
         check_shield_violation_target(cfg)
+        check_shield_violation_rate(cfg)
         check_shield_budget_bins(cfg)
         check_shield_allocation(cfg)
         follow_shield = check_follow_shield_scale(cfg)

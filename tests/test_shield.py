@@ -14,7 +14,7 @@ from agents.config import config_from_dict
 from agents.evaluation import run_episodes, summarize
 from agents.factory import (check_follow_shield_scale, check_latency_shield, check_shield_allocation,
                             check_shield_budget_bins, check_shield_quantile, check_shield_tracking,
-                            check_shield_violation_target, make_actor, make_backend_from_config, make_family_table,
+                            check_shield_violation_rate, check_shield_violation_target, make_actor, make_backend_from_config, make_family_table,
                             make_latency_shield, make_loss, make_lookup_profile, shield_from_profile,
                             REQUEST_MIX_BATCH, REQUEST_MIX_SAMPLES)
 from agents.factory import make_env as make_run_env
@@ -168,12 +168,12 @@ def test_make_latency_shield_adds_the_controllers_own_time_to_the_profile():
 
 def test_the_violation_target_setting_gives_the_shield_a_margin_per_equal_part_of_the_budget_range():
     policy = {**TINY["policy"], "latency_shield": True, "latency_shield_violation_target": 0.03,
-              "latency_shield_budget_bins": 4}
+              "latency_shield_budget_bins": 4, "latency_shield_violation_rate": 0.3}
     cfg = config_from_dict({**TINY, "policy": policy})
     backend = make_backend_from_config(cfg)
     shield = make_latency_shield(cfg, backend, make_actor(cfg, backend)[0])
     lo, hi = backend.budget_range_ms
-    assert shield.violation_target == 0.03
+    assert (shield.violation_target, shield.violation_rate) == (0.03, 0.3)
     assert shield.budget_edges_ms.tolist() == pytest.approx([lo + (hi - lo) * i / 4 for i in (1, 2, 3)])
     assert [shield.budget_bin(b) for b in (lo, (lo + hi) / 2 + 1e-6, hi, hi * 2)] == [0, 2, 3, 3]
 
@@ -183,10 +183,15 @@ def test_the_violation_target_setting_gives_the_shield_a_margin_per_equal_part_o
     ("latency_shield_violation_target", "low", r"expected a number in \(0, 1\)"),
     ("latency_shield_budget_bins", 0, "expected an integer >= 1"),
     ("latency_shield_budget_bins", 2.5, "expected an integer >= 1"),
+    ("latency_shield_violation_rate", 0.0, "expected a finite rate > 0"),
+    ("latency_shield_violation_rate", True, "expected a finite rate > 0"),
+    ("latency_shield_violation_rate", float("nan"), "expected a finite rate > 0"),
 ])
 def test_bad_margin_config_settings_fail_naming_the_field(field, value, expected):
     cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True, field: value}})
-    check = check_shield_violation_target if "target" in field else check_shield_budget_bins
+    check = {"latency_shield_violation_target": check_shield_violation_target,
+             "latency_shield_budget_bins": check_shield_budget_bins,
+             "latency_shield_violation_rate": check_shield_violation_rate}[field]
     with pytest.raises(ValueError, match=rf"policy.{field}={value!r}: {expected}"):
         check(cfg)
 
