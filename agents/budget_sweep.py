@@ -387,6 +387,36 @@ def episode_rows(env, name: str, episodes, sample_index: torch.Tensor, budgets: 
     return rows
 
 
+EPISODE_RECORD_FIELDS = ("latency_ms", "controller_ms", "violation", "accuracy", "shielded", "shield_cut")
+
+
+def episode_records(env, name: str, episodes, sample_index: torch.Tensor, budgets: Sequence[float]) -> list[dict]:
+    """One record per episode of env policy `name` (terminal steps ordered budget-major (budget, sample),
+    as episode_rows reads them): its budget, the sample's position in the run (`round`: the runs are
+    interleaved one round per test sample, so rounds are time order), sample index and family, the plan
+    that ran (the shield's, when it changed the policy's) and EPISODE_RECORD_FIELDS: what a reader needs
+    to see when, where and for whom a policy exceeded its budgets."""
+    s = sample_index.numel()
+    if episodes.shape[0] != s * len(budgets):
+        raise ValueError(f"{episodes.shape[0]} episodes for {s} samples x {len(budgets)} budgets")
+    families = families_of(env.samples, sample_index.tolist())
+    ks = env.knob_space
+    knobs = {"tier": ks.tiers, "insertion": ks.insertion_positions, "top_k": ks.top_k_values,
+             "num_blocks": ks.num_blocks_values}
+    info = episodes["episode"]
+    plan = {k: info[f"{k}_index"].reshape(-1).long().tolist() for k in knobs}
+    values = {k: info[k].reshape(-1).tolist() for k in EPISODE_RECORD_FIELDS}
+    records = []
+    for e in range(episodes.shape[0]):
+        b_i, r = divmod(e, s)
+        records.append({"policy": name, "budget_ms": float(budgets[b_i]), "round": r,
+                        "sample_index": int(sample_index[r]), "family": None if families is None else families[r],
+                        **{k: knobs[k][plan[k][e]] for k in knobs},
+                        **{k: (int(values[k][e]) if k in ("violation", "shielded", "shield_cut") else values[k][e])
+                           for k in EPISODE_RECORD_FIELDS}})
+    return records
+
+
 def controller_budget_sweep(env, actor, sample_index: torch.Tensor, budgets: Sequence[float]) -> list[dict]:
     """Greedy controller on the same samples at every budget -> one row per budget (policy
     "controller"). Cheap enough for every validation of a training run on the dummy backend;

@@ -80,8 +80,11 @@ the latency); `val` measures the config table on --profile_samples val samples. 
 
 Writes to --output_dir: eval.json ({"rows": [...], "rows_outside_training_range": [...],
 "meta": {...}}), eval.csv, eval.md (accuracy and violations per policy and budget, each controller's
-knob choices per question family), and PNG plots (accuracy / latency / violation rate vs budget, the
-controller's knob choices vs budget) of the budgets in the training range.
+knob choices per question family), PNG plots (accuracy / latency / violation rate vs budget, the
+controller's knob choices vs budget) of the budgets in the training range, and episodes.csv: every
+controller and random episode (budget, round: the test sample's turn in the run, sample and family, the plan
+that ran, latency, controller time, violation, accuracy, whether the shield changed or cut the plan), to see
+when in the run and for which questions a policy exceeded its budgets.
 """
 from __future__ import annotations
 
@@ -116,6 +119,7 @@ from agents.budget_sweep import (
     config_table_to_json,
     configs_needed,
     default_budgets,
+    episode_records,
     episode_rows,
     families_of,
     frontier_candidates,
@@ -127,7 +131,7 @@ from agents.cli import user_input
 from agents.config import Config, apply_overrides, config_from_dict
 from agents.factory import (check_latency_shield, controller_time_scale, load_actor, make_backend_from_config, make_env,
                             make_latency_shield, make_lookup_profile, measure_profile_drift)
-from agents.reporting import controller_spread, paired_comparisons, write_outputs
+from agents.reporting import controller_spread, paired_comparisons, write_csv, write_outputs
 from agents.sweep_schedule import EnvPolicy, run_interleaved
 from envs.backends.base import check_split
 from envs.machine import machine_info
@@ -524,14 +528,15 @@ def _run(args, log) -> dict:
         calibration_families = families_of(calibration_samples, run.calibration.sample_index.tolist())
         calibration = Calibration(run.calibration, calibration_families)
 
-    rows = []
+    rows, records = [], []
     reference = backend.has_closed_form
     for spec in specs:
         if spec.needs_table:
             rows += table_policy_rows(spec, run.test, budgets, ks, weights, families, profile, calibration)
         else:
             rows += episode_rows(env, spec.name, run.episodes[spec.name], sample_index, budgets, reference)
-    for r in rows:
+            records += episode_records(env, spec.name, run.episodes[spec.name], sample_index, budgets)
+    for r in rows + records:
         r["in_training_range"] = lo <= r["budget_ms"] <= hi
 
     meta = {
@@ -608,6 +613,9 @@ def _run(args, log) -> dict:
     inside = [r for r in rows if r["in_training_range"]]
     beyond = [r for r in rows if not r["in_training_range"]]
     paths = write_outputs(inside, meta, out, rows_outside_training_range=beyond)
+    if records:
+        paths["episodes"] = out / "episodes.csv"
+        write_csv(records, paths["episodes"])
     log(f"wrote {', '.join(str(p) for p in paths.values())}")
     _print_table(inside, "budgets in the training range")
     if beyond:

@@ -102,6 +102,22 @@ def test_end_to_end_subprocess_writes_json_csv_and_plots(run_dir, tmp_path, eval
     assert "violation_family_detail" in table[0]
     for name in ("accuracy_vs_budget", "latency_vs_budget", "violation_vs_budget", "controller_knobs_vs_budget"):
         assert (out / f"{name}.png").stat().st_size > 1000
+    # every env policy's episodes, one record each, summing to its rows
+    with open(out / "episodes.csv") as fh:
+        records = list(csv.DictReader(fh))
+    assert {r["policy"] for r in records} == {"controller", "random"} and len(records) == 2 * 3 * 12
+    for (policy, b), row in by.items():
+        if policy not in ("controller", "random"):
+            continue
+        mine = [r for r in records if r["policy"] == policy and float(r["budget_ms"]) == b]
+        assert sorted(int(r["round"]) for r in mine) == list(range(12))
+        assert [int(r["sample_index"]) for r in mine] == meta["sample_index"]
+        assert sum(int(r["violation"]) for r in mine) / 12 == pytest.approx(row["violation_rate"])
+        assert sum(float(r["latency_ms"]) for r in mine) / 12 == pytest.approx(row["latency_mean_ms"], rel=1e-5)
+        assert sum(float(r["accuracy"]) for r in mine) / 12 == pytest.approx(row["accuracy_mean"], rel=1e-5)
+        assert all(r["tier"] in ("low", "medium", "high") and 4 <= int(r["top_k"]) <= 8
+                   and 12 <= int(r["num_blocks"]) <= 16 and float(r["controller_ms"]) >= 0 for r in mine)
+        assert [r["family"] for r in mine] == meta["sample_families"]
     # a second run does not overwrite the first
     before = (out / "eval.json").read_text()
     assert "already holds eval.json" in _error(evaluate_main, "--checkpoint", run_dir, "--output_dir", out)
