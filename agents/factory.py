@@ -25,7 +25,7 @@ from agents.grpo import JointGRPOLoss
 from agents.warm_start import (add_controller_time, lookup_warm_start, measure_controller_ms, measure_request_mix,
                                request_ceilings, request_mix_values, taught_request_mix)
 from envs import BudgetVLMEnv, RewardWeights, make_backend
-from envs.shield import STAGE2_RISKS, LatencyShield, check_quantile, check_violation_target
+from envs.shield import STAGE2_RISKS, LatencyShield, check_quantile, check_violation_rate, check_violation_target
 from envs.machine import resolve_device
 from envs.profiling.pareto import budget_range
 
@@ -360,11 +360,7 @@ def check_shield_violation_target(cfg: Config) -> float | None:
 
 def check_shield_violation_rate(cfg: Config) -> float:
     """policy.latency_shield_violation_rate, or an error naming it when it is not a finite rate > 0."""
-    value = cfg.policy.latency_shield_violation_rate
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"policy.latency_shield_violation_rate={value!r}: expected a finite rate > 0 (the step "
-                         f"by which each budget bin's margin or price follows its violations, e.g. 0.1)")
-    return float(value)
+    return check_violation_rate(cfg.policy.latency_shield_violation_rate, "policy.latency_shield_violation_rate")
 
 
 SHIELD_ALLOCATIONS = ("margin", "value")

@@ -73,7 +73,7 @@ lifted to the high tier, seeds 43 and 44 asked a 13-block pair for half of their
 a request no question made at the medium tier, and ran 13 blocks under the mean of all requests'
 values (0.59-0.62 of them right at the top budgets, against 0.73 for seed 42, whose measured mix
 knew its request; docs/RESULTS.md 0-s26, eval38).
-The steered price only learns from violations: an episode in time lowers it by x0.998 at a 2% target,
+The steered price only learns from violations: an episode in time lowers it by x0.998 at a 2% target (rate 0.1),
 so a bin whose plans rarely exceed its budget keeps a price near its start for hundreds of episodes and
 stays under its target. Replaying eval36's test table with every question's family known, the top
 three budgets' bins violated 0.3-0.5% and ran reasoning questions at the high tier for 7-64% of them,
@@ -115,7 +115,7 @@ from envs.knobs import KnobSpace
 MARGIN_MIN, MARGIN_MAX = 0.8, 1.5
 # The per-bin price of a violation with values (module doc), in accuracy per unit of probability: at
 # 1 or more no accuracy gain (at most 1) buys a certain violation over a plan that surely fits. A
-# violation raises it by x1.1, an episode in time lowers it by x0.998 (at a 2% target), so its start
+# violation raises it by x1.1, an episode in time lowers it by x0.998 (at rate 0.1, a 2% target), so its start
 # matters in a short run: a default run's prices ended at 1.5-3.5 (8 in its lowest bin); from 4 an
 # 80-request screen never came down and ran 0% at most budgets, from 1 it ran 4.2% on average.
 PRICE_MIN, PRICE_MAX, PRICE_START = 1.0, 100.0, 2.0
@@ -168,9 +168,7 @@ class LatencyShield:
                              f"(0: a fixed table)")
         if violation_target is not None:
             check_violation_target(violation_target, "latency shield violation_target")
-        if isinstance(violation_rate, bool) or not isinstance(violation_rate, (int, float)) or not (
-                math.isfinite(violation_rate) and violation_rate > 0):
-            raise ValueError(f"latency shield violation_rate={violation_rate!r}: expected a finite rate > 0")
+        check_violation_rate(violation_rate, "latency shield violation_rate")
         edges = [float(e) for e in budget_edges_ms]
         if not all(math.isfinite(e) for e in edges) or any(a >= b for a, b in zip(edges, edges[1:])):
             raise ValueError(f"latency shield budget_edges_ms={edges}: expected finite, strictly increasing edges")
@@ -547,6 +545,14 @@ def check_quantile(value, field: str) -> float:
 def check_violation_target(value, field: str) -> float:
     """A violation-rate target as a float, or a ValueError naming `field`."""
     return _fraction(value, field, "0.015 (the fraction of a budget bin's episodes the shield lets exceed their budget)")
+
+
+def check_violation_rate(value, field: str) -> float:
+    """The per-bin steering step as a float, or a ValueError naming `field` when it is not a finite rate > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{field}={value!r}: expected a finite rate > 0 (the step by which each budget bin's "
+                         f"margin or price follows its violations, e.g. 0.1)")
+    return float(value)
 
 
 def following_time_scale(start_up: float, shield: LatencyShield | None, budget_ms: float | None = None) -> float:
