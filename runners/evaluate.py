@@ -89,6 +89,7 @@ when in the run and for which questions a policy exceeded its budgets.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -486,19 +487,14 @@ def _run(args, log) -> dict:
                             else args.latency_shield_tracking)
                 quantile = own.policy.latency_shield_quantile if quantile is None else quantile
                 target = own.policy.latency_shield_violation_target if target == RUN_SETTING else target
+                # every shield setting from the controller's own run (cfg is the first checkpoint's), the flags over it
+                own_shield = {f"policy.{f.name}": getattr(own.policy, f.name) for f in dataclasses.fields(own.policy)
+                              if f.name.startswith("latency_shield")}
                 shields[spec.name] = make_latency_shield(
-                    apply_overrides(cfg, {"policy.latency_shield": True, "policy.latency_shield_tracking": tracking,
+                    apply_overrides(cfg, {**own_shield, "policy.latency_shield": True,
+                                          "policy.latency_shield_tracking": tracking,
                                           "policy.latency_shield_quantile": quantile,
                                           "policy.latency_shield_violation_target": target,
-                                          "policy.latency_shield_allocation": own.policy.latency_shield_allocation,
-                                          "policy.latency_shield_value_ceiling":
-                                              own.policy.latency_shield_value_ceiling,
-                                          "policy.latency_shield_request_mix":
-                                              own.policy.latency_shield_request_mix,
-                                          "policy.latency_shield_expected_price":
-                                              own.policy.latency_shield_expected_price,
-                                          "policy.latency_shield_stage2_risk":
-                                              own.policy.latency_shield_stage2_risk,
                                           "policy.warm_start": own.policy.warm_start}),
                     backend, policy, drift, table=machine_now, budget_edges_ms=budget_bin_edges(budgets),
                     requests=ckpts[spec.name]["policy_meta"].get("family_requests"),

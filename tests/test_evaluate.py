@@ -420,6 +420,25 @@ def test_zip_pairing_puts_the_checkpoint_behind_the_ith_quantile_and_target(run_
     assert not (tmp_path / "bad" / "eval.json").exists()
 
 
+def test_each_controllers_shield_takes_every_shield_setting_from_its_own_run(run_dir, tmp_path, evaluate_main):
+    # The second checkpoint's run steers its bins at another target and rate than the first's (whose
+    # config builds the env): each shield must carry its own run's settings.
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    ckpt = torch.load(Path(run_dir) / "checkpoints" / "best.pt", weights_only=True)
+    ckpt["config"]["policy"].update(latency_shield=True, latency_shield_violation_target=0.05,
+                                    latency_shield_violation_rate=0.3)
+    torch.save(ckpt, other / "checkpoints" / "best.pt")
+    result = evaluate_main(["--checkpoint", str(run_dir), str(other), "--output_dir", str(tmp_path / "e"),
+                            "--num_samples", "3", "--budgets", "60", "140", "--policies", "controller",
+                            "--latency_shield", "on"])
+    tables = result["meta"]["latency_shield"]["tables"]
+    first = torch.load(Path(run_dir) / "checkpoints" / "best.pt", weights_only=True)["config"]["policy"]
+    assert tables["controller:other"]["violation_target"] == 0.05
+    assert tables["controller:other"]["violation_rate"] == 0.3
+    assert tables[f"controller:{Path(run_dir).name}"]["violation_rate"] == first.get("latency_shield_violation_rate", 0.1)
+
+
 def test_without_the_flag_each_controller_keeps_its_runs_violation_target(run_dir, tmp_path, evaluate_main):
     own = tmp_path / "own.yaml"
     own.write_text("policy: {latency_shield: true, latency_shield_violation_target: 0.05}\n")
