@@ -120,12 +120,8 @@ def answer_request(run: str | Path, image: str | Path | Image.Image, question: s
         "budget_ms": float(budget_ms),
         # in the training machine's ms, as the controller reads it (evaluate.py's controller_trained_ranges)
         "budget_in_trained_range": bool(lo <= float(budget_ms) / time_scale <= hi),
-        "knobs": {  # the plan that ran
-            "tier": ks.tiers[int(info["tier_index"])],
-            "insertion": ks.insertion_positions[int(info["insertion_index"])],
-            "top_k": ks.top_k_values[int(info["top_k_index"])],
-            "num_blocks": ks.num_blocks_values[int(info["num_blocks_index"])],
-        },
+        # the plan that ran
+        "knobs": {head: values[int(info[f"{head}_index"])] for head, values in ks.head_values.items()},
         "shielded": bool(info["shielded"]),  # the latency shield changed the controller's choice
         "shield_cut": bool(info["shield_cut"]),  # ... by lowering the tier, top-k or blocks for the budget
         "latency_ms": float(info["latency_ms"]),

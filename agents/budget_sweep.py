@@ -135,8 +135,7 @@ def summarize_choices(
     violation: per-episode flags when the caller has its own count (default latency > budget)."""
     acc, lat, rew = (t.double().reshape(-1) for t in (accuracy, latency, reward))
     viol = (lat > budget).double() if violation is None else violation.double().reshape(-1)
-    values = {"tier": knob_space.tiers, "insertion": knob_space.insertion_positions,
-              "top_k": knob_space.top_k_values, "num_blocks": knob_space.num_blocks_values}
+    values = knob_space.head_values
     n = acc.numel()
 
     def fractions(mask: torch.Tensor) -> dict:
@@ -357,14 +356,21 @@ def env_policy_rows(
     return episode_rows(env, name, episodes, sample_index, budgets, reference)
 
 
+def _samples_per_budget(episodes, sample_index: torch.Tensor, budgets: Sequence[float]) -> int:
+    """The number of samples of budget-major (budget, sample) terminal steps, or an error when the
+    episodes are not one per sample and budget."""
+    s = sample_index.numel()
+    if episodes.shape[0] != s * len(budgets):
+        raise ValueError(f"{episodes.shape[0]} episodes for {s} samples x {len(budgets)} budgets")
+    return s
+
+
 def episode_rows(env, name: str, episodes, sample_index: torch.Tensor, budgets: Sequence[float],
                  reference: bool = False) -> list[dict]:
     """One row per budget from terminal steps ordered budget-major (budget, sample). With
     reference=True on a backend with expected_rewards (the dummy), rows also get the
     expected/optimal/random rewards."""
-    s = sample_index.numel()
-    if episodes.shape[0] != s * len(budgets):
-        raise ValueError(f"{episodes.shape[0]} episodes for {s} samples x {len(budgets)} budgets")
+    s = _samples_per_budget(episodes, sample_index, budgets)
     families = families_of(env.samples, sample_index.tolist())
     rows = []
     for b_i, budget in enumerate(budgets):
@@ -387,33 +393,32 @@ def episode_rows(env, name: str, episodes, sample_index: torch.Tensor, budgets: 
     return rows
 
 
-EPISODE_RECORD_FIELDS = ("latency_ms", "controller_ms", "violation", "accuracy", "shielded", "shield_cut")
+# episode info per record of episode_records: measured values, and 0/1 flags
+EPISODE_RECORD_VALUES = ("latency_ms", "controller_ms", "accuracy")
+EPISODE_RECORD_FLAGS = ("violation", "shielded", "shield_cut")
 
 
 def episode_records(env, name: str, episodes, sample_index: torch.Tensor, budgets: Sequence[float]) -> list[dict]:
     """One record per episode of env policy `name` (terminal steps ordered budget-major (budget, sample),
     as episode_rows reads them): its budget, the sample's position in the run (`round`: the runs are
     interleaved one round per test sample, so rounds are time order), sample index and family, the plan
-    that ran (the shield's, when it changed the policy's) and EPISODE_RECORD_FIELDS: what a reader needs
-    to see when, where and for whom a policy exceeded its budgets."""
-    s = sample_index.numel()
-    if episodes.shape[0] != s * len(budgets):
-        raise ValueError(f"{episodes.shape[0]} episodes for {s} samples x {len(budgets)} budgets")
+    that ran (the shield's, when it changed the policy's), EPISODE_RECORD_VALUES and EPISODE_RECORD_FLAGS:
+    what a reader needs to see when, where and for whom a policy exceeded its budgets."""
+    s = _samples_per_budget(episodes, sample_index, budgets)
     families = families_of(env.samples, sample_index.tolist())
-    ks = env.knob_space
-    knobs = {"tier": ks.tiers, "insertion": ks.insertion_positions, "top_k": ks.top_k_values,
-             "num_blocks": ks.num_blocks_values}
+    knobs = env.knob_space.head_values
     info = episodes["episode"]
     plan = {k: info[f"{k}_index"].reshape(-1).long().tolist() for k in knobs}
-    values = {k: info[k].reshape(-1).tolist() for k in EPISODE_RECORD_FIELDS}
+    values = {k: info[k].reshape(-1).tolist() for k in EPISODE_RECORD_VALUES}
+    flags = {k: info[k].reshape(-1).long().tolist() for k in EPISODE_RECORD_FLAGS}
     records = []
     for e in range(episodes.shape[0]):
         b_i, r = divmod(e, s)
         records.append({"policy": name, "budget_ms": float(budgets[b_i]), "round": r,
                         "sample_index": int(sample_index[r]), "family": None if families is None else families[r],
                         **{k: knobs[k][plan[k][e]] for k in knobs},
-                        **{k: (int(values[k][e]) if k in ("violation", "shielded", "shield_cut") else values[k][e])
-                           for k in EPISODE_RECORD_FIELDS}})
+                        **{k: values[k][e] for k in EPISODE_RECORD_VALUES},
+                        **{k: flags[k][e] for k in EPISODE_RECORD_FLAGS}})
     return records
 
 

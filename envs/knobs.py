@@ -67,14 +67,19 @@ class KnobSpace:
         }
 
     @property
+    def head_values(self) -> dict[str, tuple]:
+        """The values of each policy head's choices, in index order, keyed by action name."""
+        return {
+            "tier": self.tiers,
+            "insertion": self.insertion_positions,
+            "top_k": self.top_k_values,
+            "num_blocks": self.num_blocks_values,
+        }
+
+    @property
     def head_sizes(self) -> dict[str, int]:
         """Number of choices of each policy head, keyed by action name."""
-        return {
-            "tier": len(self.tiers),
-            "insertion": len(self.insertion_positions),
-            "top_k": len(self.top_k_values),
-            "num_blocks": len(self.num_blocks_values),
-        }
+        return {head: len(values) for head, values in self.head_values.items()}
 
     def complexity(self, tier_index: int, top_k: int, num_blocks: int) -> float:
         """Mean of the three knob costs, each normalised to [0, 1] (0 = cheapest value)."""
