@@ -88,9 +88,10 @@ def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | Non
                     feasibility: Sequence[Mapping] | None = None) -> str:
     """Accuracy (violation rate) per budget and policy, with the mean over budgets, a column of the
     controllers' mean +- standard deviation when there are several, and the budgets that no measured
-    static configuration met on 95% of the samples (budget_sweep.budget_feasibility) named under it;
-    then per controller its knob choices by question family (modal tier, mean top-k, mean blocks:
-    accuracy) where rows have them."""
+    static configuration met on 95% of the samples (budget_sweep.budget_feasibility) named under it,
+    with a mean over the others; each controller group against lookup-calibrated over the feasible
+    budgets (_headroom_table); the paired differences; then per controller its knob choices by
+    question family (modal tier, mean top-k, mean blocks: accuracy) where rows have them."""
     import statistics
 
     by_policy = _by_policy(rows)
@@ -113,13 +114,16 @@ def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | Non
         return (f"{statistics.fmean(acc):.3f} +- {statistics.stdev(acc):.3f} "
                 f"({statistics.fmean(viol):.1f}% +- {statistics.stdev(viol):.1f})")
 
+    infeasible = {f["budget_ms"] for f in feasibility or () if not f["feasible"]}
+    feasible = [b for b in budgets if b not in infeasible]
+    means = {"**mean**": budgets}
+    if feasible and len(feasible) < len(budgets):
+        means[f"**mean, {len(feasible)} feasible budgets**"] = feasible
     columns = [f"{g} ({len(members)}), mean +- std" for g, members in spread.items()] + controllers + others
     lines = ["| budget (ms) | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for key in [*budgets, "mean"]:
-        chosen = budgets if key == "mean" else [key]
+    for label, chosen in [*((f"{b:.1f}", [b]) for b in budgets), *means.items()]:
         cells = ([cell_text(members, chosen) for members in spread.values()]
                  + [cell_text([p], chosen) for p in controllers + others])
-        label = "**mean**" if key == "mean" else f"{key:.1f}"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     out = ["## Accuracy (violation rate) per budget", "", *lines, ""]
     for f in feasibility or ():
@@ -128,6 +132,7 @@ def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | Non
                     f"95% of the samples (the least violating, {f['least_violating_config']}, exceeded it on "
                     f"{100 * f['violation_rate']:.1f}%): no policy can hold 5% violations there on this machine "
                     f"in this run.", ""]
+    out += _headroom_table(cell, controller_groups(controllers), feasible, len(budgets))
     out += _paired_table(paired_comparisons(rows, controllers) if paired is None else paired)
     for policy in controllers:
         rs = [r for r in by_policy[policy] if r.get("choices_by_family")]
@@ -141,6 +146,48 @@ def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | Non
                 _family_knobs(r["choices_by_family"][f], r["accuracy_by_family"][f]) for f in families) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def _headroom_table(cell: Mapping[tuple, Mapping], groups: Mapping[str, Sequence[str]], feasible: Sequence[float],
+                    num_budgets: int) -> list[str]:
+    """Markdown lines of each controller group against lookup-calibrated over the feasible budgets (the
+    bar a controller is held to: what it gains over the best static configuration that fitted each
+    budget on the calibration, as a share of the family oracle's gain, and its violations): the gain
+    as mean +- standard deviation over the group's checkpoints, the worst budget of the group's mean,
+    the largest violation rate of any checkpoint at a budget and each checkpoint's mean violation rate.
+    Empty without lookup-calibrated and the family oracle at every feasible budget."""
+    import statistics
+
+    base, oracle = "lookup-calibrated", "family-oracle"
+    if not feasible or not groups or not all((p, b) in cell for p in (base, oracle) for b in feasible):
+        return []
+
+    def mean(policy: str, key: str, budgets=feasible) -> float:
+        return statistics.fmean(cell[policy, b][key] for b in budgets)
+
+    headroom = 100 * (mean(oracle, "accuracy_mean") - mean(base, "accuracy_mean"))
+    where = "every budget" if len(feasible) == num_budgets else f"the {len(feasible)} feasible budgets"
+    lines = [f"## Against {base} over {where}", "",
+             f"Headroom ({oracle} − {base}): {headroom:+.1f} points; {base} violated "
+             f"{100 * mean(base, 'violation_rate'):.2f}% of them, "
+             f"{oracle} {100 * mean(oracle, 'violation_rate'):.2f}%.", "",
+             f"| controllers | accuracy − {base} (points), mean +- std | share of the headroom "
+             f"| worst budget (points) | largest violation rate at a budget | mean violation rate (each checkpoint) |",
+             "|---" * 6 + "|"]
+    for name, members in groups.items():
+        if not all((p, b) in cell for p in members for b in feasible):
+            continue
+        gains = [100 * (mean(p, "accuracy_mean") - mean(base, "accuracy_mean")) for p in members]
+        spread = f" +- {statistics.stdev(gains):.1f}" if len(gains) > 1 else ""
+        share = f"{statistics.fmean(gains) / headroom:.0%}" if headroom > 0 else "no headroom"
+        worst = min((100 * (statistics.fmean(cell[p, b]["accuracy_mean"] for p in members)
+                            - cell[base, b]["accuracy_mean"]), b) for b in feasible)
+        largest = max((100 * cell[p, b]["violation_rate"], b) for p in members for b in feasible)
+        violations = " / ".join(f"{100 * mean(p, 'violation_rate'):.2f}" for p in members)
+        lines.append(f"| {name} ({len(members)}) | {statistics.fmean(gains):+.1f}{spread} | {share} | "
+                     f"{worst[0]:+.1f} ({worst[1]:.1f} ms) | {largest[0]:.1f}% ({largest[1]:.1f} ms) | "
+                     f"{statistics.fmean(100 * mean(p, 'violation_rate') for p in members):.2f}% ({violations}) |")
+    return [*lines, ""]
 
 
 def _paired_table(paired: Mapping[str, Mapping]) -> list[str]:
