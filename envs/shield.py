@@ -93,7 +93,7 @@ With stage2_risk "elapsed", Stage 2 reads P(latency > budget) as predicted by ho
 run so far. On the 2-core VM a request's slowness persists: over 800 requests of four fixed plans the
 log of the time before Stage 2 (over its plan's median) and of the rest correlated 0.77-0.82, and a
 least-squares line on the first cut the spread of the rest's 95% point over its median from 0.31-0.36
-to 0.18-0.24 in log (a check outside the repository, docs/RESULTS.md 0). Each observed episode keeps,
+to 0.18-0.24 in log (a check outside the repository, docs/RESULTS.md 0-s29). Each observed episode keeps,
 beside its ratio, its time before Stage 2 (`elapsed_ms`, the Stage-1 controller's included) over its
 tier's tracked scale; its speed is that over the median of the pool's episodes of its tier. A line
 log ratio = a + b log speed fitted to the pool's episodes that have one gives Stage 2 the risk
