@@ -162,8 +162,8 @@ def _headroom_table(cell: Mapping[tuple, Mapping], groups: Mapping[str, Sequence
     if not feasible or not groups or not all((p, b) in cell for p in (base, oracle) for b in feasible):
         return []
 
-    def mean(policy: str, key: str, budgets=feasible) -> float:
-        return statistics.fmean(cell[policy, b][key] for b in budgets)
+    def mean(policy: str, key: str) -> float:
+        return statistics.fmean(cell[policy, b][key] for b in feasible)
 
     headroom = 100 * (mean(oracle, "accuracy_mean") - mean(base, "accuracy_mean"))
     where = "every budget" if len(feasible) == num_budgets else f"the {len(feasible)} feasible budgets"
