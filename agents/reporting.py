@@ -165,7 +165,8 @@ def _headroom_table(cell: Mapping[tuple, Mapping], groups: Mapping[str, Sequence
     def mean(policy: str, key: str) -> float:
         return statistics.fmean(cell[policy, b][key] for b in feasible)
 
-    headroom = 100 * (mean(oracle, "accuracy_mean") - mean(base, "accuracy_mean"))
+    base_accuracy = mean(base, "accuracy_mean")
+    headroom = 100 * (mean(oracle, "accuracy_mean") - base_accuracy)
     where = "every budget" if len(feasible) == num_budgets else f"the {len(feasible)} feasible budgets"
     lines = [f"## Against {base} over {where}", "",
              f"Headroom ({oracle} − {base}): {headroom:+.1f} points; {base} violated "
@@ -177,16 +178,16 @@ def _headroom_table(cell: Mapping[tuple, Mapping], groups: Mapping[str, Sequence
     for name, members in groups.items():
         if not all((p, b) in cell for p in members for b in feasible):
             continue
-        gains = [100 * (mean(p, "accuracy_mean") - mean(base, "accuracy_mean")) for p in members]
+        gains = [100 * (mean(p, "accuracy_mean") - base_accuracy) for p in members]
         spread = f" +- {statistics.stdev(gains):.1f}" if len(gains) > 1 else ""
         share = f"{statistics.fmean(gains) / headroom:.0%}" if headroom > 0 else "no headroom"
         worst = min((100 * (statistics.fmean(cell[p, b]["accuracy_mean"] for p in members)
                             - cell[base, b]["accuracy_mean"]), b) for b in feasible)
         largest = max((100 * cell[p, b]["violation_rate"], b) for p in members for b in feasible)
-        violations = " / ".join(f"{100 * mean(p, 'violation_rate'):.2f}" for p in members)
+        violations = [100 * mean(p, "violation_rate") for p in members]
         lines.append(f"| {name} ({len(members)}) | {statistics.fmean(gains):+.1f}{spread} | {share} | "
                      f"{worst[0]:+.1f} ({worst[1]:.1f} ms) | {largest[0]:.1f}% ({largest[1]:.1f} ms) | "
-                     f"{statistics.fmean(100 * mean(p, 'violation_rate') for p in members):.2f}% ({violations}) |")
+                     f"{statistics.fmean(violations):.2f}% ({' / '.join(f'{v:.2f}' for v in violations)}) |")
     return [*lines, ""]
 
 
