@@ -377,11 +377,14 @@ def episode_rows(env, name: str, episodes, sample_index: torch.Tensor, budgets: 
         ep = episodes[b_i * s:(b_i + 1) * s]
         info = ep["episode"]
         extra = {}
+        risk = info["shield_risk"].double()
+        if bool(torch.isfinite(risk).any()):  # the violation rate a value shield predicted for the plans that ran
+            extra["shield_risk_mean"] = float(risk.nanmean())
         if reference and env.backend.has_closed_form:
             ref = dummy_reference_rewards(env, ep)
-            extra = {"expected_reward_mean": ref["expected_reward_mean"],
-                     "optimal_expected_reward_mean": ref["optimal_reward_mean"],
-                     "random_expected_reward_mean": ref["random_reward_mean"]}
+            extra.update({"expected_reward_mean": ref["expected_reward_mean"],
+                          "optimal_expected_reward_mean": ref["optimal_reward_mean"],
+                          "random_expected_reward_mean": ref["random_reward_mean"]})
         rows.append(summarize_choices(
             name, budget, info["accuracy"], info["latency_ms"], ep["reward"],
             {h: ep["action", h] for h in ACTION_HEADS}, env.knob_space, families,
@@ -394,7 +397,7 @@ def episode_rows(env, name: str, episodes, sample_index: torch.Tensor, budgets: 
 
 
 # episode info per record of episode_records: measured values, and 0/1 flags
-EPISODE_RECORD_VALUES = ("latency_ms", "controller_ms", "accuracy")
+EPISODE_RECORD_VALUES = ("latency_ms", "controller_ms", "accuracy", "shield_risk", "shield_price")
 EPISODE_RECORD_FLAGS = ("violation", "shielded", "shield_cut")
 
 

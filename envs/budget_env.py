@@ -23,6 +23,7 @@ forwards the last observation (a collector, `step_and_maybe_reset`) still draws 
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Sequence
 
@@ -58,6 +59,9 @@ EPISODE_INFO_KEYS = (
     "num_blocks_index",
     "shielded",  # 1: the shield changed a knob of this episode (the insertion pin included)
     "shield_cut",  # 1: it lowered the tier, top-k or blocks to fit the budget
+    # What the shield's Stage-2 decision read for the plan that ran (NaN: no shield, or one without values):
+    "shield_risk",  # its P(latency > budget), to hold against the measured violation
+    "shield_price",  # the price of a violation in accuracy
 )
 # How many other samples to try when a sample's image cannot be loaded.
 _MAX_IMAGE_RETRIES = 32
@@ -391,5 +395,7 @@ class BudgetVLMEnv(EnvBase):
             "num_blocks_index": float(n_index),
             "shielded": float(shielded),
             "shield_cut": float(cut),
+            "shield_risk": math.nan if self.shield is None else self.shield.last_risk,
+            "shield_price": math.nan if self.shield is None else self.shield.last_price,
         }
         return info, float(reward)

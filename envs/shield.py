@@ -203,6 +203,9 @@ class LatencyShield:
         # per budget bin, the mean risk the expected price allows (module doc)
         self.expected_target = torch.full((len(edges) + 1,), self.violation_target or 0.0, dtype=torch.float64)
         self._episode: dict | None = None  # what this episode's decisions read (_episode_tables)
+        # what the last Stage-2 decision read for the plan it returned (NaN without values): its
+        # P(latency > budget) and the price of a violation, so that a run can check the risk model
+        self.last_risk, self.last_price = math.nan, math.nan
         self._observed = 0
         prior = torch.special.ndtri((torch.arange(RATIO_PRIOR_SIZE, dtype=torch.float64) + 0.5) / RATIO_PRIOR_SIZE)
         q95 = torch.special.ndtri(torch.tensor(0.95, dtype=torch.float64))
@@ -452,7 +455,9 @@ class LatencyShield:
                requested_tier: int | None = None, elapsed_ms: float | None = None) -> tuple[int, int]:
         """(top-k index, blocks index) to execute at `tier` for the chosen ones (module doc);
         requested_tier: the tier Stage 1 chose (default `tier`), which names the request's values;
-        elapsed_ms: the request's measured time before Stage 2 (stage2_risk "elapsed" reads it)."""
+        elapsed_ms: the request's measured time before Stage 2 (stage2_risk "elapsed" reads it).
+        With values, last_risk and last_price hold what the decision read for the returned plan."""
+        self.last_risk, self.last_price = math.nan, math.nan
         if self.values is not None:
             request = (int(tier) if requested_tier is None else int(requested_tier), int(top_k), int(num_blocks))
             table = self._episode_tables(budget_ms)["table"][int(tier)]
@@ -467,7 +472,9 @@ class LatencyShield:
                 below, values, below_risk = (x[: k_top + 1, : n_top + 1] for x in (table, whole, risk))
             if not (np.isfinite(below) & ~np.isnan(values)).any():  # none known below: the whole tier
                 below, values, below_risk = table, whole, risk
-            return divmod(self._best(values, below, below_risk, budget_ms)[1], below.shape[1])
+            k, n = divmod(self._best(values, below, below_risk, budget_ms)[1], below.shape[1])
+            self.last_risk, self.last_price = float(risk[k, n]), self.bin_price(budget_ms)
+            return k, n
         table = self.p95_ms[int(tier)] * self.scale[int(tier)] * self.budget_margin(budget_ms)
         if float(table[top_k, num_blocks]) <= budget_ms:
             return int(top_k), int(num_blocks)

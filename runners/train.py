@@ -589,6 +589,8 @@ def train_ranks(args, cfg: Config, ranks: RankContext, output_dir: Path, resume_
                                           for b, t in enumerate(shield.expected_target)})
                 if shield.speed_slope is not None:  # how much of a request's slowness before Stage 2 persists
                     train_metrics["train/shield_speed_slope"] = shield.speed_slope
+                if shield.values is not None:  # the violation rate it predicted for the plans that ran
+                    train_metrics["train/shield_risk"] = float(info["shield_risk"].double().nanmean())
             progress.update(1)
             progress.set_postfix(reward=f"{train_metrics['train/reward']:.3f}",
                                  viol=f"{train_metrics['train/violation_rate']:.2f}")

@@ -150,7 +150,8 @@ def test_same_seed_same_episodes():
 
     a, b, c = run(3), run(3), run(4)
     assert (a["next", "episode", "controller_ms"][:, 1] == 1.0).all()
-    assert (a["next", "episode"] == b["next", "episode"]).all()
+    for key, value in a["next", "episode"].items():  # NaN: what a run without a shield did not predict
+        torch.testing.assert_close(value, b["next", "episode", key], rtol=0, atol=0, equal_nan=True)
     assert torch.equal(a["next", "reward"], b["next", "reward"])
     assert not torch.equal(a["budget_ms"], c["budget_ms"])
 

@@ -1,5 +1,6 @@
 """envs/shield.py: the latency shield's projection rules, its bad input, and the env executing the
 projected plan (on the dummy backend, whose closed-form profile is the shield's table)."""
+import csv
 import json
 import math
 import time
@@ -50,6 +51,7 @@ def test_stage2_keeps_a_fitting_plan_else_the_largest_fitting_one_below_it():
     assert s.stage2(1, 0, 1, 21.0) == (0, 0)  # only pairs at or below the chosen one in both knobs
     assert s.stage2(1, 1, 1, 5.0) == (0, 0)  # none fits: the tier's cheapest
     assert s.stage2(0, 0, 0, 11.0) == (0, 0)
+    assert math.isnan(s.last_risk) and math.isnan(s.last_price)  # a table shield predicts no risk
 
 
 def test_untimed_plans_never_fit_and_the_state_dict_round_trips():
@@ -381,6 +383,7 @@ def test_a_value_shield_spends_the_risk_where_the_request_gains_from_it():
     assert float(s.violation_probability(torch.tensor([14.0]), 14.2)) == 0.05
     assert float(s.violation_probability(torch.tensor([10.0]), 14.2)) == 0.0
     assert s.stage2(0, 0, 1, 14.2) == (0, 1)  # 1.0 - 4 x 0.05 beats 0.5
+    assert (s.last_risk, s.last_price) == (0.05, 4.0)  # what the decision read for the plan it returned
     # the same plan asked with flat values: nothing to gain, so the plan that surely fits
     flat = LatencyShield(KS, TABLE, 0, violation_target=0.02, values={(0, 0, 1): FLAT})
     flat.price[:] = 4.0
@@ -390,6 +393,7 @@ def test_a_value_shield_spends_the_risk_where_the_request_gains_from_it():
     # a higher price buys safety: at 40 the gain of 0.5 no longer pays for the risk
     s.price[:] = 40.0
     assert s.stage2(0, 0, 1, 14.2) == (0, 0)
+    assert (s.last_risk, s.last_price) == (0.0, 40.0)
     # a certain violation never beats a plan that surely fits, even at the lowest price and a gain of 1
     s = LatencyShield(KS, TABLE, 0, violation_target=0.02,
                       values={(0, 0, 1): torch.tensor([[[0.0, 1.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])})
@@ -667,6 +671,12 @@ def test_a_value_shielded_run_keeps_its_family_requests_and_logs_its_prices(tmp_
     table = result["meta"]["latency_shield"]["tables"]["controller"]
     assert table["values"] and len(table["price"]) == 2 and table["expected_price"] == expected_price
     assert table["stage2_risk"] == stage2_risk
+    # each episode holds the risk and price its Stage-2 decision read; the rows the mean predicted rate
+    episodes = list(csv.DictReader((tmp_path / "eval" / "episodes.csv").open()))
+    assert episodes and all(0.0 <= float(e["shield_risk"]) <= 1.0 and 1e-3 <= float(e["shield_price"]) <= 100.0
+                            for e in episodes)
+    assert all(0.0 <= r["shield_risk_mean"] <= 1.0 for r in result["rows"] if r["policy"] == "controller")
+    assert any(r["train/shield_risk"] >= 0.0 for r in rows if "train/shield_risk" in r)
     # measured: each request weighs the evaluation's 256 questions that made it; taught: one per family
     assert sum(table["value_weights"].values()) == (REQUEST_MIX_SAMPLES if request_mix == "measured" else len(families))
 
