@@ -208,11 +208,14 @@ def _paired_table(paired: Mapping[str, Mapping]) -> list[str]:
 
     lines += [line(f"{name} (mean of the seeds)" if name.startswith("controllers") else name, d)
               for name, d in against.items()]
-    variants = {name: d for name, d in paired.items() if name.startswith("controllers@") and " - controllers@" in name}
-    if variants:
-        lines += ["", "## Between the evaluation settings of the same checkpoints (paired, mean over budgets +- "
-                  "standard error over samples)", "", "| settings | accuracy (points) | violation rate (points) |",
-                  "|---|---|---|", *(line(name, d) for name, d in variants.items())]
+    between = (("controllers@", "the evaluation settings of the same checkpoints"),
+               ("controllers[", "the training configs (each group its seeds)"))
+    for prefix, what in between:
+        pairs = {name: d for name, d in paired.items() if name.startswith(prefix) and f" - {prefix}" in name}
+        if pairs:
+            lines += ["", f"## Between {what} (paired, mean over budgets +- standard error over samples)", "",
+                      "| settings | accuracy (points) | violation rate (points) |", "|---|---|---|",
+                      *(line(name, d) for name, d in pairs.items())]
     return [*lines, ""]
 
 
@@ -355,8 +358,8 @@ def paired_comparisons(rows: Sequence[Mapping], controllers: Sequence[str]) -> d
     """Paired differences (paired_difference) over the budgets in the training range, each named
     "<policies> - <baseline>": every controller, each group of several (controller_groups, averaged
     per episode) and every other policy against lookup-calibrated; the controllers against the family
-    oracle; and each variant group against the first (the same checkpoints behind two settings).
-    Empty without per-sample rows of a baseline."""
+    oracle; each variant group against the first (the same checkpoints behind two settings), and each
+    training config's group against the first. Empty without per-sample rows of a baseline."""
     inside = [r for r in rows if r.get("in_training_range", True) and "per_sample" in r]
     present = {r["policy"] for r in inside}
     groups = {name: [name] for name in controllers if name in present}
@@ -369,19 +372,24 @@ def paired_comparisons(rows: Sequence[Mapping], controllers: Sequence[str]) -> d
             out.update({f"{name} - {baseline}": paired_difference(inside, policies, baseline)
                         for name, policies in compared.items()})
     variants = [g for g in grouped if "@" in g]
-    for name in variants[1:]:
-        out[f"{name} - {variants[0]}"] = paired_difference(inside, grouped[name], grouped[variants[0]])
+    trainings = [g for g in grouped if g.startswith("controllers[") and "@" not in g]
+    for alike in (variants, trainings):
+        for name in alike[1:]:
+            out[f"{name} - {alike[0]}"] = paired_difference(inside, grouped[name], grouped[alike[0]])
     return out
 
 
 def controller_groups(controllers: Sequence[str]) -> dict[str, list[str]]:
     """The controller policies evaluated alike, in order: "controllers" for plain ones (e.g. the seeds
-    of one training config), "controllers@<variant>" for controller:<run>@<variant> (the checkpoints
-    run behind one evaluation setting, e.g. evaluate.py's shield quantile q0.95)."""
+    of one training config), "controllers[<settings>]" for controller:<run>[<settings>] (the seeds of
+    one of several training configs, evaluate.py's config_labels), and "@<variant>" after either for
+    controller:<run>...@<variant> (the checkpoints run behind one evaluation setting, e.g. evaluate.py's
+    shield quantile q0.95)."""
     groups: dict[str, list[str]] = {}
     for name in controllers:
-        variant = name.partition("@")[2]
-        groups.setdefault(f"controllers@{variant}" if variant else "controllers", []).append(name)
+        run, _, variant = name.partition("@")
+        settings = run[run.index("["):] if run.endswith("]") and "[" in run else ""
+        groups.setdefault(f"controllers{settings}" + (f"@{variant}" if variant else ""), []).append(name)
     return groups
 
 

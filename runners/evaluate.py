@@ -621,7 +621,8 @@ def _run(args, log) -> dict:
 
 def controller_checkpoints(paths, variants: list[str] | None = None) -> dict[str, dict]:
     """{policy name: loaded checkpoint}: "controller" for one checkpoint; for several,
-    controller:<name> with the run dir's name (a checkpoint file: its run dir's, else its stem); with
+    controller:<name> with the run dir's name (a checkpoint file: its run dir's, else its stem), and
+    [<settings>] after it when the runs were trained with different configs (config_labels); with
     `variants` (evaluation settings), controller:<name>@<variant> per checkpoint and variant, in that
     order, the variants of a checkpoint sharing its loaded dict."""
     if len(paths) == 1 and not variants:
@@ -635,7 +636,36 @@ def controller_checkpoints(paths, variants: list[str] | None = None) -> dict[str
             raise ValueError(f"--checkpoint: {path} and {out[name]['arg']} both give the policy name {name!r}; "
                              f"pass checkpoints of differently named run dirs")
         out[name] = {**load_checkpoint(path), "arg": str(path)}
+    labels = config_labels({name: ck.get("config") for name, ck in out.items()})
+    out = {f"{name}[{labels[name]}]" if labels else name: ck for name, ck in out.items()}
     return {f"{name}@{v}": ck for name, ck in out.items() for v in variants} if variants else out
+
+
+def config_labels(configs: dict[str, dict | None]) -> dict[str, str]:
+    """{name: label} naming, for runs trained with different configs, the settings that tell them apart
+    ("policy.latency_shield_violation_target=0.015"; the seed and the settings all share are left out),
+    so that the reports group seeds per training config (agents.reporting.controller_groups); {} when
+    the runs share one config or one has none stored."""
+    if len(configs) < 2 or any(c is None for c in configs.values()):
+        return {}
+
+    def flat(tree: dict, prefix: str = "") -> dict[str, str]:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = str(value)
+        return out
+
+    settings = {name: flat(config_from_dict(c).to_dict()) for name, c in configs.items()}
+    for s in settings.values():
+        s.pop("train.seed")
+    keys = sorted({k for s in settings.values() for k in s})
+    differing = [k for k in keys if len({s.get(k) for s in settings.values()}) > 1]
+    if not differing:
+        return {}
+    return {name: ",".join(f"{k}={s.get(k)}" for k in differing) for name, s in settings.items()}
 
 
 def _env_policy(spec, ckpt, cfg, own_cfg, backend) -> tuple:

@@ -99,6 +99,27 @@ def test_controllers_behind_two_settings_are_grouped_and_compared_paired():
     assert len(ax.get_lines()) == 2 + 4 + 1
 
 
+def test_the_seeds_of_two_training_configs_are_grouped_per_config_and_compared_paired():
+    a, b = "[policy.latency_shield_violation_target=0.02]", "[policy.latency_shield_violation_target=0.015]"
+    names = [f"controller:nat_s42{a}", f"controller:t15_s42{b}", f"controller:nat_s43{a}", f"controller:t15_s43{b}"]
+    assert controller_groups([*names, f"controller:t15_s44{b}@v0.01"]) == {
+        f"controllers{a}": [names[0], names[2]], f"controllers{b}": [names[1], names[3]],
+        f"controllers{b}@v0.01": [f"controller:t15_s44{b}@v0.01"]}
+    rows = [_paired_row(names[0], 10.0, [1, 0, 0, 0], [0, 0, 0, 0]),
+            _paired_row(names[1], 10.0, [1, 1, 0, 0], [0, 0, 0, 1]),
+            _paired_row(names[2], 10.0, [0, 0, 0, 0], [0, 0, 0, 0]),
+            _paired_row(names[3], 10.0, [1, 1, 1, 0], [0, 0, 0, 0]),
+            _paired_row("lookup-calibrated", 10.0, [1, 1, 0, 0], [0, 0, 0, 0])]
+    paired = paired_comparisons(rows, names)
+    # per sample, the second config's two seeds averaged minus the first's: (0.5, 1, 0.5, 0)
+    between = paired[f"controllers{b} - controllers{a}"]
+    assert between["accuracy"]["mean"] == pytest.approx(0.5) and between["violation"]["mean"] == pytest.approx(0.125)
+    table = markdown_tables(rows)
+    assert f"| budget (ms) | controllers{a} (2), mean +- std | controllers{b} (2), mean +- std |" in table
+    assert "## Between the training configs (each group its seeds)" in table
+    assert f"| controllers{b} - controllers{a} | +50.0 +- 20.4 | +12.5 +- 12.5 |" in table
+
+
 def test_budgets_no_configuration_met_are_named_under_the_table():
     rows = [_row("controller", 10.0, 0.5, 0.2), _row("controller", 20.0, 0.8, 0.01)]
     feasibility = [{"budget_ms": 10.0, "least_violating_config": "low,4,12", "violation_rate": 0.123, "feasible": False},

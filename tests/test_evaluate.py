@@ -312,6 +312,24 @@ def test_several_checkpoints_are_evaluated_in_one_run(run_dir, tmp_path, evaluat
     assert "both give the policy name 'controller:run'" in msg and not (tmp_path / "dup").exists()
 
 
+def test_runs_of_different_training_configs_are_named_by_the_settings_that_differ(run_dir, tmp_path):
+    evaluate = load_runner("evaluate")
+    ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    ckpt["config"]["optim"]["lr"] = 0.5 * ckpt["config"]["optim"]["lr"]
+    (tmp_path / "half" / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, tmp_path / "half" / "checkpoints" / "best.pt")
+    lr = ckpt["config"]["optim"]["lr"]
+    names = list(evaluate.controller_checkpoints([run_dir, tmp_path / "half"], ["q0.95"]))
+    assert names == [f"controller:run[optim.lr={2 * lr}]@q0.95", f"controller:half[optim.lr={lr}]@q0.95"]
+    config_labels = evaluate.config_labels
+    base = {"policy": {"latency_shield_violation_target": 0.015}, "train": {"seed": 42}}
+    other = {"policy": {"latency_shield_violation_target": 0.02}, "train": {"seed": 43}}
+    assert config_labels({"a": base, "b": {**base, "train": {"seed": 43}}}) == {}  # seeds of one config
+    assert config_labels({"a": base, "b": other}) == {"a": "policy.latency_shield_violation_target=0.015",
+                                                      "b": "policy.latency_shield_violation_target=0.02"}
+    assert config_labels({"a": base, "b": None}) == {} and config_labels({"a": base}) == {}
+
+
 def test_latency_shield_flag_gives_controllers_a_shield_and_records_its_table(run_dir, tmp_path, evaluate_main):
     argv = ["--checkpoint", str(run_dir), "--num_samples", "6", "--num_budgets", "2", "--policies", "controller"]
     on = evaluate_main([*argv, "--latency_shield", "on", "--output_dir", str(tmp_path / "on")])
