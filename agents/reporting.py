@@ -90,7 +90,8 @@ def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | Non
     controllers' mean +- standard deviation when there are several, and the budgets that no measured
     static configuration met on 95% of the samples (budget_sweep.budget_feasibility) named under it,
     with a mean over the others; each controller group against lookup-calibrated over the feasible
-    budgets (_headroom_table); the paired differences; then per controller its knob choices by
+    budgets (_headroom_table); their shields' predicted violation rates against the measured ones
+    (_risk_table); the paired differences; then per controller its knob choices by
     question family (modal tier, mean top-k, mean blocks: accuracy) where rows have them."""
     import statistics
 
@@ -133,6 +134,7 @@ def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | Non
                     f"{100 * f['violation_rate']:.1f}%): no policy can hold 5% violations there on this machine "
                     f"in this run.", ""]
     out += _headroom_table(cell, controller_groups(controllers), feasible, len(budgets))
+    out += _risk_table(cell, controller_groups(controllers), budgets)
     out += _paired_table(paired_comparisons(rows, controllers) if paired is None else paired)
     for policy in controllers:
         rs = [r for r in by_policy[policy] if r.get("choices_by_family")]
@@ -188,6 +190,29 @@ def _headroom_table(cell: Mapping[tuple, Mapping], groups: Mapping[str, Sequence
         lines.append(f"| {name} ({len(members)}) | {statistics.fmean(gains):+.1f}{spread} | {share} | "
                      f"{worst[0]:+.1f} ({worst[1]:.1f} ms) | {largest[0]:.1f}% ({largest[1]:.1f} ms) | "
                      f"{statistics.fmean(violations):.2f}% ({' / '.join(f'{v:.2f}' for v in violations)}) |")
+    return [*lines, ""]
+
+
+def _risk_table(cell: Mapping[tuple, Mapping], groups: Mapping[str, Sequence[str]], budgets: Sequence[float]) -> list[str]:
+    """Markdown lines of each controller group's violation rate as its value shield predicted it for the
+    plans that ran (the rows' shield_risk_mean) and as measured, per budget and over all, averaged over
+    the group's checkpoints: how far the shield's risk model was off. Empty without a value shield."""
+    import statistics
+
+    groups = {g: m for g, m in groups.items() if all("shield_risk_mean" in cell.get((p, b), {}) for p in m for b in budgets)}
+    if not groups:
+        return []
+
+    def rates(members, chosen) -> str:
+        predicted, measured = (100 * statistics.fmean(cell[p, b][k] for p in members for b in chosen)
+                               for k in ("shield_risk_mean", "violation_rate"))
+        return f"{predicted:.2f}% / {measured:.2f}%"
+
+    lines = ["## The latency shield's predicted violation rate against the measured one (predicted / measured)", "",
+             "| budget (ms) | " + " | ".join(f"{g} ({len(m)})" for g, m in groups.items()) + " |",
+             "|---" * (len(groups) + 1) + "|"]
+    for label, chosen in [*((f"{b:.1f}", [b]) for b in budgets), ("**mean**", budgets)]:
+        lines.append(f"| {label} | " + " | ".join(rates(m, chosen) for m in groups.values()) + " |")
     return [*lines, ""]
 
 

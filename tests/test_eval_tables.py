@@ -120,6 +120,20 @@ def test_the_seeds_of_two_training_configs_are_grouped_per_config_and_compared_p
     assert f"| controllers{b} - controllers{a} | +50.0 +- 20.4 | +12.5 +- 12.5 |" in table
 
 
+def test_the_shields_predicted_violation_rate_is_held_against_the_measured_one():
+    rows = [{**_row("controller:a", 10.0, 0.5, 0.04), "shield_risk_mean": 0.02},
+            {**_row("controller:a", 20.0, 0.8, 0.01), "shield_risk_mean": 0.01},
+            {**_row("controller:b", 10.0, 0.5, 0.02), "shield_risk_mean": 0.03},
+            {**_row("controller:b", 20.0, 0.8, 0.00), "shield_risk_mean": 0.02},
+            _row("random", 10.0, 0.3, 0.5), _row("random", 20.0, 0.3, 0.4)]
+    table = markdown_tables(rows)
+    assert "| budget (ms) | controllers (2) |" in table
+    assert "| 10.0 | 2.50% / 3.00% |" in table and "| 20.0 | 1.50% / 0.50% |" in table
+    assert "| **mean** | 2.00% / 1.75% |" in table
+    # no value shield, no table
+    assert "predicted violation rate" not in markdown_tables([_row("controller", 10.0, 0.5, 0.04)])
+
+
 def test_budgets_no_configuration_met_are_named_under_the_table():
     rows = [_row("controller", 10.0, 0.5, 0.2), _row("controller", 20.0, 0.8, 0.01)]
     feasibility = [{"budget_ms": 10.0, "least_violating_config": "low,4,12", "violation_rate": 0.123, "feasible": False},
