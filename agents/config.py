@@ -92,6 +92,9 @@ class PolicyConfig:
     # with "value", how Stage 2 reads P(violation): "pooled" (every recent episode's latency / table ratio
     # alike, as Stage 1) or "elapsed" (as predicted by how fast this request ran before Stage 2; envs/shield.py)
     latency_shield_stage2_risk: str = "pooled"
+    # with "value", whose latency ratios give a plan its P(violation): "shared" (every tier's alike) or
+    # "tier" (its own tier's, once there are enough of them; envs/shield.py)
+    latency_shield_risk_pool: str = "shared"
     # true: while training, the controller reads budgets and times divided by the shield's tracked scale
     # (its time_scale, as evaluate.py and answer.py set it), so it picks plans the table now lets through
     follow_shield_scale: bool = False

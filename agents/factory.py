@@ -25,7 +25,7 @@ from agents.grpo import JointGRPOLoss
 from agents.warm_start import (add_controller_time, lookup_warm_start, measure_controller_ms, measure_request_mix,
                                request_ceilings, request_mix_values, taught_request_mix)
 from envs import BudgetVLMEnv, RewardWeights, make_backend
-from envs.shield import STAGE2_RISKS, LatencyShield, check_quantile, check_violation_rate, check_violation_target
+from envs.shield import RISK_POOLS, STAGE2_RISKS, LatencyShield, check_quantile, check_violation_rate, check_violation_target
 from envs.machine import resolve_device
 from envs.profiling.pareto import budget_range
 
@@ -308,7 +308,8 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
                                budget_edges_ms=budget_edges_ms, values=values,
                                value_ceiling=cfg.policy.latency_shield_value_ceiling, value_weights=weights,
                                value_ceilings=ceilings, expected_price=cfg.policy.latency_shield_expected_price,
-                               stage2_risk=cfg.policy.latency_shield_stage2_risk)
+                               stage2_risk=cfg.policy.latency_shield_stage2_risk,
+                               risk_pool=cfg.policy.latency_shield_risk_pool)
 
 
 def equal_budget_edges(budget_range_ms: Sequence[float], bins: int) -> list[float]:
@@ -383,8 +384,8 @@ def check_shield_allocation(cfg: Config) -> str:
     or "value" lacks what it reads (a violation target, the family requests), or naming
     policy.latency_shield_value_ceiling or policy.latency_shield_expected_price when it is not a boolean (or
     the latter prices values the allocation lacks) or policy.latency_shield_request_mix or
-    policy.latency_shield_stage2_risk when it is not one of REQUEST_MIXES / STAGE2_RISKS or reads values
-    the allocation lacks."""
+    policy.latency_shield_stage2_risk or policy.latency_shield_risk_pool when it is not one of REQUEST_MIXES /
+    STAGE2_RISKS / RISK_POOLS or reads values the allocation lacks."""
     c = cfg.policy
     _boolean_setting("policy.latency_shield_value_ceiling", c.latency_shield_value_ceiling)
     _boolean_setting("policy.latency_shield_expected_price", c.latency_shield_expected_price)
@@ -396,6 +397,7 @@ def check_shield_allocation(cfg: Config) -> str:
         raise ValueError(f"policy.latency_shield_allocation={c.latency_shield_allocation!r}: expected one of "
                          f"{list(SHIELD_ALLOCATIONS)}")
     _value_shield_choice(c, "latency_shield_stage2_risk", STAGE2_RISKS, "reads the value shield's risk")
+    _value_shield_choice(c, "latency_shield_risk_pool", RISK_POOLS, "reads the value shield's risk")
     _value_shield_choice(c, "latency_shield_request_mix", REQUEST_MIXES, "weighs the value shield's values")
     if c.latency_shield_allocation == "value" and (c.latency_shield_violation_target is None
                                                    or c.warm_start != "family_request"):

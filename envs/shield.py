@@ -99,6 +99,13 @@ tier's tracked scale; its speed is that over the median of the pool's episodes o
 log ratio = a + b log speed fitted to the pool's episodes that have one gives Stage 2 the risk
 P(residual > log(budget / plan's table time) - a - b log speed now) over the line's residuals; with
 fewer than SPEED_MIN_EPISODES such episodes, or no elapsed time given, Stage 2 reads the pool as Stage 1.
+
+With risk_pool "tier" a plan's risk reads only its own tier's last RATIO_WINDOW episodes (their ratios, and
+at Stage 2 their residuals from the shared line), once there are TIER_MIN_EPISODES of them. Behind the shared pool,
+71% of whose episodes ran the low tier, the default run's shields predicted 8.3% violations for the
+high tier's plans that ran and measured 5.6% (2.6% / 3.2% medium, 0.62% / 0.57% low), and the top
+budgets, where detail and reasoning questions run the higher tiers, spent 0.4-1.3% of a 1.5% target
+(docs/RESULTS.md 0, eval50).
 """
 from __future__ import annotations
 
@@ -129,6 +136,10 @@ EXPECTED_TARGET_RANGE = (0.1, 10.0)
 # How Stage 2 reads P(violation) (module doc), and the fewest episodes with a speed before its line is used.
 STAGE2_RISKS = ("pooled", "elapsed")
 SPEED_MIN_EPISODES = 32
+# Whose ratios give a plan its risk (module doc): every tier's alike, or its own tier's once the pool holds
+# TIER_MIN_EPISODES of them (before that the shared pool's).
+RISK_POOLS = ("shared", "tier")
+TIER_MIN_EPISODES = 64
 
 
 class LatencyShield:
@@ -143,13 +154,14 @@ class LatencyShield:
     each request its own): the largest plan the shield may execute for it with value_ceiling on;
     expected_price (needs values): the price at a decision is the smaller of the steered one and the
     expected one (module doc); stage2_risk (one of STAGE2_RISKS, "elapsed" needs values): how Stage 2
-    reads P(violation) (module doc)."""
+    reads P(violation) (module doc); risk_pool (one of RISK_POOLS, "tier" needs values): whose ratios give a
+    plan its risk (module doc)."""
 
     def __init__(self, knob_space: KnobSpace, p95_ms: torch.Tensor, insertion_index: int = 0,
                  tracking_rate: float = 0.0, quantile: float = 0.95, violation_target: float | None = None,
                  violation_rate: float = 0.1, budget_edges_ms=(), values=None, value_ceiling: bool = True,
                  value_weights=None, value_ceilings=None, expected_price: bool = False,
-                 stage2_risk: str = "pooled"):
+                 stage2_risk: str = "pooled", risk_pool: str = "shared"):
         shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
         p95_ms = torch.as_tensor(p95_ms, dtype=torch.float64)
         if tuple(p95_ms.shape) != shape:
@@ -200,6 +212,12 @@ class LatencyShield:
             raise ValueError(f"latency shield stage2_risk={stage2_risk!r}: expected one of {list(STAGE2_RISKS)}, "
                              f"'elapsed' only with values (the plans whose risk it reads)")
         self.stage2_risk = stage2_risk
+        if risk_pool not in RISK_POOLS or (risk_pool == "tier" and values is None):
+            raise ValueError(f"latency shield risk_pool={risk_pool!r}: expected one of {list(RISK_POOLS)}, "
+                             f"'tier' only with values (the plans whose risk it reads)")
+        self.risk_pool = risk_pool
+        # risk_pool "tier": per tier the (ratios, times before Stage 2 over its scale) of its last episodes
+        self._tier_history = [(np.empty(0), np.empty(0)) for _ in range(shape[0])]
         # per budget bin, the mean risk the expected price allows (module doc)
         self.expected_target = torch.full((len(edges) + 1,), self.violation_target or 0.0, dtype=torch.float64)
         self._episode: dict | None = None  # what this episode's decisions read (_episode_tables)
@@ -218,8 +236,8 @@ class LatencyShield:
 
     @ratios.setter
     def ratios(self, pool: torch.Tensor) -> None:
-        """A pool set from outside has no times before Stage 2 (observe keeps them)."""
-        self._set_pool(pool, np.full(len(pool), np.nan), np.zeros(len(pool), dtype=np.int64))
+        """A pool set from outside (and the prior) has no times before Stage 2 and no tier (-1; observe keeps both)."""
+        self._set_pool(pool, np.full(len(pool), np.nan), np.full(len(pool), -1, dtype=np.int64))
 
     def _set_pool(self, pool: torch.Tensor, elapsed: np.ndarray, tiers: np.ndarray) -> None:
         """The ratios with each one's time before Stage 2 over its tier's scale (NaN: none) and tier.
@@ -228,8 +246,15 @@ class LatencyShield:
         self._ratios = pool
         self._sorted_ratios = np.sort(pool.numpy())
         self._pool_elapsed, self._pool_tiers = elapsed, tiers
+        # risk_pool "tier": per tier its own last episodes' sorted ratios, the shared ones until it has enough
+        self._tier_ratios = [np.sort(own) if self._tier_reads_own(own) else self._sorted_ratios
+                             for own, _ in self._tier_history]
         self._speed_line = self._fit_speed_line() if self.stage2_risk == "elapsed" else None
         self._episode = None
+
+    def _tier_reads_own(self, own: np.ndarray) -> bool:
+        """Whether a tier's risk reads its own episodes (`own`: their ratios or residuals), module doc."""
+        return self.risk_pool == "tier" and len(own) >= TIER_MIN_EPISODES
 
     @property
     def speed_slope(self) -> float | None:
@@ -237,7 +262,8 @@ class LatencyShield:
         return None if self._speed_line is None else self._speed_line[1]
 
     def _fit_speed_line(self):
-        """(a, b, sorted residuals, each tier's median time before Stage 2 over its scale) of the line
+        """(a, b, per tier the sorted residuals it reads (risk_pool), each tier's median time before Stage 2
+        over its scale) of the line
         log ratio = a + b log speed over the pool's episodes with a time (module doc); None with fewer
         than SPEED_MIN_EPISODES."""
         has = np.isfinite(self._pool_elapsed)
@@ -251,7 +277,15 @@ class LatencyShield:
         var = float(((x - x.mean()) ** 2).mean())
         b = float(((x - x.mean()) * (y - y.mean())).mean() / var) if var > 0 else 0.0
         a = float(y.mean() - b * x.mean())
-        return a, b, np.sort(y - a - b * x), medians
+        shared = np.sort(y - a - b * x)
+        per_tier = []
+        for t, (ratios, times) in enumerate(self._tier_history):
+            timed = np.isfinite(times)
+            if self._tier_reads_own(ratios[timed]) and np.isfinite(medians[t]):
+                per_tier.append(np.sort(np.log(ratios[timed]) - a - b * np.log(times[timed] / medians[t])))
+            else:
+                per_tier.append(shared)
+        return a, b, per_tier, medians
 
     @property
     def values(self) -> dict | None:
@@ -374,9 +408,9 @@ class LatencyShield:
         """P(latency > budget) of plans whose scaled table time is `table_ms` (module doc; inf: 1)."""
         return torch.from_numpy(self._risk(np.asarray(table_ms, dtype=np.float64), budget_ms))
 
-    def _risk(self, table_ms: np.ndarray, budget_ms: float) -> np.ndarray:
-        """violation_probability on numpy, for the decisions."""
-        ratios = self._sorted_ratios
+    def _risk(self, table_ms: np.ndarray, budget_ms: float, ratios: np.ndarray | None = None) -> np.ndarray:
+        """violation_probability on numpy, for the decisions (ratios: sorted ones to read, default the pool's)."""
+        ratios = self._sorted_ratios if ratios is None else ratios
         with np.errstate(divide="ignore"):  # a plan timed at 0 ms: limit inf, risk 0
             limit = float(budget_ms) / table_ms
         return (len(ratios) - np.searchsorted(ratios, limit, side="right")) / len(ratios)
@@ -388,6 +422,7 @@ class LatencyShield:
         if elapsed_ms is None or line is None or not np.isfinite(line[3][int(tier)]):
             return episode["risk"][int(tier)]
         a, b, residuals, medians = line
+        residuals = residuals[int(tier)]
         table = episode["table"][int(tier)]
         speed = float(elapsed_ms) / float(self.scale[int(tier)]) / medians[int(tier)]
         with np.errstate(divide="ignore"):  # a plan timed at 0 ms: limit inf, risk 0
@@ -401,7 +436,9 @@ class LatencyShield:
         key = (float(budget_ms), self._observed)
         if self._episode is None or self._episode["key"] != key:
             table = self._p95 * self.scale.numpy()[:, None, None]
-            self._episode = {"key": key, "table": table, "risk": self._risk(table, budget_ms)}
+            risk = (np.stack([self._risk(t, budget_ms, ratios) for t, ratios in zip(table, self._tier_ratios)])
+                    if self.risk_pool == "tier" else self._risk(table, budget_ms))
+            self._episode = {"key": key, "table": table, "risk": risk}
         return self._episode
 
     def _best(self, values: np.ndarray, table_ms: np.ndarray, risk: np.ndarray,
@@ -509,6 +546,10 @@ class LatencyShield:
                 if math.isfinite(predicted) and predicted > 0:
                     ratio = torch.tensor([float(latency_ms) / predicted], dtype=torch.float64)
                     elapsed = math.nan if elapsed_ms is None else float(elapsed_ms) / float(self.scale[tier])
+                    if self.risk_pool == "tier":  # each tier's last RATIO_WINDOW episodes, whatever the others ran
+                        own, times = self._tier_history[tier]
+                        self._tier_history[tier] = (np.append(own, float(ratio))[-RATIO_WINDOW:],
+                                                    np.append(times, elapsed)[-RATIO_WINDOW:])
                     self._set_pool(torch.cat([self.ratios, ratio])[-RATIO_WINDOW:],
                                    np.append(self._pool_elapsed, elapsed)[-RATIO_WINDOW:],
                                    np.append(self._pool_tiers, int(tier))[-RATIO_WINDOW:])
@@ -534,7 +575,7 @@ class LatencyShield:
                 "value_ceilings": by_request(self.value_ceilings, list),
                 "price": self.price.tolist(), "value_ceiling": self.value_ceiling,
                 "expected_price": self.expected_price, "expected_target": self.expected_target.tolist(),
-                "stage2_risk": self.stage2_risk, "speed_slope": self.speed_slope}
+                "stage2_risk": self.stage2_risk, "speed_slope": self.speed_slope, "risk_pool": self.risk_pool}
 
 
 def _fraction(value, field: str, example: str) -> float:

@@ -22,7 +22,7 @@ from agents.factory import make_env as make_run_env
 from agents.warm_start import measure_request_mix, request_mix_values
 from envs import make_env
 from envs.knobs import KnobSpace
-from envs.shield import SPEED_MIN_EPISODES, STAGE2_RISKS, LatencyShield
+from envs.shield import RISK_POOLS, SPEED_MIN_EPISODES, STAGE2_RISKS, TIER_MIN_EPISODES, LatencyShield
 from helpers import load_runner
 from train_runs import TINY, tiny_config, train_main
 
@@ -436,6 +436,29 @@ def test_bad_stage2_risk_settings_fail_naming_the_field():
         LatencyShield(KS, TABLE, 0, violation_target=0.02, stage2_risk="elapsed")
 
 
+def test_a_tier_risk_pool_reads_each_tiers_own_episodes_once_it_has_enough():
+    # 63 low-tier episodes at 1.2x their table, then 200 high-tier ones at 0.9x: the shared pool mixes them
+    shields = {pool: _value_shield(risk_pool=pool, stage2_risk="elapsed") for pool in RISK_POOLS}
+    for shield in shields.values():
+        for _ in range(TIER_MIN_EPISODES - 1):
+            shield.observe(0, 0, 0, 1.2 * 10.0, 50.0, elapsed_ms=3.0)
+        for i in range(200):
+            shield.observe(1, 0, 0, 0.9 * 20.0, 50.0, elapsed_ms=4.0 + 0.01 * i)
+    shared, tier = shields["shared"], shields["tier"]
+    # at 1.1x a plan's table: the shared pool's 63 of 283 (the prior's 20 included) exceed it in every tier;
+    # by tier, the high tier's own none, and the low tier (one short of enough episodes) reads the shared pool
+    assert shared.violation_probability(TABLE, 1.1 * 20.0)[1, 0, 0] == pytest.approx(63 / 283)
+    assert tier._episode_tables(22.0)["risk"][1, 0, 0] == 0.0
+    assert tier._episode_tables(11.0)["risk"][0, 0, 0] == pytest.approx(63 / 283)
+    assert shared.stage2_violation_probability(1, 4.5, 22.0)[0, 0] > 0.2
+    assert tier.stage2_violation_probability(1, 4.5, 22.0)[0, 0] == 0.0  # the high tier's own residuals
+    assert tier.state_dict()["risk_pool"] == "tier"
+    with pytest.raises(ValueError, match=r"risk_pool='tiers': expected one of \['shared', 'tier'\]"):
+        _value_shield(risk_pool="tiers")
+    with pytest.raises(ValueError, match=r"risk_pool='tier': .* only with values"):
+        LatencyShield(KS, TABLE, 0, violation_target=0.02, risk_pool="tier")
+
+
 def test_without_the_ceiling_a_known_request_only_names_its_values():
     values = {(0, 0, 0): BLOCKS, (1, 0, 0): torch.tensor([[[0.2, 0.2], [0.2, 0.2]], [[1.0, 1.0], [1.0, 1.0]]])}
     capped = LatencyShield(KS, TABLE, 0, violation_target=0.02, values=values)
@@ -596,6 +619,10 @@ def test_bad_values_fail_clearly():
      r"policy.latency_shield_stage2_risk='soon': expected one of \['pooled', 'elapsed'\]"),
     ({"latency_shield_stage2_risk": "elapsed"},
      r"latency_shield_stage2_risk='elapsed' reads .* policy.latency_shield_allocation='margin' has none"),
+    ({"latency_shield_risk_pool": "tiers"},
+     r"policy.latency_shield_risk_pool='tiers': expected one of \['shared', 'tier'\]"),
+    ({"latency_shield_risk_pool": "tier"},
+     r"latency_shield_risk_pool='tier' reads .* policy.latency_shield_allocation='margin' has none"),
 ])
 def test_bad_allocation_settings_fail_naming_the_field(policy, match):
     cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True, **policy}})
