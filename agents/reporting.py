@@ -217,31 +217,31 @@ def _risk_table(cell: Mapping[tuple, Mapping], groups: Mapping[str, Sequence[str
 
 
 def _paired_table(paired: Mapping[str, Mapping]) -> list[str]:
-    """Markdown lines of the paired differences against lookup-calibrated (paired_comparisons):
-    mean over budgets +- its standard error over samples."""
+    """Markdown lines of the paired differences (paired_comparisons) against lookup-calibrated when it ran,
+    and between the controller groups: mean over budgets +- its standard error over samples."""
     base = "lookup-calibrated"
     against = {name[: -len(f" - {base}")]: d for name, d in paired.items()
                if name.endswith(f" - {base}") and not name.startswith("static:")}  # as the accuracy table
-    if not against:
-        return []
-    lines = [f"## Minus {base}, paired on the same samples and budgets (mean over budgets +- standard error "
-             f"over samples)", "", "| policy | accuracy (points) | violation rate (points) |", "|---|---|---|"]
 
     def line(label: str, d: Mapping) -> str:
         return (f"| {label} | {100 * d['accuracy']['mean']:+.1f} +- {100 * d['accuracy']['se']:.1f} | "
                 f"{100 * d['violation']['mean']:+.1f} +- {100 * d['violation']['se']:.1f} |")
 
-    lines += [line(f"{name} (mean of the seeds)" if name.startswith("controllers") else name, d)
-              for name, d in against.items()]
+    lines = []
+    if against:
+        lines += [f"## Minus {base}, paired on the same samples and budgets (mean over budgets +- standard error "
+                  f"over samples)", "", "| policy | accuracy (points) | violation rate (points) |", "|---|---|---|",
+                  *(line(f"{name} (mean of the seeds)" if name.startswith("controllers") else name, d)
+                    for name, d in against.items()), ""]
     between = (("controllers@", "the evaluation settings of the same checkpoints"),
                ("controllers[", "the training configs (each group its seeds)"))
     for prefix, what in between:
         pairs = {name: d for name, d in paired.items() if name.startswith(prefix) and f" - {prefix}" in name}
         if pairs:
-            lines += ["", f"## Between {what} (paired, mean over budgets +- standard error over samples)", "",
+            lines += [f"## Between {what} (paired, mean over budgets +- standard error over samples)", "",
                       "| settings | accuracy (points) | violation rate (points) |", "|---|---|---|",
-                      *(line(name, d) for name, d in pairs.items())]
-    return [*lines, ""]
+                      *(line(name, d) for name, d in pairs.items()), ""]
+    return lines
 
 
 def _family_knobs(choices: Mapping[str, Mapping[str, float]], accuracy: float) -> str:

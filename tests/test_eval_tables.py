@@ -118,6 +118,9 @@ def test_the_seeds_of_two_training_configs_are_grouped_per_config_and_compared_p
     assert f"| budget (ms) | controllers{a} (2), mean +- std | controllers{b} (2), mean +- std |" in table
     assert "## Between the training configs (each group its seeds)" in table
     assert f"| controllers{b} - controllers{a} | +50.0 +- 20.4 | +12.5 +- 12.5 |" in table
+    # without lookup-calibrated in the run, the configs are still paired
+    alone = markdown_tables(rows[:4])
+    assert "## Minus lookup-calibrated" not in alone and f"| controllers{b} - controllers{a} | +50.0" in alone
 
 
 def test_the_shields_predicted_violation_rate_is_held_against_the_measured_one():
