@@ -103,7 +103,7 @@ fewer than SPEED_MIN_EPISODES such episodes, or no elapsed time given, Stage 2 r
 With risk_pool "tier" a plan's risk reads only its own tier's last RATIO_WINDOW episodes (their ratios, and
 at Stage 2 their residuals from the shared line), once there are TIER_MIN_EPISODES of them. Behind the shared pool,
 71% of whose episodes ran the low tier, the default run's shields predicted 8.3% violations for the
-high tier's plans that ran and measured 5.6% (2.6% / 3.2% medium, 0.62% / 0.57% low), and the top
+high tier's plans that ran and measured 5.6% (medium 3.2% / 2.6%, low 0.57% / 0.62%), and the top
 budgets, where detail and reasoning questions run the higher tiers, spent 0.4-1.3% of a 1.5% target
 (docs/RESULTS.md 0, eval50). By tier on the same checkpoints the prediction came closer (2.47% vs 2.04%
 measured, shared 3.08% vs 1.85%; high tier 7.05% vs 4.75%) at -0.16 +- 0.47 accuracy points and +0.19 +- 0.14
@@ -138,8 +138,8 @@ EXPECTED_TARGET_RANGE = (0.1, 10.0)
 # How Stage 2 reads P(violation) (module doc), and the fewest episodes with a speed before its line is used.
 STAGE2_RISKS = ("pooled", "elapsed")
 SPEED_MIN_EPISODES = 32
-# Whose ratios give a plan its risk (module doc): every tier's alike, or its own tier's once the pool holds
-# TIER_MIN_EPISODES of them (before that the shared pool's).
+# Whose ratios give a plan its risk (module doc): every tier's alike, or its own tier's once its last
+# episodes number TIER_MIN_EPISODES (before that the shared pool's).
 RISK_POOLS = ("shared", "tier")
 TIER_MIN_EPISODES = 64
 
