@@ -68,16 +68,22 @@ def test_paired_difference_averages_each_sample_over_budgets_and_the_seeds():
         paired_difference(rows, ["random"], "lookup-calibrated")
 
 
+def _two_groups_rows(names):
+    """Rows at one budget of two groups of two checkpoints, names[0::2] and names[1::2], whose per-sample
+    difference (second group's mean minus the first's) is (0.5, 1, 0.5, 0), and lookup-calibrated."""
+    return [_paired_row(names[0], 10.0, [1, 0, 0, 0], [0, 0, 0, 0]),
+            _paired_row(names[1], 10.0, [1, 1, 0, 0], [0, 0, 0, 1]),
+            _paired_row(names[2], 10.0, [0, 0, 0, 0], [0, 0, 0, 0]),
+            _paired_row(names[3], 10.0, [1, 1, 1, 0], [0, 0, 0, 0]),
+            _paired_row("lookup-calibrated", 10.0, [1, 1, 0, 0], [0, 0, 0, 0])]
+
+
 def test_controllers_behind_two_settings_are_grouped_and_compared_paired():
     names = ["controller:a@q0.98", "controller:a@q0.95", "controller:b@q0.98", "controller:b@q0.95"]
     assert controller_groups([*names, "controller:c"]) == {
         "controllers@q0.98": [names[0], names[2]], "controllers@q0.95": [names[1], names[3]],
         "controllers": ["controller:c"]}
-    rows = [_paired_row(names[0], 10.0, [1, 0, 0, 0], [0, 0, 0, 0]),
-            _paired_row(names[1], 10.0, [1, 1, 0, 0], [0, 0, 0, 1]),
-            _paired_row(names[2], 10.0, [0, 0, 0, 0], [0, 0, 0, 0]),
-            _paired_row(names[3], 10.0, [1, 1, 1, 0], [0, 0, 0, 0]),
-            _paired_row("lookup-calibrated", 10.0, [1, 1, 0, 0], [0, 0, 0, 0])]
+    rows = _two_groups_rows(names)
     paired = paired_comparisons(rows, names)
     # per sample, q0.95's two checkpoints averaged minus q0.98's: (0.5, 1, 0.5, 0)
     between = paired["controllers@q0.95 - controllers@q0.98"]
@@ -105,11 +111,7 @@ def test_the_seeds_of_two_training_configs_are_grouped_per_config_and_compared_p
     assert controller_groups([*names, f"controller:t15_s44{b}@v0.01"]) == {
         f"controllers{a}": [names[0], names[2]], f"controllers{b}": [names[1], names[3]],
         f"controllers{b}@v0.01": [f"controller:t15_s44{b}@v0.01"]}
-    rows = [_paired_row(names[0], 10.0, [1, 0, 0, 0], [0, 0, 0, 0]),
-            _paired_row(names[1], 10.0, [1, 1, 0, 0], [0, 0, 0, 1]),
-            _paired_row(names[2], 10.0, [0, 0, 0, 0], [0, 0, 0, 0]),
-            _paired_row(names[3], 10.0, [1, 1, 1, 0], [0, 0, 0, 0]),
-            _paired_row("lookup-calibrated", 10.0, [1, 1, 0, 0], [0, 0, 0, 0])]
+    rows = _two_groups_rows(names)
     paired = paired_comparisons(rows, names)
     # per sample, the second config's two seeds averaged minus the first's: (0.5, 1, 0.5, 0)
     between = paired[f"controllers{b} - controllers{a}"]
