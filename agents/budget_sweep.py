@@ -397,7 +397,7 @@ def episode_rows(env, name: str, episodes, sample_index: torch.Tensor, budgets: 
 
 
 # episode info per record of episode_records: measured values, and 0/1 flags
-EPISODE_RECORD_VALUES = ("latency_ms", "controller_ms", "accuracy", "shield_risk", "shield_price")
+EPISODE_RECORD_VALUES = ("latency_ms", "controller_ms", "elapsed_ms", "accuracy", "shield_risk", "shield_price")
 EPISODE_RECORD_FLAGS = ("violation", "shielded", "shield_cut")
 
 

@@ -51,6 +51,7 @@ EPISODE_INFO_KEYS = (
     "controller_ms",  # both stages
     "stage1_controller_ms",
     "stage2_controller_ms",
+    "elapsed_ms",  # the measured time before Stage 2 (Stage 1's controller included), Stage 2's elapsed input
     "violation",
     # The plan that ran (knob indices): the action, unless the latency shield changed it (envs/shield.py).
     "tier_index",
@@ -388,6 +389,7 @@ class BudgetVLMEnv(EnvBase):
             "controller_ms": controller_ms,
             "stage1_controller_ms": stage1_ms,
             "stage2_controller_ms": stage2_ms,
+            "elapsed_ms": float(self._elapsed_ms[row]),
             "violation": float(latency > budget),
             "tier_index": float(self._tier_index[row]),
             "insertion_index": float(self._insertion_index[row]),

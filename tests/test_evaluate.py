@@ -113,6 +113,7 @@ def test_end_to_end_subprocess_writes_json_csv_and_plots(run_dir, tmp_path, eval
         assert sorted(int(r["round"]) for r in mine) == list(range(12))
         assert [int(r["sample_index"]) for r in mine] == meta["sample_index"]
         assert sum(int(r["violation"]) for r in mine) / 12 == pytest.approx(row["violation_rate"])
+        assert all(0.0 < float(r["elapsed_ms"]) < float(r["latency_ms"]) for r in mine)
         assert sum(float(r["latency_ms"]) for r in mine) / 12 == pytest.approx(row["latency_mean_ms"], rel=1e-5)
         assert sum(float(r["accuracy"]) for r in mine) / 12 == pytest.approx(row["accuracy_mean"], rel=1e-5)
         assert all(r["tier"] in ("low", "medium", "high") and 4 <= int(r["top_k"]) <= 8

@@ -79,6 +79,7 @@ def test_dummy_env_measures_elapsed_at_the_end_of_stage1():
     info = s2["next", "episode"]
     elapsed = s2["elapsed_ms"]
     torch.testing.assert_close(s2["remaining_ms"], 90.0 - elapsed)
+    torch.testing.assert_close(info["elapsed_ms"], elapsed)  # the episode records what Stage 2 read
     # elapsed = preprocess + vision + the first p blocks' share of the prefill + Stage-1 time
     start = info["preprocess_ms"] + info["vision_ms"] + info["stage1_controller_ms"]
     assert (elapsed > start).all() and (elapsed <= start + info["prefill_ms"] + 1e-4).all()
