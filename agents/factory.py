@@ -25,7 +25,8 @@ from agents.grpo import JointGRPOLoss
 from agents.warm_start import (add_controller_time, lookup_warm_start, measure_controller_ms, measure_request_mix,
                                request_ceilings, request_mix_values, taught_request_mix)
 from envs import BudgetVLMEnv, RewardWeights, make_backend
-from envs.shield import RISK_POOLS, STAGE2_RISKS, LatencyShield, check_quantile, check_violation_rate, check_violation_target
+from envs.shield import (PRICE_START, RISK_POOLS, STAGE2_RISKS, LatencyShield, check_price_start, check_quantile,
+                         check_violation_rate, check_violation_target)
 from envs.machine import resolve_device
 from envs.profiling.pareto import budget_range
 
@@ -309,7 +310,8 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
                                value_ceiling=cfg.policy.latency_shield_value_ceiling, value_weights=weights,
                                value_ceilings=ceilings, expected_price=cfg.policy.latency_shield_expected_price,
                                stage2_risk=cfg.policy.latency_shield_stage2_risk,
-                               risk_pool=cfg.policy.latency_shield_risk_pool)
+                               risk_pool=cfg.policy.latency_shield_risk_pool,
+                               price_start=check_shield_price_start(cfg))
 
 
 def equal_budget_edges(budget_range_ms: Sequence[float], bins: int) -> list[float]:
@@ -364,6 +366,18 @@ def check_shield_violation_rate(cfg: Config) -> float:
     return check_violation_rate(cfg.policy.latency_shield_violation_rate, "policy.latency_shield_violation_rate")
 
 
+def check_shield_price_start(cfg: Config) -> float:
+    """policy.latency_shield_price_start, or an error naming it when it is not a price in the shield's range
+    or differs from the default while policy.latency_shield_allocation has no price ("margin")."""
+    c = cfg.policy
+    value = check_price_start(c.latency_shield_price_start, "policy.latency_shield_price_start")
+    if value != PRICE_START and c.latency_shield_allocation != "value":
+        raise ValueError(f"policy.latency_shield_price_start={value!r} starts the value shield's price; "
+                         f"policy.latency_shield_allocation={c.latency_shield_allocation!r} has none: pass "
+                         f"policy.latency_shield_allocation='value' or latency_shield_price_start={PRICE_START!r}")
+    return value
+
+
 SHIELD_ALLOCATIONS = ("margin", "value")
 REQUEST_MIXES = ("taught", "measured")
 
@@ -385,7 +399,8 @@ def check_shield_allocation(cfg: Config) -> str:
     policy.latency_shield_value_ceiling or policy.latency_shield_expected_price when it is not a boolean (or
     the latter prices values the allocation lacks) or policy.latency_shield_request_mix or
     policy.latency_shield_stage2_risk or policy.latency_shield_risk_pool when it is not one of REQUEST_MIXES /
-    STAGE2_RISKS / RISK_POOLS or reads values the allocation lacks."""
+    STAGE2_RISKS / RISK_POOLS or reads values the allocation lacks, or policy.latency_shield_price_start
+    (check_shield_price_start)."""
     c = cfg.policy
     _boolean_setting("policy.latency_shield_value_ceiling", c.latency_shield_value_ceiling)
     _boolean_setting("policy.latency_shield_expected_price", c.latency_shield_expected_price)
@@ -399,6 +414,7 @@ def check_shield_allocation(cfg: Config) -> str:
     _value_shield_choice(c, "latency_shield_stage2_risk", STAGE2_RISKS, "reads the value shield's risk")
     _value_shield_choice(c, "latency_shield_risk_pool", RISK_POOLS, "reads the value shield's risk")
     _value_shield_choice(c, "latency_shield_request_mix", REQUEST_MIXES, "weighs the value shield's values")
+    check_shield_price_start(cfg)
     if c.latency_shield_allocation == "value" and (c.latency_shield_violation_target is None
                                                    or c.warm_start != "family_request"):
         raise ValueError(f"policy.latency_shield_allocation='value' needs policy.latency_shield_violation_target "

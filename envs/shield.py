@@ -127,6 +127,7 @@ MARGIN_MIN, MARGIN_MAX = 0.8, 1.5
 # violation raises it by x1.1, an episode in time lowers it by x0.998 (at rate 0.1, a 2% target), so its start
 # matters in a short run: a default run's prices ended at 1.5-3.5 (8 in its lowest bin); from 4 an
 # 80-request screen never came down and ran 0% at most budgets, from 1 it ran 4.2% on average.
+# PRICE_START is price_start's default (policy.latency_shield_price_start).
 PRICE_MIN, PRICE_MAX, PRICE_START = 1.0, 100.0, 2.0
 # Latency / table ratios kept for P(latency > budget), and the prior's log-spread (the 2-core VM's
 # request-to-request noise is 2-15%).
@@ -157,13 +158,14 @@ class LatencyShield:
     expected_price (needs values): the price at a decision is the smaller of the steered one and the
     expected one (module doc); stage2_risk (one of STAGE2_RISKS, "elapsed" needs values): how Stage 2
     reads P(violation) (module doc); risk_pool (one of RISK_POOLS, "tier" needs values): whose ratios give a
-    plan its risk (module doc)."""
+    plan its risk (module doc); price_start (in [PRICE_MIN, PRICE_MAX]): every bin's steered price before
+    its first episode."""
 
     def __init__(self, knob_space: KnobSpace, p95_ms: torch.Tensor, insertion_index: int = 0,
                  tracking_rate: float = 0.0, quantile: float = 0.95, violation_target: float | None = None,
                  violation_rate: float = 0.1, budget_edges_ms=(), values=None, value_ceiling: bool = True,
                  value_weights=None, value_ceilings=None, expected_price: bool = False,
-                 stage2_risk: str = "pooled", risk_pool: str = "shared"):
+                 stage2_risk: str = "pooled", risk_pool: str = "shared", price_start: float = PRICE_START):
         shape = (len(knob_space.tiers), len(knob_space.top_k_values), len(knob_space.num_blocks_values))
         p95_ms = torch.as_tensor(p95_ms, dtype=torch.float64)
         if tuple(p95_ms.shape) != shape:
@@ -205,7 +207,8 @@ class LatencyShield:
         self._value_ceilings = None if values is None else self._check_ceilings(value_ceilings, shape)
         if values is not None:
             self._derive_request_tables()
-        self.price = torch.full((len(edges) + 1,), PRICE_START, dtype=torch.float64)  # per budget bin, with values
+        price_start = check_price_start(price_start, "latency shield price_start")
+        self.price = torch.full((len(edges) + 1,), price_start, dtype=torch.float64)  # per budget bin, with values
         if not isinstance(expected_price, bool) or (expected_price and values is None):
             raise ValueError(f"latency shield expected_price={expected_price!r}: expected a boolean, true only with "
                              f"values (the requests whose plans it prices)")
@@ -595,6 +598,14 @@ def check_quantile(value, field: str) -> float:
 def check_violation_target(value, field: str) -> float:
     """A violation-rate target as a float, or a ValueError naming `field`."""
     return _fraction(value, field, "0.015 (the fraction of a budget bin's episodes the shield lets exceed their budget)")
+
+
+def check_price_start(value, field: str) -> float:
+    """A steered price's start, or an error naming `field` when it is not a number in [PRICE_MIN, PRICE_MAX]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not PRICE_MIN <= float(value) <= PRICE_MAX:
+        raise ValueError(f"{field}={value!r}: expected a price in [{PRICE_MIN:g}, {PRICE_MAX:g}] (accuracy per "
+                         f"unit of violation probability), e.g. {PRICE_START:g}")
+    return float(value)
 
 
 def check_violation_rate(value, field: str) -> float:

@@ -402,6 +402,19 @@ def test_a_value_shield_spends_the_risk_where_the_request_gains_from_it():
     assert s.stage2(0, 0, 1, 11.0) == (0, 0)
 
 
+def test_the_price_start_sets_every_bins_price_until_its_episodes_move_it():
+    # at 14.2 ms low/k4/N16 risks 5%: at the default start (2) its gain of 0.5 pays for it, from 40 it does not
+    assert _value_shield().stage2(0, 0, 1, 14.2) == (0, 1)
+    s = _value_shield(price_start=40.0, budget_edges_ms=[25.0, 40.0])
+    assert s.price.tolist() == [40.0, 40.0, 40.0]
+    assert s.stage2(0, 0, 1, 14.2) == (0, 0) and s.last_price == 40.0
+    s.observe(0, 0, 0, 10.0, 14.2)  # an episode in time lowers its own bin's price only
+    assert s.price[0] == pytest.approx(40.0 * math.exp(-0.1 * 0.02)) and s.price[1:].tolist() == [40.0, 40.0]
+    for start in (0.5, 101.0, float("nan"), "high", True):
+        with pytest.raises(ValueError, match=r"price_start=.*expected a price in \[1, 100\]"):
+            _value_shield(price_start=start)
+
+
 def test_an_elapsed_stage2_risk_cuts_the_requests_that_ran_slow_and_keeps_the_fast_ones():
     # 400 episodes of low/k4/N16 (14 ms): each request's speed sets both its time before Stage 2 (5 ms x
     # speed) and its latency (0.85 x table x speed), within 2%
@@ -623,6 +636,11 @@ def test_bad_values_fail_clearly():
      r"policy.latency_shield_risk_pool='tiers': expected one of \['shared', 'tier'\]"),
     ({"latency_shield_risk_pool": "tier"},
      r"latency_shield_risk_pool='tier' reads .* policy.latency_shield_allocation='margin' has none"),
+    ({"latency_shield_price_start": 0.5}, r"policy.latency_shield_price_start=0.5: expected a price in \[1, 100\]"),
+    ({"latency_shield_price_start": float("nan")}, r"policy.latency_shield_price_start=nan: expected a price in"),
+    ({"latency_shield_price_start": "high"}, r"policy.latency_shield_price_start='high': expected a price in"),
+    ({"latency_shield_price_start": 8.0},
+     r"latency_shield_price_start=8.0 starts .* policy.latency_shield_allocation='margin' has none"),
 ])
 def test_bad_allocation_settings_fail_naming_the_field(policy, match):
     cfg = config_from_dict({**TINY, "policy": {**TINY["policy"], "latency_shield": True, **policy}})
@@ -644,8 +662,11 @@ def test_a_value_shield_needs_the_runs_family_requests():
     shield = make_latency_shield(cfg, backend, actor, requests=[{family: plan}])
     key = (len(top.tiers) - 1, len(top.top_k_values) - 1, len(top.num_blocks_values) - 1)
     assert list(shield.values) == [key] and not shield.expected_price
-    priced = config_from_dict({**TINY, "policy": {**policy, "latency_shield_expected_price": True}})
-    assert make_latency_shield(priced, backend, actor, requests=[{family: plan}]).expected_price
+    assert shield.price.tolist() == [2.0] * len(shield.price)  # policy.latency_shield_price_start's default
+    priced = config_from_dict({**TINY, "policy": {**policy, "latency_shield_expected_price": True,
+                                                  "latency_shield_price_start": 40}})
+    priced = make_latency_shield(priced, backend, actor, requests=[{family: plan}])
+    assert priced.expected_price and priced.price.tolist() == [40.0] * len(priced.price)
 
 
 def test_a_measured_request_mix_gives_values_to_the_requests_the_controller_makes():
