@@ -64,7 +64,8 @@ def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path
                                "meta": dict(meta)})
     write_csv(rows, paths["csv"])
     with atomic_writer(paths["markdown"], "w") as fh:
-        fh.write(markdown_tables(rows, meta.get("paired_differences"), meta.get("budget_feasibility")))
+        fh.write(markdown_tables(rows, meta.get("paired_differences"), meta.get("budget_feasibility"),
+                                 {name: r["budgets_outside"] for name, r in meta.get("controller_trained_ranges", {}).items()}))
     if rows_outside_training_range:
         paths["csv_outside_range"] = out / "eval_outside_range.csv"
         write_csv(rows_outside_training_range, paths["csv_outside_range"])
@@ -85,12 +86,15 @@ def write_outputs(rows: Sequence[Mapping], meta: Mapping, output_dir: str | Path
 
 
 def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | None = None,
-                    feasibility: Sequence[Mapping] | None = None) -> str:
+                    feasibility: Sequence[Mapping] | None = None,
+                    extrapolated: Mapping[str, Sequence[float]] | None = None) -> str:
     """Accuracy (violation rate) per budget and policy, with the mean over budgets, a column of the
     controllers' mean +- standard deviation when there are several, and the budgets that no measured
     static configuration met on 95% of the samples (budget_sweep.budget_feasibility) named under it,
     with a mean over the others; each controller group against lookup-calibrated over the feasible
-    budgets (_headroom_table); their shields' predicted violation rates against the measured ones
+    budgets (_headroom_table), and again over those inside the range each of its checkpoints trained at
+    when `extrapolated` ({controller: the budgets it read outside that range}) names some: the issue reports
+    extrapolation apart; their shields' predicted violation rates against the measured ones
     (_risk_table); the paired differences; then per controller its knob choices by
     question family (modal tier, mean top-k, mean blocks: accuracy) where rows have them."""
     import statistics
@@ -133,7 +137,17 @@ def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | Non
                     f"95% of the samples (the least violating, {f['least_violating_config']}, exceeded it on "
                     f"{100 * f['violation_rate']:.1f}%): no policy can hold 5% violations there on this machine "
                     f"in this run.", ""]
-    out += _headroom_table(cell, controller_groups(controllers), feasible, len(budgets))
+    groups = controller_groups(controllers)
+    out += _headroom_table(cell, groups, feasible, len(budgets))
+    for name, members in groups.items():
+        outside = {b for p in members for b in (extrapolated or {}).get(p, ())}
+        if outside & set(feasible):
+            inside = [b for b in feasible if b not in outside]
+            out += [f"{name}: {', '.join(f'{b:.1f}' for b in sorted(outside))} ms lay outside the range some of its "
+                    f"checkpoints trained at (they extrapolate there).", ""]
+            out += _headroom_table(cell, {name: members}, inside, len(budgets),
+                                   f"the {len(inside)} feasible budgets inside the range each of its checkpoints "
+                                   f"trained at ({name})")
     out += _risk_table(cell, controller_groups(controllers), budgets)
     out += _paired_table(paired_comparisons(rows, controllers) if paired is None else paired)
     for policy in controllers:
@@ -151,13 +165,14 @@ def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | Non
 
 
 def _headroom_table(cell: Mapping[tuple, Mapping], groups: Mapping[str, Sequence[str]], feasible: Sequence[float],
-                    num_budgets: int) -> list[str]:
+                    num_budgets: int, where: str | None = None) -> list[str]:
     """Markdown lines of each controller group against lookup-calibrated over the feasible budgets (the
     bar a controller is held to: what it gains over the best static configuration that fitted each
     budget on the calibration, as a share of the family oracle's gain, and its violations): the gain
     as mean +- standard deviation over the group's checkpoints, the worst budget of the group's mean,
     the largest violation rate of any checkpoint at a budget and each checkpoint's mean violation rate.
-    Empty without lookup-calibrated and the family oracle at every feasible budget."""
+    Empty without lookup-calibrated and the family oracle at every feasible budget. `where` names the
+    budgets read (default: every budget, or the feasible ones)."""
     import statistics
 
     base, oracle = "lookup-calibrated", "family-oracle"
@@ -169,7 +184,8 @@ def _headroom_table(cell: Mapping[tuple, Mapping], groups: Mapping[str, Sequence
 
     base_accuracy = mean(base, "accuracy_mean")
     headroom = 100 * (mean(oracle, "accuracy_mean") - base_accuracy)
-    where = "every budget" if len(feasible) == num_budgets else f"the {len(feasible)} feasible budgets"
+    if where is None:
+        where = "every budget" if len(feasible) == num_budgets else f"the {len(feasible)} feasible budgets"
     lines = [f"## Against {base} over {where}", "",
              f"Headroom ({oracle} − {base}): {headroom:+.1f} points; {base} violated "
              f"{100 * mean(base, 'violation_rate'):.2f}% of them, "

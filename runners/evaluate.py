@@ -62,7 +62,8 @@ Budgets outside the training range are evaluated like the others and reported se
 (`rows_outside_training_range` in eval.json, eval_outside_range.csv); meta.controller_trained_ranges
 lists, per controller, the budgets it read (budget / its time scale) outside the range its run
 trained at (its checkpoint's budget_range_ms: the profile's, or with env.budget_range machine its
-machine's), where it extrapolates; a NaN, infinite, zero or
+machine's), where it extrapolates (eval.md reads each controller group against lookup-calibrated
+again without them); a NaN, infinite, zero or
 negative budget is an error naming --budgets. meta.structural_headroom gives, per budget,
 family-oracle minus lookup-calibrated accuracy and each controller's gain and share of it;
 meta.budget_feasibility the measured static configuration that exceeded each budget least often on

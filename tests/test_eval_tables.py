@@ -177,3 +177,26 @@ def test_controllers_are_held_against_lookup_calibrated_over_the_feasible_budget
     assert "## Against lookup-calibrated over every budget" in everywhere and "feasible budgets**" not in everywhere
     no_oracle = [r for r in rows if r["policy"] != "family-oracle"]
     assert "## Against" not in markdown_tables(no_oracle, feasibility=feasibility)
+
+
+def test_the_bar_is_read_again_over_the_budgets_inside_every_checkpoints_trained_range():
+    # the rows of the test above with every budget feasible; a read 30 ms outside the range it trained at
+    rows = [_row("controller:a", 10.0, 0.5, 0.30), _row("controller:a", 20.0, 0.8, 0.01),
+            _row("controller:a", 30.0, 0.9, 0.03),
+            _row("controller:b", 10.0, 0.5, 0.20), _row("controller:b", 20.0, 0.7, 0.05),
+            _row("controller:b", 30.0, 0.9, 0.01),
+            _row("lookup-calibrated", 10.0, 0.6, 0.10), _row("lookup-calibrated", 20.0, 0.7, 0.02),
+            _row("lookup-calibrated", 30.0, 0.8, 0.04),
+            _row("family-oracle", 10.0, 0.6, 0.10), _row("family-oracle", 20.0, 0.8, 0.02),
+            _row("family-oracle", 30.0, 0.8, 0.00)]
+    text = markdown_tables(rows, extrapolated={"controller:a": [30.0], "controller:b": []})
+    assert "## Against lookup-calibrated over every budget" in text
+    assert "controllers: 30.0 ms lay outside the range some of its checkpoints trained at" in text
+    inside = text[text.index("## Against lookup-calibrated over the 2 feasible budgets inside"):]
+    # over 10 and 20 ms: headroom (0.6 + 0.8 - 0.6 - 0.7) / 2 = +5 points; gains a +0, b -5 points (share -50%);
+    # worst budget the group mean's 10 ms (0.5 - 0.6); largest rate a's 30% at 10 ms; a 15.50%, b 12.50%
+    assert ("Headroom (family-oracle − lookup-calibrated): +5.0 points; lookup-calibrated violated 6.00% of them, "
+            "family-oracle 6.00%.") in inside
+    assert "| controllers (2) | -2.5 +- 3.5 | -50% | -10.0 (10.0 ms) | 30.0% (10.0 ms) | 14.00% (15.50 / 12.50) |" in inside
+    # no checkpoint outside its range: one reading only
+    assert "inside the range" not in markdown_tables(rows, extrapolated={"controller:a": [], "controller:b": []})
