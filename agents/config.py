@@ -95,9 +95,10 @@ class PolicyConfig:
     # with "value", whose latency ratios give a plan its P(violation): "shared" (every tier's alike) or
     # "tier" (its own tier's, once there are enough of them; envs/shield.py)
     latency_shield_risk_pool: str = "shared"
-    # with "value", every budget bin's steered price of a violation before its first episode; the steering
-    # moves it by about x1.35 over a bin's 600 episodes at rate 0.1, so in a run this long the start sets
-    # it, and with the expected price on it caps it (envs/shield.py)
+    # with "value", every budget bin's steered price of a violation before its first episode. The steering
+    # moves it by exp(rate x (violation rate - target) x episodes), x1.35 over 600 episodes violating 1.5%
+    # against a 1% target at rate 0.1, so in a run that long the start sets its level; with the expected
+    # price on, the steered price caps it (envs/shield.py)
     latency_shield_price_start: float = 2.0
     # true: while training, the controller reads budgets and times divided by the shield's tracked scale
     # (its time_scale, as evaluate.py and answer.py set it), so it picks plans the table now lets through

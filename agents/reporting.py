@@ -148,7 +148,7 @@ def markdown_tables(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | Non
             out += _headroom_table(cell, {name: members}, inside, len(budgets),
                                    f"the {len(inside)} feasible budgets inside the range each of its checkpoints "
                                    f"trained at ({name})")
-    out += _risk_table(cell, controller_groups(controllers), budgets)
+    out += _risk_table(cell, groups, budgets)
     out += _paired_table(paired_comparisons(rows, controllers) if paired is None else paired)
     for policy in controllers:
         rs = [r for r in by_policy[policy] if r.get("choices_by_family")]

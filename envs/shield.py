@@ -105,7 +105,7 @@ at Stage 2 their residuals from the shared line), once there are TIER_MIN_EPISOD
 71% of whose episodes ran the low tier, the default run's shields predicted 8.3% violations for the
 high tier's plans that ran and measured 5.6% (medium 3.2% / 2.6%, low 0.57% / 0.62%), and the top
 budgets, where detail and reasoning questions run the higher tiers, spent 0.4-1.3% of a 1.5% target
-(docs/RESULTS.md 0, eval50). By tier on the same checkpoints the prediction came closer (2.47% vs 2.04%
+(docs/RESULTS.md 0-s33, eval50). By tier on the same checkpoints the prediction came closer (2.47% vs 2.04%
 measured, shared 3.08% vs 1.85%; high tier 7.05% vs 4.75%) at -0.16 +- 0.47 accuracy points and +0.19 +- 0.14
 violation points, a tie (screen51): an option.
 """
