@@ -108,6 +108,12 @@ budgets, where detail and reasoning questions run the higher tiers, spent 0.4-1.
 (docs/RESULTS.md 0-s33, eval50). By tier on the same checkpoints the prediction came closer (2.47% vs 2.04%
 measured, shared 3.08% vs 1.85%; high tier 7.05% vs 4.75%) at -0.16 +- 0.47 accuracy points and +0.19 +- 0.14
 violation points, a tie (screen51): an option.
+price_start sets every bin's steered price before its first episode (PRICE_START by default). A bin's
+price moves by exp(violation_rate x (its violation rate - target) x episodes), so over the 600 episodes
+a bin sees in an evaluation the start sets its level, and with expected_price the steered price caps
+the expected one: behind a start of 2 the default run's shields predicted 2.37% for a 1.5% target and
+measured 1.25%; from 100 the expected price governed and predicted 1.60%, measured 0.75%, for 1.9 +- 0.3
+accuracy points less (docs/RESULTS.md 0, screen53): an option.
 """
 from __future__ import annotations
 
