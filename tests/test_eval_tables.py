@@ -149,8 +149,9 @@ def test_budgets_no_configuration_met_are_named_under_the_table():
     assert "At 20.0 ms" not in text and "At 10.0" not in markdown_tables(rows)
 
 
-def test_controllers_are_held_against_lookup_calibrated_over_the_feasible_budgets():
-    rows = [_row("controller:a", 10.0, 0.5, 0.30), _row("controller:a", 20.0, 0.8, 0.01),
+def _bar_rows():
+    """Two controllers, lookup-calibrated and the family oracle at 10, 20 and 30 ms."""
+    return [_row("controller:a", 10.0, 0.5, 0.30), _row("controller:a", 20.0, 0.8, 0.01),
             _row("controller:a", 30.0, 0.9, 0.03),
             _row("controller:b", 10.0, 0.5, 0.20), _row("controller:b", 20.0, 0.7, 0.05),
             _row("controller:b", 30.0, 0.9, 0.01),
@@ -158,6 +159,10 @@ def test_controllers_are_held_against_lookup_calibrated_over_the_feasible_budget
             _row("lookup-calibrated", 30.0, 0.8, 0.04),
             _row("family-oracle", 10.0, 0.6, 0.10), _row("family-oracle", 20.0, 0.8, 0.02),
             _row("family-oracle", 30.0, 0.8, 0.00)]
+
+
+def test_controllers_are_held_against_lookup_calibrated_over_the_feasible_budgets():
+    rows = _bar_rows()
     feasibility = [{"budget_ms": 10.0, "least_violating_config": "low,4,12", "violation_rate": 0.1, "feasible": False},
                    *({"budget_ms": b, "least_violating_config": "low,4,12", "violation_rate": 0.0, "feasible": True}
                      for b in (20.0, 30.0))]
@@ -180,15 +185,8 @@ def test_controllers_are_held_against_lookup_calibrated_over_the_feasible_budget
 
 
 def test_the_bar_is_read_again_over_the_budgets_inside_every_checkpoints_trained_range():
-    # the rows of the test above with every budget feasible; a read 30 ms outside the range it trained at
-    rows = [_row("controller:a", 10.0, 0.5, 0.30), _row("controller:a", 20.0, 0.8, 0.01),
-            _row("controller:a", 30.0, 0.9, 0.03),
-            _row("controller:b", 10.0, 0.5, 0.20), _row("controller:b", 20.0, 0.7, 0.05),
-            _row("controller:b", 30.0, 0.9, 0.01),
-            _row("lookup-calibrated", 10.0, 0.6, 0.10), _row("lookup-calibrated", 20.0, 0.7, 0.02),
-            _row("lookup-calibrated", 30.0, 0.8, 0.04),
-            _row("family-oracle", 10.0, 0.6, 0.10), _row("family-oracle", 20.0, 0.8, 0.02),
-            _row("family-oracle", 30.0, 0.8, 0.00)]
+    # every budget feasible; a read 30 ms outside the range it trained at
+    rows = _bar_rows()
     text = markdown_tables(rows, extrapolated={"controller:a": [30.0], "controller:b": []})
     assert "## Against lookup-calibrated over every budget" in text
     assert "controllers: 30.0 ms lay outside the range some of its checkpoints trained at" in text
