@@ -311,7 +311,7 @@ def make_latency_shield(cfg: Config, backend, actor, latency_scales: dict[str, f
                                value_ceilings=ceilings, expected_price=cfg.policy.latency_shield_expected_price,
                                stage2_risk=cfg.policy.latency_shield_stage2_risk,
                                risk_pool=cfg.policy.latency_shield_risk_pool,
-                               price_start=check_shield_price_start(cfg))
+                               price_start=cfg.policy.latency_shield_price_start)
 
 
 def equal_budget_edges(budget_range_ms: Sequence[float], bins: int) -> list[float]:
