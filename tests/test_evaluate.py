@@ -281,6 +281,41 @@ def test_budgets_outside_the_training_range_are_reported_apart(run_dir, tmp_path
         assert len(list(csv.DictReader(fh))) == 4
 
 
+def test_default_budgets_stay_inside_every_controllers_trained_range(run_dir, tmp_path, evaluate_main):
+    ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+    lo, hi = ckpt["policy_meta"]["budget_range_ms"]
+    ckpt["policy_meta"]["budget_range_ms"] = [lo + (hi - lo) / 4, hi - (hi - lo) / 4]  # a run on the middle half
+    (tmp_path / "narrow" / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, tmp_path / "narrow" / "checkpoints" / "best.pt")
+    args = ["--checkpoint", str(run_dir), str(tmp_path / "narrow"), "--num_samples", "2", "--num_budgets", "3",
+            "--policies", "controller"]
+    meta = evaluate_main([*args, "--output_dir", str(tmp_path / "inside")])["meta"]
+    ranges = meta["controller_trained_ranges"]
+    here = [[b * r["time_scale"] for b in r["budget_range_ms"]] for r in ranges.values()]
+    assert meta["budgets"][0] == pytest.approx(max(r[0] for r in here))
+    assert meta["budgets"][-1] == pytest.approx(min(r[1] for r in here))
+    assert meta["budgets"][0] > meta["budget_range_ms"][0] and not any(r["budgets_outside"] for r in ranges.values())
+    assert "every controller trained at" in meta["budget_source"]
+    # the reference range alone: the narrow run reads its two end budgets outside the range it trained at
+    wide = evaluate_main([*args, "--budget_span", "reference", "--output_dir", str(tmp_path / "wide")])["meta"]
+    assert [wide["budgets"][0], wide["budgets"][-1]] == pytest.approx(wide["budget_range_ms"])
+    assert wide["controller_trained_ranges"]["controller:narrow"]["budgets_outside"] == [wide["budgets"][0],
+                                                                                          wide["budgets"][-1]]
+    assert not wide["controller_trained_ranges"]["controller:run"]["budgets_outside"]
+
+
+def test_controllers_with_no_common_trained_range_get_the_reference_range(run_dir, tmp_path, evaluate_main, capsys):
+    ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+    hi = ckpt["policy_meta"]["budget_range_ms"][1]
+    ckpt["policy_meta"]["budget_range_ms"] = [10 * hi, 20 * hi]
+    (tmp_path / "far" / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, tmp_path / "far" / "checkpoints" / "best.pt")
+    meta = evaluate_main(["--checkpoint", str(run_dir), str(tmp_path / "far"), "--num_samples", "2", "--num_budgets",
+                          "2", "--policies", "controller", "--output_dir", str(tmp_path / "e")])["meta"]
+    assert meta["budgets"] == pytest.approx(meta["budget_range_ms"])
+    assert "share no span" in capsys.readouterr().err
+
+
 def test_several_checkpoints_are_evaluated_in_one_run(run_dir, tmp_path, evaluate_main):
     import shutil
     import statistics
