@@ -113,7 +113,7 @@ price moves by exp(violation_rate x (its violation rate - target) x episodes), s
 a bin sees in an evaluation the start sets its level, and with expected_price the steered price caps
 the expected one: behind a start of 2 the default run's shields predicted 2.37% for a 1.5% target and
 measured 1.25%; from 100 the expected price governed and predicted 1.60%, measured 0.75%, for 1.9 +- 0.3
-accuracy points less (docs/RESULTS.md 0, screen53): an option.
+accuracy points less (docs/RESULTS.md 0-s34, screen53): an option.
 """
 from __future__ import annotations
 
