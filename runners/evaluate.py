@@ -472,13 +472,15 @@ def _run(args, log) -> dict:
     if args.budgets is None:
         span = (lo, hi)
         if args.budget_span == "controllers" and trained_here:
-            inside = (max([lo] + [r[0] for r in trained_here.values()]), min([hi] + [r[1] for r in trained_here.values()]))
+            ends = list(trained_here.values())
+            inside = (max([lo] + [r[0] for r in ends]), min([hi] + [r[1] for r in ends]))
             if inside[0] < inside[1]:
                 span = inside
                 budget_source += (f", within the range every controller trained at in this machine's ms "
                                   f"([{inside[0]:.1f}, {inside[1]:.1f}])")
             else:
-                log(f"warning: the controllers' trained ranges in this machine's ms, {trained_here}, share no span "
+                shown = {name: [round(b, 1) for b in r] for name, r in trained_here.items()}
+                log(f"warning: the controllers' trained ranges in this machine's ms, {shown}, share no span "
                     f"with [{lo:.1f}, {hi:.1f}] ms; the default budgets span the latter")
         budgets = default_budgets(span, args.num_budgets)
     outside = [b for b in budgets if not lo <= b <= hi]

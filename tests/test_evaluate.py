@@ -281,13 +281,18 @@ def test_budgets_outside_the_training_range_are_reported_apart(run_dir, tmp_path
         assert len(list(csv.DictReader(fh))) == 4
 
 
-def test_default_budgets_stay_inside_every_controllers_trained_range(run_dir, tmp_path, evaluate_main):
+def _run_trained_at(run_dir: Path, out: Path, trained_range) -> Path:
+    """A copy of run_dir's checkpoint as a run named out.name whose training range was trained_range(lo, hi)."""
     ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
-    lo, hi = ckpt["policy_meta"]["budget_range_ms"]
-    ckpt["policy_meta"]["budget_range_ms"] = [lo + (hi - lo) / 4, hi - (hi - lo) / 4]  # a run on the middle half
-    (tmp_path / "narrow" / "checkpoints").mkdir(parents=True)
-    torch.save(ckpt, tmp_path / "narrow" / "checkpoints" / "best.pt")
-    args = ["--checkpoint", str(run_dir), str(tmp_path / "narrow"), "--num_samples", "2", "--num_budgets", "3",
+    ckpt["policy_meta"]["budget_range_ms"] = trained_range(*ckpt["policy_meta"]["budget_range_ms"])
+    (out / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, out / "checkpoints" / "best.pt")
+    return out
+
+
+def test_default_budgets_stay_inside_every_controllers_trained_range(run_dir, tmp_path, evaluate_main):
+    narrow = _run_trained_at(run_dir, tmp_path / "narrow", lambda lo, hi: [lo + (hi - lo) / 4, hi - (hi - lo) / 4])
+    args = ["--checkpoint", str(run_dir), str(narrow), "--num_samples", "2", "--num_budgets", "3",
             "--policies", "controller"]
     meta = evaluate_main([*args, "--output_dir", str(tmp_path / "inside")])["meta"]
     ranges = meta["controller_trained_ranges"]
@@ -305,12 +310,8 @@ def test_default_budgets_stay_inside_every_controllers_trained_range(run_dir, tm
 
 
 def test_controllers_with_no_common_trained_range_get_the_reference_range(run_dir, tmp_path, evaluate_main, capsys):
-    ckpt = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
-    hi = ckpt["policy_meta"]["budget_range_ms"][1]
-    ckpt["policy_meta"]["budget_range_ms"] = [10 * hi, 20 * hi]
-    (tmp_path / "far" / "checkpoints").mkdir(parents=True)
-    torch.save(ckpt, tmp_path / "far" / "checkpoints" / "best.pt")
-    meta = evaluate_main(["--checkpoint", str(run_dir), str(tmp_path / "far"), "--num_samples", "2", "--num_budgets",
+    far = _run_trained_at(run_dir, tmp_path / "far", lambda lo, hi: [10 * hi, 20 * hi])
+    meta = evaluate_main(["--checkpoint", str(run_dir), str(far), "--num_samples", "2", "--num_budgets",
                           "2", "--policies", "controller", "--output_dir", str(tmp_path / "e")])["meta"]
     assert meta["budgets"] == pytest.approx(meta["budget_range_ms"])
     assert "share no span" in capsys.readouterr().err
