@@ -402,8 +402,9 @@ def _run(args, log) -> dict:
     ks = backend.knob_space
     specs = parse_policies(args.policies or DEFAULT_POLICIES, ks)  # before the checkpoint check: a typo fails first
     specs = [c for s in specs for c in ([PolicySpec(name, s.kind) for name in ckpts] if s.kind == "controller" else [s])]
+    run_cfgs = {name: cfg if ck is ckpt else resolve_config(args, ck) for name, ck in ckpts.items()}  # each its run's
     warnings = [w if len(ckpts) == 1 else f"{name}: {w}" for name, ck in ckpts.items()
-                for w in check_checkpoint_fits(ck, cfg if ck is ckpt else resolve_config(args, ck), backend)]
+                for w in check_checkpoint_fits(ck, run_cfgs[name], backend)]
     for w in warnings:
         log(f"warning: {w}")
     samples = backend.dataset(split)
@@ -458,8 +459,7 @@ def _run(args, log) -> dict:
                              f"runner's rule ({rule})")
     # Each controller's time scale (this machine's latency over its training run's at its start) and the
     # range it trained at in this machine's ms, before the budgets: the default budgets stay inside it.
-    own_cfgs = {s.name: cfg if ckpts[s.name] is ckpt else resolve_config(args, ckpts[s.name])
-                for s in specs if s.kind == "controller"}
+    own_cfgs = {s.name: run_cfgs[s.name] for s in specs if s.kind == "controller"}
     rescaled = [name for name in own_cfgs if args.time_rescale == "on" and ckpts[name].get("latency_scales")]
     drift = None
     if rescaled or any(_shield_on(args, own) for own in own_cfgs.values()):
